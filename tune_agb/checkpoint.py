@@ -1,0 +1,49 @@
+"""The checkpoint format: one dict of tensors and plain Python values, loadable with ``weights_only=True``.
+
+Keys: ``format``, ``epoch`` (epochs completed), ``config`` (TrainConfig as a dict), ``norm`` (NormStats as a
+dict), ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``rng`` (``torch``, ``cuda``,
+``shuffle`` generator states), ``history`` (per-epoch metric dicts), ``best`` (``epoch``, ``val_rmse``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tune_agb.errors import TuneAgbError
+
+CHECKPOINT_FORMAT = "tune_agb.checkpoint/1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write atomically (temporary file + rename): an interrupted save never leaves a broken checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a tune_agb checkpoint safely (``weights_only=True``: no arbitrary code from a file someone hands you)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneAgbError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise TuneAgbError(f"{path}: not a loadable tune_agb checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TuneAgbError(f"{path}: not a tune_agb checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return state

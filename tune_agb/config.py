@@ -1,0 +1,140 @@
+"""Training configuration: the one schema shared by final training, the search space and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_agb.errors import TuneAgbError
+
+# Allowed values of the categorical hyperparameters (validated on load).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "upsampling": ("bilinear", "transpose"),
+    "norm": ("batch", "group", "instance", "none"),
+    "loss": ("gaussian_nll", "laplacian_nll", "mse", "mae"),
+    "optimizer": ("adam", "adamw", "sgd"),
+    "schedule": ("constant", "cosine", "onecycle", "cyclic"),
+    "amp": ("auto", "bf16", "fp16", "none"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every hyperparameter of one training run. Field names are the names used in YAML and search spaces."""
+
+    # model
+    in_channels: int = 14
+    base_channels: int = 32
+    depth: int = 4
+    upsampling: str = "bilinear"
+    dropout: float = 0.0
+    norm: str = "batch"
+    logvar_min: float = -10.0
+    logvar_max: float = 10.0
+    # loss / target
+    loss: str = "gaussian_nll"
+    standardize_target: bool = True
+    # optimisation
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    cyclic_step_epochs: int = 2
+    epochs: int = 40
+    batch_size: int = 8
+    grad_clip: float = 1.0
+    # execution
+    amp: str = "auto"
+    channels_last: bool = True
+    augment: bool = True
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return config_from_dict({**self.to_dict(), **changes})
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_types() -> dict[str, type]:
+    return {f.name: type(getattr(TrainConfig(), f.name)) for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce_value(name: str, value: Any, source: str = "config") -> Any:
+    """Check one hyperparameter's type and allowed values; return it with ints widened to float where needed."""
+    types = field_types()
+    if name not in types:
+        raise TuneAgbError(f"{source}: unknown key '{name}'; valid keys: {', '.join(field_names())}")
+    want = types[name]
+    if want is bool:
+        if not isinstance(value, bool):
+            raise TuneAgbError(f"{source}: '{name}' must be true or false, got {value!r}")
+    elif want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TuneAgbError(f"{source}: '{name}' must be an integer, got {value!r}")
+    elif want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TuneAgbError(f"{source}: '{name}' must be a number, got {value!r}")
+        value = float(value)
+    elif want is str:
+        if not isinstance(value, str):
+            raise TuneAgbError(f"{source}: '{name}' must be a string, got {value!r}")
+        value = value.lower()
+        if name in CHOICES and value not in CHOICES[name]:
+            raise TuneAgbError(f"{source}: '{name}' must be one of {', '.join(CHOICES[name])}, got {value!r}")
+    _check_range(name, value, source)
+    return value
+
+
+def _check_range(name: str, value: Any, source: str) -> None:
+    positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
+    non_negative = {"weight_decay", "momentum", "grad_clip"}
+    if name in positive and value <= 0:
+        raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
+    if name in non_negative and value < 0:
+        raise TuneAgbError(f"{source}: '{name}' must be >= 0, got {value!r}")
+    if name == "dropout" and not 0.0 <= value < 1.0:
+        raise TuneAgbError(f"{source}: 'dropout' must be in [0, 1), got {value!r}")
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a validated :class:`TrainConfig`; unknown keys are errors that list the valid ones."""
+    if not isinstance(values, dict):
+        raise TuneAgbError(f"{source}: expected a mapping of hyperparameters, got {type(values).__name__}")
+    clean = {k: coerce_value(k, v, source) for k, v in values.items()}
+    cfg = TrainConfig(**clean)
+    if cfg.logvar_min >= cfg.logvar_max:
+        raise TuneAgbError(f"{source}: 'logvar_min' must be < 'logvar_max'")
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML or JSON file of hyperparameters (a ``config:`` wrapper, as in best.yaml, is accepted)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TuneAgbError(f"{path}: cannot read config file ({exc.strerror})") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise TuneAgbError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if values is None:
+        values = {}
+    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+        values = values["config"]
+    return config_from_dict(values, source=str(path))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

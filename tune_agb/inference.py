@@ -1,0 +1,93 @@
+"""Load a trained model (or an ensemble of them) for prediction on raw, un-normalised input stacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tune_agb.checkpoint import load_checkpoint
+from tune_agb.config import TrainConfig, config_from_dict
+from tune_agb.data import NormStats
+from tune_agb.errors import TuneAgbError
+from tune_agb.losses import predicted_variance
+from tune_agb.model import UNet
+from tune_agb.train import _autocast, resolve_amp, resolve_device
+
+
+@dataclass
+class Member:
+    model: UNet
+    config: TrainConfig
+    norm: NormStats
+
+
+class Predictor:
+    """Mean and standard deviation (label units) for raw (B, C, H, W) inputs; NaN inputs are handled.
+
+    With several members: ensemble mean, and total variance = mean of the variances + variance of the means.
+    """
+
+    def __init__(self, members: list[Member], device: torch.device):
+        self.members = members
+        self.device = device
+        self.in_channels = members[0].config.in_channels
+        self.amp = resolve_amp(members[0].config, device)
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise TuneAgbError(f"input has shape {tuple(x.shape)}; the model expects (B, {self.in_channels}, H, W)")
+        x = x.to(self.device, non_blocking=True)
+        means, varis = [], []
+        for m in self.members:
+            xb = m.norm.normalize(x)
+            if m.config.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(self.device, self.amp):
+                mu, logvar = m.model(xb)
+            means.append(mu.float() * m.norm.target_std + m.norm.target_mean)
+            varis.append(predicted_variance(logvar.float(), m.config.loss) * m.norm.target_std**2)
+        mean = torch.stack(means).mean(0)
+        var = torch.stack(varis).mean(0)
+        if len(means) > 1:
+            var = var + torch.stack(means).var(0, unbiased=False)
+        return mean, var.sqrt()
+
+
+def load_member(path: Path, device: torch.device) -> Member:
+    state = load_checkpoint(path, map_location=device)
+    cfg = config_from_dict(state["config"], source=f"{path} config")
+    model = UNet.from_config(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Member(model, cfg, NormStats.from_dict(state["norm"]))
+
+
+def member_checkpoints(path: str | Path) -> list[Path]:
+    """Checkpoints behind ``path``: a ``.pt`` file, a final-train out dir (``best.pt``) or an ensemble out dir
+    (``members/member_*/best.pt``)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    members = sorted((path / "members").glob("member_*/best.pt"))
+    if members:
+        return members
+    if (path / "best.pt").is_file():
+        return [path / "best.pt"]
+    raise TuneAgbError(f"{path}: no model found (expected a .pt checkpoint, OUT_DIR/best.pt or "
+                       f"OUT_DIR/members/member_*/best.pt)")
+
+
+def load_predictor(path: str | Path, device: str = "auto") -> Predictor:
+    dev = resolve_device(device)
+    members = [load_member(p, dev) for p in member_checkpoints(path)]
+    chans = {m.config.in_channels for m in members}
+    if len(chans) > 1:
+        raise TuneAgbError(f"{path}: ensemble members disagree on in_channels ({sorted(chans)})")
+    return Predictor(members, dev)

@@ -1,0 +1,62 @@
+"""Epoch-level metrics over all labelled pixels of a split (pooled, never a mean of per-batch values).
+
+Names (prefixed by the split, e.g. ``val_rmse``): rmse, mae, me (mean of prediction - label), r2, nll (mean
+negative log-likelihood of the labels under the predicted distribution, constants included), rmv (sqrt of the mean
+predicted variance), within_1sigma / within_2sigma (share of |label - mean| <= k sigma), uce (sum over variance bins
+of N_b/N |MSE_b - MV_b|), n (labelled pixels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
+
+METRIC_NAMES: tuple[str, ...] = ("rmse", "mae", "me", "r2", "nll", "rmv", "within_1sigma", "within_2sigma", "uce", "n")
+UCE_BINS = 10
+
+
+def regression_metrics(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, loss: str = "gaussian_nll",
+                       ) -> dict[str, float]:
+    """Metrics of flat tensors (labels, predicted means, predicted variances), all in target units.
+
+    Computed on the tensors' device in float64; one host transfer at the end.
+    """
+    y, mean, var = y.double(), mean.double(), var.double()
+    n = y.numel()
+    if n == 0:
+        return {k: float("nan") for k in METRIC_NAMES} | {"n": 0}
+    err = mean - y
+    sigma = var.sqrt()
+    if loss == "laplacian_nll":
+        b = (var / 2).sqrt()
+        nll = (torch.log(2 * b) + err.abs() / b).mean()
+    else:
+        nll = 0.5 * (torch.log(2 * math.pi * var) + err**2 / var).mean()
+    out = {
+        "rmse": mean_squared_error(mean, y, squared=False),
+        "mae": mean_absolute_error(mean, y),
+        "me": err.mean(),
+        "r2": r2_score(mean, y) if n > 1 else torch.tensor(float("nan")),
+        "nll": nll,
+        "rmv": var.mean().sqrt(),
+        "within_1sigma": (err.abs() <= sigma).double().mean(),
+        "within_2sigma": (err.abs() <= 2 * sigma).double().mean(),
+        "uce": uncertainty_calibration_error(err, var),
+    }
+    values = torch.stack([v.to(y.device, torch.float64) for v in out.values()]).cpu().tolist()
+    return dict(zip(out.keys(), values, strict=True)) | {"n": n}
+
+
+def uncertainty_calibration_error(err: torch.Tensor, var: torch.Tensor, bins: int = UCE_BINS) -> torch.Tensor:
+    """UCE over ``bins`` equal-count bins of predicted variance: sum_b N_b/N |mean(err^2)_b - mean(var)_b|."""
+    order = torch.argsort(var)
+    chunks_e = torch.tensor_split((err**2)[order], bins)
+    chunks_v = torch.tensor_split(var[order], bins)
+    n = err.numel()
+    total = torch.zeros((), dtype=torch.float64, device=err.device)
+    for e, v in zip(chunks_e, chunks_v, strict=True):
+        if e.numel():
+            total = total + e.numel() / n * (e.mean() - v.mean()).abs()
+    return total
