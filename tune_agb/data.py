@@ -53,13 +53,21 @@ class NormStats:
     target_std: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"mean": list(self.mean), "std": list(self.std),
-                "target_mean": float(self.target_mean), "target_std": float(self.target_std)}
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "target_mean": float(self.target_mean),
+            "target_std": float(self.target_std),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NormStats:
-        return cls(mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
-                   target_mean=float(d["target_mean"]), target_std=float(d["target_std"]))
+        return cls(
+            mean=[float(v) for v in d["mean"]],
+            std=[float(v) for v in d["std"]],
+            target_mean=float(d["target_mean"]),
+            target_std=float(d["target_std"]),
+        )
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) raw -> standardised float32; non-finite values become 0 (the band mean)."""
@@ -103,8 +111,13 @@ def list_split(input_dir: Path, label_dir: Path, split: str) -> list[str]:
     return inames
 
 
-def load_split(input_dir: str | Path, label_dir: str | Path, split: str, in_channels: int | None = None,
-               require_labels: bool = True) -> TileSet:
+def load_split(
+    input_dir: str | Path,
+    label_dir: str | Path,
+    split: str,
+    in_channels: int | None = None,
+    require_labels: bool = True,
+) -> TileSet:
     """Validate and load one split into contiguous arrays (memory-mapped when larger than the threshold)."""
     input_dir, label_dir = Path(input_dir), Path(label_dir)
     names = list_split(input_dir, label_dir, split)
@@ -114,8 +127,10 @@ def load_split(input_dir: str | Path, label_dir: str | Path, split: str, in_chan
         raise TuneAgbError(f"{input_dir / split / names[0]}.npy: image must be (C, H, W), got shape {first.shape}")
     c, h, w = first.shape
     if in_channels is not None and c != in_channels:
-        raise TuneAgbError(f"{input_dir / split / names[0]}.npy: has {c} channels, expected {in_channels} "
-                           f"({' '.join(BAND_NAMES) if in_channels == len(BAND_NAMES) else 'in_channels'})")
+        raise TuneAgbError(
+            f"{input_dir / split / names[0]}.npy: has {c} channels, expected {in_channels} "
+            f"({' '.join(BAND_NAMES) if in_channels == len(BAND_NAMES) else 'in_channels'})"
+        )
     for name in names:
         ipath, lpath = input_dir / split / f"{name}.npy", label_dir / split / f"{name}.npy"
         img = _load_npy(ipath, mmap=True)
@@ -123,8 +138,9 @@ def load_split(input_dir: str | Path, label_dir: str | Path, split: str, in_chan
             raise TuneAgbError(f"{ipath}: shape {img.shape}, expected {(c, h, w)} like the other tiles")
         lab = _load_npy(lpath, mmap=True)
         if lab.shape not in ((h, w), (1, h, w)):
-            raise TuneAgbError(f"{lpath}: label shape {lab.shape} does not match its image; expected {(h, w)} "
-                               f"or {(1, h, w)}")
+            raise TuneAgbError(
+                f"{lpath}: label shape {lab.shape} does not match its image; expected {(h, w)} or {(1, h, w)}"
+            )
     n = len(names)
     nbytes = n * c * h * w * 4
     if nbytes > MMAP_THRESHOLD_BYTES:
@@ -149,8 +165,9 @@ def load_split(input_dir: str | Path, label_dir: str | Path, split: str, in_chan
     return tiles
 
 
-def load_dataset(input_dir: str | Path, label_dir: str | Path, splits: tuple[str, ...] = SPLITS,
-                 in_channels: int | None = None) -> dict[str, TileSet]:
+def load_dataset(
+    input_dir: str | Path, label_dir: str | Path, splits: tuple[str, ...] = SPLITS, in_channels: int | None = None
+) -> dict[str, TileSet]:
     """Load and validate several splits; all splits must share channel count and tile shape."""
     out = {s: load_split(input_dir, label_dir, s, in_channels=in_channels) for s in splits}
     shapes = {s: t.inputs.shape[1:] for s, t in out.items()}
@@ -168,7 +185,7 @@ def compute_norm_stats(train: TileSet, standardize_target: bool = True, chunk: i
     ss = np.zeros(c)
     cnt = np.zeros(c)
     for i in range(0, len(train), chunk):
-        block = np.asarray(train.inputs[i:i + chunk], dtype=np.float64)
+        block = np.asarray(train.inputs[i : i + chunk], dtype=np.float64)
         fin = np.isfinite(block)
         block = np.where(fin, block, 0.0)
         s += block.sum(axis=(0, 2, 3))
@@ -190,7 +207,7 @@ def compute_norm_stats(train: TileSet, standardize_target: bool = True, chunk: i
 
 
 def count_nonfinite(tiles: TileSet, chunk: int = 64) -> int:
-    return int(sum((~np.isfinite(tiles.inputs[i:i + chunk])).sum() for i in range(0, len(tiles), chunk)))
+    return int(sum((~np.isfinite(tiles.inputs[i : i + chunk])).sum() for i in range(0, len(tiles), chunk)))
 
 
 class DeviceTiles:
@@ -200,8 +217,9 @@ class DeviceTiles:
     units with NaN where there is no label.
     """
 
-    def __init__(self, tiles: TileSet, norm: NormStats, device: torch.device, channels_last: bool = True,
-                 chunk: int = 64):
+    def __init__(
+        self, tiles: TileSet, norm: NormStats, device: torch.device, channels_last: bool = True, chunk: int = 64
+    ):
         self.split = tiles.split
         self.names = tiles.names
         n, c, h, w = tiles.inputs.shape
@@ -213,8 +231,8 @@ class DeviceTiles:
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.x = torch.empty((n, c, h, w), dtype=torch.float32, device=store, memory_format=fmt)
         for i in range(0, n, chunk):
-            block = torch.from_numpy(np.ascontiguousarray(tiles.inputs[i:i + chunk])).to(store)
-            self.x[i:i + chunk] = norm.normalize(block)
+            block = torch.from_numpy(np.ascontiguousarray(tiles.inputs[i : i + chunk])).to(store)
+            self.x[i : i + chunk] = norm.normalize(block)
         y = torch.from_numpy(np.ascontiguousarray(tiles.labels)).to(store)
         self.y = (y - norm.target_mean) / norm.target_std
         if not resident:

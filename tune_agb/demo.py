@@ -19,6 +19,7 @@ The physics is simple but shaped like the real thing:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -77,8 +78,9 @@ def _box_mean(a: np.ndarray, r: int) -> np.ndarray:
     return (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / k**2
 
 
-def synth_scene(height: int, width: int, seed: int = DEFAULT_SEED, track_spacing: int = 20, shot_spacing: int = 3,
-                clouds: int = 3) -> Scene:
+def synth_scene(
+    height: int, width: int, seed: int = DEFAULT_SEED, track_spacing: int = 20, shot_spacing: int = 3, clouds: int = 3
+) -> Scene:
     """Generate a scene of ``height`` x ``width`` pixels (10 m)."""
     rng = np.random.default_rng(seed)
     h, w = height, width
@@ -132,8 +134,9 @@ def synth_scene(height: int, width: int, seed: int = DEFAULT_SEED, track_spacing
     truth = footprint[shot_row.astype(int), shot_col.astype(int)]
     value = np.clip(truth + rng.normal(size=truth.size) * (4.0 + 0.12 * truth), 0, None)
     quality = (rng.random(truth.size) > 0.15).astype(np.int8)
-    return Scene(image, agb.astype(np.float32), landcover.astype(np.uint8), shot_row, shot_col,
-                 value.astype(np.float32), quality)
+    return Scene(
+        image, agb.astype(np.float32), landcover.astype(np.uint8), shot_row, shot_col, value.astype(np.float32), quality
+    )
 
 
 def rasterize_shots(scene: Scene) -> np.ndarray:
@@ -150,8 +153,13 @@ def rasterize_shots(scene: Scene) -> np.ndarray:
         return np.where(n > 0, s / n, np.nan).astype(np.float32)
 
 
-def write_demo_dataset(out: str | Path, tile: int = DEFAULT_TILE, grid: tuple[int, int] = DEFAULT_GRID,
-                       seed: int = DEFAULT_SEED, split: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Path:
+def write_demo_dataset(
+    out: str | Path,
+    tile: int = DEFAULT_TILE,
+    grid: tuple[int, int] = DEFAULT_GRID,
+    seed: int = DEFAULT_SEED,
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+) -> Path:
     """Cut the scene into tiles and split them by 2 x 2 blocks of tiles (no pixel in two splits)."""
     out = Path(out)
     rows, cols = grid
@@ -174,8 +182,9 @@ def write_demo_dataset(out: str | Path, tile: int = DEFAULT_TILE, grid: tuple[in
                 d = out / kind / s
                 d.mkdir(parents=True, exist_ok=True)
                 np.save(d / f"{name}.npy", np.ascontiguousarray(arr))
-    (out / "demo.json").write_text(json.dumps({"version": DEMO_VERSION, "tile": tile, "grid": list(grid),
-                                               "seed": seed, "bands": NUM_BANDS}))
+    (out / "demo.json").write_text(
+        json.dumps({"version": DEMO_VERSION, "tile": tile, "grid": list(grid), "seed": seed, "bands": NUM_BANDS})
+    )
     return out
 
 
@@ -193,10 +202,8 @@ def demo_data_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".demo-"))
     try:
         write_demo_dataset(tmp)
-        try:
+        with contextlib.suppress(OSError):  # another process won the race
             os.replace(tmp, target)
-        except OSError:  # another process won the race
-            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("demo data written to %s", target)

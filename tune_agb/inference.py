@@ -80,8 +80,9 @@ def member_checkpoints(path: str | Path) -> list[Path]:
         return members
     if (path / "best.pt").is_file():
         return [path / "best.pt"]
-    raise TuneAgbError(f"{path}: no model found (expected a .pt checkpoint, OUT_DIR/best.pt or "
-                       f"OUT_DIR/members/member_*/best.pt)")
+    raise TuneAgbError(
+        f"{path}: no model found (expected a .pt checkpoint, OUT_DIR/best.pt or OUT_DIR/members/member_*/best.pt)"
+    )
 
 
 def load_predictor(path: str | Path, device: str = "auto") -> Predictor:

@@ -45,7 +45,10 @@ def mae(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "gaussian_nll": gaussian_nll, "laplacian_nll": laplacian_nll, "mse": mse, "mae": mae,
+    "gaussian_nll": gaussian_nll,
+    "laplacian_nll": laplacian_nll,
+    "mse": mse,
+    "mae": mae,
 }
 
 

@@ -17,8 +17,12 @@ METRIC_NAMES: tuple[str, ...] = ("rmse", "mae", "me", "r2", "nll", "rmv", "withi
 UCE_BINS = 10
 
 
-def regression_metrics(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, loss: str = "gaussian_nll",
-                       ) -> dict[str, float]:
+def regression_metrics(
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    loss: str = "gaussian_nll",
+) -> dict[str, float]:
     """Metrics of flat tensors (labels, predicted means, predicted variances), all in target units.
 
     Computed on the tensors' device in float64; one host transfer at the end.

@@ -30,8 +30,12 @@ class DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, norm: str):
         bias = norm == "none"
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=bias), norm_layer(norm, cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=bias), norm_layer(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=bias),
+            norm_layer(norm, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=bias),
+            norm_layer(norm, cout),
+            nn.ReLU(inplace=True),
         )
 
 
@@ -41,8 +45,9 @@ class Up(nn.Module):
     def __init__(self, cin: int, cskip: int, cout: int, upsampling: str, norm: str, dropout: float):
         super().__init__()
         if upsampling == "bilinear":
-            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
-                                    nn.Conv2d(cin, cin // 2, 1))
+            self.up = nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cin // 2, 1)
+            )
         else:
             self.up = nn.ConvTranspose2d(cin, cin // 2, 2, stride=2)
         self.conv = DoubleConv(cin // 2 + cskip, cout, norm)
@@ -53,8 +58,17 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int = 14, base_channels: int = 32, depth: int = 4, upsampling: str = "bilinear",
-                 dropout: float = 0.0, norm: str = "batch", logvar_min: float = -10.0, logvar_max: float = 10.0):
+    def __init__(
+        self,
+        in_channels: int = 14,
+        base_channels: int = 32,
+        depth: int = 4,
+        upsampling: str = "bilinear",
+        dropout: float = 0.0,
+        norm: str = "batch",
+        logvar_min: float = -10.0,
+        logvar_max: float = 10.0,
+    ):
         super().__init__()
         self.depth = depth
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
@@ -63,13 +77,22 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))
         self.mid_drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.ups = nn.ModuleList(
-            Up(widths[i + 1], widths[i], widths[i], upsampling, norm, dropout) for i in reversed(range(depth)))
+            Up(widths[i + 1], widths[i], widths[i], upsampling, norm, dropout) for i in reversed(range(depth))
+        )
         self.head = nn.Conv2d(widths[0], 2, 1)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> UNet:
-        return cls(cfg.in_channels, cfg.base_channels, cfg.depth, cfg.upsampling, cfg.dropout, cfg.norm,
-                   cfg.logvar_min, cfg.logvar_max)
+        return cls(
+            cfg.in_channels,
+            cfg.base_channels,
+            cfg.depth,
+            cfg.upsampling,
+            cfg.dropout,
+            cfg.norm,
+            cfg.logvar_min,
+            cfg.logvar_max,
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) -> (mean (B, H, W), log-variance (B, H, W))."""

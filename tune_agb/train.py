@@ -56,8 +56,9 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
-                    ) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(
+    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """All schedules step once per optimiser step."""
     total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
@@ -66,8 +67,13 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoc
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.3)
     if cfg.schedule == "cyclic":
         return torch.optim.lr_scheduler.CyclicLR(
-            opt, base_lr=cfg.lr / 10, max_lr=cfg.lr, step_size_up=max(1, cfg.cyclic_step_epochs * steps_per_epoch),
-            mode="triangular2", cycle_momentum=cfg.optimizer == "sgd")
+            opt,
+            base_lr=cfg.lr / 10,
+            max_lr=cfg.lr,
+            step_size_up=max(1, cfg.cyclic_step_epochs * steps_per_epoch),
+            mode="triangular2",
+            cycle_momentum=cfg.optimizer == "sgd",
+        )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -88,14 +94,21 @@ def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def predict_tiles(model: UNet, x: torch.Tensor, cfg: TrainConfig, norm: NormStats, batch_size: int,
-                  amp: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_tiles(
+    model: UNet,
+    x: torch.Tensor,
+    cfg: TrainConfig,
+    norm: NormStats,
+    batch_size: int,
+    amp: torch.dtype | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance maps (N, H, W) in target units for normalised inputs ``x`` (N, C, H, W)."""
     model.eval()
     means, varis = [], []
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i:i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
+        xb = x[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with _autocast(device, amp):
             mu, logvar = model(xb)
         means.append(mu.float() * norm.target_std + norm.target_mean)
@@ -119,14 +132,16 @@ class SplitEval:
     metrics: dict[str, float]
 
 
-def evaluate_split(model: UNet, tiles: DeviceTiles, cfg: TrainConfig, norm: NormStats, batch_size: int,
-                   amp: torch.dtype | None) -> SplitEval:
+def evaluate_split(
+    model: UNet, tiles: DeviceTiles, cfg: TrainConfig, norm: NormStats, batch_size: int, amp: torch.dtype | None
+) -> SplitEval:
     mean, var = predict_tiles(model, tiles.x, cfg, norm, batch_size, amp, tiles.device)
     return SplitEval(tiles.split, mean, var, split_metrics(tiles, norm, mean, var, cfg.loss))
 
 
-def split_metrics(tiles: DeviceTiles, norm: NormStats, mean: torch.Tensor, var: torch.Tensor,
-                  loss: str) -> dict[str, float]:
+def split_metrics(
+    tiles: DeviceTiles, norm: NormStats, mean: torch.Tensor, var: torch.Tensor, loss: str
+) -> dict[str, float]:
     y = tiles.y.to(mean.device)
     mask = torch.isfinite(y)  # one data-dependent gather per evaluation, not per batch
     return regression_metrics(y[mask] * norm.target_std + norm.target_mean, mean[mask], var[mask], loss)
@@ -152,13 +167,20 @@ class TrainResult:
     best_epoch: int = 0
     best_val_rmse: float = math.inf
     stopped: str | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: torch.dtype | None = None
 
 
-def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None = None, device: str = "auto",
-          resume: dict[str, Any] | None = None, on_epoch: Callable[[EpochReport], None] | None = None,
-          progress: bool = True) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    tiles: dict[str, TileSet],
+    *,
+    norm: NormStats | None = None,
+    device: str = "auto",
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train a U-Net on ``tiles['train']``, evaluating on ``tiles['val']`` after every epoch.
 
     Args:
@@ -181,8 +203,9 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
         arch = ("in_channels", "base_channels", "depth", "upsampling", "norm")
         for k in arch:
             if getattr(saved, k) != getattr(cfg, k):
-                raise TuneAgbError(f"resume: checkpoint has {k}={getattr(saved, k)!r} but the config asks for "
-                                   f"{getattr(cfg, k)!r}")
+                raise TuneAgbError(
+                    f"resume: checkpoint has {k}={getattr(saved, k)!r} but the config asks for {getattr(cfg, k)!r}"
+                )
         norm = NormStats.from_dict(resume["norm"])
     if norm is None:
         norm = compute_norm_stats(tiles["train"], cfg.standardize_target)
@@ -192,8 +215,9 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
     for split in ("train", "val"):
         bad = count_nonfinite(tiles[split])
         if bad:
-            log.warning("%s split: %d non-finite input values replaced by the band mean after normalisation",
-                        split, bad)
+            log.warning(
+                "%s split: %d non-finite input values replaced by the band mean after normalisation", split, bad
+            )
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -232,17 +256,32 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
 
     def state(epoch: int) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "epoch": epoch, "config": cfg.to_dict(), "norm": norm.to_dict(),
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "config": cfg.to_dict(),
+            "norm": norm.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else {},
-            "rng": {"torch": torch.get_rng_state(), "shuffle": gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "shuffle": gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
+            },
             "history": [dict(h) for h in history],
             "best": {"epoch": result.best_epoch, "val_rmse": result.best_val_rmse},
         }
 
-    bar = tqdm(range(start_epoch, cfg.epochs), initial=start_epoch, total=cfg.epochs, disable=not progress,
-               desc="train", unit="epoch", leave=False)
+    bar = tqdm(
+        range(start_epoch, cfg.epochs),
+        initial=start_epoch,
+        total=cfg.epochs,
+        disable=not progress,
+        desc="train",
+        unit="epoch",
+        leave=False,
+    )
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=gen).to(train_t.x.device)
@@ -251,10 +290,10 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
         sq_sum = torch.zeros((), device=dev)
         pix = torch.zeros((), device=dev)
         for s in starts:
-            idx = perm[s:s + bs]
+            idx = perm[s : s + bs]
             x, y = train_t.batch(idx)
             if flags is not None:
-                x, y = augment(x, y, flags[s:s + bs])
+                x, y = augment(x, y, flags[s : s + bs])
             x = x.contiguous(memory_format=fmt)
             with _autocast(dev, amp):
                 mu, logvar = model(x)
@@ -282,9 +321,12 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
         val = evaluate_split(model, val_t, cfg, norm, max(bs, 1), amp)
         pix_c = pix.clamp_min(1)
         train_loss, train_mse = torch.stack([loss_sum / pix_c, sq_sum / pix_c]).cpu().tolist()  # one sync
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss,
-                   "train_rmse": math.sqrt(train_mse) * norm.target_std if math.isfinite(train_mse) else math.inf,
-                   "lr": opt.param_groups[0]["lr"]}
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_rmse": math.sqrt(train_mse) * norm.target_std if math.isfinite(train_mse) else math.inf,
+            "lr": opt.param_groups[0]["lr"],
+        }
         metrics |= {f"val_{k}": v for k, v in val.metrics.items()}
         history.append(metrics)
         if not math.isfinite(train_loss) or not math.isfinite(metrics["val_rmse"]):
@@ -292,7 +334,8 @@ def train(cfg: TrainConfig, tiles: dict[str, TileSet], *, norm: NormStats | None
             raise DivergenceError(
                 f"epoch {epoch + 1}: {what} is not finite ({train_loss if what[0] == 't' else metrics['val_rmse']}); "
                 f"the run diverged (lr={cfg.lr:g}, optimizer={cfg.optimizer}; try a lower lr or grad_clip)",
-                metrics)
+                metrics,
+            )
         is_best = metrics["val_rmse"] < result.best_val_rmse
         if is_best:
             result.best_epoch, result.best_val_rmse = epoch + 1, metrics["val_rmse"]
