@@ -6,6 +6,7 @@ Layout: ``INPUT_DIR/{split}/NAME.npy`` holds a (C, H, W) image, ``LABEL_DIR/{spl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -134,6 +135,8 @@ def load_split(
     for name in names:
         ipath, lpath = input_dir / split / f"{name}.npy", label_dir / split / f"{name}.npy"
         img = _load_npy(ipath, mmap=True)
+        if img.ndim == 3 and img.shape[0] != c:
+            raise TuneAgbError(f"{ipath}: has {img.shape[0]} channels, expected {c} like the other tiles")
         if img.shape != (c, h, w):
             raise TuneAgbError(f"{ipath}: shape {img.shape}, expected {(c, h, w)} like the other tiles")
         lab = _load_npy(lpath, mmap=True)
@@ -148,6 +151,10 @@ def load_split(
         os.close(fd)
         inputs = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, c, h, w))
         log.info("split %s: %.1f GB, assembled memory-mapped in %s", split, nbytes / 1e9, tmp)
+        # The mapping stays valid after the name is gone (POSIX): the space is freed when the array is, instead of
+        # leaving gigabytes in the temp folder after every run. (Windows refuses while mapped: keep the file.)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     else:
         inputs = np.empty((n, c, h, w), dtype=np.float32)
     labels = np.empty((n, h, w), dtype=np.float32)

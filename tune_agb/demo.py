@@ -92,7 +92,7 @@ def synth_scene(
     spread = np.array([0.0, 0.5, 0.45, 0.35])[landcover]
     inner = _smooth_field(rng, h, w, 5.0)
     agb = np.clip(base * (1 + spread * inner), 0, 420).astype(np.float64)
-    agb = _box_mean(agb, 1)  # soften patch edges a little
+    agb = np.clip(_box_mean(agb, 1), 0, 420)  # soften patch edges a little (cumsum round-off: clip)
 
     # Sentinel-2: canopy cover saturates early with biomass.
     cover = 1 - np.exp(-agb / 60.0)
@@ -217,12 +217,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--grid", type=int, nargs=2, default=DEFAULT_GRID, metavar=("ROWS", "COLS"))
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--scene",
+        action="store_true",
+        help="write the scene (GRID x TILE_SIZE px) as scene.tif + gedi_shots.parquet + agb_truth.tif instead of tiles",
+    )
     a = p.parse_args(argv)
     out = Path(a.out)
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         raise TuneAgbError(f"{out}: folder is not empty (use --overwrite to replace its tiles)")
     if a.tile_size < 8:
         raise TuneAgbError(f"--tile-size: must be >= 8, got {a.tile_size}")
+    if a.scene:
+        from tune_agb.demo_scene import write_demo_scene  # rasterio is needed only here
+
+        paths = write_demo_scene(out, a.grid[0] * a.tile_size, a.grid[1] * a.tile_size, a.seed)
+        print(f"demo scene written: {paths['image']}, {paths['shots']}, {paths['truth']}")
+        return 0
     for kind in ("inputs", "labels"):
         shutil.rmtree(out / kind, ignore_errors=True)
     write_demo_dataset(out, a.tile_size, tuple(a.grid), a.seed)

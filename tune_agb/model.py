@@ -18,7 +18,8 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
+        # The most groups (up to 8) that divide the width: GroupNorm(8, 12) fails, e.g. for base_channels=12.
+        return nn.GroupNorm(max(g for g in range(1, 9) if channels % g == 0), channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     return nn.Identity()

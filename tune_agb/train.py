@@ -241,7 +241,9 @@ def train(
     if resume is not None:
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
+        horizon = {k: v for k, v in vars(sched).items() if k in ("total_steps", "T_max", "_schedule_phases")}
         sched.load_state_dict(resume["scheduler"])
+        sched.__dict__.update(horizon)  # a resumed run may extend cfg.epochs: keep the new schedule horizon
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         torch.set_rng_state(resume["rng"]["torch"])

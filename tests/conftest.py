@@ -1,0 +1,25 @@
+"""Shared fixtures: small generated datasets (never the network), the real-data folder from ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tune_agb.demo import write_demo_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "data" / "gedi-s1s2-real"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4 x 4 grid of 32 px demo tiles (train/val/test by 2 x 2 blocks). Read-only: copy before changing it."""
+    return write_demo_dataset(tmp_path_factory.mktemp("tiny") / "demo", tile=32, grid=(4, 4), seed=3)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "inputs" / "train").is_dir():
+        pytest.skip(f"real GEDI + Sentinel-1/2 tiles not found at {REAL_DATA} (../shared is absent)")
+    return REAL_DATA

@@ -1,0 +1,114 @@
+"""GPU checks: bf16 autocast, channels_last, data resident on the device, no host sync per batch.
+
+Marked ``cuda`` and skipped cleanly without a CUDA device (nothing here is mocked: on a CPU-only machine these
+tests simply do not run). Run them on a GPU host with ``python -m pytest -m cuda tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from tune_agb.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.config import TrainConfig
+from tune_agb.data import DeviceTiles, TileSet, compute_norm_stats, load_dataset
+from tune_agb.model import UNet
+from tune_agb.train import EpochReport, train
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiles(tiny_data: Path) -> dict[str, TileSet]:
+    return load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"base_channels": 8, "depth": 2, "epochs": 2, "batch_size": 4, "norm": "group", "channels_last": True}
+    return TrainConfig(**{**base, **kw})
+
+
+def test_device_tiles_are_resident_and_channels_last(tiles: dict[str, TileSet]) -> None:
+    norm = compute_norm_stats(tiles["train"])
+    dev = torch.device("cuda")
+    dt = DeviceTiles(tiles["train"], norm, dev, channels_last=True)
+    assert dt.resident and dt.x.device.type == "cuda" and dt.y.device.type == "cuda"
+    assert dt.x.is_contiguous(memory_format=torch.channels_last)
+    x, y = dt.batch(torch.tensor([3, 1], device=dev))
+    assert x.device.type == "cuda" and x.shape[0] == y.shape[0] == 2
+    cpu = DeviceTiles(tiles["train"], norm, torch.device("cpu"), channels_last=True)
+    torch.testing.assert_close(dt.x.cpu(), cpu.x)
+    torch.testing.assert_close(dt.y.cpu(), cpu.y, equal_nan=True)
+
+
+def test_bf16_autocast_channels_last_forward(tiles: dict[str, TileSet]) -> None:
+    model = UNet(in_channels=14, base_channels=8, depth=3).cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 14, 37, 45, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mu, logvar = model(x)
+    assert mu.dtype == logvar.dtype == torch.float32 and mu.shape == (2, 37, 45)
+    assert torch.isfinite(mu).all() and (logvar >= model.logvar_min).all() and (logvar <= model.logvar_max).all()
+
+
+def test_training_epoch_bf16_channels_last_on_cuda(tiles: dict[str, TileSet], tmp_path: Path) -> None:
+    states: list[dict] = []
+
+    def keep(report: EpochReport) -> None:
+        assert report.val.mean.device.type == "cuda"  # predictions stay on the device
+        states.append(report.state())
+
+    res = train(_cfg(), tiles, device="cuda", progress=False, on_epoch=keep)
+    assert res.amp == torch.bfloat16 and res.device.type == "cuda"
+    assert all(math.isfinite(m["train_loss"]) and math.isfinite(m["val_rmse"]) for m in res.history)
+    conv = res.model.inc[0].weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    assert res.history[-1]["val_n"] == tiles["val"].num_labelled
+    path = tmp_path / "gpu.pt"
+    save_checkpoint(states[-1], path)
+    state = load_checkpoint(path)  # weights_only=True, mapped to the CPU
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count()
+    assert state["model"]["inc.0.weight"].device.type == "cpu"
+
+
+def test_fp16_with_grad_scaler_on_cuda(tiles: dict[str, TileSet]) -> None:
+    states: list[dict] = []
+    res = train(_cfg(amp="fp16"), tiles, device="cuda", progress=False, on_epoch=lambda r: states.append(r.state()))
+    assert res.amp == torch.float16 and states[-1]["scaler"]["scale"] > 0
+    assert math.isfinite(res.history[-1]["val_rmse"])
+
+
+def _count_syncs(cfg: TrainConfig, tiles: dict[str, TileSet]) -> int:
+    """Host-device synchronisations during a whole ``train`` call, as reported by torch's sync debug mode."""
+    train(cfg.replace(epochs=1), tiles, device="cuda", progress=False)  # warm-up: lazy CUDA/cuDNN init syncs
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg, tiles, device="cuda", progress=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_no_host_sync_per_batch(tiles: dict[str, TileSet]) -> None:
+    """8 train tiles: batch 8 gives 1 step per epoch, batch 1 gives 8. Syncs must not grow with the steps.
+
+    The loop syncs a few times per run (model and data to the device) and per epoch (the shuffle and flip flags
+    go to the device, the epoch's sums and the validation metrics come back); any per-batch ``.item()``,
+    boolean-mask gather or pageable host copy, in training or in the batched evaluation (4 val batches against
+    1), would add at least one sync per extra step.
+    """
+    n = len(tiles["train"])
+    epochs = 2
+    few = _count_syncs(_cfg(batch_size=n, epochs=epochs), tiles)
+    many = _count_syncs(_cfg(batch_size=1, epochs=epochs), tiles)
+    extra_steps = epochs * (n - 1)
+    assert many - few < extra_steps, f"syncs: {few} with {epochs} steps, {many} with {n * epochs} steps"

@@ -1,0 +1,349 @@
+"""final_train end to end on generated tiles: outputs, TensorBoard read back, legacy flags, resume, ensemble."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tune_agb.checkpoint import load_checkpoint
+from tune_agb.data import load_split
+from tune_agb.errors import run_cli
+from tune_agb.final_train import main
+from tune_agb.inference import load_predictor
+
+SMALL = {"base_channels": 4, "depth": 2, "batch_size": 4, "lr": 3e-3}
+
+
+def small_config(tmp_path: Path, **extra: object) -> str:
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL | extra))
+    return str(path)
+
+
+def data_args(d: Path) -> list[str]:
+    return ["--input-dir", str(d / "inputs"), "--label-dir", str(d / "labels")]
+
+
+def run(argv: list[str]) -> int:
+    return run_cli(main, argv)
+
+
+def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = [
+        "--config",
+        small_config(tmp_path),
+        *data_args(tiny_data),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv) == 0
+    for name in (
+        "config.yaml",
+        "best.pt",
+        "last.pt",
+        "metrics.json",
+        "predictions.parquet",
+        "norm_stats.json",
+        "plots/test_scatter.png",
+        "plots/val_calibration.png",
+    ):
+        assert (out / name).is_file(), name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["base_channels"] == 4 and cfg["epochs"] == 3  # file and flag both applied
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in (
+        "val_rmse",
+        "val_r2",
+        "val_mae",
+        "val_me",
+        "test_rmse",
+        "test_r2",
+        "test_mae",
+        "test_me",
+        "val_rmv",
+        "val_within_1sigma",
+        "val_within_2sigma",
+        "val_uce",
+    ):
+        assert np.isfinite(metrics[key]), key
+
+    # best.pt is the epoch with the lowest validation RMSE of the history; last.pt the final epoch.
+    last = load_checkpoint(out / "last.pt")
+    best = load_checkpoint(out / "best.pt")
+    rmses = [h["val_rmse"] for h in last["history"]]
+    assert last["epoch"] == 3 and len(rmses) == 3
+    assert best["epoch"] == int(np.argmin(rmses)) + 1
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["val_rmse"] == pytest.approx(min(rmses), rel=1e-5)
+
+    # One row per labelled val/test pixel, and the pooled metrics recomputed from the rows agree.
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert list(table.columns) == ["split", "tile", "row", "col", "label", "mean", "std"]
+    for split in ("val", "test"):
+        tiles = load_split(tiny_data / "inputs", tiny_data / "labels", split)
+        rows = table[table.split == split]
+        assert len(rows) == tiles.num_labelled == metrics[f"{split}_n"]
+        ti = [tiles.names.index(t) for t in rows.tile]
+        np.testing.assert_allclose(tiles.labels[ti, rows.row, rows.col], rows.label)
+        rmse = float(np.sqrt(np.mean((rows["mean"] - rows.label) ** 2)))
+        assert rmse == pytest.approx(metrics[f"{split}_rmse"], rel=1e-4)
+        assert (rows["std"] > 0).all()
+
+    # TensorBoard, read back with tensorboard's own reader.
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Scalars("val_rmse")] == [1, 2, 3]
+    np.testing.assert_allclose([e.value for e in acc.Scalars("val_rmse")], rmses, rtol=1e-5)
+    assert {"train_loss", "lr", "val_r2", "val_variance/std_median"} <= set(tags["scalars"])
+    assert len(acc.Images("val_prediction/mean_and_std")) == 3
+    assert "val_variance/predicted_std" in tags["histograms"]
+
+
+def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path: Path) -> None:
+    out, keep = tmp_path / "legacy", tmp_path / "all_ckpt"
+    argv = [
+        "--config",
+        small_config(tmp_path),
+        "--train_input_data_dir",
+        str(tiny_data / "inputs"),
+        "--train_label_data_dir",
+        str(tiny_data / "labels"),
+        "--out_dir",
+        str(out),
+        "--nb_epoch",
+        "2",
+        "--batch_size",
+        "2",
+        "--base_learning_rate",
+        "0.002",
+        "--l2_lambda",
+        "0.0005",
+        "--optimizer",
+        "SGD",
+        "--momentum",
+        "0.8",
+        "--gradient_clipping",
+        "0.5",
+        "--no-amp",
+        "--no-bilinear",
+        "--num_ch",
+        "14",
+        "--loss_key",
+        "Laplacian",
+        "--save_checkpoint",
+        "--all_checkpoint_dir",
+        str(keep),
+        "--num_workers",
+        "4",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert {
+        k: cfg[k]
+        for k in (
+            "epochs",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "optimizer",
+            "momentum",
+            "grad_clip",
+            "amp",
+            "upsampling",
+            "in_channels",
+            "loss",
+        )
+    } == {
+        "epochs": 2,
+        "batch_size": 2,
+        "lr": 0.002,
+        "weight_decay": 0.0005,
+        "optimizer": "sgd",
+        "momentum": 0.8,
+        "grad_clip": 0.5,
+        "amp": "none",
+        "upsampling": "transpose",
+        "in_channels": 14,
+        "loss": "laplacian_nll",
+    }
+    assert sorted(p.name for p in keep.glob("*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
+
+    # --train_mode resume continues from a checkpoint: epoch 2 after resuming from epoch 1 reproduces epoch 2 of
+    # the uninterrupted run (same schedule, RNG states restored).
+    out2 = tmp_path / "resumed"
+    argv2 = [
+        "--train_mode",
+        "resume",
+        "--model_weights_path",
+        str(keep / "epoch_0001.pt"),
+        *data_args(tiny_data),
+        "--out-dir",
+        str(out2),
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv2) == 0
+    first = load_checkpoint(keep / "epoch_0002.pt")
+    resumed = load_checkpoint(out2 / "last.pt")
+    assert resumed["epoch"] == 2 and len(resumed["history"]) == 2
+    assert resumed["config"]["loss"] == "laplacian_nll"  # the checkpoint's config, not the defaults
+    for key in ("train_loss", "val_rmse", "val_r2"):
+        assert resumed["history"][1][key] == pytest.approx(first["history"][1][key], rel=1e-5, abs=1e-6)
+    # Resuming OUT/last.pt (the default) with more epochs extends the run: the epoch count goes on.
+    assert (
+        run(
+            [
+                "--train_mode",
+                "resume",
+                "--nb_epoch",
+                "3",
+                *data_args(tiny_data),
+                "--out-dir",
+                str(out2),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    extended = load_checkpoint(out2 / "last.pt")
+    assert extended["epoch"] == 3 and [h["epoch"] for h in extended["history"]] == [1, 2, 3]
+    assert extended["history"][:2] == resumed["history"]
+
+    # Without --train_mode resume the same out dir is refused, and nothing in it changes.
+    before = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()}
+    assert run([*data_args(tiny_data), "--out-dir", str(out2), "--epochs", "1"]) == 2
+    assert {p.name: p.stat().st_mtime_ns for p in out2.iterdir()} == before
+
+
+def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ens"
+    argv = [
+        "--config",
+        small_config(tmp_path),
+        *data_args(tiny_data),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "2",
+        "--ensemble",
+        "2",
+        "--seed",
+        "5",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv) == 0
+    seeds = [
+        yaml.safe_load((out / "members" / f"member_{k:02d}" / "config.yaml").read_text())["seed"] for k in range(2)
+    ]
+    assert seeds == [5, 6]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["members"]) == 2 and metrics["ensemble"] == 2
+    assert all(np.isfinite(m["test_rmse"]) for m in metrics["members"])
+
+    # The ensemble in predictions.parquet equals mean of members / mean var + var of means, recomputed here.
+    val = load_split(tiny_data / "inputs", tiny_data / "labels", "val")
+    members = [load_predictor(out / "members" / f"member_{k:02d}", "cpu") for k in range(2)]
+    outs = [m.predict(val.inputs) for m in members]
+    means = torch.stack([o[0] for o in outs])
+    varis = torch.stack([o[1] ** 2 for o in outs])
+    mean = means.mean(0)
+    std = (varis.mean(0) + means.var(0, unbiased=False)).sqrt()
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    rows = table[table.split == "val"]
+    ti = np.array([val.names.index(t) for t in rows.tile])
+    np.testing.assert_allclose(rows["mean"], mean.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(rows["std"], std.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
+    # and load_predictor on the ensemble folder gives the same.
+    ens_mean, ens_std = load_predictor(out, "cpu").predict(val.inputs)
+    np.testing.assert_allclose(ens_std.numpy(), std.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(ens_mean.numpy(), mean.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_experiment_best_yaml(tiny_data: Path, tmp_path: Path) -> None:
+    """--experiment reads the search's best.yaml: its config and its data folders."""
+    exp = tmp_path / "storage" / "exp"
+    exp.mkdir(parents=True)
+    best = {
+        "trial_id": "abc",
+        "metric": "val_rmse",
+        "mode": "min",
+        "value": 1.0,
+        "epoch": 1,
+        "config": SMALL | {"epochs": 2, "dropout": 0.1, "seed": 3},
+        "checkpoint": "unused",
+        "data": {"input_dir": str(tiny_data / "inputs"), "label_dir": str(tiny_data / "labels")},
+    }
+    (exp / "best.yaml").write_text(yaml.safe_dump(best))
+    out = tmp_path / "final"
+    assert run(["--experiment", str(exp), "--out-dir", str(out), "--no-progress", "--device", "cpu"]) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert (cfg["dropout"], cfg["epochs"], cfg["seed"], cfg["base_channels"]) == (0.1, 2, 3, 4)
+    assert json.loads((out / "metrics.json").read_text())["input_dir"] == str(tiny_data / "inputs")
+    assert run(["--experiment", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "x")]) == 2
+
+
+def test_wandb_offline_without_key(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    argv = [
+        "--config",
+        small_config(tmp_path),
+        *data_args(tiny_data),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "1",
+        "--wandb",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_real_tiles_end_to_end(real_data: Path, tmp_path: Path) -> None:
+    """The 17 real tiles: val metrics are pooled over exactly the 116 labelled val pixels (70 test)."""
+    out = tmp_path / "real"
+    argv = [
+        "--config",
+        small_config(tmp_path, base_channels=8, depth=3),
+        *data_args(real_data),
+        "--out-dir",
+        str(out),
+        "--epochs",
+        "4",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert run(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val_n"] == 116 and metrics["test_n"] == 70
+    assert len(pq.read_table(out / "predictions.parquet")) == 116 + 70
+    assert np.isfinite(metrics["val_rmse"]) and np.isfinite(metrics["test_r2"])

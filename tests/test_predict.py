@@ -1,0 +1,150 @@
+"""python -m tune_agb.predict on real GeoTIFFs with real checkpoints of hand-wired U-Nets (known outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from tests.raster_helpers import CRS_UTM, grid_transform, known_logvar, known_unet_checkpoint, write_tif
+from tune_agb.errors import run_cli
+from tune_agb.predict import blend_weights, main
+
+H, W, C = 100, 130, 4
+
+
+def position_image(h: int = H, w: int = W, c: int = C) -> np.ndarray:
+    """Band 0 encodes each pixel's position (1 + row * w + col, unique); other bands are noise."""
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(c, h, w)).astype(np.float32)
+    img[0] = 1 + np.arange(h * w, dtype=np.float32).reshape(h, w)
+    return img
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = run_cli(main, [*argv, "--no-progress", "--device", "cpu"])
+    return code, capsys.readouterr().err
+
+
+def no_partials(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".partial" in p.name]
+
+
+@pytest.mark.parametrize(("tile", "overlap"), [(32, 8), (48, 0), (256, 16)])
+def test_map_reproduces_known_model_at_the_right_pixels(tmp_path, capsys, tile, overlap):
+    # A translated origin (not the default) checks that the output keeps the input's georeferencing.
+    transform = grid_transform(origin=(612_340.0, 1_701_230.0))
+    img = position_image()
+    img[:, 40:50, 60:75] = np.nan  # no data in any band -> NaN in the map
+    img[1:, 5, 5] = np.nan  # only some bands missing -> still predicted
+    img[0, 7, 9] = np.nan  # band 0 missing -> normalised to 0 -> mean = target_mean
+    src = write_tif(tmp_path / "in.tif", img, transform=transform)
+    ckpt = known_unet_checkpoint(tmp_path / "m.pt", C, scale=1.0, logvar_bias=0.5, target_mean=3.0, target_std=2.0)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ckpt), "--image", str(src), "--out", str(out), "--tile-size", str(tile),
+                     "--overlap", str(overlap), "--batch-size", "3"], capsys)  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_string() == CRS_UTM
+        assert ds.transform == transform
+        assert (ds.count, ds.height, ds.width) == (2, H, W)
+        assert ds.descriptions == ("mean", "std")
+        assert ds.dtypes == ("float32", "float32")
+        assert np.isnan(ds.nodata)
+        assert ds.profile["tiled"] and ds.profile["compress"] == "deflate"
+        mean, std = ds.read()
+        # Georeferenced check: the pixel at a map coordinate holds the value of the input pixel there.
+        x, y = transform @ (100.5, 20.5)
+        row, col = ds.index(x, y)
+    expected = 2.0 * img[0] + 3.0
+    expected[7, 9] = 3.0
+    nodata = np.zeros((H, W), bool)
+    nodata[40:50, 60:75] = True
+    expected[nodata] = np.nan
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-4)
+    assert (row, col) == (20, 100) and mean[row, col] == pytest.approx(2.0 * (1 + 20 * W + 100) + 3.0, rel=1e-6)
+    sd = 2.0 * np.exp(known_logvar(0.5) / 2)
+    assert np.isnan(std[nodata]).all()
+    np.testing.assert_allclose(std[~nodata], sd, rtol=1e-5)
+    assert no_partials(tmp_path)
+
+
+def test_raster_smaller_than_one_window(tmp_path, capsys):
+    img = position_image(20, 25)
+    src = write_tif(tmp_path / "small.tif", img)
+    ckpt = known_unet_checkpoint(tmp_path / "m.pt", C, scale=0.5)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ckpt), "--image", str(src), "--out", str(out), "--tile-size", "64"], capsys)
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        assert (ds.height, ds.width) == (20, 25)
+        np.testing.assert_allclose(ds.read(1), 0.5 * img[0], rtol=1e-5)
+
+
+def test_ensemble_folder_gives_mean_and_total_std(tmp_path, capsys):
+    img = position_image(40, 50)
+    img[0] /= 1000.0  # keep the spread between members moderate
+    src = write_tif(tmp_path / "in.tif", img)
+    ens = tmp_path / "ens"
+    known_unet_checkpoint(ens / "members" / "member_00" / "best.pt", C, scale=1.0)
+    known_unet_checkpoint(ens / "members" / "member_01" / "best.pt", C, scale=3.0)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ens), "--image", str(src), "--out", str(out), "--tile-size", "32",
+                     "--overlap", "4", "--cog"], capsys)  # fmt: skip
+    assert code == 0, err
+    with rasterio.open(out) as ds:
+        mean, std = ds.read()
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.descriptions == ("mean", "std")
+    x0 = img[0]
+    # Members predict x0 and 3 x0, both with variance exp(0) = 1: mean 2 x0, total variance 1 + x0^2.
+    np.testing.assert_allclose(mean, 2 * x0, rtol=1e-5)
+    np.testing.assert_allclose(std, np.sqrt(1 + x0.astype(np.float64) ** 2), rtol=1e-5)
+    assert no_partials(tmp_path)
+
+
+def test_blend_weights_taper_but_never_vanish():
+    w = blend_weights(32, 8)
+    assert w.shape == (32,) and w.min() > 0 and w.max() == 1.0
+    assert w[0] < w[4] < w[8] == 1.0 and np.allclose(w, w[::-1])
+    assert np.all(blend_weights(16, 0) == 1.0)
+
+
+def test_band_count_mismatch_is_one_clear_line(tmp_path, capsys):
+    src = write_tif(tmp_path / "three.tif", position_image(c=3))
+    ckpt = known_unet_checkpoint(tmp_path / "m.pt", C)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ckpt), "--image", str(src), "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "3 bands" in lines[0] and "expects 4" in lines[0]
+    assert not out.exists() and no_partials(tmp_path)
+
+
+@pytest.mark.parametrize("problem", ["missing_image", "no_crs", "missing_model", "out_exists"])
+def test_bad_inputs_fail_with_one_line(tmp_path, capsys, problem):
+    src = write_tif(tmp_path / "in.tif", position_image(30, 30))
+    ckpt = known_unet_checkpoint(tmp_path / "m.pt", C)
+    out = tmp_path / "map.tif"
+    expect = {"missing_image": "file not found", "no_crs": "no CRS", "missing_model": "no model found",
+              "out_exists": "exists"}[problem]  # fmt: skip
+    if problem == "missing_image":
+        src = tmp_path / "nope.tif"
+    elif problem == "no_crs":
+        src = write_tif(tmp_path / "nocrs.tif", position_image(30, 30), crs=None)
+    elif problem == "missing_model":
+        ckpt = tmp_path / "no_model_here"
+        ckpt.mkdir()
+    else:
+        out.write_bytes(b"keep me")
+    code, err = run(["--model", str(ckpt), "--image", str(src), "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
+    if problem == "out_exists":
+        assert out.read_bytes() == b"keep me"
+    else:
+        assert not out.exists()
+    assert no_partials(tmp_path)

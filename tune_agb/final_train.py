@@ -1,0 +1,460 @@
+"""Final training: retrain a configuration (given, or the best of a search), evaluate on the test split, write
+the model, metrics, per-pixel predictions and TensorBoard logs.
+
+    python -m tune_agb.final_train [--config FILE | --experiment STORAGE/NAME] [--input-dir D --label-dir D]
+        [--out-dir OUT] [--epochs N] [--device auto|cpu|cuda] [--seed S] [--ensemble N] [--overwrite]
+
+The flags of the original training script are accepted with their meanings (``--train_input_data_dir``,
+``--nb_epoch``, ``--base_learning_rate``, ``--train_mode resume --model_weights_path P``, ...); see ``--help``.
+Precedence: built-in defaults < the experiment's best config < ``--config`` file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from tune_agb.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.config import TrainConfig, config_from_dict, load_config, save_config
+from tune_agb.data import DeviceTiles, TileSet, load_dataset
+from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.metrics import regression_metrics
+from tune_agb.model import UNet
+from tune_agb.train import EpochReport, TrainResult, evaluate_split, resolve_device, train
+
+log = logging.getLogger("tune_agb.final_train")
+
+# Files that mark a folder as holding a run.
+RUN_MARKERS = ("config.yaml", "metrics.json", "best.pt", "last.pt", "members")
+# --loss_key values of the original script and their names here.
+LOSS_ALIASES = {
+    "gaussian": "gaussian_nll",
+    "gaussiannll": "gaussian_nll",
+    "nll": "gaussian_nll",
+    "gaussian_nll": "gaussian_nll",
+    "laplacian": "laplacian_nll",
+    "laplace": "laplacian_nll",
+    "laplaciannll": "laplacian_nll",
+    "laplacian_nll": "laplacian_nll",
+    "mse": "mse",
+    "l2": "mse",
+    "mae": "mae",
+    "l1": "mae",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``TuneAgbError`` line (the original ignored typos silently)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TuneAgbError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m tune_agb.final_train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML/JSON file of hyperparameters (TrainConfig keys)")
+    g.add_argument("--experiment", help="search experiment folder STORAGE/NAME: retrain its best.yaml config")
+    g.add_argument(
+        "--input-dir",
+        "--train_input_data_dir",
+        dest="input_dir",
+        help="INPUT_DIR holding {train,val,test}/NAME.npy (default: the demo data)",
+    )
+    g.add_argument("--label-dir", "--train_label_data_dir", dest="label_dir", help="LABEL_DIR, same layout")
+    g.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/final", help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="allow an out dir that already holds a run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--ensemble", type=int, default=1, help="train N members with seeds seed..seed+N-1")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
+    g.add_argument("--wandb-project", default="tune_agb")
+    h = p.add_argument_group("hyperparameters (override the config)")
+    h.add_argument("--epochs", "--nb_epoch", dest="epochs", type=int)
+    h.add_argument("--seed", type=int)
+    h.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
+    h.add_argument("--lr", "--base_learning_rate", dest="lr", type=float)
+    h.add_argument("--weight-decay", "--l2_lambda", dest="weight_decay", type=float)
+    h.add_argument("--optimizer", type=str.lower, choices=["adam", "adamw", "sgd"])
+    h.add_argument("--momentum", type=float)
+    h.add_argument(
+        "--gradient_clipping",
+        "--grad-clip",
+        dest="grad_clip",
+        nargs="?",
+        const=1.0,
+        type=float,
+        help="clip the gradient norm (at VALUE, default 1.0); --no-gradient_clipping turns it off",
+    )
+    h.add_argument("--no-gradient_clipping", dest="grad_clip", action="store_const", const=0.0)
+    h.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (bf16 on CUDA); --no-amp for full precision",
+    )
+    h.add_argument(
+        "--bilinear",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bilinear upsampling; --no-bilinear for transposed convolutions",
+    )
+    h.add_argument("--num_ch", "--in-channels", dest="in_channels", type=int, help="number of input channels")
+    h.add_argument(
+        "--loss_key",
+        "--loss",
+        dest="loss",
+        type=str.lower,
+        help=f"loss: {', '.join(sorted(set(LOSS_ALIASES.values())))} (or the original script's names)",
+    )
+    o = p.add_argument_group("original training script")
+    o.add_argument("--all_checkpoint_dir", help="also keep a checkpoint of every epoch here (with --save_checkpoint)")
+    o.add_argument(
+        "--save_checkpoint",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep every epoch's checkpoint (in --all_checkpoint_dir, default OUT/checkpoints)",
+    )
+    o.add_argument("--train_mode", choices=["scratch", "resume"], default="scratch")
+    o.add_argument("--model_weights_path", help="checkpoint to continue from with --train_mode resume")
+    o.add_argument("--num_workers", type=int, help="accepted for compatibility; tiles are held in memory, so unused")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in (
+        "epochs",
+        "seed",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "optimizer",
+        "momentum",
+        "grad_clip",
+        "in_channels",
+    ):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    if args.amp is not None:
+        out["amp"] = "auto" if args.amp else "none"
+    if args.bilinear is not None:
+        out["upsampling"] = "bilinear" if args.bilinear else "transpose"
+    if args.loss is not None:
+        key = args.loss.replace("-", "_")
+        if key not in LOSS_ALIASES:
+            raise TuneAgbError(f"--loss_key: unknown loss {args.loss!r}; allowed: {', '.join(sorted(LOSS_ALIASES))}")
+        out["loss"] = LOSS_ALIASES[key]
+    return out
+
+
+def read_best(experiment: str) -> dict[str, Any]:
+    """``STORAGE/NAME/best.yaml`` of a search (a local path or a pyarrow URI such as ``s3://...``)."""
+    path = experiment.rstrip("/") + "/best.yaml"
+    try:
+        if "://" in experiment:
+            import pyarrow.fs
+
+            fs, p = pyarrow.fs.FileSystem.from_uri(path)
+            with fs.open_input_stream(p) as f:
+                text = f.read().decode()
+        else:
+            text = Path(path).read_text()
+    except (OSError, FileNotFoundError) as exc:
+        raise TuneAgbError(f"{path}: cannot read the search's best.yaml ({exc}); is this a finished search?") from None
+    best = yaml.safe_load(text)
+    if not isinstance(best, dict) or not isinstance(best.get("config"), dict):
+        raise TuneAgbError(f"{path}: expected a mapping with a 'config' mapping")
+    return best
+
+
+@dataclass
+class Plan:
+    cfg: TrainConfig
+    input_dir: Path
+    label_dir: Path
+    out: Path
+    resume: dict[str, Any] | None
+    source: str
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Resolve config, data folders and resume state; validate everything before anything is written."""
+    values: dict[str, Any] = {}
+    source = "defaults"
+    data: dict[str, Any] = {}
+    if args.experiment:
+        best = read_best(args.experiment)
+        values |= best["config"]
+        data = best.get("data") or {}
+        source = f"best trial {best.get('trial_id', '?')} of {args.experiment}"
+    if args.config:
+        values |= _raw_yaml(args.config)
+        source = args.config if source == "defaults" else f"{source} + {args.config}"
+    resume = None
+    if args.train_mode == "resume":
+        ckpt = Path(args.model_weights_path) if args.model_weights_path else Path(args.out_dir) / "last.pt"
+        resume = load_checkpoint(ckpt)
+        values = resume["config"] | {k: v for k, v in values.items() if k == "epochs"}
+        source = f"checkpoint {ckpt}"
+    elif args.model_weights_path:
+        raise TuneAgbError("--model_weights_path: only used with --train_mode resume")
+    values |= _overrides(args)
+    cfg = config_from_dict(values, source="config")
+    if args.ensemble < 1:
+        raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
+    if resume is not None and args.ensemble != 1:
+        raise TuneAgbError("--train_mode resume continues one model; it cannot be combined with --ensemble")
+    if args.input_dir or args.label_dir:
+        if not (args.input_dir and args.label_dir):
+            raise TuneAgbError("--input-dir and --label-dir must be given together")
+        input_dir, label_dir = Path(args.input_dir), Path(args.label_dir)
+    elif data.get("input_dir") and data.get("label_dir"):
+        input_dir, label_dir = Path(data["input_dir"]), Path(data["label_dir"])
+    else:
+        from tune_agb.demo import demo_data_dir
+
+        demo = demo_data_dir()
+        input_dir, label_dir = demo / "inputs", demo / "labels"
+    out = Path(args.out_dir)
+    if resume is None and out.is_dir() and any((out / m).exists() for m in RUN_MARKERS) and not args.overwrite:
+        raise TuneAgbError(
+            f"{out}: already holds a run (config.yaml/best.pt/...); use --overwrite to replace it, "
+            f"--train_mode resume to continue it, or another --out-dir"
+        )
+    return Plan(cfg, input_dir, label_dir, out, resume, source)
+
+
+def _raw_yaml(path: str) -> dict[str, Any]:
+    """Keys of a config file as written (validated later with the rest), so it overrides only what it names."""
+    load_config(path)  # validates keys and types with the file named in errors
+    text = Path(path).read_text()
+    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text) or {}
+    return values["config"] if isinstance(values.get("config"), dict) else values
+
+
+class EpochLogger:
+    """Writes best.pt / last.pt / optional per-epoch checkpoints, TensorBoard scalars and images, wandb."""
+
+    def __init__(self, out: Path, tb_dir: Path, keep_dir: Path | None, wandb_run: Any = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out = out
+        self.keep_dir = keep_dir
+        self.writer = SummaryWriter(log_dir=str(tb_dir))
+        self.wandb = wandb_run
+
+    def __call__(self, rep: EpochReport) -> None:
+        state = rep.state()
+        save_checkpoint(state, self.out / "last.pt")
+        if rep.is_best:
+            save_checkpoint(state, self.out / "best.pt")
+        if self.keep_dir is not None:
+            save_checkpoint(state, self.keep_dir / f"epoch_{rep.epoch:04d}.pt")
+        for k, v in rep.metrics.items():
+            if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, rep.epoch)
+        std = rep.val.var.sqrt()
+        flat = std.flatten().float()
+        q = torch.quantile(flat[:: max(1, flat.numel() // 100_000)], torch.tensor([0.1, 0.5, 0.9], device=flat.device))
+        stats = dict(zip(("std_p10", "std_median", "std_p90"), q.cpu().tolist(), strict=True))
+        for k, v in stats.items():
+            self.writer.add_scalar(f"val_variance/{k}", v, rep.epoch)
+        self.writer.add_histogram("val_variance/predicted_std", flat.cpu(), rep.epoch)
+        self.writer.add_image("val_prediction/mean_and_std", prediction_image(rep.val.mean[0], std[0]), rep.epoch)
+        self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in rep.metrics.items() if k != "epoch"} | stats, step=rep.epoch)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def prediction_image(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(1, H, 2W + 2) image in [0, 1]: the mean map beside the std map, each scaled by its own max."""
+    m = mean.detach().float().cpu().clamp_min(0)
+    s = std.detach().float().cpu()
+    m = m / m.max().clamp_min(1e-6)
+    s = s / s.max().clamp_min(1e-6)
+    gap = torch.ones(m.shape[0], 2)
+    return torch.cat([m, gap, s], dim=1).unsqueeze(0)
+
+
+def _start_wandb(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> Any:
+    if not args.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise TuneAgbError("--wandb: the wandb package is not installed (pip install 'tune_agb[wandb]')") from None
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return wandb.init(project=args.wandb_project, dir=str(out), config=cfg.to_dict(), mode=mode)
+
+
+@dataclass
+class MemberOutput:
+    result: TrainResult
+    preds: dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (mean, var) maps on the device
+    metrics: dict[str, float]
+
+
+def train_member(
+    plan: Plan,
+    cfg: TrainConfig,
+    tiles: dict[str, TileSet],
+    out: Path,
+    args: argparse.Namespace,
+    resume: dict[str, Any] | None,
+) -> MemberOutput:
+    keep = None
+    if args.save_checkpoint:
+        keep = Path(args.all_checkpoint_dir) if args.all_checkpoint_dir else out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    wb = _start_wandb(args, cfg, out)
+    logger = EpochLogger(out, out / "tensorboard", keep, wb)
+    try:
+        result = train(
+            cfg,
+            {"train": tiles["train"], "val": tiles["val"]},
+            device=args.device,
+            resume=resume,
+            on_epoch=logger,
+            progress=not args.no_progress,
+        )
+    finally:
+        logger.close()
+        if wb is not None:
+            wb.finish()
+    if not (out / "best.pt").is_file():  # resumed elsewhere and no epoch beat the checkpoint's best
+        log.warning("%s: no epoch improved on the resumed checkpoint's best; evaluating the last epoch", out)
+        save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
+    best = load_checkpoint(out / "best.pt", map_location=result.device)
+    model = UNet.from_config(cfg).to(result.device)
+    model.load_state_dict(best["model"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    preds, metrics = {}, {"best_epoch": int(best["epoch"])}
+    for split in ("val", "test"):
+        dt = DeviceTiles(tiles[split], result.norm, result.device, cfg.channels_last)
+        ev = evaluate_split(model, dt, cfg, result.norm, cfg.batch_size, result.amp)
+        preds[split] = (ev.mean, ev.var)
+        metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}
+    (out / "norm_stats.json").write_text(json.dumps(result.norm.to_dict(), indent=1))
+    return MemberOutput(result, preds, metrics)
+
+
+def write_predictions(
+    path: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
+    for split, (mean, var) in preds.items():
+        ts = tiles[split]
+        t, r, c = np.nonzero(np.isfinite(ts.labels))
+        m, v = mean.float().cpu().numpy(), var.float().cpu().numpy()
+        cols["split"].append(np.full(t.size, split))
+        cols["tile"].append(np.asarray(ts.names)[t])
+        cols["row"].append(r.astype(np.int32))
+        cols["col"].append(c.astype(np.int32))
+        cols["label"].append(ts.labels[t, r, c])
+        cols["mean"].append(m[t, r, c])
+        cols["std"].append(np.sqrt(v[t, r, c]))
+    table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
+    pq.write_table(table, path)
+
+
+def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
+    from tune_agb.plots import calibration_plot, scatter_plot
+
+    folder.mkdir(exist_ok=True)
+    for split, (mean, var) in preds.items():
+        mask = np.isfinite(tiles[split].labels)
+        y = tiles[split].labels[mask]
+        m = mean.float().cpu().numpy()[mask]
+        sd = np.sqrt(var.float().cpu().numpy()[mask])
+        scatter_plot(y, m, folder / f"{split}_scatter.png", f"{split}: predicted vs label ({y.size} pixels)")
+        calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
+
+
+def ensemble_predictions(members: list[MemberOutput]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Ensemble mean, and total variance = mean of member variances + variance of member means."""
+    out = {}
+    for split in members[0].preds:
+        means = torch.stack([m.preds[split][0] for m in members])
+        varis = torch.stack([m.preds[split][1] for m in members])
+        out[split] = (means.mean(0), varis.mean(0) + means.var(0, unbiased=False))
+    return out
+
+
+def split_metrics_of(tiles: TileSet, mean: torch.Tensor, var: torch.Tensor, loss: str) -> dict[str, float]:
+    y = torch.from_numpy(tiles.labels).to(mean.device)
+    mask = torch.isfinite(y)
+    return regression_metrics(y[mask], mean[mask], var[mask], loss)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    plan = make_plan(args)
+    resolve_device(args.device)
+    if args.num_workers:
+        log.info("--num_workers %d: ignored, tiles are loaded once into memory", args.num_workers)
+    tiles = load_dataset(plan.input_dir, plan.label_dir, in_channels=plan.cfg.in_channels)
+    out = plan.out
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
+    members: list[MemberOutput] = []
+    for k in range(args.ensemble):
+        mcfg = plan.cfg.replace(seed=plan.cfg.seed + k)
+        mout = out if args.ensemble == 1 else out / "members" / f"member_{k:02d}"
+        members.append(train_member(plan, mcfg, tiles, mout, args, plan.resume))
+    if args.ensemble == 1:
+        preds, metrics = members[0].preds, dict(members[0].metrics)
+    else:
+        save_config(plan.cfg, out / "config.yaml")
+        preds = ensemble_predictions(members)
+        metrics = {}
+        for split, (mean, var) in preds.items():
+            metrics |= {f"{split}_{k}": v for k, v in split_metrics_of(tiles[split], mean, var, plan.cfg.loss).items()}
+        metrics["members"] = [m.metrics for m in members]
+    metrics |= {
+        "epochs": plan.cfg.epochs,
+        "ensemble": args.ensemble,
+        "input_dir": str(plan.input_dir),
+        "label_dir": str(plan.label_dir),
+    }
+    write_predictions(out / "predictions.parquet", tiles, preds)
+    write_plots(out / "plots", tiles, preds)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    keys = ("rmse", "r2", "mae", "me", "rmv", "within_1sigma", "uce", "n")
+    print("split " + " ".join(f"{k:>13}" for k in keys))
+    for split in ("val", "test"):
+        print(f"{split:5} " + " ".join(f"{metrics[f'{split}_{k}']:>13.4g}" for k in keys))
+    print(f"model, metrics and predictions written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,275 @@
+"""Raster helpers shared by prepare and predict: open and validate GeoTIFFs, stack them on one grid, read windows.
+
+rasterio is imported here (and in the CLI modules that use it), never by the training engine, so hosts without
+GDAL can still train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from tune_agb.bands import S2_BANDS
+from tune_agb.errors import TuneAgbError
+
+# GDAL's block cache defaults to 5 % of RAM; a small fixed cache keeps the resident memory bounded and is enough
+# for window-by-window access (a strip of windows of a 14-band, 8192 px wide float32 stack is ~120 MB).
+GDAL_CACHE_MB = int(os.environ.get("TUNE_AGB_GDAL_CACHE_MB", 256))
+# Sentinel-2 L2A digital numbers: reflectance = (DN + offset) / 10000; products from 25 Jan 2022 (processing
+# baseline 04.00) carry BOA_ADD_OFFSET = -1000.
+S2_QUANTIFICATION = 10000.0
+S2_OFFSET_2022 = -1000.0
+RESAMPLING = ("nearest", "bilinear", "cubic", "average")
+
+
+def gdal_env() -> rasterio.Env:
+    """A rasterio environment with a bounded block cache."""
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+
+
+def open_raster(path: str | Path, what: str = "image") -> rasterio.DatasetReader:
+    """Open a georeferenced raster or raise one clear :class:`TuneAgbError` (missing, unreadable, no CRS)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TuneAgbError(f"{path}: {what} file not found")
+    try:
+        with warnings.catch_warnings():  # a missing georeference is reported below as the one error line
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise TuneAgbError(f"{path}: not a readable raster ({str(exc).splitlines()[0][:200]})") from None
+    if ds.crs is None:
+        ds.close()
+        raise TuneAgbError(f"{path}: has no CRS (a georeferenced GeoTIFF with a coordinate reference system is needed)")
+    if ds.transform == Affine.identity():
+        ds.close()
+        raise TuneAgbError(f"{path}: has no geotransform (pixel-to-map mapping); georeference it first")
+    return ds
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The pixel grid everything is read on: CRS, affine transform (map units per pixel), height and width (px)."""
+
+    crs: CRS
+    transform: Affine
+    height: int
+    width: int
+
+    @classmethod
+    def of(cls, ds: rasterio.io.DatasetReaderBase) -> Grid:
+        return cls(ds.crs, ds.transform, ds.height, ds.width)
+
+    def same_as(self, other: Grid) -> bool:
+        return (
+            self.crs == other.crs
+            and self.height == other.height
+            and self.width == other.width
+            and self.transform.almost_equals(other.transform, precision=1e-9 * max(1.0, abs(self.transform.a)))
+        )
+
+    def window_bounds(self, window: Window) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) of a window in map units (the extremes of its four corners)."""
+        c0, r0 = window.col_off, window.row_off
+        c1, r1 = c0 + window.width, r0 + window.height
+        xs, ys = zip(*(self.transform @ p for p in ((c0, r0), (c1, r0), (c0, r1), (c1, r1))), strict=True)
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+def _float_nodata(ds: rasterio.io.DatasetReaderBase) -> float:
+    return float(ds.nodata) if ds.nodata is not None else float("nan")
+
+
+def warp_onto(ds: rasterio.DatasetReader, grid: Grid, resampling: str) -> WarpedVRT:
+    """A virtual float32 view of ``ds`` resampled onto ``grid``; pixels outside ``ds`` read as nodata (NaN)."""
+    try:
+        return WarpedVRT(
+            ds,
+            crs=grid.crs,
+            transform=grid.transform,
+            height=grid.height,
+            width=grid.width,
+            resampling=Resampling[resampling],
+            src_nodata=ds.nodata,
+            nodata=float("nan"),
+            dtype="float32",
+        )
+    except Exception as exc:  # GDAL raises several types for impossible transformations
+        raise TuneAgbError(
+            f"{ds.name}: cannot warp onto the grid of the first image ({grid.crs}): {str(exc).splitlines()[0][:200]}"
+        ) from None
+
+
+class RasterStack:
+    """Several rasters stacked band-wise on the grid of the first one (others are warped when their grid differs).
+
+    Reads return float32 (C, h, w) with nodata (and pixels masked by the file) as NaN.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        bands: Sequence[str] | None = None,
+        resampling: str = "bilinear",
+        what: str = "image",
+    ):
+        if not paths:
+            raise TuneAgbError(f"no {what} given")
+        self._opened: list[rasterio.io.DatasetReaderBase] = []
+        self.sources: list[tuple[rasterio.io.DatasetReaderBase, list[int]]] = []
+        try:
+            datasets = [open_raster(p, what) for p in paths]
+            self._opened.extend(datasets)
+            self.grid = Grid.of(datasets[0])
+            names: list[str] = []
+            origin: list[tuple[int, int]] = []
+            for k, ds in enumerate(datasets):
+                for b in range(1, ds.count + 1):
+                    desc = ds.descriptions[b - 1]
+                    names.append(desc if desc else f"{Path(ds.name).stem}:{b}")
+                    origin.append((k, b))
+            select = self._select(bands, names, paths) if bands else list(range(len(names)))
+            self.band_names = [names[i] for i in select]
+            views: list[rasterio.io.DatasetReaderBase] = []
+            for ds in datasets:
+                if Grid.of(ds).same_as(self.grid):
+                    views.append(ds)
+                else:
+                    vrt = warp_onto(ds, self.grid, resampling)
+                    self._opened.append(vrt)
+                    views.append(vrt)
+            # Keep the requested band order: consecutive bands of one source are read together.
+            self.order: list[tuple[int, list[int]]] = []
+            for i in select:
+                k, b = origin[i]
+                if self.order and self.order[-1][0] == k:
+                    self.order[-1][1].append(b)
+                else:
+                    self.order.append((k, [b]))
+            self.views = views
+            self.nodata = [_float_nodata(ds) for ds in datasets]
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _select(bands: Sequence[str], names: list[str], paths: Sequence[str | Path]) -> list[int]:
+        """Band selection by 1-based index over the stacked bands or by band description."""
+        out = []
+        for b in bands:
+            if b.isdigit():
+                i = int(b) - 1
+                if not 0 <= i < len(names):
+                    raise TuneAgbError(f"--bands: band {b} does not exist; the stacked images have {len(names)} bands")
+                out.append(i)
+            elif b in names:
+                out.append(names.index(b))
+            else:
+                raise TuneAgbError(
+                    f"--bands: no band named {b!r} in {', '.join(map(str, paths))} "
+                    f"(bands: {', '.join(names)}; or give 1-based indices)"
+                )
+        return out
+
+    @property
+    def count(self) -> int:
+        return len(self.band_names)
+
+    def read(self, window: Window) -> np.ndarray:
+        """(C, h, w) float32 of ``window`` (pixels of the grid), nodata and masked pixels as NaN."""
+        parts = []
+        for k, idx in self.order:
+            arr = self.views[k].read(idx, window=window, masked=True, out_dtype="float32", boundless=False)
+            parts.append(np.ma.filled(arr, np.nan).astype(np.float32, copy=False))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def close(self) -> None:
+        for ds in reversed(self._opened):
+            with contextlib.suppress(Exception):
+                ds.close()
+        self._opened.clear()
+
+    def __enter__(self) -> RasterStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def s2_band_positions(band_names: Sequence[str], count: int) -> list[int]:
+    """Positions of the Sentinel-2 bands in a stack: by band description, or the first 12 of a 14-band stack."""
+    named = [i for i, n in enumerate(band_names) if n in S2_BANDS]
+    if named:
+        return named
+    if count == len(S2_BANDS) + 2:
+        return list(range(len(S2_BANDS)))
+    raise TuneAgbError(
+        "--s2-dn: cannot tell which bands are Sentinel-2 (no band descriptions B1 ... B12 and not a 14-band stack)"
+    )
+
+
+def dn_to_reflectance(x: np.ndarray, positions: Sequence[int], offset: float) -> np.ndarray:
+    """Scale Sentinel-2 digital numbers in place: reflectance = (DN + offset) / 10000 (offset -1000 from 2022)."""
+    x[list(positions)] = (x[list(positions)] + offset) / S2_QUANTIFICATION
+    return x
+
+
+def window_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering ``size`` px with windows of ``tile`` px every ``stride`` px, the last flush with the
+    edge (so the whole extent is covered); one window at 0 when ``size <= tile``."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return starts
+
+
+def iter_windows(height: int, width: int, tile: int, stride: int) -> Iterator[Window]:
+    for r in window_starts(height, tile, stride):
+        for c in window_starts(width, tile, stride):
+            yield Window(c, r, min(tile, width), min(tile, height))
+
+
+@contextlib.contextmanager
+def staged_file(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only when the block succeeds."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise TuneAgbError(f"{path}: exists (use --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path`` (removed if the block fails)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,406 @@
+"""Hyperparameter search: Ray Tune + Optuna (TPE) + ASHA over a search-space file.
+
+    python -m tune_agb.search --space search_spaces/demo.yaml
+
+Everything the user gives is validated before Ray starts (space file, flags, data folders). The experiment folder
+``STORAGE/NAME`` holds Ray's state (``tuner.pkl``, trial folders with checkpoints) plus ``search.yaml`` (the space
+and settings it was started with), ``results.parquet`` and ``best.yaml``; ``--resume`` continues it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+
+from tune_agb.data import TileSet, load_dataset
+from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.search_space import SearchSpace, load_search_space, parse_search_space
+from tune_agb.trainable import CHECKPOINT_FILE, search_trial
+
+log = logging.getLogger(__name__)
+
+SEARCH_FILE = "search.yaml"
+DEFAULT_STORAGE = "ray_results"
+# CLI override -> (section, key) of the space file.
+OVERRIDES: dict[str, tuple[str, str]] = {
+    "num_samples": ("experiment", "num_samples"),
+    "max_concurrent": ("experiment", "max_concurrent"),
+    "time_budget": ("experiment", "time_budget_s"),
+    "max_failures": ("experiment", "max_failures"),
+    "cpus_per_trial": ("resources", "cpu"),
+    "gpus_per_trial": ("resources", "gpu"),
+    "seed": ("searcher", "seed"),
+}
+
+
+@dataclass
+class Experiment:
+    """Where a search lives: ``uri`` = ``STORAGE/NAME`` (an absolute path or an ``s3://``/``gs://`` URI)."""
+
+    storage: str
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    def fs(self) -> tuple[pafs.FileSystem, str]:
+        try:
+            return pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as exc:
+            raise TuneAgbError(f"--storage {self.storage}: cannot open it ({str(exc).splitlines()[0]})") from None
+
+    def read_text(self, name: str) -> str | None:
+        fs, root = self.fs()
+        path = f"{root}/{name}"
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        fs, root = self.fs()
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            f.write(text.encode())
+
+
+def resolve_storage(storage: str) -> str:
+    """Local paths become absolute (trials run with their own folder as cwd); URIs are kept as given."""
+    if "://" in storage and not storage.startswith("file://"):
+        return storage
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
+
+
+def apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Put the CLI overrides into the raw space document (validated together with it afterwards)."""
+    raw = {**raw}
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is not None:
+            raw[section] = {**(raw.get(section) or {}), key: value}
+    return raw
+
+
+def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, Any]:
+    """The searcher, the scheduler and the TuneConfig/RunConfig for a space (import Ray lazily)."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune_agb.search_asha import ResumableASHA
+    from tune_agb.search_state import StateBackupCallback
+
+    ex, sc, se = space.settings["experiment"], space.settings["scheduler"], space.settings["searcher"]
+    if se["type"] == "random":
+        sampler = optuna.samplers.RandomSampler(seed=se["seed"])
+    else:
+        sampler = optuna.samplers.TPESampler(seed=se["seed"], n_startup_trials=se["n_startup_trials"])
+    # With a define-by-run space OptunaSearch ignores TuneConfig's metric/mode: it needs its own.
+    searcher = OptunaSearch(
+        space=space.define_by_run,
+        metric=space.metric,
+        mode=space.mode,
+        points_to_evaluate=list(se["points_to_evaluate"]) or None,
+        sampler=sampler,
+    )
+    if sc["type"] == "asha":
+        scheduler = ResumableASHA(
+            exp.uri,
+            max_t=sc["max_t"],
+            grace_period=sc["grace_period"],
+            reduction_factor=sc["reduction_factor"],
+            brackets=sc["brackets"],
+        )
+    else:
+        scheduler = FIFOScheduler()
+    tune_config = tune.TuneConfig(
+        metric=space.metric,
+        mode=space.mode,
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=ex["num_samples"],
+        max_concurrent_trials=ex["max_concurrent"],
+        time_budget_s=ex["time_budget_s"],
+    )
+    run_config = tune.RunConfig(
+        name=exp.name,
+        storage_path=exp.storage,
+        failure_config=tune.FailureConfig(max_failures=ex["max_failures"]),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode
+        ),
+        stop={"epoch": sc["max_t"]},
+        callbacks=[StateBackupCallback(exp.uri)],
+        verbose=1,
+    )
+    return tune_config, run_config, scheduler
+
+
+def make_trainable(space: SearchSpace, tiles: dict[str, TileSet]) -> Any:
+    """The trainable with the tiles in the object store and the trial's resources attached."""
+    from ray import tune
+
+    res = space.settings["resources"]
+    fn = tune.with_parameters(
+        search_trial, tiles=tiles, base=space.base_config().to_dict(), cpus=res["cpu"], gpu_fraction=res["gpu"]
+    )
+    return tune.with_resources(fn, {"cpu": res["cpu"], "gpu": res["gpu"]})
+
+
+def check_cluster_resources(space: SearchSpace, cluster: dict[str, float]) -> None:
+    """Fail before the search when no node could ever run a trial (Ray would leave it PENDING forever)."""
+    res = space.settings["resources"]
+    if res["gpu"] > 0 and cluster.get("GPU", 0) <= 0:
+        raise TuneAgbError(
+            f"{space.source}: resources.gpu={res['gpu']} per trial, but the Ray cluster has no GPU "
+            "(use --gpus-per-trial 0 to search on CPUs)"
+        )
+    if res["gpu"] > cluster.get("GPU", 0):
+        raise TuneAgbError(f"resources.gpu={res['gpu']} per trial, but the cluster has only {cluster.get('GPU')} GPUs")
+    if res["cpu"] > cluster.get("CPU", 0):
+        raise TuneAgbError(
+            f"resources.cpu={res['cpu']} per trial, but the cluster has only {cluster.get('CPU', 0):g} CPUs "
+            "(lower --cpus-per-trial)"
+        )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tune_agb.search", description=__doc__.split("\n\n")[0])
+    p.add_argument("--space", required=True, help="search-space YAML file (see search_spaces/)")
+    p.add_argument("--input-dir", help="tile inputs folder with train/ and val/ (default: space data, else demo)")
+    p.add_argument("--label-dir", help="tile labels folder with train/ and val/")
+    p.add_argument("--name", help="experiment name (default: the space file's name without .yaml)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder or s3:// / gs:// URI for experiments")
+    p.add_argument("--resume", action="store_true", help="continue the experiment STORAGE/NAME")
+    p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT (default: start one here)")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (also its torch threads)")
+    p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial; 0.25 puts four trials on a card")
+    p.add_argument("--time-budget", type=float, help="stop starting/continuing trials after this many seconds")
+    p.add_argument("--max-failures", type=int, help="retries of a failing trial from its checkpoint")
+    p.add_argument("--seed", type=int, help="searcher seed")
+    p.add_argument("--top", type=int, default=5, help="rows of the best-trials table")
+    return p.parse_args(argv)
+
+
+def resolve_data(args: argparse.Namespace, space: SearchSpace) -> tuple[str, str]:
+    data = space.settings["data"]
+    base = Path(space.source).parent
+    inp, lab = args.input_dir, args.label_dir
+    if inp is None and lab is None and data["input_dir"] is not None:
+        # Space-file folders are relative to the space file, so a space works from any cwd.
+        inp, lab = str(base / data["input_dir"]), str(base / data["label_dir"])
+    if (inp is None) != (lab is None):
+        raise TuneAgbError("--input-dir and --label-dir go together (give both, or neither for the demo data)")
+    if inp is None:
+        from tune_agb.demo import demo_data_dir
+
+        demo = demo_data_dir()
+        inp, lab = str(demo / "inputs"), str(demo / "labels")
+    return str(Path(inp).resolve()), str(Path(lab).resolve())
+
+
+def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str, dict[str, Any]]:
+    """Validate the space, the flags, the experiment folder and the data: all before Ray starts."""
+    space_path = Path(args.space)
+    file_space = load_search_space(space_path)  # the file alone must be valid
+    try:
+        raw = yaml.safe_load(space_path.read_text())
+    except (OSError, yaml.YAMLError) as exc:  # load_search_space already read it; keep the message anyway
+        raise TuneAgbError(f"{space_path}: {exc}") from None
+    overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
+    exp = Experiment(resolve_storage(args.storage), args.name or space_path.stem)
+    stored_text = exp.read_text(SEARCH_FILE)
+    if args.resume:
+        from ray import tune
+
+        if stored_text is None or not tune.Tuner.can_restore(exp.uri):
+            raise TuneAgbError(f"--resume: no search to resume at {exp.uri} (check --name and --storage)")
+        from tune_agb.search_state import repair_experiment_state
+
+        for name in repair_experiment_state(exp.uri):
+            print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
+        stored = yaml.safe_load(stored_text)
+        if stored["space"] != file_space.to_dict():
+            diff = _first_difference(stored["space"], file_space.to_dict())
+            raise TuneAgbError(
+                f"--resume: {space_path} differs from the space {exp.uri} was started with (at {diff}); "
+                f"resume with the same file, or start a new search with another --name"
+            )
+        for k, v in overrides.items():
+            if stored["overrides"].get(k) != v:
+                raise TuneAgbError(
+                    f"--resume: --{k.replace('_', '-')} {v} differs from the search's {stored['overrides'].get(k)} "
+                    "(settings cannot change on resume)"
+                )
+        overrides = dict(stored["overrides"])
+    elif stored_text is not None:
+        raise TuneAgbError(f"{exp.uri}: a search already exists there (use --resume, or another --name)")
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    space = parse_search_space(apply_overrides(raw, args), source=str(space_path))
+    input_dir, label_dir = resolve_data(args, space)
+    if args.resume and stored.get("data") and (args.input_dir is None and args.label_dir is None):
+        input_dir, label_dir = stored["data"]["input_dir"], stored["data"]["label_dir"]
+    record = {
+        "space_file": str(space_path.resolve()),
+        "space": file_space.to_dict(),
+        "overrides": overrides,
+        "data": {"input_dir": input_dir, "label_dir": label_dir},
+    }
+    return space, exp, input_dir, label_dir, record
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in [*a, *[k for k in b if k not in a]]:
+            if k not in a or k not in b or a[k] != b[k]:
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return path or "top level"
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():  # a caller (tests, a notebook) already connected
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # Trial processes log every checkpoint at INFO; the progress table and the error summary say what matters.
+    kwargs["log_to_driver"] = False
+    try:
+        # "local" starts a fresh instance here even when a `ray start` cluster or RAY_ADDRESS exists: joining one
+        # is what --address is for.
+        ray.init(address=address or "local", **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TuneAgbError(f"--address {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]})") from None
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """Run (or resume) a search; return 0 when at least one trial reported a result."""
+    space, exp, input_dir, label_dir, record = prepare(args)
+    base = space.base_config()
+    tiles = load_dataset(input_dir, label_dir, splits=("train", "val"), in_channels=base.in_channels)
+
+    import ray
+    from ray import tune
+
+    own_ray = not ray.is_initialized()
+    init_ray(args.address)
+    try:
+        check_cluster_resources(space, ray.cluster_resources())
+        trainable = make_trainable(space, tiles)
+        print(
+            f"search: {exp.uri}  ({space.settings['experiment']['num_samples']} trials, metric {space.metric} "
+            f"{space.mode}, data {input_dir})",
+            flush=True,
+        )
+        if args.resume:
+            tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_errored=True)
+        else:
+            exp.write_text(SEARCH_FILE, yaml.safe_dump(record, sort_keys=False))
+            tune_config, run_config, _ = build_tuner_parts(space, exp)
+            tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+        grid, interrupted = fit_noting_interrupt(tuner)
+    finally:
+        if own_ray:
+            ray.shutdown()
+    code = report(grid, space, exp, input_dir, label_dir, args.top)
+    unfinished = "stopped by a signal" if interrupted else unfinished_trials(grid, space)
+    if unfinished:
+        resume = f"python -m tune_agb.search --space {args.space} --name {exp.name} --storage {exp.storage} --resume"
+        print(f"\nsearch interrupted ({unfinished}); results so far are written. Continue with:\n  {resume}")
+        return 130
+    return code
+
+
+def fit_noting_interrupt(tuner: Any) -> tuple[Any, bool]:
+    """``tuner.fit()``, and whether Ctrl-C/SIGINT ended it early (then fit saves the state and returns normally).
+
+    Tune swaps in its own SIGINT handler for the run and puts the previous one back only when the signal arrives,
+    so a marker handler installed here is back in place exactly when the run was interrupted.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return tuner.fit(), False
+
+    def marker(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, marker)
+    try:
+        grid = tuner.fit()
+        interrupted = signal.getsignal(signal.SIGINT) is marker
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return grid, interrupted
+
+
+def unfinished_trials(grid: Any, space: SearchSpace) -> str:
+    """Why the search is not complete (empty when it is): trials not ended, or fewer trials than num_samples.
+
+    A time budget that ran out counts as complete: that is the budget doing its job.
+    """
+    try:
+        trials = grid._experiment_analysis.trials  # Ray has no public per-trial status on a ResultGrid
+    except AttributeError:
+        return ""
+    open_ = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    if open_:
+        return f"{len(open_)} trial(s) not finished"
+    n = space.settings["experiment"]["num_samples"]
+    if len(trials) < n and space.settings["experiment"]["time_budget_s"] is None:
+        return f"{len(trials)} of {n} trials started"
+    return ""
+
+
+def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label_dir: str, top: int = 5) -> int:
+    """Write results.parquet and best.yaml, print the best trials, the failures and the final-train command."""
+    from tune_agb.search_results import BEST_FILE, RESULTS_FILE, summary, write_results
+
+    df, best = write_results(exp.uri, space, input_dir, label_dir)
+    print(f"\nbest trials by {space.metric} ({space.mode}, best epoch of each trial):")
+    print(summary(df, space, top))
+    failed = []
+    for result in grid:
+        if result.error is not None:
+            lines = [ln for ln in str(result.error).splitlines() if ln.strip()]
+            trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+            failed.append(f"  {trial_id}: {lines[-1].strip() if lines else type(result.error).__name__}")
+    if failed:
+        print(f"\n{len(failed)} trial(s) failed (after their retries):")
+        print("\n".join(failed))
+    print(f"\nresults: {exp.uri}/{RESULTS_FILE}  best: {exp.uri}/{BEST_FILE}")
+    if best is None:
+        print("no trial reported a finite result; nothing to train", file=sys.stderr)
+        return 1
+    print(
+        f"best: trial {best['trial_id']} epoch {best['epoch']} {space.metric}={best['value']:.4g} "
+        f"(checkpoint {best['checkpoint']}/{CHECKPOINT_FILE})"
+    )
+    print("\nnext, train the final model:")
+    print(f"  python -m tune_agb.final_train --experiment {exp.uri} --out-dir runs/{exp.name}-final")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Saving experiment state after each checkpoint is what keeps --resume exact; Ray warns about it every epoch.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    return run_search(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,121 @@
+"""ASHA whose rung records survive an interrupted search.
+
+Ray does not save the scheduler's rungs with the experiment: after ``Tuner.restore`` a plain ``ASHAScheduler``
+starts empty and would let every trial pass the rungs it reaches next. :class:`ResumableASHA` rebuilds the rungs
+from the results the trials reported before the interruption (their ``result.json`` files, replayed in the order
+they were reported), so its decisions after a resume are the ones it would have made without the interruption.
+Trials are also assigned to brackets by a hash of their id, so the assignment survives a restart too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+from ray.tune.schedulers import ASHAScheduler
+
+RESULT_FILE = "result.json"
+
+
+def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
+    """Every result row of every trial under an experiment folder (local path or ``s3://``/``gs://`` URI).
+
+    A line cut short by a killed process (the last one of a file) is skipped.
+    """
+    if "://" not in experiment_uri:
+        experiment_uri = os.path.abspath(experiment_uri)
+    fs, root = pafs.FileSystem.from_uri(experiment_uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    except OSError:  # the experiment folder does not exist yet
+        return []
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory:
+            continue
+        info = fs.get_file_info(f"{entry.path}/{RESULT_FILE}")
+        if info.type != pafs.FileType.File:
+            continue
+        with fs.open_input_stream(info.path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "trial_id" in row:
+                row["_trial_path"] = entry.path
+                rows.append(row)
+    return rows
+
+
+class ResumableASHA(ASHAScheduler):
+    """``ASHAScheduler`` that rebuilds its rungs from the experiment's stored results when a search resumes.
+
+    Args:
+        experiment_uri: ``STORAGE/NAME`` of the experiment (where the trials' ``result.json`` files are).
+        time_attr: the reported counter the rungs are measured in (``epoch``: it goes on across a resume).
+        **kwargs: ``max_t``, ``grace_period``, ``reduction_factor``, ``brackets`` of ``ASHAScheduler``.
+    """
+
+    def __init__(self, experiment_uri: str, time_attr: str = "epoch", **kwargs: Any):
+        super().__init__(time_attr=time_attr, **kwargs)
+        self.experiment_uri = experiment_uri
+        self._rebuilt = False
+
+    def _bracket_of(self, trial_id: str) -> Any:
+        # Same odds as ASHA's own choice (brackets with more rungs are likelier), but seeded by the trial id.
+        sizes = np.array([len(b._rungs) for b in self._brackets])
+        probs = np.e ** (sizes - sizes.max())
+        rng = np.random.default_rng(zlib.crc32(trial_id.encode()))
+        return self._brackets[int(rng.choice(len(self._brackets), p=probs / probs.sum()))]
+
+    def rebuild(self, rows: list[dict[str, Any]]) -> int:
+        """Replay reported results (any order: they are sorted by ``wall_time``) into the rungs.
+
+        Returns:
+            The number of results replayed.
+        """
+        usable = [r for r in rows if self._time_attr in r and self._metric in r and r.get(self._metric) is not None]
+        usable.sort(key=lambda r: (r.get("wall_time", r.get("timestamp", 0)), r[self._time_attr]))
+
+        class _Stub:  # _Bracket.on_result only reads trial.trial_id
+            def __init__(self, trial_id: str):
+                self.trial_id = trial_id
+
+        for r in usable:
+            bracket = self._bracket_of(r["trial_id"])
+            bracket.on_result(_Stub(r["trial_id"]), r[self._time_attr], self._metric_op * float(r[self._metric]))
+        return len(usable)
+
+    def _ensure_rebuilt(self) -> None:
+        if self._rebuilt:
+            return
+        self._rebuilt = True
+        n = self.rebuild(read_trial_rows(self.experiment_uri))
+        if n:
+            print(f"ASHA: rungs rebuilt from {n} stored results", flush=True)
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._metric or not self._metric_op:
+            super().on_trial_add(tune_controller, trial)  # raises Ray's own error about metric/mode
+        self._ensure_rebuilt()
+        self._trial_info[trial.trial_id] = self._bracket_of(trial.trial_id)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        self._ensure_rebuilt()
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # tuner.pkl holds the scheduler as it was when the search started; a restored copy must rebuild.
+        state = self.__dict__.copy()
+        state["_rebuilt"] = False
+        return state
+
+    def rung_records(self) -> list[list[tuple[float, dict[str, float]]]]:
+        """Per bracket, ``(milestone, {trial_id: signed metric})`` for each rung (for tests and debugging)."""
+        return [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets]

@@ -1,0 +1,156 @@
+"""Search results: ``results.parquet`` (one row per trial and epoch), ``best.yaml`` and the printed summary.
+
+Both files are built from the trials' stored ``result.json`` files, so they can be rewritten at any time from the
+experiment folder alone (after a finished, interrupted or resumed search).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from tune_agb.search_asha import read_trial_rows
+from tune_agb.search_space import METRICS, SearchSpace
+
+RESULTS_FILE = "results.parquet"
+BEST_FILE = "best.yaml"
+# Columns kept from each reported result besides the metrics and the config.
+EXTRA_COLUMNS = ("lr", "node_id", "pid", "wall_time", "checkpoint_dir_name")
+
+
+def results_frame(rows: list[dict[str, Any]], space: SearchSpace) -> pd.DataFrame:
+    """One row per (trial, epoch); an epoch reported twice (re-run after a resume) keeps its latest report.
+
+    Columns: ``trial_id``, ``epoch``, every metric, ``lr``, ``node_id``, ``pid``, ``wall_time`` (s since the epoch),
+    ``checkpoint_dir_name``, ``trial_path`` and ``config/<name>`` for each searched hyperparameter (empty where a
+    conditional one was not active).
+    """
+    names = [p.name for p in space.params]
+    out = []
+    for r in rows:
+        if "epoch" not in r:
+            continue
+        rec: dict[str, Any] = {"trial_id": r["trial_id"], "epoch": int(r["epoch"])}
+        for m in METRICS:
+            v = r.get(m)
+            rec[m] = float(v) if isinstance(v, (int, float)) else math.nan
+        for k in EXTRA_COLUMNS:
+            rec[k] = r.get(k)
+        rec["trial_path"] = r.get("_trial_path")
+        cfg = r.get("config") or {}
+        for n in names:
+            rec[f"config/{n}"] = cfg.get(n)
+        out.append(rec)
+    cols = ["trial_id", "epoch", *METRICS, *EXTRA_COLUMNS, "trial_path", *[f"config/{n}" for n in names]]
+    df = pd.DataFrame(out, columns=cols)
+    if df.empty:
+        return df
+    df = df.sort_values(["trial_id", "epoch", "wall_time"], na_position="first")
+    df = df.drop_duplicates(["trial_id", "epoch"], keep="last").reset_index(drop=True)
+    return df
+
+
+def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
+    """The best (trial, epoch) over all epochs of all trials; None when no finite value was reported."""
+    ok = df[df[metric].map(lambda v: isinstance(v, float) and math.isfinite(v))] if not df.empty else df
+    if ok.empty:
+        return None
+    idx = ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()
+    return ok.loc[idx]
+
+
+def _uri_of(experiment_uri: str, path: str) -> str:
+    """Turn a filesystem path from pyarrow back into an absolute path or a URI like the experiment's."""
+    scheme = experiment_uri.split("://", 1)[0] if "://" in experiment_uri else ""
+    return f"{scheme}://{path}" if scheme and scheme != "file" else str(Path(path).resolve())
+
+
+def best_record(
+    df: pd.DataFrame, space: SearchSpace, experiment_uri: str, input_dir: str, label_dir: str
+) -> dict[str, Any] | None:
+    """The content of ``best.yaml`` (the contract with ``tune_agb.final_train --experiment``)."""
+    row = best_row(df, space.metric, space.mode)
+    if row is None:
+        return None
+    sampled = {p.name: row[f"config/{p.name}"] for p in space.params if _present(row[f"config/{p.name}"])}
+    sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
+    cfg = space.trial_config(sampled)  # epochs = max_t: the trial's full budget
+    ckpt = None
+    if isinstance(row["checkpoint_dir_name"], str) and isinstance(row["trial_path"], str):
+        ckpt = _uri_of(experiment_uri, f"{row['trial_path']}/{row['checkpoint_dir_name']}")
+    return {
+        "trial_id": str(row["trial_id"]),
+        "metric": space.metric,
+        "mode": space.mode,
+        "value": float(row[space.metric]),
+        "epoch": int(row["epoch"]),
+        "config": cfg.to_dict(),
+        "checkpoint": ckpt,
+        "data": {"input_dir": input_dir, "label_dir": label_dir},
+    }
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def write_results(
+    experiment_uri: str, space: SearchSpace, input_dir: str, label_dir: str
+) -> tuple[pd.DataFrame, dict[str, Any] | None]:
+    """Rewrite ``results.parquet`` and ``best.yaml`` in the experiment folder from the stored trial results."""
+    df = results_frame(read_trial_rows(experiment_uri), space)
+    best = best_record(df, space, experiment_uri, input_dir, label_dir)
+    fs, root = pafs.FileSystem.from_uri(experiment_uri)
+    # Config columns can mix ints and floats across trials; store them as Python objects turned into strings
+    # only when pyarrow cannot find one type.
+    table = _to_arrow(df)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    _write_bytes(fs, f"{root}/{RESULTS_FILE}", buf.getvalue())
+    if best is not None:
+        _write_bytes(fs, f"{root}/{BEST_FILE}", yaml.safe_dump(best, sort_keys=False).encode())
+    return df, best
+
+
+def _to_arrow(df: pd.DataFrame) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(df, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        fixed = df.copy()
+        for c in fixed.columns:
+            if c.startswith("config/") and fixed[c].dtype == object:
+                fixed[c] = fixed[c].map(lambda v: None if not _present(v) else str(v))
+        return pa.Table.from_pandas(fixed, preserve_index=False)
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    # Write next to the target and move it in place, so a reader never sees half a file.
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def summary(df: pd.DataFrame, space: SearchSpace, top: int = 5) -> str:
+    """A table of the ``top`` trials by their best epoch, with their searched hyperparameters."""
+    if df.empty:
+        return "no trial reported a result"
+    asc = space.mode == "min"
+    best = (
+        df.sort_values(space.metric, ascending=asc)
+        .drop_duplicates("trial_id")
+        .merge(df.groupby("trial_id")["epoch"].max().rename("epochs_run"), on="trial_id")
+        .head(top)
+    )
+    cols = ["trial_id", space.metric, "epoch", "epochs_run", *[f"config/{p.name}" for p in space.params]]
+    table = best[cols].rename(columns=lambda c: c.removeprefix("config/"))
+    with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
+        return table.to_string(index=False)

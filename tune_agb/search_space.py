@@ -1,0 +1,387 @@
+"""The search-space file: YAML schema, validation (before Ray starts) and conversion to an Optuna define-by-run space.
+
+A space file has seven sections; only ``params`` is required::
+
+    experiment: {metric: val_rmse, mode: min, num_samples: 16, max_concurrent: 2, time_budget_s: null,
+                 max_failures: 2}
+    scheduler:  {type: asha, max_t: 12, grace_period: 2, reduction_factor: 3, brackets: 1}
+    searcher:   {type: optuna, seed: 0, n_startup_trials: 5, points_to_evaluate: [{lr: 2.0e-3}]}
+    resources:  {cpu: 1, gpu: 0}
+    data:       {input_dir: ..., label_dir: ...}
+    fixed:      {base_channels: 8}
+    params:
+      lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+      optimizer: {type: categorical, choices: [adamw, sgd]}
+      momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
+
+Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.config.TrainConfig` field. Errors name the file and
+the key (``demo.yaml: params.lr.low: ...``) and are raised as :class:`~tune_agb.errors.TuneAgbError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_agb.config import TrainConfig, coerce_value, config_from_dict, field_names, field_types
+from tune_agb.errors import TuneAgbError
+
+# Figures every trial reports (see tune_agb.train): the ones a search may optimise.
+METRICS: tuple[str, ...] = (
+    "val_rmse",
+    "val_mae",
+    "val_me",
+    "val_r2",
+    "val_nll",
+    "val_rmv",
+    "val_within_1sigma",
+    "val_within_2sigma",
+    "val_uce",
+    "train_loss",
+    "train_rmse",
+)
+
+SECTIONS: dict[str, dict[str, Any]] = {
+    "experiment": {
+        "metric": "val_rmse",
+        "mode": "min",
+        "num_samples": 16,
+        "max_concurrent": 2,
+        "time_budget_s": None,
+        "max_failures": 2,
+    },
+    "scheduler": {"type": "asha", "max_t": 12, "grace_period": 2, "reduction_factor": 3, "brackets": 1},
+    "searcher": {"type": "optuna", "seed": 0, "n_startup_trials": 5, "points_to_evaluate": []},
+    "resources": {"cpu": 1, "gpu": 0},
+    "data": {"input_dir": None, "label_dir": None},
+}
+PARAM_KEYS: dict[str, set[str]] = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+}
+SCHEDULERS = ("asha", "fifo")  # fifo: every trial runs to max_t (the baseline of bench/search_efficiency.py)
+SEARCHERS = ("optuna", "random")  # random: Optuna's RandomSampler, same define-by-run space
+
+
+@dataclass
+class ParamSpec:
+    """One searched hyperparameter.
+
+    ``kind`` is ``float``, ``int`` or ``categorical``; ``low``/``high`` are inclusive bounds; ``when`` maps
+    another (categorical) parameter's name to the values for which this one is searched.
+    """
+
+    name: str
+    kind: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[Any] = field(default_factory=list)
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` lies in this parameter's domain."""
+        if self.kind == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        return self.low <= value <= self.high
+
+    def active(self, values: dict[str, Any]) -> bool:
+        """Whether the conditions in ``when`` hold for the values sampled so far."""
+        return all(values.get(k) in allowed for k, allowed in self.when.items())
+
+
+@dataclass
+class SearchSpace:
+    """A validated search-space file. ``settings`` holds the five settings sections with defaults filled in."""
+
+    source: str
+    settings: dict[str, dict[str, Any]]
+    fixed: dict[str, Any]
+    params: list[ParamSpec]
+
+    # -- convenient views of the settings ------------------------------------------------------------------
+    @property
+    def metric(self) -> str:
+        return self.settings["experiment"]["metric"]
+
+    @property
+    def mode(self) -> str:
+        return self.settings["experiment"]["mode"]
+
+    @property
+    def max_t(self) -> int:
+        return self.settings["scheduler"]["max_t"]
+
+    def base_config(self) -> TrainConfig:
+        """Defaults + fixed values, with ``epochs`` = the scheduler's ``max_t`` (every trial's full budget)."""
+        return config_from_dict({**self.fixed, "epochs": self.max_t}, source=f"{self.source}: fixed")
+
+    def trial_config(self, sampled: dict[str, Any]) -> TrainConfig:
+        """The complete TrainConfig of one trial: defaults + fixed + the sampled values."""
+        return config_from_dict({**self.base_config().to_dict(), **sampled}, source=f"{self.source}: trial config")
+
+    def define_by_run(self, trial: Any) -> None:
+        """Optuna define-by-run space: suggest each parameter in file order, skipping inactive conditional ones."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if not p.active(values):
+                continue
+            if p.kind == "categorical":
+                values[p.name] = trial.suggest_categorical(p.name, p.choices)
+            elif p.kind == "int":
+                values[p.name] = trial.suggest_int(p.name, p.low, p.high, step=p.step or 1, log=p.log)
+            else:
+                values[p.name] = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A canonical plain-data form (what a resumed search compares against)."""
+        params = {}
+        for p in self.params:
+            d: dict[str, Any] = {"type": p.kind}
+            if p.kind == "categorical":
+                d["choices"] = list(p.choices)
+            else:
+                d |= {"low": p.low, "high": p.high, "log": p.log}
+                if p.step is not None:
+                    d["step"] = p.step
+            if p.when:
+                d["when"] = {k: list(v) for k, v in p.when.items()}
+            params[p.name] = d
+        return {**copy.deepcopy(self.settings), "fixed": dict(self.fixed), "params": params}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _fail(source: str, key: str, msg: str) -> TuneAgbError:
+    return TuneAgbError(f"{source}: {key}: {msg}")
+
+
+def _string_number_hint(value: Any) -> str:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: say how to write it as a number."""
+    if isinstance(value, str):
+        try:
+            x = float(value)
+        except ValueError:
+            return ""
+        if "e" in value.lower() and "." not in value:
+            mant, _, exp = value.lower().partition("e")
+            return f" (YAML reads {value} as text; write {mant}.0e{exp})"
+        return f" (got the text {value!r}; remove the quotes, e.g. {x!r})"
+    return ""
+
+
+def _number(source: str, key: str, value: Any, integer: bool = False) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        want = "an integer" if integer else "a number"
+        raise _fail(source, key, f"must be {want}, got {value!r}{_string_number_hint(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(source, key, f"must be finite, got {value!r}")
+    return value
+
+
+def _check_keys(source: str, where: str, got: dict[str, Any], allowed: set[str] | dict[str, Any]) -> None:
+    for k in got:
+        if k not in allowed:
+            raise _fail(source, f"{where}.{k}" if where else str(k), f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def _validate_settings(source: str, raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section, defaults in SECTIONS.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            raise _fail(source, section, f"must be a mapping, got {type(given).__name__}")
+        _check_keys(source, section, given, defaults)
+        out[section] = {**copy.deepcopy(defaults), **given}
+    ex, sc, se, rs, da = (out[s] for s in ("experiment", "scheduler", "searcher", "resources", "data"))
+
+    if ex["metric"] not in METRICS:
+        raise _fail(source, "experiment.metric", f"must be one of {', '.join(METRICS)}, got {ex['metric']!r}")
+    if ex["mode"] not in ("min", "max"):
+        raise _fail(source, "experiment.mode", f"must be min or max, got {ex['mode']!r}")
+    for key, lo in (("num_samples", 1), ("max_concurrent", 1), ("max_failures", 0)):
+        v = _number(source, f"experiment.{key}", ex[key], integer=True)
+        if v < lo:
+            raise _fail(source, f"experiment.{key}", f"must be >= {lo}, got {v}")
+    if ex["time_budget_s"] is not None and _number(source, "experiment.time_budget_s", ex["time_budget_s"]) <= 0:
+        raise _fail(source, "experiment.time_budget_s", f"must be > 0 seconds (or null), got {ex['time_budget_s']}")
+
+    if sc["type"] not in SCHEDULERS:
+        raise _fail(source, "scheduler.type", f"must be one of {', '.join(SCHEDULERS)}, got {sc['type']!r}")
+    for key in ("max_t", "grace_period", "brackets"):
+        if _number(source, f"scheduler.{key}", sc[key], integer=True) < 1:
+            raise _fail(source, f"scheduler.{key}", f"must be >= 1, got {sc[key]}")
+    if _number(source, "scheduler.reduction_factor", sc["reduction_factor"]) <= 1:
+        raise _fail(source, "scheduler.reduction_factor", f"must be > 1, got {sc['reduction_factor']}")
+    if sc["grace_period"] > sc["max_t"]:
+        raise _fail(source, "scheduler.grace_period", f"must be <= max_t ({sc['max_t']}), got {sc['grace_period']}")
+
+    if se["type"] not in SEARCHERS:
+        raise _fail(source, "searcher.type", f"must be one of {', '.join(SEARCHERS)}, got {se['type']!r}")
+    _number(source, "searcher.seed", se["seed"], integer=True)
+    if _number(source, "searcher.n_startup_trials", se["n_startup_trials"], integer=True) < 0:
+        raise _fail(source, "searcher.n_startup_trials", f"must be >= 0, got {se['n_startup_trials']}")
+    if not isinstance(se["points_to_evaluate"], list):
+        raise _fail(source, "searcher.points_to_evaluate", "must be a list of mappings {name: value}")
+
+    if _number(source, "resources.cpu", rs["cpu"]) <= 0:
+        raise _fail(source, "resources.cpu", f"must be > 0, got {rs['cpu']}")
+    gpu = _number(source, "resources.gpu", rs["gpu"])
+    if gpu < 0 or (gpu > 1 and gpu != int(gpu)):
+        raise _fail(source, "resources.gpu", f"must be 0, a fraction in (0, 1] or a whole number, got {gpu}")
+
+    for key in ("input_dir", "label_dir"):
+        if da[key] is not None and not isinstance(da[key], str):
+            raise _fail(source, f"data.{key}", f"must be a folder path, got {da[key]!r}")
+    if (da["input_dir"] is None) != (da["label_dir"] is None):
+        raise _fail(source, "data", "give both input_dir and label_dir, or neither (then the demo data is used)")
+    return out
+
+
+def _validate_param(source: str, name: str, raw: Any, earlier: dict[str, ParamSpec]) -> ParamSpec:
+    key = f"params.{name}"
+    if name not in field_types():
+        raise _fail(source, key, f"not a training hyperparameter; valid names: {', '.join(field_names())}")
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise _fail(source, key, "must be a mapping with a 'type' (float, int or categorical)")
+    kind = raw["type"]
+    if kind not in PARAM_KEYS:
+        raise _fail(source, f"{key}.type", f"must be float, int or categorical, got {kind!r}")
+    _check_keys(source, key, raw, PARAM_KEYS[kind])
+    want = field_types()[name]
+    spec = ParamSpec(name=name, kind=kind)
+    if kind == "categorical":
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(source, f"{key}.choices", "must be a non-empty list")
+        spec.choices = [coerce_value(name, c, f"{source}: {key}.choices") for c in choices]
+        if len(set(map(repr, spec.choices))) != len(spec.choices):
+            raise _fail(source, f"{key}.choices", f"has duplicates: {choices}")
+    else:
+        if want.__name__ != kind:
+            use = want.__name__ if want in (int, float) else "categorical"
+            raise _fail(source, f"{key}.type", f"'{name}' is a {want.__name__} hyperparameter; use type: {use}")
+        for b in ("low", "high"):
+            if b not in raw:
+                raise _fail(source, f"{key}.{b}", "is required")
+        spec.low = _number(source, f"{key}.low", raw["low"], integer=kind == "int")
+        spec.high = _number(source, f"{key}.high", raw["high"], integer=kind == "int")
+        if spec.low >= spec.high:
+            raise _fail(source, key, f"low ({spec.low}) must be < high ({spec.high})")
+        log = raw.get("log", False)
+        if not isinstance(log, bool):
+            raise _fail(source, f"{key}.log", f"must be true or false, got {log!r}")
+        spec.log = log
+        if log and spec.low <= 0:
+            raise _fail(source, f"{key}.low", f"must be > 0 with log: true, got {spec.low}")
+        if raw.get("step") is not None:
+            if log:
+                raise _fail(source, f"{key}.step", "cannot be combined with log: true (Optuna does not allow it)")
+            spec.step = _number(source, f"{key}.step", raw["step"], integer=kind == "int")
+            if spec.step <= 0:
+                raise _fail(source, f"{key}.step", f"must be > 0, got {spec.step}")
+        for b in ("low", "high"):  # both ends must be legal values of the field (e.g. dropout < 1)
+            coerce_value(name, getattr(spec, b), f"{source}: {key}.{b}")
+    when = raw.get("when") or {}
+    if not isinstance(when, dict):
+        raise _fail(source, f"{key}.when", "must be a mapping {other_param: value or [values]}")
+    for other, allowed in when.items():
+        if other not in earlier:
+            raise _fail(
+                source,
+                f"{key}.when.{other}",
+                "must name a parameter listed before this one in params"
+                + (f" (one of {', '.join(earlier)})" if earlier else ""),
+            )
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        for v in allowed:
+            if not earlier[other].contains(v):
+                raise _fail(source, f"{key}.when.{other}", f"{v!r} is not a possible value of '{other}'")
+        spec.when[other] = allowed
+    return spec
+
+
+def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
+    """Validate a search space given as plain data (a parsed YAML document)."""
+    if not isinstance(raw, dict):
+        raise TuneAgbError(f"{source}: expected a mapping with sections {', '.join([*SECTIONS, 'fixed', 'params'])}")
+    _check_keys(source, "", raw, [*SECTIONS, "fixed", "params"])
+    settings = _validate_settings(source, raw)
+
+    fixed_raw = raw.get("fixed") or {}
+    if not isinstance(fixed_raw, dict):
+        raise _fail(source, "fixed", "must be a mapping {hyperparameter: value}")
+    fixed: dict[str, Any] = {}
+    for name, value in fixed_raw.items():
+        if name not in field_types():
+            raise _fail(
+                source, f"fixed.{name}", f"not a training hyperparameter; valid names: {', '.join(field_names())}"
+            )
+        if name == "epochs":
+            raise _fail(source, "fixed.epochs", "set the epoch budget with scheduler.max_t instead")
+        hint = _string_number_hint(value) if field_types()[name] in (int, float) else ""
+        if hint:
+            raise _fail(source, f"fixed.{name}", f"must be a number{hint}")
+        fixed[name] = coerce_value(name, value, f"{source}: fixed.{name}")
+
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise _fail(source, "params", "must be a non-empty mapping {hyperparameter: {type: ..., ...}}")
+    params: dict[str, ParamSpec] = {}
+    for name, spec in params_raw.items():
+        if name in fixed:
+            raise _fail(source, f"params.{name}", "is also in fixed; a hyperparameter is either fixed or searched")
+        if name == "epochs":
+            raise _fail(source, "params.epochs", "the epoch budget is scheduler.max_t (ASHA decides who gets it)")
+        params[name] = _validate_param(source, name, spec, params)
+
+    space = SearchSpace(source=source, settings=settings, fixed=fixed, params=list(params.values()))
+    space.base_config()  # fixed values that only clash together (logvar_min >= logvar_max) fail here
+    for i, point in enumerate(settings["searcher"]["points_to_evaluate"]):
+        _validate_point(space, point, f"searcher.points_to_evaluate[{i}]")
+    return space
+
+
+def _validate_point(space: SearchSpace, point: Any, key: str) -> None:
+    if not isinstance(point, dict):
+        raise _fail(space.source, key, "must be a mapping {param: value}")
+    by_name = {p.name: p for p in space.params}
+    for name, value in point.items():
+        if name not in by_name:
+            raise _fail(space.source, f"{key}.{name}", f"not a searched parameter; searched: {', '.join(by_name)}")
+        if not by_name[name].contains(value):
+            raise _fail(space.source, f"{key}.{name}", f"{value!r} is outside the parameter's range/choices")
+    for p in space.params:
+        # Parameters left out are sampled; a conditional one given where its condition fails would be ignored.
+        if p.name in point and not p.active(point):
+            raise _fail(space.source, f"{key}.{p.name}", f"is set but its condition {p.when} does not hold")
+
+
+def load_search_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML file (see the module docstring for the grammar)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TuneAgbError(f"{path}: cannot read search-space file ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TuneAgbError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_search_space(raw, source=str(path))

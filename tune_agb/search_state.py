@@ -1,0 +1,141 @@
+"""Keeping Ray's experiment state resumable after a hard kill.
+
+Ray saves the experiment state atomically in a staging folder, then copies it into the storage folder file by file.
+A process killed during that copy leaves a truncated file there, and ``Tuner.restore`` then gives up on the whole
+run state (it starts over with a single trial). :class:`StateBackupCallback` keeps, for each state file, a copy of
+its latest intact version (``NAME.bak``, written atomically, outside Ray's file patterns);
+:func:`repair_experiment_state` puts the intact copy back before a resume and reports a state file it cannot
+repair in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from typing import Any
+
+import pyarrow.fs as pafs
+from ray.tune import Callback
+
+from tune_agb.errors import TuneAgbError
+
+BACKUP_SUFFIX = ".bak"
+# (prefix, suffix, format); search_gen_state-*.json is a pickle despite its name.
+STATE_FILES = (
+    ("searcher-state-", ".pkl", "pkl"),
+    ("experiment_state-", ".json", "json"),
+    ("search_gen_state-", ".json", "pkl"),
+)
+
+
+class StateBackupCallback(Callback):
+    """Copy each intact, changed Ray state file of the experiment to ``NAME.bak`` (at most every ``every_s``).
+
+    Args:
+        experiment_uri: ``STORAGE/NAME`` (absolute path or URI).
+        every_s: seconds between checks; runs in the driver after a controller step.
+    """
+
+    def __init__(self, experiment_uri: str, every_s: float = 1.0):
+        self.experiment_uri = experiment_uri
+        self.every_s = every_s
+        self._last = 0.0
+        self._copied: dict[str, int] = {}
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        self.backup()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.backup()
+
+    def backup(self) -> None:
+        try:
+            fs, root = pafs.FileSystem.from_uri(self.experiment_uri)
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        except OSError:
+            return
+        for info in infos:
+            kind = _state_kind(info.base_name)
+            if kind is None or self._copied.get(info.path) == info.mtime_ns:
+                continue
+            try:
+                with fs.open_input_stream(info.path) as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if not _parses(data, kind):  # caught mid-copy: keep the previous intact backup
+                continue
+            tmp = f"{info.path}{BACKUP_SUFFIX}.tmp"
+            with fs.open_output_stream(tmp) as f:
+                f.write(data)
+            fs.move(tmp, f"{info.path}{BACKUP_SUFFIX}")
+            self._copied[info.path] = info.mtime_ns
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"experiment_uri": self.experiment_uri, "every_s": self.every_s, "_last": 0.0, "_copied": {}}
+
+
+def _state_kind(name: str) -> str | None:
+    for prefix, suffix, kind in STATE_FILES:
+        if name.startswith(prefix) and name.endswith(suffix):
+            return kind
+    return None
+
+
+def _parses(data: bytes, kind: str) -> bool:
+    try:
+        if kind == "pkl":
+            pickle.loads(data)
+        else:
+            json.loads(data)
+    except (EOFError, pickle.UnpicklingError, ValueError, AttributeError, ImportError, IndexError, TypeError):
+        return False
+    return True
+
+
+def _readable(fs: pafs.FileSystem, path: str, kind: str) -> bool:
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except OSError:
+        return False
+    return _parses(data, kind)
+
+
+def _newest(fs: pafs.FileSystem, root: str, prefix: str, suffix: str) -> list[Any]:
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    found = [i for i in infos if i.type == pafs.FileType.File and i.base_name.startswith(prefix)]
+    found = [i for i in found if i.base_name.endswith(suffix)]
+    return sorted(found, key=lambda i: i.mtime_ns or 0)[-1:]
+
+
+def repair_experiment_state(experiment_uri: str) -> list[str]:
+    """Check the state files ``Tuner.restore`` reads; restore a cut searcher state from its backup.
+
+    Returns:
+        Names of the files that were repaired.
+
+    Raises:
+        TuneAgbError: when a state file is cut short and has no intact backup.
+    """
+    fs, root = pafs.FileSystem.from_uri(experiment_uri)
+    repaired = []
+    for prefix, suffix, kind in STATE_FILES:
+        for info in _newest(fs, root, prefix, suffix):
+            if _readable(fs, info.path, kind):
+                continue
+            backup = f"{info.path}{BACKUP_SUFFIX}"
+            if fs.get_file_info(backup).type == pafs.FileType.File and _readable(fs, backup, kind):
+                fs.copy_file(backup, f"{info.path}.tmp")
+                fs.move(f"{info.path}.tmp", info.path)
+                repaired.append(info.base_name)
+                continue
+            raise TuneAgbError(
+                f"{info.path}: the search's saved state was cut short when it was interrupted and has no intact "
+                "backup; it cannot be resumed (start a new search with another --name)"
+            )
+    return repaired
