@@ -39,9 +39,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from tune_agb.config import TrainConfig
 from tune_agb.data import DeviceTiles, NormStats, compute_norm_stats, load_split
 from tune_agb.errors import run_cli
-from tune_agb.losses import LOSSES
 from tune_agb.model import UNet
-from tune_agb.train import _autocast, augment, build_optimizer, build_scheduler, resolve_amp, resolve_device
+from tune_agb.train import (
+    TrainStep,
+    build_optimizer,
+    build_scheduler,
+    memory_format,
+    resolve_amp,
+    resolve_device,
+)
 
 # bf16 dense tensor-core peak (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -105,55 +111,33 @@ def _sync(device: torch.device) -> None:
 def time_ours(
     cfg: TrainConfig, norm: NormStats, tiles, device: torch.device, state: dict, steps: int, warmup: int
 ) -> float:
-    """Samples/s of the step in ``tune_agb.train.train`` (same code path: DeviceTiles, augment, masked loss)."""
+    """Samples/s of ``tune_agb.train.TrainStep``, fed as ``train()`` feeds it (DeviceTiles, per-epoch shuffle)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    dt = DeviceTiles(tiles, norm, device, cfg.channels_last)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg, device)
+    dt = DeviceTiles(tiles, norm, device, fmt == torch.channels_last)
     model = UNet.from_config(cfg).to(device)
     model.load_state_dict(state)
     model = model.to(memory_format=fmt).train()
     opt = build_optimizer(cfg, model.parameters())
     n, bs = len(dt), cfg.batch_size
     sched = build_scheduler(cfg, opt, max(1, n // bs))
-    amp = resolve_amp(cfg, device)
-    loss_fn = LOSSES[cfg.loss]
-    loss_sum = torch.zeros((), device=device)
-    sq_sum = torch.zeros((), device=device)
-    pix = torch.zeros((), device=device)
+    step = TrainStep(model, opt, sched, None, cfg, resolve_amp(cfg, device), device)
     perm = torch.empty(0, dtype=torch.long)
     flags = None
     pos, t0 = n, 0.0  # pos = n: shuffle before the first step
-    for step in range(warmup + steps):
-        if step == warmup:
+    for i in range(warmup + steps):
+        if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
         if pos + bs > n:  # a new epoch: shuffle and draw the flip flags once, on the host, as train() does
             perm = torch.randperm(n, generator=gen).to(dt.x.device)
             flags = torch.rand((n, 3), generator=gen).lt(0.5).to(device) if cfg.augment else None
             pos = 0
-        idx = perm[pos : pos + bs]
-        fl = flags[pos : pos + bs] if flags is not None else None
+        x, y = dt.batch(perm[pos : pos + bs])
+        step(x, y, flags[pos : pos + bs] if flags is not None else None)
         pos += bs
-        x, y = dt.batch(idx)
-        if fl is not None:
-            x, y = augment(x, y, fl)
-        x = x.contiguous(memory_format=fmt)
-        with _autocast(device, amp):
-            mu, logvar = model(x)
-        loss = loss_fn(mu.float(), logvar.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            mask = torch.isfinite(y)
-            npix = mask.sum()
-            loss_sum += loss.detach() * npix
-            sq_sum += torch.where(mask, (mu.detach().float() - torch.where(mask, y, 0.0)) ** 2, 0.0).sum()
-            pix += npix
-    torch.stack([loss_sum, sq_sum, pix]).cpu()  # the once-per-epoch read, and the end of the timed region
+    step.read()  # the once-per-epoch read, and the end of the timed region
     _sync(device)
     return steps * bs / (time.perf_counter() - t0)
 
@@ -309,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             ),
             (
-                f"ours (DeviceTiles, {'bf16' if amp == torch.bfloat16 else 'fp32'}, channels_last, augment)",
+                f"ours (DeviceTiles, {'bf16' if amp == torch.bfloat16 else 'fp32'}, "
+                f"{'channels_last' if memory_format(cfg, device) == torch.channels_last else 'contiguous'}, augment)",
                 lambda: time_ours(cfg, norm, tiles, device, state, args.steps, args.warmup),
             ),
         ]

@@ -199,3 +199,25 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path: Path) -> None:
         load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cyclic"])
+def test_sgd_momentum_is_the_configured_one_under_cycling_schedules(schedule: str) -> None:
+    """Cycling schedules move momentum between 0.85 m and m, never above the configured m (0 = no momentum)."""
+    from tune_agb.train import build_optimizer, build_scheduler
+
+    for m in (0.0, 0.5):
+        cfg = _cfg(optimizer="sgd", momentum=m, schedule=schedule, epochs=3)
+        opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+        sched = build_scheduler(cfg, opt, steps_per_epoch=4)
+        seen = []
+        for _ in range(12):
+            opt.step()
+            sched.step()
+            seen.append(opt.param_groups[0]["momentum"])
+        assert max(seen) <= m + 1e-9 and min(seen) >= 0.85 / 0.95 * m - 1e-9
+
+
+def test_tiles_too_small_for_the_depth_are_a_clear_error(tiles: dict[str, TileSet]) -> None:
+    with pytest.raises(TuneAgbError, match=r"depth=5 needs tiles larger than 32 px.*32 x 32"):
+        train(_cfg(depth=5, epochs=1), tiles, device="cpu", progress=False)

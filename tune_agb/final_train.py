@@ -32,7 +32,7 @@ from tune_agb.data import DeviceTiles, TileSet, load_dataset
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.metrics import regression_metrics
 from tune_agb.model import UNet
-from tune_agb.train import EpochReport, TrainResult, evaluate_split, resolve_device, train
+from tune_agb.train import EpochReport, TrainResult, evaluate_split, memory_format, resolve_device, train
 
 log = logging.getLogger("tune_agb.final_train")
 
@@ -349,11 +349,12 @@ def train_member(
     best = load_checkpoint(out / "best.pt", map_location=result.device)
     model = UNet.from_config(cfg).to(result.device)
     model.load_state_dict(best["model"])
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format(cfg, result.device))
     preds, metrics = {}, {"best_epoch": int(best["epoch"])}
     for split in ("val", "test"):
-        dt = DeviceTiles(tiles[split], result.norm, result.device, cfg.channels_last)
+        dt = DeviceTiles(
+            tiles[split], result.norm, result.device, memory_format(cfg, result.device) == torch.channels_last
+        )
         ev = evaluate_split(model, dt, cfg, result.norm, cfg.batch_size, result.amp)
         preds[split] = (ev.mean, ev.var)
         metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}

@@ -14,7 +14,7 @@ from tune_agb.data import NormStats
 from tune_agb.errors import TuneAgbError
 from tune_agb.losses import predicted_variance
 from tune_agb.model import UNet
-from tune_agb.train import _autocast, resolve_amp, resolve_device
+from tune_agb.train import _autocast, memory_format, resolve_amp, resolve_device
 
 
 @dataclass
@@ -45,8 +45,7 @@ class Predictor:
         means, varis = [], []
         for m in self.members:
             xb = m.norm.normalize(x)
-            if m.config.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+            xb = xb.contiguous(memory_format=memory_format(m.config, self.device))
             with _autocast(self.device, self.amp):
                 mu, logvar = m.model(xb)
             means.append(mu.float() * m.norm.target_std + m.norm.target_mean)
@@ -64,8 +63,7 @@ def load_member(path: Path, device: torch.device) -> Member:
     model = UNet.from_config(cfg)
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=memory_format(cfg, device))
     return Member(model, cfg, NormStats.from_dict(state["norm"]))
 
 

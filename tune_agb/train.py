@@ -64,7 +64,17 @@ def build_scheduler(
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.3)
+        # SGD: cycle the momentum between 0.85 m and the configured m (not torch's fixed 0.85..0.95).
+        m = cfg.momentum if cfg.optimizer == "sgd" else 0.95
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt,
+            max_lr=cfg.lr,
+            total_steps=total,
+            pct_start=0.3,
+            cycle_momentum=m > 0,
+            base_momentum=0.85 / 0.95 * m,
+            max_momentum=m,
+        )
     if cfg.schedule == "cyclic":
         return torch.optim.lr_scheduler.CyclicLR(
             opt,
@@ -72,9 +82,17 @@ def build_scheduler(
             max_lr=cfg.lr,
             step_size_up=max(1, cfg.cyclic_step_epochs * steps_per_epoch),
             mode="triangular2",
-            cycle_momentum=cfg.optimizer == "sgd",
+            cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
+            base_momentum=0.85 / 0.95 * cfg.momentum,
+            max_momentum=cfg.momentum,
         )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
+    """channels_last where it pays: on CUDA (tensor cores). On CPU it measured 10-14 % slower at 244 px
+    (bench/RESULTS.md), so CPU runs keep the contiguous layout whatever ``cfg.channels_last`` says."""
+    return torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +111,67 @@ def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torc
     return x, y
 
 
+class TrainStep:
+    """One optimisation step on a batch (augment, forward, masked loss, backward, clip, step, schedule), with the
+    epoch's loss and squared-error sums kept on the device: calling it never syncs with the host."""
+
+    def __init__(
+        self,
+        model: UNet,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler | None,
+        cfg: TrainConfig,
+        amp: torch.dtype | None,
+        device: torch.device,
+    ):
+        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
+        self.cfg, self.amp, self.device = cfg, amp, device
+        self.fmt = memory_format(cfg, device)
+        self.loss_fn = LOSSES[cfg.loss]
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.sq_sum = torch.zeros((), device=self.device)
+        self.pix = torch.zeros((), device=self.device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None) -> None:
+        """x (B, C, H, W) normalised, y (B, H, W) standardised with NaN, flags (B, 3) bool or None."""
+        if flags is not None:
+            x, y = augment(x, y, flags)
+        x = x.contiguous(memory_format=self.fmt)
+        with _autocast(self.device, self.amp):
+            mu, logvar = self.model(x)
+        loss = self.loss_fn(mu.float(), logvar.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            mask = torch.isfinite(y)
+            npix = mask.sum()
+            self.loss_sum += loss.detach() * npix
+            self.sq_sum += torch.where(mask, (mu.detach().float() - torch.where(mask, y, 0.0)) ** 2, 0.0).sum()
+            self.pix += npix
+
+    def read(self) -> tuple[float, float]:
+        """Pixel-weighted mean training loss and MSE (standardised units) since ``reset``: one host sync."""
+        pix = self.pix.clamp_min(1)
+        loss, mse = torch.stack([self.loss_sum / pix, self.sq_sum / pix]).cpu().tolist()
+        return loss, mse
+
+
 @torch.no_grad()
 def predict_tiles(
     model: UNet,
@@ -106,7 +185,7 @@ def predict_tiles(
     """Mean and variance maps (N, H, W) in target units for normalised inputs ``x`` (N, C, H, W)."""
     model.eval()
     means, varis = [], []
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg, device)
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
         with _autocast(device, amp):
@@ -219,11 +298,17 @@ def train(
                 "%s split: %d non-finite input values replaced by the band mean after normalisation", split, bad
             )
 
+    h, w = tiles["train"].inputs.shape[-2:]
+    if math.ceil(min(h, w) / 2**cfg.depth) < 2:
+        raise TuneAgbError(
+            f"depth={cfg.depth} needs tiles larger than {2**cfg.depth} px (the bottleneck must be at "
+            f"least 2 x 2); tiles are {h} x {w}: lower depth or use larger tiles"
+        )
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_t = DeviceTiles(tiles["train"], norm, dev, cfg.channels_last)
-    val_t = DeviceTiles(tiles["val"], norm, dev, cfg.channels_last)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    fmt = memory_format(cfg, dev)
+    train_t = DeviceTiles(tiles["train"], norm, dev, fmt == torch.channels_last)
+    val_t = DeviceTiles(tiles["val"], norm, dev, fmt == torch.channels_last)
     model = UNet.from_config(cfg).to(dev, memory_format=fmt)
     opt = build_optimizer(cfg, model.parameters())
     n = len(train_t)
@@ -234,7 +319,7 @@ def train(
     sched = build_scheduler(cfg, opt, len(starts))
     amp = resolve_amp(cfg, dev)
     scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    loss_fn = LOSSES[cfg.loss]
+    step = TrainStep(model, opt, sched, scaler, cfg, amp, dev)
 
     history: list[dict[str, float]] = []
     best_epoch, best_rmse, start_epoch = 0, math.inf, 0
@@ -288,41 +373,12 @@ def train(
         model.train()
         perm = torch.randperm(n, generator=gen).to(train_t.x.device)
         flags = torch.rand((n, 3), generator=gen).lt(0.5).to(dev) if cfg.augment else None
-        loss_sum = torch.zeros((), device=dev)
-        sq_sum = torch.zeros((), device=dev)
-        pix = torch.zeros((), device=dev)
+        step.reset()
         for s in starts:
-            idx = perm[s : s + bs]
-            x, y = train_t.batch(idx)
-            if flags is not None:
-                x, y = augment(x, y, flags[s : s + bs])
-            x = x.contiguous(memory_format=fmt)
-            with _autocast(dev, amp):
-                mu, logvar = model(x)
-            loss = loss_fn(mu.float(), logvar.float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            with torch.no_grad():
-                mask = torch.isfinite(y)
-                npix = mask.sum()
-                loss_sum += loss.detach() * npix
-                sq_sum += torch.where(mask, (mu.detach().float() - torch.where(mask, y, 0.0)) ** 2, 0.0).sum()
-                pix += npix
+            x, y = train_t.batch(perm[s : s + bs])
+            step(x, y, flags[s : s + bs] if flags is not None else None)
         val = evaluate_split(model, val_t, cfg, norm, max(bs, 1), amp)
-        pix_c = pix.clamp_min(1)
-        train_loss, train_mse = torch.stack([loss_sum / pix_c, sq_sum / pix_c]).cpu().tolist()  # one sync
+        train_loss, train_mse = step.read()  # the epoch's one host sync
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
