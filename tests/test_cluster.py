@@ -54,4 +54,3 @@ def test_search_with_address_runs_trials_on_both_nodes(
     assert len(nodes) == 2, nodes
     best = yaml.safe_load((tmp_path / "shared" / "exp" / "best.yaml").read_text())
     assert (Path(best["checkpoint"]) / "checkpoint.pt").is_file()
-

@@ -25,7 +25,7 @@ from tune_agb.errors import TuneAgbError
 from tune_agb.search_asha import read_trial_rows
 from tune_agb.search_state import repair_experiment_state
 
-MAX_T = 8  # rungs at 4 and 8 epochs: a trial at epoch 2 or 3 is certainly still running
+MAX_T = 10  # rungs at 5 and 10 epochs: a trial at epoch 3 or 4 is certainly still running
 NUM_SAMPLES = 5
 
 
@@ -34,7 +34,7 @@ def _space() -> dict[str, Any]:
         experiment__num_samples=NUM_SAMPLES,
         experiment__max_failures=1,
         scheduler__max_t=MAX_T,
-        scheduler__grace_period=4,
+        scheduler__grace_period=5,
         scheduler__reduction_factor=2,
     )
 
@@ -99,21 +99,22 @@ def _latest(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _running_point(exp: Path, after: float) -> Callable[[], Any]:
-    """>= 2 trials have reported, and one of them just reported epoch 2 (after ``after``): it is mid-run."""
+    """>= 2 trials have reported, and one of them just reported epoch 3 (after ``after``): it is mid-run, and Ray
+    has saved the experiment state with one of its checkpoints (it does so after every 2 checkpoints of a trial)."""
 
     def cond() -> Any:
         rows = [r for r in read_trial_rows(str(exp)) if "epoch" in r]
         latest = _latest(rows)
-        mid = [t for t, r in latest.items() if r["epoch"] == 2 and r["wall_time"] > after]
+        mid = [t for t, r in latest.items() if r["epoch"] == 3 and r["wall_time"] > after]
         return (rows, mid[0]) if len(latest) >= 2 and mid else None
 
     return cond
 
 
 def _mid_run(rows: list[dict[str, Any]], after: float) -> str:
-    """A trial that was certainly running when the search stopped: its last epoch is 2 or 3 (before ASHA's first
-    rung at 4, after a first checkpoint that the saved state holds)."""
-    mid = [t for t, r in _latest(rows).items() if r["epoch"] in (2, 3) and r["wall_time"] > after]
+    """A trial that was certainly running when the search stopped: its last epoch is 3 or 4 (before ASHA's first
+    rung at 5)."""
+    mid = [t for t, r in _latest(rows).items() if r["epoch"] in (3, 4) and r["wall_time"] > after]
     assert mid, "no trial was mid-run at the interrupt (it came too late to test continuation)"
     return mid[0]
 

@@ -230,10 +230,6 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
 
         if stored_text is None or not tune.Tuner.can_restore(exp.uri):
             raise TuneAgbError(f"--resume: no search to resume at {exp.uri} (check --name and --storage)")
-        from tune_agb.search_state import repair_experiment_state
-
-        for name in repair_experiment_state(exp.uri):
-            print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
         stored = yaml.safe_load(stored_text)
         if stored["space"] != file_space.to_dict():
             diff = _first_difference(stored["space"], file_space.to_dict())
@@ -248,7 +244,11 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
                     "(settings cannot change on resume)"
                 )
         overrides = dict(stored["overrides"])
-    elif stored_text is not None:
+        from tune_agb.search_state import repair_experiment_state
+
+        for name in repair_experiment_state(exp.uri):
+            print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
+    elif stored_text is not None and _ray_state_exists(exp):
         raise TuneAgbError(f"{exp.uri}: a search already exists there (use --resume, or another --name)")
     for k, v in overrides.items():
         setattr(args, k, v)
@@ -263,6 +263,13 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
         "data": {"input_dir": input_dir, "label_dir": label_dir},
     }
     return space, exp, input_dir, label_dir, record
+
+
+def _ray_state_exists(exp: Experiment) -> bool:
+    """A search.yaml without Ray's tuner.pkl is a start that failed before the search began: not a search."""
+    from ray import tune
+
+    return bool(tune.Tuner.can_restore(exp.uri))
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

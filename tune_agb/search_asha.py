@@ -19,12 +19,34 @@ import pyarrow.fs as pafs
 from ray.tune.schedulers import ASHAScheduler
 
 RESULT_FILE = "result.json"
+RESULTS_LOG = "results.jsonl"  # tune_agb.trainable.RESULTS_LOG (not imported: keeps this module free of torch)
+
+
+def _json_lines(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a line cut short by a killed process is skipped."""
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
     """Every result row of every trial under an experiment folder (local path or ``s3://``/``gs://`` URI).
 
-    A line cut short by a killed process (the last one of a file) is skipped.
+    Rows come from Ray's ``result.json`` and from the report log saved in each checkpoint directory
+    (``results.jsonl``; it survives a hard kill that loses ``result.json`` rows). A row reported twice appears
+    once. ``checkpoint_dir_name`` is set to the kept checkpoint directory of the row's epoch (None if deleted);
+    ``_trial_path`` is the trial folder.
     """
     if "://" not in experiment_uri:
         experiment_uri = os.path.abspath(experiment_uri)
@@ -37,19 +59,25 @@ def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
     for entry in entries:
         if entry.type != pafs.FileType.Directory:
             continue
-        info = fs.get_file_info(f"{entry.path}/{RESULT_FILE}")
-        if info.type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(info.path) as f:
-            text = f.read().decode("utf-8", errors="replace")
-        for line in text.splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
+        found = {}
+        for r in _json_lines(fs, f"{entry.path}/{RESULT_FILE}"):
+            if "trial_id" in r and "epoch" in r:
+                found[(r["epoch"], r.get("wall_time"))] = r
+        ckpt_of_epoch: dict[int, str] = {}
+        subdirs = fs.get_file_info(pafs.FileSelector(entry.path, allow_not_found=True, recursive=False))
+        for sub in sorted(subdirs, key=lambda i: i.base_name):
+            if sub.type != pafs.FileType.Directory or not sub.base_name.startswith("checkpoint_"):
                 continue
-            if isinstance(row, dict) and "trial_id" in row:
-                row["_trial_path"] = entry.path
-                rows.append(row)
+            log = _json_lines(fs, f"{sub.path}/{RESULTS_LOG}")
+            if log:
+                ckpt_of_epoch[log[-1]["epoch"]] = sub.base_name
+            for r in log:
+                key = (r["epoch"], r.get("wall_time"))
+                found[key] = {**r, **found.get(key, {})}  # Ray's row has more fields (time_total_s, ...)
+        for r in found.values():
+            r["checkpoint_dir_name"] = ckpt_of_epoch.get(r["epoch"])
+            r["_trial_path"] = entry.path
+            rows.append(r)
     return rows
 
 

@@ -7,6 +7,7 @@ Tune gives it the sampled hyperparameters; the tiles arrive once through the obj
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -26,6 +27,10 @@ from tune_agb.errors import DivergenceError
 from tune_agb.train import EpochReport, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Every report so far (JSON lines), saved in each checkpoint directory: Ray's own result.json is written in a
+# per-session local folder and copied to storage later, so a hard kill can lose or overwrite its rows; the
+# checkpoint is uploaded inside tune.report(), so this log survives with it.
+RESULTS_LOG = "results.jsonl"
 
 
 def finite_or_inf(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -77,16 +82,23 @@ def search_trial(
         torch.cuda.set_per_process_memory_fraction(mem_fraction, 0)
     node_id = ray.get_runtime_context().get_node_id()
 
-    resume = None
+    trial_id = tune.get_context().get_trial_id()
+    resume, log_rows = None, []
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+            if (Path(d) / RESULTS_LOG).is_file():
+                log_rows = [json.loads(line) for line in (Path(d) / RESULTS_LOG).read_text().splitlines() if line]
+        # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
+        log_rows = [r for r in log_rows if r["epoch"] <= int(resume["epoch"])]
 
     def on_epoch(report: EpochReport) -> None:
         metrics = finite_or_inf(report.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
+        log_rows.append({**metrics, "trial_id": trial_id, "config": dict(config)})
         with tempfile.TemporaryDirectory(prefix="tune_agb_ckpt_") as tmp:
             save_checkpoint(report.state(), Path(tmp) / CHECKPOINT_FILE)
+            (Path(tmp) / RESULTS_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
             # Tune copies the directory to the experiment storage inside report(), so a temporary one is fine.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
