@@ -180,3 +180,18 @@ def _decide(s: ResumableASHA, trials: dict, result: dict) -> str:
     if action == TrialScheduler.STOP:
         s.on_trial_complete(None, trials[result["trial_id"]], result)
     return action
+
+
+def test_unreachable_address_fails_in_seconds_with_one_line() -> None:
+    """Ray itself retries an unreachable head for minutes; the search checks HOST:PORT first."""
+    import socket
+
+    from tune_agb.search import check_reachable
+
+    with socket.socket() as s:  # a port that is certainly closed: bind, then close before connecting
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TuneAgbError, match=rf"--address 127.0.0.1:{port}: no Ray head node answers there"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    with pytest.raises(TuneAgbError, match="expected auto or HOST:PORT"):
+        check_reachable("headnode")

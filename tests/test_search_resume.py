@@ -156,7 +156,17 @@ def interrupted_twice(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory)
     second = Search(root, tiny_data, space, resume=True, tag="b")
     try:
         ns.resumed_at = second.started
-        ns.before_int, ns.int_trial = _wait_until(_running_point(exp, second.started), second)
+        mid_run = _running_point(exp, second.started)
+
+        def killed_trial_went_on_and_another_is_mid_run() -> Any:
+            # Interrupt only once the killed trial has reported after the resume, so that its continuation is
+            # checked in this run (it may otherwise be scheduled after the trial that triggers the SIGINT).
+            got = mid_run()
+            if got and any(r["trial_id"] == ns.kill_trial and r["wall_time"] > second.started for r in got[0]):
+                return got
+            return None
+
+        ns.before_int, ns.int_trial = _wait_until(killed_trial_went_on_and_another_is_mid_run, second)
         ns.int_at = time.time()
         second.proc.send_signal(signal.SIGINT)
         ns.int_rc = second.wait()

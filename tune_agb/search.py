@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -280,11 +281,27 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
     return path or "top level"
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds with one line when HOST:PORT does not answer (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TuneAgbError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise TuneAgbError(
+            f"--address {address}: no Ray head node answers there ({exc.strerror or exc}); "
+            f"start one with `ray start --head --port {port}` or check the address"
+        ) from None
+
+
 def init_ray(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():  # a caller (tests, a notebook) already connected
         return
+    if address and address not in ("auto", "local") and "://" not in address:
+        check_reachable(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     # Trial processes log every checkpoint at INFO; the progress table and the error summary say what matters.
     kwargs["log_to_driver"] = False
