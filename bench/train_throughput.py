@@ -241,7 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="the card's bf16 dense peak (default: by device name)")
     p.add_argument("--ablate", action="store_true", help="also time ours without channels_last / augmentation")
     p.add_argument(
-        "--repeats", type=int, default=1, help="time every loop this many times, interleaved; report the median"
+        "--repeats",
+        type=int,
+        default=1,
+        help="time every loop this many times, interleaved; report the best round (least disturbed by other load)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
