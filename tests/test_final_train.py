@@ -35,20 +35,24 @@ def run(argv: list[str]) -> int:
     return run_cli(main, argv)
 
 
-def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    argv = [
+def train_args(tmp_path: Path, data: Path, out: Path, *extra: str, **config: object) -> list[str]:
+    """A small CPU run of final_train on ``data`` into ``out``, plus ``extra`` flags."""
+    return [
         "--config",
-        small_config(tmp_path),
-        *data_args(tiny_data),
+        small_config(tmp_path, **config),
+        *data_args(data),
         "--out-dir",
         str(out),
-        "--epochs",
-        "3",
         "--no-progress",
         "--device",
         "cpu",
+        *extra,
     ]
+
+
+def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    argv = train_args(tmp_path, tiny_data, out, "--epochs", "3")
     assert run(argv) == 0
     for name in (
         "config.yaml",
@@ -237,22 +241,7 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
 
 def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens"
-    argv = [
-        "--config",
-        small_config(tmp_path),
-        *data_args(tiny_data),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        "2",
-        "--ensemble",
-        "2",
-        "--seed",
-        "5",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    argv = train_args(tmp_path, tiny_data, out, "--epochs", "2", "--ensemble", "2", "--seed", "5")
     assert run(argv) == 0
     seeds = [
         yaml.safe_load((out / "members" / f"member_{k:02d}" / "config.yaml").read_text())["seed"] for k in range(2)
@@ -309,19 +298,7 @@ def test_wandb_offline_without_key(tiny_data: Path, tmp_path: Path, monkeypatch:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    argv = [
-        "--config",
-        small_config(tmp_path),
-        *data_args(tiny_data),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        "1",
-        "--wandb",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    argv = train_args(tmp_path, tiny_data, out, "--epochs", "1", "--wandb")
     assert run(argv) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
@@ -330,18 +307,7 @@ def test_wandb_offline_without_key(tiny_data: Path, tmp_path: Path, monkeypatch:
 def test_real_tiles_end_to_end(real_data: Path, tmp_path: Path) -> None:
     """The 17 real tiles: val metrics are pooled over exactly the 116 labelled val pixels (70 test)."""
     out = tmp_path / "real"
-    argv = [
-        "--config",
-        small_config(tmp_path, base_channels=8, depth=3),
-        *data_args(real_data),
-        "--out-dir",
-        str(out),
-        "--epochs",
-        "4",
-        "--no-progress",
-        "--device",
-        "cpu",
-    ]
+    argv = train_args(tmp_path, real_data, out, "--epochs", "4", base_channels=8, depth=3)
     assert run(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["val_n"] == 116 and metrics["test_n"] == 70

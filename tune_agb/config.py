@@ -118,22 +118,34 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     return cfg
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML or JSON file of hyperparameters (a ``config:`` wrapper, as in best.yaml, is accepted)."""
+def read_yaml_or_json(path: str | Path, what: str) -> Any:
+    """Parse a YAML (or ``.json``) file; an unreadable or malformed file is one error line naming it."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise TuneAgbError(f"{path}: cannot read config file ({exc.strerror})") from None
+        raise TuneAgbError(f"{path}: cannot read {what} ({exc.strerror})") from None
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise TuneAgbError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+
+
+def read_config_values(path: str | Path) -> dict[str, Any]:
+    """The keys a config file names (a ``config:`` wrapper, as in best.yaml, is accepted), not yet validated."""
+    values = read_yaml_or_json(path, "config file")
     if values is None:
-        values = {}
+        return {}
     if isinstance(values, dict) and isinstance(values.get("config"), dict):
-        values = values["config"]
-    return config_from_dict(values, source=str(path))
+        return values["config"]
+    if not isinstance(values, dict):
+        raise TuneAgbError(f"{path}: expected a mapping of hyperparameters, got {type(values).__name__}")
+    return values
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML or JSON file of hyperparameters."""
+    return config_from_dict(read_config_values(path), source=str(path))
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from tune_agb.checkpoint import load_checkpoint, save_checkpoint
-from tune_agb.config import TrainConfig, config_from_dict, load_config, save_config
+from tune_agb.config import TrainConfig, config_from_dict, load_config, read_config_values, save_config
 from tune_agb.data import DeviceTiles, TileSet, load_dataset
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.metrics import regression_metrics
@@ -243,11 +243,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def _raw_yaml(path: str) -> dict[str, Any]:
-    """Keys of a config file as written (validated later with the rest), so it overrides only what it names."""
-    load_config(path)  # validates keys and types with the file named in errors
-    text = Path(path).read_text()
-    values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text) or {}
-    return values["config"] if isinstance(values.get("config"), dict) else values
+    """Keys of a config file as written, so that it overrides only what it names; validated with the rest, and
+    here too so that errors name the file."""
+    load_config(path)
+    return read_config_values(path)
 
 
 class EpochLogger:

@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tune_agb.config import TrainConfig, coerce_value, config_from_dict, field_names, field_types
+from tune_agb.config import TrainConfig, coerce_value, config_from_dict, field_names, field_types, read_yaml_or_json
 from tune_agb.errors import TuneAgbError
 
 # Figures every trial reports (see tune_agb.train): the ones a search may optimise.
@@ -375,13 +373,5 @@ def _validate_point(space: SearchSpace, point: Any, key: str) -> None:
 
 def load_search_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file (see the module docstring for the grammar)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TuneAgbError(f"{path}: cannot read search-space file ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TuneAgbError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw = read_yaml_or_json(path, "search-space file")
     return parse_search_space(raw, source=str(path))
