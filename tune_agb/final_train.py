@@ -27,10 +27,11 @@ import torch
 import yaml
 
 from tune_agb.checkpoint import load_checkpoint, save_checkpoint
-from tune_agb.config import TrainConfig, config_from_dict, load_config, read_config_values, save_config
+from tune_agb.config import TrainConfig, config_from_dict, read_config_values, save_config
 from tune_agb.data import DeviceTiles, TileSet, load_dataset
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.metrics import regression_metrics
+from tune_agb.inference import combine_members
+from tune_agb.metrics import labelled_metrics
 from tune_agb.model import UNet
 from tune_agb.train import EpochReport, TrainResult, evaluate_split, memory_format, resolve_device, train
 
@@ -179,7 +180,10 @@ def read_best(experiment: str) -> dict[str, Any]:
             text = Path(path).read_text()
     except (OSError, FileNotFoundError) as exc:
         raise TuneAgbError(f"{path}: cannot read the search's best.yaml ({exc}); is this a finished search?") from None
-    best = yaml.safe_load(text)
+    try:
+        best = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TuneAgbError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(best, dict) or not isinstance(best.get("config"), dict):
         raise TuneAgbError(f"{path}: expected a mapping with a 'config' mapping")
     return best
@@ -245,8 +249,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
 def _raw_yaml(path: str) -> dict[str, Any]:
     """Keys of a config file as written, so that it overrides only what it names; validated with the rest, and
     here too so that errors name the file."""
-    load_config(path)
-    return read_config_values(path)
+    values = read_config_values(path)
+    config_from_dict(values, source=path)
+    return values
 
 
 class EpochLogger:
@@ -348,12 +353,11 @@ def train_member(
     best = load_checkpoint(out / "best.pt", map_location=result.device)
     model = UNet.from_config(cfg).to(result.device)
     model.load_state_dict(best["model"])
-    model = model.to(memory_format=memory_format(cfg, result.device))
+    fmt = memory_format(cfg, result.device)
+    model = model.to(memory_format=fmt)
     preds, metrics = {}, {"best_epoch": int(best["epoch"])}
     for split in ("val", "test"):
-        dt = DeviceTiles(
-            tiles[split], result.norm, result.device, memory_format(cfg, result.device) == torch.channels_last
-        )
+        dt = DeviceTiles(tiles[split], result.norm, result.device, fmt == torch.channels_last)
         ev = evaluate_split(model, dt, cfg, result.norm, cfg.batch_size, result.amp)
         preds[split] = (ev.mean, ev.var)
         metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}
@@ -361,18 +365,15 @@ def train_member(
     return MemberOutput(result, preds, metrics)
 
 
-def write_predictions(
-    path: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> None:
-    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std."""
+def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std (``preds``: mean, var maps)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
-    for split, (mean, var) in preds.items():
+    for split, (m, v) in preds.items():
         ts = tiles[split]
         t, r, c = np.nonzero(np.isfinite(ts.labels))
-        m, v = mean.float().cpu().numpy(), var.float().cpu().numpy()
         cols["split"].append(np.full(t.size, split))
         cols["tile"].append(np.asarray(ts.names)[t])
         cols["row"].append(r.astype(np.int32))
@@ -384,7 +385,7 @@ def write_predictions(
     pq.write_table(table, path)
 
 
-def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
     from tune_agb.plots import calibration_plot, scatter_plot
 
@@ -392,26 +393,10 @@ def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[
     for split, (mean, var) in preds.items():
         mask = np.isfinite(tiles[split].labels)
         y = tiles[split].labels[mask]
-        m = mean.float().cpu().numpy()[mask]
-        sd = np.sqrt(var.float().cpu().numpy()[mask])
+        m = mean[mask]
+        sd = np.sqrt(var[mask])
         scatter_plot(y, m, folder / f"{split}_scatter.png", f"{split}: predicted vs label ({y.size} pixels)")
         calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
-
-
-def ensemble_predictions(members: list[MemberOutput]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Ensemble mean, and total variance = mean of member variances + variance of member means."""
-    out = {}
-    for split in members[0].preds:
-        means = torch.stack([m.preds[split][0] for m in members])
-        varis = torch.stack([m.preds[split][1] for m in members])
-        out[split] = (means.mean(0), varis.mean(0) + means.var(0, unbiased=False))
-    return out
-
-
-def split_metrics_of(tiles: TileSet, mean: torch.Tensor, var: torch.Tensor, loss: str) -> dict[str, float]:
-    y = torch.from_numpy(tiles.labels).to(mean.device)
-    mask = torch.isfinite(y)
-    return regression_metrics(y[mask], mean[mask], var[mask], loss)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -434,10 +419,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         preds, metrics = members[0].preds, dict(members[0].metrics)
     else:
         save_config(plan.cfg, out / "config.yaml")
-        preds = ensemble_predictions(members)
+        preds = {
+            split: combine_members(
+                torch.stack([m.preds[split][0] for m in members]), torch.stack([m.preds[split][1] for m in members])
+            )
+            for split in members[0].preds
+        }
         metrics = {}
         for split, (mean, var) in preds.items():
-            metrics |= {f"{split}_{k}": v for k, v in split_metrics_of(tiles[split], mean, var, plan.cfg.loss).items()}
+            labels = torch.from_numpy(tiles[split].labels)
+            metrics |= {f"{split}_{k}": v for k, v in labelled_metrics(labels, mean, var, plan.cfg.loss).items()}
         metrics["members"] = [m.metrics for m in members]
     metrics |= {
         "epochs": plan.cfg.epochs,
@@ -445,8 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input_dir": str(plan.input_dir),
         "label_dir": str(plan.label_dir),
     }
-    write_predictions(out / "predictions.parquet", tiles, preds)
-    write_plots(out / "plots", tiles, preds)
+    host = {split: (m.float().cpu().numpy(), v.float().cpu().numpy()) for split, (m, v) in preds.items()}
+    write_predictions(out / "predictions.parquet", tiles, host)
+    write_plots(out / "plots", tiles, host)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     keys = ("rmse", "r2", "mae", "me", "rmv", "within_1sigma", "uce", "n")
     print("split " + " ".join(f"{k:>13}" for k in keys))

@@ -50,11 +50,14 @@ class Predictor:
                 mu, logvar = m.model(xb)
             means.append(mu.float() * m.norm.target_std + m.norm.target_mean)
             varis.append(predicted_variance(logvar.float(), m.config.loss) * m.norm.target_std**2)
-        mean = torch.stack(means).mean(0)
-        var = torch.stack(varis).mean(0)
-        if len(means) > 1:
-            var = var + torch.stack(means).var(0, unbiased=False)
+        mean, var = combine_members(torch.stack(means), torch.stack(varis))
         return mean, var.sqrt()
+
+
+def combine_members(means: torch.Tensor, varis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(members, ...) means and variances -> ensemble mean and total variance (mean of the variances + variance of
+    the means; a single member is returned as it is)."""
+    return means.mean(0), varis.mean(0) + means.var(0, unbiased=False)
 
 
 def load_member(path: Path, device: torch.device) -> Member:

@@ -64,3 +64,12 @@ def uncertainty_calibration_error(err: torch.Tensor, var: torch.Tensor, bins: in
         if e.numel():
             total = total + e.numel() / n * (e.mean() - v.mean()).abs()
     return total
+
+
+def labelled_metrics(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, loss: str) -> dict[str, float]:
+    """:func:`regression_metrics` over the labelled (finite) pixels of maps of any shape, all in target units.
+
+    One data-dependent gather per call (once per evaluation, never per batch)."""
+    y = y.to(mean.device)
+    mask = torch.isfinite(y)
+    return regression_metrics(y[mask], mean[mask], var[mask], loss)

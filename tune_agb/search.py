@@ -24,9 +24,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
+from tune_agb.config import read_yaml_or_json
 from tune_agb.data import TileSet, load_dataset
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search_space import SearchSpace, load_search_space, parse_search_space
+from tune_agb.search_space import SearchSpace, parse_search_space
 from tune_agb.trainable import CHECKPOINT_FILE, search_trial
 
 log = logging.getLogger(__name__)
@@ -218,11 +219,8 @@ def resolve_data(args: argparse.Namespace, space: SearchSpace) -> tuple[str, str
 def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str, dict[str, Any]]:
     """Validate the space, the flags, the experiment folder and the data: all before Ray starts."""
     space_path = Path(args.space)
-    file_space = load_search_space(space_path)  # the file alone must be valid
-    try:
-        raw = yaml.safe_load(space_path.read_text())
-    except (OSError, yaml.YAMLError) as exc:  # load_search_space already read it; keep the message anyway
-        raise TuneAgbError(f"{space_path}: {exc}") from None
+    raw = read_yaml_or_json(space_path, "search-space file")
+    file_space = parse_search_space(raw, source=str(space_path))  # the file alone must be valid
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
     exp = Experiment(resolve_storage(args.storage), args.name or space_path.stem)
     stored_text = exp.read_text(SEARCH_FILE)

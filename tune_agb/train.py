@@ -22,7 +22,7 @@ from tune_agb.config import TrainConfig, config_from_dict
 from tune_agb.data import DeviceTiles, NormStats, TileSet, compute_norm_stats, count_nonfinite
 from tune_agb.errors import DivergenceError, TuneAgbError
 from tune_agb.losses import LOSSES, predicted_variance
-from tune_agb.metrics import regression_metrics
+from tune_agb.metrics import labelled_metrics
 from tune_agb.model import UNet
 
 log = logging.getLogger(__name__)
@@ -221,9 +221,7 @@ def evaluate_split(
 def split_metrics(
     tiles: DeviceTiles, norm: NormStats, mean: torch.Tensor, var: torch.Tensor, loss: str
 ) -> dict[str, float]:
-    y = tiles.y.to(mean.device)
-    mask = torch.isfinite(y)  # one data-dependent gather per evaluation, not per batch
-    return regression_metrics(y[mask] * norm.target_std + norm.target_mean, mean[mask], var[mask], loss)
+    return labelled_metrics(tiles.y * norm.target_std + norm.target_mean, mean, var, loss)
 
 
 @dataclass
