@@ -159,6 +159,7 @@ def test_asha_rungs_rebuilt_from_results_match_the_live_scheduler(brackets: int)
                 stopped.add(tid)
             if clock == 10:
                 snapshot = live.rung_records()
+
     restored = _asha(brackets)
     assert restored.rebuild(list(reversed(rows))) == 10  # order on disk does not matter: sorted by wall_time
     assert restored.rung_records() == snapshot
@@ -171,6 +172,38 @@ def test_asha_rungs_rebuilt_from_results_match_the_live_scheduler(brackets: int)
     for t in trials.values():
         empty.on_trial_add(None, t)
     assert [_decide(empty, trials, r) for r in decisions_after] != live_after
+
+
+@pytest.mark.parametrize("brackets", [1, 2])
+def test_a_trial_cut_by_a_rung_stays_cut_when_a_lagging_state_runs_it_again(brackets: int) -> None:
+    # Ray's saved state can lag behind a kill -9: a trial that a rung stopped comes back as running, resumes from its
+    # newest checkpoint and reports the next epoch. Its rung already holds its record, so plain ASHA lets it pass.
+    values = {f"t{i}": 10.0 + ((i * 37) % 11) for i in range(8)}
+    live = _asha(brackets)
+    trials = {tid: SimpleNamespace(trial_id=tid) for tid in values}
+    rows, cut, clock = [], {}, 0.0
+    for t in trials.values():
+        live.on_trial_add(None, t)
+    for epoch in (1, 2):
+        for tid, v in values.items():
+            if tid in cut:
+                continue
+            clock += 1.0
+            rows.append({"trial_id": tid, "epoch": epoch, "val_rmse": v, "wall_time": clock})
+            if _decide(live, trials, rows[-1]) == TrialScheduler.STOP:
+                cut[tid] = epoch
+    assert cut and len(cut) < len(values)
+    restored = _asha(brackets)
+    restored.rebuild(rows)
+    for t in trials.values():
+        restored.on_trial_add(None, t)
+    again = {tid: {"trial_id": tid, "epoch": e + 1, "val_rmse": 0.0, "wall_time": clock + 1} for tid, e in cut.items()}
+    assert {tid: restored.on_trial_result(None, trials[tid], r) for tid, r in again.items()} == dict.fromkeys(
+        cut, TrialScheduler.STOP
+    )
+    # without the stop records (what the rungs alone give) the same results would pass
+    restored._stopped_at = {}
+    assert set(restored.on_trial_result(None, trials[tid], r) for tid, r in again.items()) == {TrialScheduler.CONTINUE}
 
 
 def _decide(s: ResumableASHA, trials: dict, result: dict) -> str:

@@ -3,7 +3,6 @@ retry from the last checkpoint after a failure, divergence reported as inf."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -18,6 +17,7 @@ from tests.search_helpers import ray_local, tiny_space  # noqa: F401 (fixture)
 from tune_agb.checkpoint import load_checkpoint
 from tune_agb.data import load_dataset
 from tune_agb.search import make_trainable
+from tune_agb.search_asha import read_trial_rows
 from tune_agb.search_space import parse_search_space
 from tune_agb.trainable import CHECKPOINT_FILE, finite_or_inf, search_trial, select_device
 
@@ -28,11 +28,30 @@ REPORTED = {"epoch", "train_loss", "lr", "val_rmse", "val_r2", "val_mae", "val_m
 REPORTED |= {"val_within_1sigma", "val_within_2sigma", "val_uce"}
 
 
-def _rows(trial_path: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(trial_path) / "result.json").read_text().splitlines() if line]
+def _rows(experiment: Path) -> list[dict[str, Any]]:
+    """The project's own per-epoch records of an experiment's trials (not Ray's result.json: Ray copies a lagging
+    version of that file back from the storage folder when a trial restarts, which drops the newest rows)."""
+    return sorted(read_trial_rows(str(experiment)), key=lambda r: r["wall_time"])
 
 
-def _fit(trainable: Any, config: dict[str, Any], storage: Path, name: str, max_failures: int = 0) -> Any:
+class Received(tune.Callback):
+    """Every result as the driver received it, in order (what the searcher and the scheduler saw)."""
+
+    def __init__(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.results.append(dict(result))
+
+
+def _fit(
+    trainable: Any,
+    config: dict[str, Any],
+    storage: Path,
+    name: str,
+    max_failures: int = 0,
+    callbacks: list[Any] | None = None,
+) -> Any:
     tuner = tune.Tuner(
         trainable,
         param_space=config,
@@ -41,6 +60,7 @@ def _fit(trainable: Any, config: dict[str, Any], storage: Path, name: str, max_f
             name=name,
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
             verbose=0,
         ),
     )
@@ -59,7 +79,7 @@ def test_reports_every_epoch_with_a_checkpoint_and_reads_no_files(
     grid = _fit(make_trainable(space, tiles), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "plain")
     result = grid[0]
     assert result.error is None
-    rows = _rows(result.path)
+    rows = _rows(tmp_path / "st" / "plain")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r.keys() >= REPORTED
@@ -76,46 +96,73 @@ def test_reports_every_epoch_with_a_checkpoint_and_reads_no_files(
 
 
 def flaky_trial(config: dict[str, Any], **kwargs: Any) -> None:
-    """The real trainable, made to crash once right after its 2nd epoch's report (as an out-of-memory error would:
-    it cannot be provoked on this machine). A marker file makes the crash happen in the first attempt only."""
+    """The real trainable, made to crash once right after its ``crash_after`` epoch's report (as an out-of-memory
+    error would: it cannot be provoked on this machine). A marker file makes the crash happen in the first attempt
+    only. With ``lag``, the retry is handed the epoch-1 checkpoint instead of the newest one, as Ray does when its
+    saved experiment state lags behind a kill -9."""
     import tune_agb.trainable as tr
 
-    marker = Path(config["marker"])
-    real_report = tr.tune.report
+    marker, crash_after, lag = Path(config["marker"]), config["crash_after"], config["lag"]
+    real_report, real_get_checkpoint = tr.tune.report, tr.tune.get_checkpoint
 
     def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
         real_report(metrics, checkpoint=checkpoint)
-        if metrics["epoch"] == 2 and not marker.exists():
+        if metrics["epoch"] == crash_after and not marker.exists():
             marker.touch()
-            raise RuntimeError("injected failure after epoch 2")
+            raise RuntimeError(f"injected failure after epoch {crash_after}")
+
+    def lagging_checkpoint() -> Any:
+        newest = real_get_checkpoint()
+        trial = Path(newest.path).parent
+        first = [d for d in trial.glob("checkpoint_*") if load_checkpoint(d / CHECKPOINT_FILE)["epoch"] == 1]
+        return tune.Checkpoint.from_directory(str(first[0]))
 
     tr.tune.report = report
+    if lag and marker.exists():
+        tr.tune.get_checkpoint = lagging_checkpoint
     try:
-        search_trial({k: v for k, v in config.items() if k != "marker"}, **kwargs)
+        search_trial({k: v for k, v in config.items() if k not in ("marker", "crash_after", "lag")}, **kwargs)
     finally:
-        tr.tune.report = real_report
+        tr.tune.report, tr.tune.get_checkpoint = real_report, real_get_checkpoint
 
 
-def test_failed_trial_is_retried_from_its_last_checkpoint(
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("crash_after", "lag"),
+    [(2, False), (2, True), (4, True)],
+    ids=["retry", "retry-given-an-older-checkpoint", "finished-then-given-an-older-checkpoint"],
+)
+def test_failed_trial_is_retried_from_its_newest_checkpoint(
     ray_local: None,  # noqa: F811
     tiny_data: Path,
     tmp_path: Path,
+    crash_after: int,
+    lag: bool,
 ) -> None:
     tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
     space = parse_search_space(tiny_space(scheduler__max_t=4), source="t")
     base = space.base_config().to_dict()
     trainable = tune.with_resources(tune.with_parameters(flaky_trial, tiles=tiles, base=base, cpus=1), {"cpu": 1})
-    config = {"lr": 0.003, "optimizer": "adamw", "marker": str(tmp_path / "crashed")}
-    result = _fit(trainable, config, tmp_path / "st", "flaky", max_failures=1)[0]
+    config = {"lr": 0.003, "optimizer": "adamw", "marker": str(tmp_path / "crashed"), "crash_after": crash_after}
+    result = _fit(trainable, {**config, "lag": lag}, tmp_path / "st", "flaky", max_failures=1)[0]
     assert (tmp_path / "crashed").exists()
     assert result.error is None
-    rows = _rows(result.path)
+    # The project's own records (Ray rewrites its result.json around a retry): one row per epoch, in order.
+    rows = _rows(tmp_path / "st" / "flaky")
     epochs = [r["epoch"] for r in rows]
-    # epochs 1-2 in the first process; the retry starts from the epoch-2 checkpoint, so the count goes on at 3
+    # epochs 1..crash_after in the first process; the retry goes on from the newest stored checkpoint, even when
+    # Ray hands it an older one; a trial that had finished trains no more.
     assert epochs == [1, 2, 3, 4]
-    assert rows[0]["pid"] == rows[1]["pid"] != rows[2]["pid"] == rows[3]["pid"]
+    crashed_at = (tmp_path / "crashed").stat().st_mtime
+    first = [r for r in rows if r["wall_time"] <= crashed_at]
+    retry = [r for r in rows if r["wall_time"] > crashed_at]
+    assert [r["epoch"] for r in first] == list(range(1, crash_after + 1))
+    assert [r["epoch"] for r in retry] == list(range(crash_after + 1, 5))
+    assert all(r["pid"] != first[0]["pid"] for r in retry)
     state = load_checkpoint(Path(result.path) / rows[-1]["checkpoint_dir_name"] / CHECKPOINT_FILE)
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    # Tune's own last result is the final epoch (the finished trial re-reports its stored final row)
+    assert result.metrics["epoch"] == 4 and result.metrics["val_rmse"] == pytest.approx(rows[-1]["val_rmse"])
 
 
 def test_divergence_is_reported_as_inf_then_retried_then_errored(
@@ -129,13 +176,16 @@ def test_divergence_is_reported_as_inf_then_retried_then_errored(
         source="t",
     )
     config = {"lr": 1000.0, "optimizer": "sgd", "momentum": 0.9}  # blows up in the first epoch
-    result = _fit(make_trainable(space, tiles), config, tmp_path / "st", "diverge", max_failures=1)[0]
+    received = Received()
+    result = _fit(
+        make_trainable(space, tiles), config, tmp_path / "st", "diverge", max_failures=1, callbacks=[received]
+    )[0]
     assert result.error is not None and "not finite" in str(result.error)
     text = (Path(result.path) / "result.json").read_text()
     assert "NaN" not in text  # Optuna cannot take NaN; the trainable reports inf instead
-    rows = _rows(result.path)
-    assert len({r["pid"] for r in rows}) == 2  # first attempt + one retry
-    assert all(r["val_rmse"] == math.inf for r in rows)
+    # what the driver received (its searcher and scheduler see the same): one inf report per attempt
+    assert len({r["pid"] for r in received.results}) == 2  # first attempt + one retry
+    assert [r["val_rmse"] for r in received.results] == [math.inf, math.inf]
 
 
 def test_finite_or_inf_and_device_selection() -> None:
@@ -166,7 +216,9 @@ def test_quarter_gpu_trial_trains_on_cuda_with_bf16(tiny_data: Path, tmp_path: P
         space = parse_search_space(tiny_space(scheduler__max_t=2, resources={"cpu": 1, "gpu": 0.25}), source="t")
         result = _fit(make_trainable(space, tiles), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "gpu")[0]
         assert result.error is None
-        state = load_checkpoint(Path(result.path) / _rows(result.path)[-1]["checkpoint_dir_name"] / CHECKPOINT_FILE)
+        state = load_checkpoint(
+            Path(result.path) / _rows(tmp_path / "st" / "gpu")[-1]["checkpoint_dir_name"] / CHECKPOINT_FILE
+        )
         assert state["rng"]["cuda"]  # CUDA RNG state is only saved when the run was on a GPU
     finally:
         _ray.shutdown()

@@ -7,6 +7,7 @@ dict), ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``rng`
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
@@ -40,10 +41,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise TuneAgbError(f"{path}: checkpoint file not found")
+    return _load(path, str(path), map_location)
+
+
+def load_checkpoint_bytes(data: bytes, source: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """:func:`load_checkpoint` for a checkpoint read into memory (from any storage); ``source`` names it in errors."""
+    return _load(io.BytesIO(data), source, map_location)
+
+
+def _load(file: Any, source: str, map_location: str | torch.device) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(file, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise TuneAgbError(f"{path}: not a loadable tune_agb checkpoint ({str(exc).splitlines()[0][:200]})") from None
+        raise TuneAgbError(f"{source}: not a loadable tune_agb checkpoint ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TuneAgbError(f"{path}: not a tune_agb checkpoint (expected format {CHECKPOINT_FORMAT})")
+        raise TuneAgbError(f"{source}: not a tune_agb checkpoint (expected format {CHECKPOINT_FORMAT})")
     return state

@@ -151,13 +151,18 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, An
     return tune_config, run_config, scheduler
 
 
-def make_trainable(space: SearchSpace, tiles: dict[str, TileSet]) -> Any:
+def make_trainable(space: SearchSpace, tiles: dict[str, TileSet], experiment_uri: str | None = None) -> Any:
     """The trainable with the tiles in the object store and the trial's resources attached."""
     from ray import tune
 
     res = space.settings["resources"]
     fn = tune.with_parameters(
-        search_trial, tiles=tiles, base=space.base_config().to_dict(), cpus=res["cpu"], gpu_fraction=res["gpu"]
+        search_trial,
+        tiles=tiles,
+        base=space.base_config().to_dict(),
+        cpus=res["cpu"],
+        gpu_fraction=res["gpu"],
+        experiment_uri=experiment_uri,
     )
     return tune.with_resources(fn, {"cpu": res["cpu"], "gpu": res["gpu"]})
 
@@ -324,7 +329,7 @@ def run_search(args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         check_cluster_resources(space, ray.cluster_resources())
-        trainable = make_trainable(space, tiles)
+        trainable = make_trainable(space, tiles, exp.uri)
         print(
             f"search: {exp.uri}  ({space.settings['experiment']['num_samples']} trials, metric {space.metric} "
             f"{space.mode}, data {input_dir})",

@@ -10,6 +10,7 @@ Trials are also assigned to brackets by a hash of their id, so the assignment su
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from typing import Any
@@ -22,7 +23,7 @@ RESULT_FILE = "result.json"
 RESULTS_LOG = "results.jsonl"  # tune_agb.trainable.RESULTS_LOG (not imported: keeps this module free of torch)
 
 
-def _json_lines(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
+def read_json_lines(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a line cut short by a killed process is skipped."""
     try:
         with fs.open_input_stream(path) as f:
@@ -60,7 +61,7 @@ def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
         if entry.type != pafs.FileType.Directory:
             continue
         found = {}
-        for r in _json_lines(fs, f"{entry.path}/{RESULT_FILE}"):
+        for r in read_json_lines(fs, f"{entry.path}/{RESULT_FILE}"):
             if "trial_id" in r and "epoch" in r:
                 found[(r["epoch"], r.get("wall_time"))] = r
         ckpt_of_epoch: dict[int, str] = {}
@@ -68,7 +69,7 @@ def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
         for sub in sorted(subdirs, key=lambda i: i.base_name):
             if sub.type != pafs.FileType.Directory or not sub.base_name.startswith("checkpoint_"):
                 continue
-            log = _json_lines(fs, f"{sub.path}/{RESULTS_LOG}")
+            log = read_json_lines(fs, f"{sub.path}/{RESULTS_LOG}")
             if log:
                 ckpt_of_epoch[log[-1]["epoch"]] = sub.base_name
             for r in log:
@@ -94,6 +95,7 @@ class ResumableASHA(ASHAScheduler):
         super().__init__(time_attr=time_attr, **kwargs)
         self.experiment_uri = experiment_uri
         self._rebuilt = False
+        self._stopped_at: dict[str, float] = {}
 
     def _bracket_of(self, trial_id: str) -> Any:
         # Same odds as ASHA's own choice (brackets with more rungs are likelier), but seeded by the trial id.
@@ -115,9 +117,15 @@ class ResumableASHA(ASHAScheduler):
             def __init__(self, trial_id: str):
                 self.trial_id = trial_id
 
+        last: dict[str, tuple[float, str]] = {}
         for r in usable:
             bracket = self._bracket_of(r["trial_id"])
-            bracket.on_result(_Stub(r["trial_id"]), r[self._time_attr], self._metric_op * float(r[self._metric]))
+            t = r[self._time_attr]
+            action = bracket.on_result(_Stub(r["trial_id"]), t, self._metric_op * float(r[self._metric]))
+            last[r["trial_id"]] = (t, action)
+        # A trial whose last stored result was cut by a rung had been stopped; Ray's saved state can lag behind that
+        # and run it again, and the rung, already holding its record, would then let it pass.
+        self._stopped_at = {tid: t for tid, (t, action) in last.items() if action == self.STOP}
         return len(usable)
 
     def _ensure_rebuilt(self) -> None:
@@ -136,12 +144,16 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         self._ensure_rebuilt()
+        stopped_at = self._stopped_at.get(trial.trial_id)
+        if stopped_at is not None and result.get(self._time_attr, -math.inf) >= stopped_at:
+            return self.STOP  # cut by a rung before the interruption: it stays cut
         return super().on_trial_result(tune_controller, trial, result)
 
     def __getstate__(self) -> dict[str, Any]:
         # tuner.pkl holds the scheduler as it was when the search started; a restored copy must rebuild.
         state = self.__dict__.copy()
         state["_rebuilt"] = False
+        state["_stopped_at"] = {}
         return state
 
     def rung_records(self) -> list[list[tuple[float, dict[str, float]]]]:

@@ -16,14 +16,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 
-from tune_agb.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.checkpoint import load_checkpoint_bytes, save_checkpoint
 from tune_agb.config import config_from_dict
 from tune_agb.data import TileSet
-from tune_agb.errors import DivergenceError
+from tune_agb.errors import DivergenceError, TuneAgbError
+from tune_agb.search_asha import read_json_lines
 from tune_agb.train import EpochReport, train
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -56,6 +58,66 @@ def select_device(gpu_ids: list[Any], gpu_fraction: float, cuda_available: bool)
     return "cuda:0", (gpu_fraction if gpu_fraction < 1 else None)
 
 
+def newest_stored_checkpoint(
+    fs: pafs.FileSystem, trial_path: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], str] | None:
+    """The most advanced intact checkpoint stored in a trial's folder: ``(state, report log, directory)``.
+
+    Ray hands a restored trial the newest checkpoint recorded in its saved experiment state, which a hard kill can
+    leave one or more epochs behind what the trial had already stored. This looks at every ``checkpoint_*`` folder
+    of the trial and takes the one whose report log reaches the latest epoch (by content, not by folder name: after
+    a resume Ray may reuse a folder name), skipping any that a kill left incomplete (unreadable checkpoint, or a
+    log that does not end at the checkpoint's epoch). None when the folder holds no intact checkpoint.
+    """
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
+    except OSError:
+        return None
+    candidates = []
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
+            continue
+        log = [r for r in read_json_lines(fs, f"{info.path}/{RESULTS_LOG}") if "epoch" in r]
+        if log:
+            candidates.append((int(log[-1]["epoch"]), info.base_name, info.path, log))
+    for epoch, _, path, log in sorted(candidates, reverse=True):
+        try:
+            with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}") as f:
+                state = load_checkpoint_bytes(f.read(), source=f"{path}/{CHECKPOINT_FILE}")
+        except (OSError, TuneAgbError):
+            continue
+        if int(state["epoch"]) == epoch:
+            return state, log, path
+    return None
+
+
+def _trial_folder(experiment_uri: str | None, checkpoint: Any) -> tuple[pafs.FileSystem, str] | None:
+    """The trial's folder in the experiment storage (from the experiment URI, else from Ray's checkpoint)."""
+    if experiment_uri is not None:
+        fs, root = pafs.FileSystem.from_uri(experiment_uri)
+        return fs, f"{root}/{os.path.basename(tune.get_context().get_trial_dir().rstrip('/'))}"
+    if checkpoint is not None:
+        return checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
+    return None
+
+
+def restore_point(checkpoint: Any, experiment_uri: str | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Where a (re)started trial goes on from: the engine state and the report log of its newest stored checkpoint.
+
+    Prefers :func:`newest_stored_checkpoint` of the trial's folder over the (possibly older) checkpoint Ray hands
+    back; falls back to Ray's checkpoint, then to a fresh start ``(None, [])``.
+    """
+    found = None
+    for folder in (_trial_folder(experiment_uri, checkpoint), _trial_folder(None, checkpoint)):
+        if found is None and folder is not None:
+            found = newest_stored_checkpoint(*folder)
+    if found is None:
+        return None, []
+    state, log, _ = found
+    # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
+    return state, [r for r in log if int(r["epoch"]) <= int(state["epoch"])]
+
+
 def search_trial(
     config: dict[str, Any],
     *,
@@ -63,6 +125,7 @@ def search_trial(
     base: dict[str, Any],
     cpus: float = 1,
     gpu_fraction: float = 0,
+    experiment_uri: str | None = None,
 ) -> None:
     """Train one trial's configuration, reporting to Tune after every epoch.
 
@@ -72,6 +135,8 @@ def search_trial(
         base: defaults + fixed hyperparameters, with ``epochs`` = the trial's full budget.
         cpus: CPUs reserved for the trial (torch threads).
         gpu_fraction: GPUs reserved for the trial (0.25 = a quarter of one card).
+        experiment_uri: ``STORAGE/NAME`` of the search; the trial looks there for checkpoints newer than the one
+            Ray hands back after an interruption (None: only Ray's checkpoint's own folder is looked at).
     """
     cfg = config_from_dict({**base, **config}, source="trial config")
     # Arrays from the object store are read-only; the engine only reads them (it normalises into new tensors).
@@ -83,15 +148,12 @@ def search_trial(
     node_id = ray.get_runtime_context().get_node_id()
 
     trial_id = tune.get_context().get_trial_id()
-    resume, log_rows = None, []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-            if (Path(d) / RESULTS_LOG).is_file():
-                log_rows = [json.loads(line) for line in (Path(d) / RESULTS_LOG).read_text().splitlines() if line]
-        # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
-        log_rows = [r for r in log_rows if r["epoch"] <= int(resume["epoch"])]
+    resume, log_rows = restore_point(tune.get_checkpoint(), experiment_uri)
+    if resume is not None and int(resume["epoch"]) >= cfg.epochs and log_rows:
+        # Finished before an interruption, though Ray's saved state may say otherwise: report the stored final row
+        # (same wall_time, so result readers see one row) so Tune, Optuna and ASHA get the final value, and stop.
+        tune.report({k: v for k, v in log_rows[-1].items() if k not in ("trial_id", "config")})
+        return
 
     def on_epoch(report: EpochReport) -> None:
         metrics = finite_or_inf(report.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
