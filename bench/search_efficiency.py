@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import yaml
 
-from tune_agb.search import main as search_main
+from tune_agb.search.cli import main as search_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@
 Both loops train the same U-Net (same weights at the start) on the same tiles with the same batch size, Adam,
 Gaussian NLL and gradient clipping:
 
-- **ours**: the step of ``tune_agb.train.train``: tiles normalised and moved to the device once
-  (:class:`~tune_agb.data.DeviceTiles`), batches gathered by index, flips/transposition on the device, static-shape
-  masked loss, loss sums kept on the device (no host sync per batch), bf16 autocast on CUDA, channels_last.
+- **ours**: the step of ``tune_agb.engine.train.train``: tiles normalised and moved to the device once
+  (:class:`~tune_agb.engine.data.DeviceTiles`), batches gathered by index, flips/transposition on the device,
+  static-shape masked loss, loss sums kept on the device (no host sync per batch), bf16 autocast on CUDA, channels_last.
 - **baseline**: a ``torch.utils.data.Dataset`` that ``np.load``s each tile's two files per item and normalises it
   in numpy, a ``DataLoader``, fp32, contiguous tensors; per batch the label mask is built on the CPU with numpy
   three times (loss, RMSE, MAE), the loss uses boolean indexing, and the batch metrics are read with ``.item()``.
@@ -36,11 +36,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from tune_agb.config import TrainConfig
-from tune_agb.data import DeviceTiles, NormStats, compute_norm_stats, load_split
-from tune_agb.errors import run_cli
-from tune_agb.model import UNet
-from tune_agb.train import (
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import DeviceTiles, NormStats, compute_norm_stats, load_split
+from tune_agb.engine.model import UNet
+from tune_agb.engine.train import (
     TrainStep,
     build_optimizer,
     build_scheduler,
@@ -48,6 +47,7 @@ from tune_agb.train import (
     resolve_amp,
     resolve_device,
 )
+from tune_agb.errors import run_cli
 
 # bf16 dense tensor-core peak (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -111,7 +111,7 @@ def _sync(device: torch.device) -> None:
 def time_ours(
     cfg: TrainConfig, norm: NormStats, tiles, device: torch.device, state: dict, steps: int, warmup: int
 ) -> float:
-    """Samples/s of ``tune_agb.train.TrainStep``, fed as ``train()`` feeds it (DeviceTiles, per-epoch shuffle)."""
+    """Samples/s of ``engine.train.TrainStep``, fed as ``train()`` feeds it (DeviceTiles, per-epoch shuffle)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = memory_format(cfg, device)

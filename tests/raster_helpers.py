@@ -15,10 +15,10 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_points
 
-from tune_agb.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-from tune_agb.config import TrainConfig
-from tune_agb.data import NormStats
-from tune_agb.model import UNet
+from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import NormStats
+from tune_agb.engine.model import UNet
 
 CRS_UTM = "EPSG:32647"
 ORIGIN = (600_000.0, 1_650_000.0)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_agb.checkpoint import load_checkpoint, save_checkpoint
-from tune_agb.config import TrainConfig
-from tune_agb.data import DeviceTiles, TileSet, compute_norm_stats, load_dataset
-from tune_agb.model import UNet
-from tune_agb.train import EpochReport, train
+from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import DeviceTiles, TileSet, compute_norm_stats, load_dataset
+from tune_agb.engine.model import UNet
+from tune_agb.engine.train import EpochReport, train
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import tune_agb.data as data_mod
-from tune_agb.data import DeviceTiles, NormStats, compute_norm_stats, count_nonfinite, load_dataset, load_split
+import tune_agb.engine.data as data_mod
+from tune_agb.engine.data import DeviceTiles, NormStats, compute_norm_stats, count_nonfinite, load_dataset, load_split
+from tune_agb.engine.train import augment
 from tune_agb.errors import TuneAgbError
-from tune_agb.train import augment
 
 C, H, W = 14, 9, 11
 

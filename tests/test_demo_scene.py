@@ -7,16 +7,16 @@ import pyarrow.parquet as pq
 import rasterio
 
 from tune_agb.bands import BAND_NAMES
-from tune_agb.checkpoint import save_checkpoint
-from tune_agb.config import TrainConfig
-from tune_agb.data import load_dataset
 from tune_agb.demo import main as demo_main
 from tune_agb.demo import rasterize_shots, synth_scene
 from tune_agb.demo_scene import DEMO_CRS, write_demo_scene
+from tune_agb.engine.checkpoint import save_checkpoint
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import load_dataset
+from tune_agb.engine.train import train
 from tune_agb.errors import run_cli
 from tune_agb.predict import main as predict_main
 from tune_agb.prepare import main as prepare_main
-from tune_agb.train import train
 
 
 def test_scene_files_match_the_synthetic_scene(tmp_path):

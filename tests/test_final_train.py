@@ -12,11 +12,11 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tune_agb.checkpoint import load_checkpoint
-from tune_agb.data import load_split
+from tune_agb.engine.checkpoint import load_checkpoint
+from tune_agb.engine.data import load_split
+from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import run_cli
 from tune_agb.final_train import main
-from tune_agb.inference import load_predictor
 
 SMALL = {"base_channels": 4, "depth": 2, "batch_size": 4, "lr": 3e-3}
 

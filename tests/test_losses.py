@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tune_agb.losses import LOSSES, gaussian_nll, laplacian_nll, mae, mse, predicted_variance
+from tune_agb.engine.losses import LOSSES, gaussian_nll, laplacian_nll, mae, mse, predicted_variance
 
 
 def _batch(seed: int, shape: tuple[int, ...] = (3, 17, 23), labelled: float = 0.3):

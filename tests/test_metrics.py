@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tune_agb.config import TrainConfig
-from tune_agb.data import DeviceTiles, compute_norm_stats, load_dataset
-from tune_agb.metrics import METRIC_NAMES, UCE_BINS, regression_metrics
-from tune_agb.model import UNet
-from tune_agb.train import evaluate_split
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import DeviceTiles, compute_norm_stats, load_dataset
+from tune_agb.engine.metrics import METRIC_NAMES, UCE_BINS, regression_metrics
+from tune_agb.engine.model import UNet
+from tune_agb.engine.train import evaluate_split
 
 
 def numpy_metrics(y: np.ndarray, mean: np.ndarray, var: np.ndarray, loss: str = "gaussian_nll") -> dict[str, float]:

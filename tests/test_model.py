@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from tune_agb.config import CHOICES, TrainConfig
-from tune_agb.model import UNet
+from tune_agb.engine.config import CHOICES, TrainConfig
+from tune_agb.engine.model import UNet
 
 
 def _count(model: torch.nn.Module, cls: type) -> int:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.raster_helpers import CRS_UTM, grid_transform, pixel_lonlat, write_shots, write_tif
-from tune_agb.data import load_dataset
+from tune_agb.engine.data import load_dataset
 from tune_agb.errors import run_cli
 from tune_agb.prepare import main
 

@@ -13,12 +13,12 @@ import yaml
 from ray.tune.schedulers import TrialScheduler
 
 from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
-from tune_agb.checkpoint import load_checkpoint
-from tune_agb.config import config_from_dict
+from tune_agb.engine.checkpoint import load_checkpoint
+from tune_agb.engine.config import config_from_dict
 from tune_agb.errors import TuneAgbError
-from tune_agb.search import check_cluster_resources, main
-from tune_agb.search_asha import ResumableASHA
-from tune_agb.search_space import parse_search_space
+from tune_agb.search.asha import ResumableASHA
+from tune_agb.search.cli import check_cluster_resources, main
+from tune_agb.search.space import parse_search_space
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_unreachable_address_fails_in_seconds_with_one_line() -> None:
     """Ray itself retries an unreachable head for minutes; the search checks HOST:PORT first."""
     import socket
 
-    from tune_agb.search import check_reachable
+    from tune_agb.search.cli import check_reachable
 
     with socket.socket() as s:  # a port that is certainly closed: bind, then close before connecting
         s.bind(("127.0.0.1", 0))

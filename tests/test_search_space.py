@@ -11,9 +11,9 @@ import optuna
 import pytest
 
 from tests.search_helpers import tiny_space, write_space
-from tune_agb.config import TrainConfig, field_names
+from tune_agb.engine.config import TrainConfig, field_names
 from tune_agb.errors import TuneAgbError
-from tune_agb.search_space import load_search_space, parse_search_space
+from tune_agb.search.space import load_search_space, parse_search_space
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from tune_agb.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from tune_agb.config import TrainConfig
-from tune_agb.data import TileSet, load_dataset
+from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import TileSet, load_dataset
+from tune_agb.engine.train import EpochReport, StopTraining, train
 from tune_agb.errors import DivergenceError, TuneAgbError
-from tune_agb.train import EpochReport, StopTraining, train
 
 TINY = {"base_channels": 4, "depth": 2, "batch_size": 3, "epochs": 3, "lr": 3e-3}
 
@@ -204,7 +204,7 @@ def test_checkpoint_with_pickled_object_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("schedule", ["onecycle", "cyclic"])
 def test_sgd_momentum_is_the_configured_one_under_cycling_schedules(schedule: str) -> None:
     """Cycling schedules move momentum between 0.85 m and m, never above the configured m (0 = no momentum)."""
-    from tune_agb.train import build_optimizer, build_scheduler
+    from tune_agb.engine.train import build_optimizer, build_scheduler
 
     for m in (0.0, 0.5):
         cfg = _cfg(optimizer="sgd", momentum=m, schedule=schedule, epochs=3)

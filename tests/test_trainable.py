@@ -14,12 +14,12 @@ import ray.cloudpickle
 from ray import tune
 
 from tests.search_helpers import ray_local, tiny_space  # noqa: F401 (fixture)
-from tune_agb.checkpoint import load_checkpoint
-from tune_agb.data import load_dataset
-from tune_agb.search import make_trainable
-from tune_agb.search_asha import read_trial_rows
-from tune_agb.search_space import parse_search_space
-from tune_agb.trainable import CHECKPOINT_FILE, finite_or_inf, search_trial, select_device
+from tune_agb.engine.checkpoint import load_checkpoint
+from tune_agb.engine.data import load_dataset
+from tune_agb.search.asha import read_trial_rows
+from tune_agb.search.cli import make_trainable
+from tune_agb.search.space import parse_search_space
+from tune_agb.search.trainable import CHECKPOINT_FILE, finite_or_inf, search_trial, select_device
 
 # The failure-injecting trainable below must reach the workers by value (tests/ is not on their sys.path).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -100,7 +100,7 @@ def flaky_trial(config: dict[str, Any], **kwargs: Any) -> None:
     error would: it cannot be provoked on this machine). A marker file makes the crash happen in the first attempt
     only. With ``lag``, the retry is handed the epoch-1 checkpoint instead of the newest one, as Ray does when its
     saved experiment state lags behind a kill -9."""
-    import tune_agb.trainable as tr
+    import tune_agb.search.trainable as tr
 
     marker, crash_after, lag = Path(config["marker"]), config["crash_after"], config["lag"]
     real_report, real_get_checkpoint = tr.tune.report, tr.tune.get_checkpoint

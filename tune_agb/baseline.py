@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_agb.data import NormStats, TileSet, compute_norm_stats, load_dataset
+from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats, load_dataset
+from tune_agb.engine.metrics import regression_metrics
 from tune_agb.errors import run_cli
-from tune_agb.metrics import regression_metrics
 
 
 def pixel_features(tiles: TileSet, norm: NormStats) -> tuple[np.ndarray, np.ndarray]:

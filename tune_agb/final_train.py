@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import yaml
 
-from tune_agb.checkpoint import load_checkpoint, save_checkpoint
-from tune_agb.config import TrainConfig, config_from_dict, read_config_values, save_config
-from tune_agb.data import DeviceTiles, TileSet, load_dataset
+from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_values, save_config
+from tune_agb.engine.data import DeviceTiles, TileSet, load_dataset
+from tune_agb.engine.inference import combine_members
+from tune_agb.engine.metrics import labelled_metrics
+from tune_agb.engine.model import UNet
+from tune_agb.engine.train import EpochReport, TrainResult, evaluate_split, memory_format, resolve_device, train
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.inference import combine_members
-from tune_agb.metrics import labelled_metrics
-from tune_agb.model import UNet
-from tune_agb.train import EpochReport, TrainResult, evaluate_split, memory_format, resolve_device, train
 
 log = logging.getLogger("tune_agb.final_train")
 
@@ -387,7 +387,7 @@ def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, tu
 
 def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
-    from tune_agb.plots import calibration_plot, scatter_plot
+    from tune_agb.engine.plots import calibration_plot, scatter_plot
 
     folder.mkdir(exist_ok=True)
     for split, (mean, var) in preds.items():

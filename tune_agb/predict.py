@@ -27,9 +27,9 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from tune_agb.bands import BAND_NAMES
+from tune_agb.engine.inference import Predictor, load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.inference import Predictor, load_predictor
-from tune_agb.raster import (
+from tune_agb.geo.raster import (
     RESAMPLING,
     S2_OFFSET_2022,
     RasterStack,

@@ -33,9 +33,9 @@ from rasterio.warp import transform as warp_points
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from tune_agb.data import SPLITS
+from tune_agb.engine.data import SPLITS
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.raster import (
+from tune_agb.geo.raster import (
     RESAMPLING,
     S2_OFFSET_2022,
     Grid,

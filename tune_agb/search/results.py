@@ -17,8 +17,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from tune_agb.search_asha import read_trial_rows
-from tune_agb.search_space import METRICS, SearchSpace
+from tune_agb.search.asha import read_trial_rows
+from tune_agb.search.space import METRICS, SearchSpace
 
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"

@@ -1,6 +1,6 @@
 """The training loop. It knows nothing of Ray, files or loggers: callers hook in through ``on_epoch``.
 
-Data is normalised and moved to the device once (:class:`~tune_agb.data.DeviceTiles`); each step gathers a batch
+Data is normalised and moved to the device once (:class:`~tune_agb.engine.data.DeviceTiles`); each step gathers a batch
 by index, augments it on the device (flips / transposition, identical for image and label), and accumulates
 loss sums on the device. The host syncs once per epoch, when the epoch's metrics are read.
 """
@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tune_agb.checkpoint import CHECKPOINT_FORMAT
-from tune_agb.config import TrainConfig, config_from_dict
-from tune_agb.data import DeviceTiles, NormStats, TileSet, compute_norm_stats, count_nonfinite
+from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
+from tune_agb.engine.config import TrainConfig, config_from_dict
+from tune_agb.engine.data import DeviceTiles, NormStats, TileSet, compute_norm_stats, count_nonfinite
+from tune_agb.engine.losses import LOSSES, predicted_variance
+from tune_agb.engine.metrics import labelled_metrics
+from tune_agb.engine.model import UNet
 from tune_agb.errors import DivergenceError, TuneAgbError
-from tune_agb.losses import LOSSES, predicted_variance
-from tune_agb.metrics import labelled_metrics
-from tune_agb.model import UNet
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def train(
         tiles: at least ``train`` and ``val`` TileSets.
         norm: normalisation stats; computed from the train split when None (and taken from ``resume`` if given).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        resume: a checkpoint dict (see :mod:`tune_agb.checkpoint`); training continues after its epoch.
+        resume: a checkpoint dict (see :mod:`tune_agb.engine.checkpoint`); training continues after its epoch.
         on_epoch: called after every epoch; may raise :class:`StopTraining`.
         progress: show a tqdm bar over epochs.
 

@@ -14,7 +14,7 @@ A space file has seven sections; only ``params`` is required::
       optimizer: {type: categorical, choices: [adamw, sgd]}
       momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
 
-Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.config.TrainConfig` field. Errors name the file and
+Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.engine.config.TrainConfig` field. Errors name the file and
 the key (``demo.yaml: params.lr.low: ...``) and are raised as :class:`~tune_agb.errors.TuneAgbError`.
 """
 
@@ -28,10 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tune_agb.config import TrainConfig, coerce_value, config_from_dict, field_names, field_types, read_yaml_or_json
+from tune_agb.engine.config import (
+    TrainConfig,
+    coerce_value,
+    config_from_dict,
+    field_names,
+    field_types,
+    read_yaml_or_json,
+)
 from tune_agb.errors import TuneAgbError
 
-# Figures every trial reports (see tune_agb.train): the ones a search may optimise.
+# Figures every trial reports (see tune_agb.engine.train): the ones a search may optimise.
 METRICS: tuple[str, ...] = (
     "val_rmse",
     "val_mae",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_agb.config import TrainConfig
+from tune_agb.engine.config import TrainConfig
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_agb.checkpoint import load_checkpoint
-from tune_agb.config import TrainConfig, config_from_dict
-from tune_agb.data import NormStats
+from tune_agb.engine.checkpoint import load_checkpoint
+from tune_agb.engine.config import TrainConfig, config_from_dict
+from tune_agb.engine.data import NormStats
+from tune_agb.engine.losses import predicted_variance
+from tune_agb.engine.model import UNet
+from tune_agb.engine.train import _autocast, memory_format, resolve_amp, resolve_device
 from tune_agb.errors import TuneAgbError
-from tune_agb.losses import predicted_variance
-from tune_agb.model import UNet
-from tune_agb.train import _autocast, memory_format, resolve_amp, resolve_device
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The Ray Tune function trainable: a thin adapter between Tune and :func:`tune_agb.train.train`.
+"""The Ray Tune function trainable: a thin adapter between Tune and :func:`tune_agb.engine.train.train`.
 
 Tune gives it the sampled hyperparameters; the tiles arrive once through the object store
 (``tune.with_parameters``). Each epoch it reports the engine's metrics with a checkpoint directory holding
@@ -21,12 +21,12 @@ import ray
 import torch
 from ray import tune
 
-from tune_agb.checkpoint import load_checkpoint_bytes, save_checkpoint
-from tune_agb.config import config_from_dict
-from tune_agb.data import TileSet
+from tune_agb.engine.checkpoint import load_checkpoint_bytes, save_checkpoint
+from tune_agb.engine.config import config_from_dict
+from tune_agb.engine.data import TileSet
+from tune_agb.engine.train import EpochReport, train
 from tune_agb.errors import DivergenceError, TuneAgbError
-from tune_agb.search_asha import read_json_lines
-from tune_agb.train import EpochReport, train
+from tune_agb.search.asha import read_json_lines
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Every report so far (JSON lines), saved in each checkpoint directory: Ray's own result.json is written in a

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from ray.tune.schedulers import ASHAScheduler
 
 RESULT_FILE = "result.json"
-RESULTS_LOG = "results.jsonl"  # tune_agb.trainable.RESULTS_LOG (not imported: keeps this module free of torch)
+RESULTS_LOG = "results.jsonl"  # tune_agb.search.trainable.RESULTS_LOG (not imported: keeps this module free of torch)
 
 
 def read_json_lines(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:

@@ -24,11 +24,11 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
-from tune_agb.config import read_yaml_or_json
-from tune_agb.data import TileSet, load_dataset
-from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search_space import SearchSpace, parse_search_space
-from tune_agb.trainable import CHECKPOINT_FILE, search_trial
+from tune_agb.engine.config import read_yaml_or_json
+from tune_agb.engine.data import TileSet, load_dataset
+from tune_agb.errors import TuneAgbError
+from tune_agb.search.space import SearchSpace, parse_search_space
+from tune_agb.search.trainable import CHECKPOINT_FILE, search_trial
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, An
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune_agb.search_asha import ResumableASHA
-    from tune_agb.search_state import StateBackupCallback
+    from tune_agb.search.asha import ResumableASHA
+    from tune_agb.search.state import StateBackupCallback
 
     ex, sc, se = space.settings["experiment"], space.settings["scheduler"], space.settings["searcher"]
     if se["type"] == "random":
@@ -248,7 +248,7 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
                     "(settings cannot change on resume)"
                 )
         overrides = dict(stored["overrides"])
-        from tune_agb.search_state import repair_experiment_state
+        from tune_agb.search.state import repair_experiment_state
 
         for name in repair_experiment_state(exp.uri):
             print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
@@ -395,7 +395,7 @@ def unfinished_trials(grid: Any, space: SearchSpace) -> str:
 
 def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label_dir: str, top: int = 5) -> int:
     """Write results.parquet and best.yaml, print the best trials, the failures and the final-train command."""
-    from tune_agb.search_results import BEST_FILE, RESULTS_FILE, summary, write_results
+    from tune_agb.search.results import BEST_FILE, RESULTS_FILE, summary, write_results
 
     df, best = write_results(exp.uri, space, input_dir, label_dir)
     print(f"\nbest trials by {space.metric} ({space.mode}, best epoch of each trial):")
@@ -427,7 +427,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Saving experiment state after each checkpoint is what keeps --resume exact; Ray warns about it every epoch.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     return run_search(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
