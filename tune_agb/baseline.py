@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from tune_agb.demo import data_dirs
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats, load_dataset
 from tune_agb.engine.metrics import regression_metrics
 from tune_agb.errors import run_cli
@@ -59,13 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--label-dir")
     p.add_argument("--alpha", type=float, default=1.0)
     a = p.parse_args(argv)
-    if a.input_dir and a.label_dir:
-        idir, ldir = Path(a.input_dir), Path(a.label_dir)
-    else:
-        from tune_agb.demo import demo_data_dir
-
-        d = demo_data_dir()
-        idir, ldir = d / "inputs", d / "labels"
+    idir, ldir = data_dirs(a.input_dir, a.label_dir)
     res = ridge_baseline(load_dataset(idir, ldir), a.alpha)
     print(json.dumps({k: round(v, 4) for k, v in res.items()}, indent=1))
     return 0

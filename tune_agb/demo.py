@@ -210,6 +210,25 @@ def demo_data_dir() -> Path:
     return target
 
 
+def data_dirs(
+    input_dir: str | Path | None, label_dir: str | Path | None, default: tuple[str | Path, str | Path] | None = None
+) -> tuple[Path, Path]:
+    """The tile folders a command works on: ``--input-dir``/``--label-dir`` when given, else ``default`` (the folders
+    a space file or an experiment names), else the demo dataset (generated once into the cache).
+
+    Raises:
+        TuneAgbError: when only one of the two flags is given.
+    """
+    if (input_dir is None) != (label_dir is None):
+        raise TuneAgbError("--input-dir and --label-dir go together (give both, or neither for the demo data)")
+    if input_dir is not None and label_dir is not None:
+        return Path(input_dir), Path(label_dir)
+    if default is not None:
+        return Path(default[0]), Path(default[1])
+    demo = demo_data_dir()
+    return demo / "inputs", demo / "labels"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tune_agb.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write the tile dataset into")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import yaml
 
+from tune_agb.demo import data_dirs
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_values, save_config
 from tune_agb.engine.data import DeviceTiles, TileSet, load_dataset
@@ -226,17 +227,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
     if resume is not None and args.ensemble != 1:
         raise TuneAgbError("--train_mode resume continues one model; it cannot be combined with --ensemble")
-    if args.input_dir or args.label_dir:
-        if not (args.input_dir and args.label_dir):
-            raise TuneAgbError("--input-dir and --label-dir must be given together")
-        input_dir, label_dir = Path(args.input_dir), Path(args.label_dir)
-    elif data.get("input_dir") and data.get("label_dir"):
-        input_dir, label_dir = Path(data["input_dir"]), Path(data["label_dir"])
-    else:
-        from tune_agb.demo import demo_data_dir
-
-        demo = demo_data_dir()
-        input_dir, label_dir = demo / "inputs", demo / "labels"
+    stored = (data["input_dir"], data["label_dir"]) if data.get("input_dir") and data.get("label_dir") else None
+    input_dir, label_dir = data_dirs(args.input_dir or None, args.label_dir or None, stored)
     out = Path(args.out_dir)
     if resume is None and out.is_dir() and any((out / m).exists() for m in RUN_MARKERS) and not args.overwrite:
         raise TuneAgbError(

@@ -205,20 +205,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def resolve_data(args: argparse.Namespace, space: SearchSpace) -> tuple[str, str]:
+    from tune_agb.demo import data_dirs
+
     data = space.settings["data"]
     base = Path(space.source).parent
-    inp, lab = args.input_dir, args.label_dir
-    if inp is None and lab is None and data["input_dir"] is not None:
-        # Space-file folders are relative to the space file, so a space works from any cwd.
-        inp, lab = str(base / data["input_dir"]), str(base / data["label_dir"])
-    if (inp is None) != (lab is None):
-        raise TuneAgbError("--input-dir and --label-dir go together (give both, or neither for the demo data)")
-    if inp is None:
-        from tune_agb.demo import demo_data_dir
-
-        demo = demo_data_dir()
-        inp, lab = str(demo / "inputs"), str(demo / "labels")
-    return str(Path(inp).resolve()), str(Path(lab).resolve())
+    # Space-file folders are relative to the space file, so a space works from any cwd.
+    stored = (base / data["input_dir"], base / data["label_dir"]) if data["input_dir"] is not None else None
+    inp, lab = data_dirs(args.input_dir, args.label_dir, stored)
+    return str(inp.resolve()), str(lab.resolve())
 
 
 def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str, dict[str, Any]]:
