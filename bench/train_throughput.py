@@ -38,15 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import DeviceTiles, NormStats, compute_norm_stats, load_split
+from tune_agb.engine.device import memory_format, resolve_amp, resolve_device
 from tune_agb.engine.model import UNet
-from tune_agb.engine.train import (
-    TrainStep,
-    build_optimizer,
-    build_scheduler,
-    memory_format,
-    resolve_amp,
-    resolve_device,
-)
+from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 from tune_agb.errors import run_cli
 
 # bf16 dense tensor-core peak (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().

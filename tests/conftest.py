@@ -1,7 +1,10 @@
-"""Shared fixtures: small generated datasets (never the network), the real-data folder from ../shared."""
+"""Shared fixtures: small generated datasets (never the network), the real-data folder from ../shared, and a
+private demo-data cache (tests never touch the user's real ``~/.cache/tune_agb``)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,21 @@ from tune_agb.demo import write_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "gedi-s1s2-real"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``TUNE_AGB_CACHE`` points at a temporary folder for the whole session (subprocesses inherit it)."""
+    old = os.environ.get("TUNE_AGB_CACHE")
+    cache = tmp_path_factory.mktemp("tune_agb_cache")
+    os.environ["TUNE_AGB_CACHE"] = str(cache)
+    try:
+        yield cache
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_AGB_CACHE", None)
+        else:
+            os.environ["TUNE_AGB_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,7 @@ def test_bad_config_names_the_key(
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_cli_process_unknown_flag_and_existing_run(tmp_path: Path) -> None:
     """Through a real process: exit code 2, one line on stderr, no traceback."""
     proc = subprocess.run(

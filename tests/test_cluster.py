@@ -35,6 +35,7 @@ def two_node_cluster() -> Iterator[object]:
             os.environ["RAY_TMPDIR"] = old
 
 
+@pytest.mark.slow
 def test_search_with_address_runs_trials_on_both_nodes(
     two_node_cluster: object, tiny_data: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import rasterio
 
 from tune_agb.bands import BAND_NAMES
@@ -20,8 +21,8 @@ from tune_agb.prepare import main as prepare_main
 
 
 def test_scene_files_match_the_synthetic_scene(tmp_path):
-    paths = write_demo_scene(tmp_path, height=96, width=64, seed=4)
     scene = synth_scene(96, 64, 4)
+    paths = write_demo_scene(tmp_path, scene)
     with rasterio.open(paths["image"]) as ds:
         assert ds.crs.to_string() == DEMO_CRS and ds.res == (10.0, 10.0)
         assert ds.descriptions == BAND_NAMES and np.isnan(ds.nodata)
@@ -37,8 +38,8 @@ def test_scene_files_match_the_synthetic_scene(tmp_path):
 
 
 def test_prepared_scene_gives_the_demo_tiles_and_labels(tmp_path, capsys):
-    paths = write_demo_scene(tmp_path / "scene", height=96, width=64, seed=4)
     scene = synth_scene(96, 64, 4)
+    paths = write_demo_scene(tmp_path / "scene", scene)
     label = rasterize_shots(scene)  # the good shots, averaged per pixel
     out = tmp_path / "ds"
     code = run_cli(prepare_main, ["--image", str(paths["image"]), "--gedi", str(paths["shots"]), "--filter",
@@ -64,8 +65,9 @@ def test_demo_cli_writes_scene_or_tiles(tmp_path, capsys):
     assert (tmp_path / "t" / "inputs").is_dir() and not (tmp_path / "t" / "scene.tif").exists()
 
 
+@pytest.mark.slow
 def test_scene_to_map_end_to_end(tmp_path, capsys):
-    paths = write_demo_scene(tmp_path / "scene", height=128, width=128, seed=2)
+    paths = write_demo_scene(tmp_path / "scene", synth_scene(128, 128, 2))
     ds = tmp_path / "ds"
     code = run_cli(prepare_main, ["--image", str(paths["image"]), "--gedi", str(paths["shots"]), "--filter",
                                   "l4_quality_flag==1", "--out", str(ds), "--tile-size", "32", "--block-size", "1",

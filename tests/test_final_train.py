@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_split
 from tune_agb.engine.inference import load_predictor
-from tune_agb.errors import run_cli
-from tune_agb.final_train import main
+from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.final_train import LEGACY_FLAGS, build_parser, config_overrides, main
 
 SMALL = {"base_channels": 4, "depth": 2, "batch_size": 4, "lr": 3e-3}
 
@@ -50,6 +50,7 @@ def train_args(tmp_path: Path, data: Path, out: Path, *extra: str, **config: obj
     ]
 
 
+@pytest.mark.slow
 def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = train_args(tmp_path, tiny_data, out, "--epochs", "3")
@@ -117,6 +118,53 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
     assert "val_variance/predicted_std" in tags["histograms"]
 
 
+# For each config key a legacy flag can set: the flag's arguments and the config value they must give.
+LEGACY_VALUES: dict[str, tuple[list[str], object]] = {
+    "epochs": (["7"], 7),
+    "batch_size": (["2"], 2),
+    "lr": (["0.002"], 0.002),
+    "weight_decay": (["0.0005"], 0.0005),
+    "optimizer": (["SGD"], "sgd"),
+    "momentum": (["0.8"], 0.8),
+    "grad_clip": (["0.5"], 0.5),
+    "in_channels": (["13"], 13),
+    "amp": ([], "auto"),
+    "upsampling": ([], "bilinear"),
+    "loss": (["Laplacian"], "laplacian_nll"),
+}
+
+
+@pytest.mark.parametrize("flag", list(LEGACY_FLAGS))
+def test_legacy_flag_sets_its_key(flag: str) -> None:
+    """Each of the original script's flags (final_train's own table) sets its config key, and only that one."""
+    key = LEGACY_FLAGS[flag]
+    args, value = LEGACY_VALUES[key]
+    assert config_overrides(build_parser().parse_args([flag, *args])) == {key: value}
+    assert config_overrides(build_parser().parse_args([])) == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--no-amp"], {"amp": "none"}),
+        (["--no-bilinear"], {"upsampling": "transpose"}),
+        (["--gradient_clipping"], {"grad_clip": 1.0}),
+        (["--no-gradient_clipping"], {"grad_clip": 0.0}),
+        (["--loss_key", "l1"], {"loss": "mae"}),
+        (["--loss", "gaussian-nll"], {"loss": "gaussian_nll"}),
+        (["--seed", "4", "--epochs", "3"], {"seed": 4, "epochs": 3}),
+    ],
+)
+def test_other_flag_forms(argv: list[str], expected: dict) -> None:
+    assert config_overrides(build_parser().parse_args(argv)) == expected
+
+
+def test_unknown_loss_is_one_line_listing_the_names() -> None:
+    with pytest.raises(TuneAgbError, match=r"--loss_key: unknown loss 'huber'; allowed: gaussian, gaussian_nll, .*l1"):
+        config_overrides(build_parser().parse_args(["--loss_key", "huber"]))
+
+
+@pytest.mark.slow
 def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path: Path) -> None:
     out, keep = tmp_path / "legacy", tmp_path / "all_ckpt"
     argv = [
@@ -159,34 +207,13 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
     ]
     assert run(argv) == 0
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert {
-        k: cfg[k]
-        for k in (
-            "epochs",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "optimizer",
-            "momentum",
-            "grad_clip",
-            "amp",
-            "upsampling",
-            "in_channels",
-            "loss",
-        )
-    } == {
-        "epochs": 2,
-        "batch_size": 2,
-        "lr": 0.002,
-        "weight_decay": 0.0005,
-        "optimizer": "sgd",
-        "momentum": 0.8,
-        "grad_clip": 0.5,
-        "amp": "none",
-        "upsampling": "transpose",
-        "in_channels": 14,
-        "loss": "laplacian_nll",
-    }
+    # Every legacy hyperparameter flag is on the command line (--amp and --bilinear in their --no- form) ...
+    assert all(f in argv or f.replace("--", "--no-", 1) in argv for f in LEGACY_FLAGS)
+    # ... and the run's config.yaml holds the value each one set (test_legacy_flag_sets_its_key checks the values).
+    overrides = config_overrides(build_parser().parse_args(argv))
+    assert set(overrides) == set(LEGACY_FLAGS.values())
+    assert {k: cfg[k] for k in overrides} == overrides
+    assert (cfg["epochs"], cfg["lr"], cfg["amp"], cfg["upsampling"]) == (2, 0.002, "none", "transpose")
     assert sorted(p.name for p in keep.glob("*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
 
     # --train_mode resume continues from a checkpoint: epoch 2 after resuming from epoch 1 reproduces epoch 2 of
@@ -239,6 +266,7 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
     assert {p.name: p.stat().st_mtime_ns for p in out2.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "ens"
     argv = train_args(tmp_path, tiny_data, out, "--epochs", "2", "--ensemble", "2", "--seed", "5")
@@ -270,6 +298,7 @@ def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> No
     np.testing.assert_allclose(ens_mean.numpy(), mean.numpy(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_experiment_best_yaml(tiny_data: Path, tmp_path: Path) -> None:
     """--experiment reads the search's best.yaml: its config and its data folders."""
     exp = tmp_path / "storage" / "exp"
@@ -293,6 +322,7 @@ def test_experiment_best_yaml(tiny_data: Path, tmp_path: Path) -> None:
     assert run(["--experiment", str(tmp_path / "nowhere"), "--out-dir", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.slow
 def test_wandb_offline_without_key(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -304,6 +334,7 @@ def test_wandb_offline_without_key(tiny_data: Path, tmp_path: Path, monkeypatch:
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_real_tiles_end_to_end(real_data: Path, tmp_path: Path) -> None:
     """The 17 real tiles: val metrics are pooled over exactly the 116 labelled val pixels (70 test)."""
     out = tmp_path / "real"

@@ -1,4 +1,4 @@
-"""The search end to end on a real local Ray (in-process CLI), its results files, the resource checks, and ASHA's
+"""The search end to end on a real local Ray (in-process CLI; slow), its results files, the resource checks, and ASHA's
 rung rebuild (the same rungs and decisions as a scheduler that saw the results live)."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F40
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.config import config_from_dict
 from tune_agb.errors import TuneAgbError
+from tune_agb.search import ray_internals
 from tune_agb.search.asha import ResumableASHA
-from tune_agb.search.cli import check_cluster_resources, main
+from tune_agb.search.cli import check_cluster_resources, main, unfinished_trials
 from tune_agb.search.space import parse_search_space
 
 
@@ -35,6 +36,7 @@ def finished_search(
     return SimpleNamespace(argv=argv, exp=tmp / "st" / "exp", code=main(argv), data=tiny_data)
 
 
+@pytest.mark.slow
 def test_search_writes_results_with_one_row_per_trial_and_epoch(
     finished_search: SimpleNamespace, capsys: pytest.CaptureFixture
 ) -> None:
@@ -53,6 +55,7 @@ def test_search_writes_results_with_one_row_per_trial_and_epoch(
     assert df["val_rmse"].map(math.isfinite).all()
 
 
+@pytest.mark.slow
 def test_best_yaml_is_the_best_epoch_over_all_trials_with_a_loadable_checkpoint(
     finished_search: SimpleNamespace,
 ) -> None:
@@ -74,6 +77,7 @@ def test_best_yaml_is_the_best_epoch_over_all_trials_with_a_loadable_checkpoint(
     }
 
 
+@pytest.mark.slow
 def test_summary_prints_the_best_trials_and_the_final_train_command(
     ray_local: None,  # noqa: F811
     finished_search: SimpleNamespace,
@@ -91,6 +95,7 @@ def test_summary_prints_the_best_trials_and_the_final_train_command(
     pd.testing.assert_frame_equal(df_before, df_after)  # finished trials were not re-run
 
 
+@pytest.mark.slow
 def test_existing_experiment_and_missing_resume_fail_clearly(finished_search: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(TuneAgbError, match="a search already exists there"):
         main(finished_search.argv)
@@ -99,6 +104,7 @@ def test_existing_experiment_and_missing_resume_fail_clearly(finished_search: Si
         main(argv)
 
 
+@pytest.mark.slow
 def test_gpus_asked_for_on_a_cluster_without_gpus_fails_before_the_search(
     ray_local: None,  # noqa: F811
     tiny_data: Path,
@@ -126,7 +132,7 @@ def test_cluster_resource_check_accepts_fractions_of_present_gpus() -> None:
 def _asha(brackets: int = 1) -> ResumableASHA:
     s = ResumableASHA("/nonexistent", max_t=9, grace_period=1, reduction_factor=3, brackets=brackets)
     s.set_search_properties("val_rmse", "min")
-    s._rebuilt = True  # no files to read in this unit test
+    s.rebuilt = True  # no files to read in this unit test
     return s
 
 
@@ -202,12 +208,12 @@ def test_a_trial_cut_by_a_rung_stays_cut_when_a_lagging_state_runs_it_again(brac
         cut, TrialScheduler.STOP
     )
     # without the stop records (what the rungs alone give) the same results would pass
-    restored._stopped_at = {}
+    restored.stopped_at = {}
     assert set(restored.on_trial_result(None, trials[tid], r) for tid, r in again.items()) == {TrialScheduler.CONTINUE}
 
 
 def _decide(s: ResumableASHA, trials: dict, result: dict) -> str:
-    if result["trial_id"] not in s._trial_info:  # a scheduler that stopped this trial earlier than the live one
+    if ray_internals.assigned_bracket(s, result["trial_id"]) is None:  # stopped earlier than by the live scheduler
         s.on_trial_add(None, trials[result["trial_id"]])
     action = s.on_trial_result(None, trials[result["trial_id"]], result)
     if action == TrialScheduler.STOP:
@@ -228,3 +234,30 @@ def test_unreachable_address_fails_in_seconds_with_one_line() -> None:
         check_reachable(f"127.0.0.1:{port}", timeout_s=2)
     with pytest.raises(TuneAgbError, match="expected auto or HOST:PORT"):
         check_reachable("headnode")
+
+
+class _Grid:
+    """What unfinished_trials reads of a ResultGrid (its public API): len, num_terminated, num_errors."""
+
+    def __init__(self, statuses: list[str]):
+        self.statuses = statuses
+
+    def __len__(self) -> int:
+        return len(self.statuses)
+
+    @property
+    def num_terminated(self) -> int:
+        return self.statuses.count("TERMINATED")
+
+    @property
+    def num_errors(self) -> int:
+        return self.statuses.count("ERROR")
+
+
+def test_unfinished_trials_counts_open_and_missing_trials() -> None:
+    space = parse_search_space(tiny_space(experiment__num_samples=4), source="t")
+    assert unfinished_trials(_Grid(["TERMINATED", "ERROR", "RUNNING", "PENDING"]), space) == "2 trial(s) not finished"
+    assert unfinished_trials(_Grid(["TERMINATED", "ERROR", "TERMINATED"]), space) == "3 of 4 trials started"
+    assert unfinished_trials(_Grid(["TERMINATED", "ERROR", "TERMINATED", "TERMINATED"]), space) == ""
+    budget = parse_search_space(tiny_space(experiment__num_samples=4, experiment__time_budget_s=60), source="t")
+    assert unfinished_trials(_Grid(["TERMINATED"]), budget) == ""  # the time budget ended the search: complete

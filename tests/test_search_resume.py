@@ -22,8 +22,10 @@ import yaml
 
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.asha import read_trial_rows
+from tune_agb.search.experiment import read_trial_rows
 from tune_agb.search.state import repair_experiment_state
+
+pytestmark = pytest.mark.slow  # every test here reads one search run through the CLI with two interruptions
 
 MAX_T = 10  # rungs at 5 and 10 epochs: a trial at epoch 3 or 4 is certainly still running
 NUM_SAMPLES = 5

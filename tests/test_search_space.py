@@ -12,8 +12,9 @@ import pytest
 
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.engine.config import TrainConfig, field_names
+from tune_agb.engine.metrics import METRIC_NAMES
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.space import load_search_space, parse_search_space
+from tune_agb.search.space import METRICS, load_search_space, parse_search_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +141,16 @@ def test_trial_config_is_defaults_plus_fixed_plus_sampled() -> None:
     assert cfg.loss == TrainConfig().loss  # default
 
 
+def test_a_search_may_optimise_every_engine_metric_of_the_validation_split_and_the_training_figures() -> None:
+    # One source of truth: the engine's metric names, reported by every trial as val_<name>.
+    assert set(METRICS) == {f"val_{m}" for m in METRIC_NAMES if m != "n"} | {"train_loss", "train_rmse"}
+    for metric in METRICS:
+        assert parse_search_space(tiny_space(experiment__metric=metric), source="t").metric == metric
+    for not_a_figure in ("val_n", "rmse", "test_rmse"):  # a pixel count, unprefixed, a split trials never see
+        with pytest.raises(TuneAgbError, match=r"experiment\.metric: must be one of val_rmse"):
+            parse_search_space(tiny_space(experiment__metric=not_a_figure), source="t")
+
+
 def test_fingerprint_changes_with_the_space() -> None:
     a = parse_search_space(tiny_space(), source="a")
     b = parse_search_space(tiny_space(scheduler__max_t=5), source="b")
@@ -147,6 +158,7 @@ def test_fingerprint_changes_with_the_space() -> None:
     assert a.fingerprint() != b.fingerprint()
 
 
+@pytest.mark.slow
 def test_cli_bad_space_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     bad = write_space(tmp_path / "bad.yaml", tiny_space(params={"lr": {"type": "float", "low": "1e-5", "high": 1}}))
     proc = subprocess.run(

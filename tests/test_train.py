@@ -35,6 +35,7 @@ def _assert_same_history(a: list[dict[str, float]], b: list[dict[str, float]]) -
             assert ha[k] == pytest.approx(hb[k], rel=1e-6, abs=1e-9, nan_ok=True), (ha["epoch"], k)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("optimizer", "schedule"),
     [("adam", "constant"), ("adamw", "cosine"), ("sgd", "onecycle"), ("adam", "cyclic"), ("sgd", "constant")],
@@ -64,6 +65,7 @@ def test_each_optimizer_and_schedule_trains(tiles: dict[str, TileSet], optimizer
     assert torch.isfinite(mu).all()
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
     cfg = _cfg(epochs=2, dropout=0.2)
     a = train(cfg, tiles, device="cpu", progress=False).history
@@ -73,6 +75,7 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
     assert a[-1]["val_rmse"] != c[-1]["val_rmse"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
@@ -106,6 +109,7 @@ def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet
         torch.testing.assert_close(rest.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_architecture(tiles: dict[str, TileSet], tmp_path: Path) -> None:
     states: list[dict] = []
     train(_cfg(epochs=1), tiles, device="cpu", progress=False, on_epoch=lambda r: states.append(r.state()))
@@ -113,6 +117,7 @@ def test_resume_refuses_another_architecture(tiles: dict[str, TileSet], tmp_path
         train(_cfg(epochs=2, base_channels=8), tiles, device="cpu", progress=False, resume=states[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["fp16", "bf16"])
 def test_autocast_options_run_on_cpu(tiles: dict[str, TileSet], amp: str) -> None:
     cfg = _cfg(amp=amp, epochs=2)
@@ -130,10 +135,12 @@ def test_autocast_options_run_on_cpu(tiles: dict[str, TileSet], amp: str) -> Non
         assert scaler_state == {}
 
 
+@pytest.mark.slow
 def test_auto_amp_is_full_precision_on_cpu(tiles: dict[str, TileSet]) -> None:
     assert train(_cfg(epochs=1), tiles, device="cpu", progress=False).amp is None
 
 
+@pytest.mark.slow
 def test_divergence_raises_a_clear_error(tiles: dict[str, TileSet]) -> None:
     cfg = _cfg(optimizer="sgd", lr=1e6, grad_clip=0.0, schedule="constant", epochs=3)
     with pytest.raises(DivergenceError) as info:
@@ -144,6 +151,7 @@ def test_divergence_raises_a_clear_error(tiles: dict[str, TileSet]) -> None:
     assert not math.isfinite(info.value.metrics["train_loss"]) or not math.isfinite(info.value.metrics["val_rmse"])
 
 
+@pytest.mark.slow
 def test_on_epoch_stop_training_ends_the_run(tiles: dict[str, TileSet]) -> None:
     reports: list[EpochReport] = []
 
@@ -160,6 +168,7 @@ def test_on_epoch_stop_training_ends_the_run(tiles: dict[str, TileSet]) -> None:
     assert rep.is_best == (res.best_epoch == 2)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_refusals(tiles: dict[str, TileSet], tmp_path: Path) -> None:
     states: list[dict] = []
     res = train(_cfg(epochs=1), tiles, device="cpu", progress=False, on_epoch=lambda r: states.append(r.state()))

@@ -16,10 +16,10 @@ from ray import tune
 from tests.search_helpers import ray_local, tiny_space  # noqa: F401 (fixture)
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_dataset
-from tune_agb.search.asha import read_trial_rows
 from tune_agb.search.cli import make_trainable
+from tune_agb.search.experiment import CHECKPOINT_FILE, read_trial_rows
 from tune_agb.search.space import parse_search_space
-from tune_agb.search.trainable import CHECKPOINT_FILE, finite_or_inf, search_trial, select_device
+from tune_agb.search.trainable import finite_or_inf, search_trial, select_device
 
 # The failure-injecting trainable below must reach the workers by value (tests/ is not on their sys.path).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -67,6 +67,7 @@ def _fit(
     return tuner.fit()
 
 
+@pytest.mark.slow
 def test_reports_every_epoch_with_a_checkpoint_and_reads_no_files(
     ray_local: None,  # noqa: F811
     tiny_data: Path,
@@ -165,6 +166,7 @@ def test_failed_trial_is_retried_from_its_newest_checkpoint(
     assert result.metrics["epoch"] == 4 and result.metrics["val_rmse"] == pytest.approx(rows[-1]["val_rmse"])
 
 
+@pytest.mark.slow
 def test_divergence_is_reported_as_inf_then_retried_then_errored(
     ray_local: None,  # noqa: F811
     tiny_data: Path,
@@ -202,6 +204,7 @@ def test_finite_or_inf_and_device_selection() -> None:
     assert select_device(["0"], 0.25, cuda_available=False) == ("cpu", None)
 
 
+@pytest.mark.slow
 @pytest.mark.cuda
 def test_quarter_gpu_trial_trains_on_cuda_with_bf16(tiny_data: Path, tmp_path: Path) -> None:
     import torch

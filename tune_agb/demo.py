@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import numpy as np
 
 from tune_agb.bands import NUM_BANDS
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.geo.tiling import assign_blocks, block_of, count_block_tiles, rasterize_points, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,24 @@ def rasterize_shots(scene: Scene) -> np.ndarray:
     """Good-quality shots on the pixel grid (mean of the shots per pixel), NaN elsewhere."""
     h, w = scene.agb.shape
     good = scene.shot_quality == 1
-    r = scene.shot_row[good].astype(int)
-    c = scene.shot_col[good].astype(int)
-    s = np.zeros((h, w))
-    n = np.zeros((h, w))
-    np.add.at(s, (r, c), scene.shot_value[good])
-    np.add.at(n, (r, c), 1)
-    with np.errstate(invalid="ignore"):
-        return np.where(n > 0, s / n, np.nan).astype(np.float32)
+    return rasterize_points(scene.shot_row[good], scene.shot_col[good], scene.shot_value[good], h, w).dense()
+
+
+def split_tiles(
+    offsets: Iterable[tuple[int, int]], tile: int, split: tuple[float, float, float], seed: int
+) -> dict[tuple[int, int], str]:
+    """The split of each tile (by its (row, col) offset in px): tiles are grouped into blocks of 2 x 2 tiles, and
+    ``round(fraction * blocks)`` blocks (at least one) go to val and to test, the rest to train; which ones is drawn
+    with ``seed``. Every block counts one, whatever its number of tiles, so the train fraction is not used."""
+    offsets = list(offsets)
+    block_px = 2 * tile
+    blocks = count_block_tiles(offsets, block_px)
+    n = len(blocks)
+    n_val, n_test = max(1, round(split[1] * n)), max(1, round(split[2] * n))
+    # With unit weights and fractions k / n, assign_blocks hands out exactly k blocks to val and to test.
+    fractions = (1 - (n_val + n_test) / n, n_val / n, n_test / n)
+    block_split = assign_blocks(dict.fromkeys(blocks, 1), fractions, seed)
+    return {(r, c): block_split[block_of(r, c, block_px)] for r, c in offsets}
 
 
 def write_demo_dataset(
@@ -165,23 +176,18 @@ def write_demo_dataset(
     rows, cols = grid
     scene = synth_scene(rows * tile, cols * tile, seed)
     label = rasterize_shots(scene)
-    rng = np.random.default_rng(seed + 1)
-    blocks = [(br, bc) for br in range(0, rows, 2) for bc in range(0, cols, 2)]
-    order = rng.permutation(len(blocks))
-    n_val = max(1, round(split[1] * len(blocks)))
-    n_test = max(1, round(split[2] * len(blocks)))
-    block_split = {}
-    for k, i in enumerate(order):
-        block_split[blocks[i]] = "val" if k < n_val else "test" if k < n_val + n_test else "train"
-    for r in range(rows):
-        for c in range(cols):
-            name = f"tile_{r:02d}_{c:02d}"
-            s = block_split[(r // 2 * 2, c // 2 * 2)]
-            win = (slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile))
-            for kind, arr in (("inputs", scene.image[:, win[0], win[1]]), ("labels", label[win])):
-                d = out / kind / s
-                d.mkdir(parents=True, exist_ok=True)
-                np.save(d / f"{name}.npy", np.ascontiguousarray(arr))
+    offsets = [
+        (r, c)
+        for r in window_starts(rows * tile, tile, tile, cover_edge=False)
+        for c in window_starts(cols * tile, tile, tile, cover_edge=False)
+    ]
+    for (r, c), s in split_tiles(offsets, tile, split, seed + 1).items():
+        name = f"tile_{r // tile:02d}_{c // tile:02d}"
+        win = (slice(r, r + tile), slice(c, c + tile))
+        for kind, arr in (("inputs", scene.image[:, win[0], win[1]]), ("labels", label[win])):
+            d = out / kind / s
+            d.mkdir(parents=True, exist_ok=True)
+            np.save(d / f"{name}.npy", np.ascontiguousarray(arr))
     (out / "demo.json").write_text(
         json.dumps({"version": DEMO_VERSION, "tile": tile, "grid": list(grid), "seed": seed, "bands": NUM_BANDS})
     )
@@ -248,9 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.tile_size < 8:
         raise TuneAgbError(f"--tile-size: must be >= 8, got {a.tile_size}")
     if a.scene:
-        from tune_agb.demo_scene import write_demo_scene  # rasterio is needed only here
+        from tune_agb.demo_scene import write_demo_scene  # rasterio is needed only here (demo_scene imports no demo)
 
-        paths = write_demo_scene(out, a.grid[0] * a.tile_size, a.grid[1] * a.tile_size, a.seed)
+        paths = write_demo_scene(out, synth_scene(a.grid[0] * a.tile_size, a.grid[1] * a.tile_size, a.seed))
         print(f"demo scene written: {paths['image']}, {paths['shots']}, {paths['truth']}")
         return 0
     for kind in ("inputs", "labels"):

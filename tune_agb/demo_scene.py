@@ -1,19 +1,21 @@
 """The synthetic demo scene as a user would have it: a GeoTIFF stack and a table of GEDI shots.
 
-:func:`write_demo_scene` writes, into one folder,
+:func:`write_demo_scene` writes a scene made by :func:`tune_agb.demo.synth_scene` into one folder:
 
-- ``scene.tif``: the 14-band Sentinel-1/2 stack of :func:`tune_agb.demo.synth_scene` (float32, band descriptions
-  B1 ... B12 VV VH, NaN nodata under the clouds) on a 10 m UTM grid (EPSG:32647, central Thailand by default);
+- ``scene.tif``: its 14-band Sentinel-1/2 stack (float32, band descriptions B1 ... B12 VV VH, NaN nodata under the
+  clouds) on a 10 m UTM grid (EPSG:32647, central Thailand by default);
 - ``gedi_shots.parquet``: one row per GEDI shot with GEDI L4A's column names ``lon_lowestmode``,
   ``lat_lowestmode`` (EPSG:4326 degrees), ``agbd`` (Mg/ha) and ``l4_quality_flag`` (1 good, 0 flagged);
 - ``agb_truth.tif``: the true biomass (Mg/ha) the shots were sampled from, to judge a predicted map.
 
-``python -m tune_agb.demo --scene --out DIR`` calls it.
+``python -m tune_agb.demo --scene --out DIR`` calls it. This module does not import :mod:`tune_agb.demo` (the
+scene is passed in), so the numpy-only demo can import it lazily for ``--scene`` without an import cycle.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +26,9 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as warp_points
 
 from tune_agb.bands import BAND_NAMES
-from tune_agb.demo import DEFAULT_SEED, Scene, synth_scene
+
+if TYPE_CHECKING:  # annotations only: tune_agb.demo imports this module (for --scene), not the other way round
+    from tune_agb.demo import Scene
 
 DEMO_CRS = "EPSG:32647"  # WGS 84 / UTM zone 47N
 DEMO_ORIGIN = (600_000.0, 1_650_000.0)  # upper-left corner (m), about 100.0 E, 14.9 N
@@ -56,21 +60,20 @@ def shots_table(scene: Scene, transform: Affine, crs: str) -> pa.Table:
 
 def write_demo_scene(
     out: str | Path,
-    height: int = 512,
-    width: int = 384,
-    seed: int = DEFAULT_SEED,
+    scene: Scene,
     crs: str = DEMO_CRS,
     origin: tuple[float, float] = DEMO_ORIGIN,
     resolution: float = DEMO_RESOLUTION,
 ) -> dict[str, Path]:
-    """Write ``scene.tif``, ``gedi_shots.parquet`` and ``agb_truth.tif`` of a ``height`` x ``width`` px scene.
+    """Write ``scene.tif``, ``gedi_shots.parquet`` and ``agb_truth.tif`` of ``scene`` (e.g.
+    ``synth_scene(512, 384)``: 512 x 384 px), its upper-left corner at ``origin`` in ``crs``.
 
     Returns:
         Paths by kind: ``image``, ``shots``, ``truth``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    scene = synth_scene(height, width, seed)
+    height, width = scene.agb.shape
     transform = scene_transform(origin, resolution)
     profile = {
         "driver": "GTiff",

@@ -17,43 +17,51 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from tune_agb.demo import data_dirs
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
-from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_values, save_config
+from tune_agb.engine.config import (
+    CHOICES,
+    LOSS_ALIASES,
+    TrainConfig,
+    config_from_dict,
+    loss_name,
+    read_config_values,
+    save_config,
+)
 from tune_agb.engine.data import DeviceTiles, TileSet, load_dataset
-from tune_agb.engine.inference import combine_members
+from tune_agb.engine.device import memory_format, resolve_device
+from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
-from tune_agb.engine.model import UNet
-from tune_agb.engine.train import EpochReport, TrainResult, evaluate_split, memory_format, resolve_device, train
+from tune_agb.engine.train import EpochReport, TrainResult, evaluate_split, train
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.search.experiment import read_best  # STORAGE/NAME/best.yaml of a search
 
 log = logging.getLogger("tune_agb.final_train")
 
 # Files that mark a folder as holding a run.
 RUN_MARKERS = ("config.yaml", "metrics.json", "best.pt", "last.pt", "members")
-# --loss_key values of the original script and their names here.
-LOSS_ALIASES = {
-    "gaussian": "gaussian_nll",
-    "gaussiannll": "gaussian_nll",
-    "nll": "gaussian_nll",
-    "gaussian_nll": "gaussian_nll",
-    "laplacian": "laplacian_nll",
-    "laplace": "laplacian_nll",
-    "laplaciannll": "laplacian_nll",
-    "laplacian_nll": "laplacian_nll",
-    "mse": "mse",
-    "l2": "mse",
-    "mae": "mae",
-    "l1": "mae",
+# The original training script's hyperparameter flags and the TrainConfig key each one sets (the flag's argparse
+# dest; each also has a newer spelling, see build_parser). Their values are converted by config_overrides.
+LEGACY_FLAGS: dict[str, str] = {
+    "--nb_epoch": "epochs",
+    "--batch_size": "batch_size",
+    "--base_learning_rate": "lr",
+    "--l2_lambda": "weight_decay",
+    "--optimizer": "optimizer",
+    "--momentum": "momentum",
+    "--gradient_clipping": "grad_clip",
+    "--num_ch": "in_channels",
+    "--amp": "amp",
+    "--bilinear": "upsampling",
+    "--loss_key": "loss",
 }
 
 
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     h.add_argument("--lr", "--base_learning_rate", dest="lr", type=float)
     h.add_argument("--weight-decay", "--l2_lambda", dest="weight_decay", type=float)
-    h.add_argument("--optimizer", type=str.lower, choices=["adam", "adamw", "sgd"])
+    h.add_argument("--optimizer", type=str.lower, choices=CHOICES["optimizer"])
     h.add_argument("--momentum", type=float)
     h.add_argument(
         "--gradient_clipping",
@@ -114,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.add_argument(
         "--bilinear",
+        dest="upsampling",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="bilinear upsampling; --no-bilinear for transposed convolutions",
@@ -124,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--loss",
         dest="loss",
         type=str.lower,
-        help=f"loss: {', '.join(sorted(set(LOSS_ALIASES.values())))} (or the original script's names)",
+        help=f"loss: {', '.join(sorted(CHOICES['loss']))} (or the original script's names)",
     )
     o = p.add_argument_group("original training script")
     o.add_argument("--all_checkpoint_dir", help="also keep a checkpoint of every epoch here (with --save_checkpoint)")
@@ -140,54 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _loss_from_flag(value: str) -> str:
+    name = loss_name(value)
+    if name is None:
+        allowed = ", ".join(sorted([*CHOICES["loss"], *LOSS_ALIASES]))
+        raise TuneAgbError(f"--loss_key: unknown loss {value!r}; allowed: {allowed}")
+    return name
+
+
+# How a flag's value becomes the config value, where they differ.
+_FLAG_TO_CONFIG: dict[str, Callable[[Any], Any]] = {
+    "amp": lambda on: "auto" if on else "none",
+    "upsampling": lambda on: "bilinear" if on else "transpose",
+    "loss": _loss_from_flag,
+}
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig values given by hyperparameter flags (``--seed`` and the :data:`LEGACY_FLAGS`), not yet
+    validated."""
     out: dict[str, Any] = {}
-    for key in (
-        "epochs",
-        "seed",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "optimizer",
-        "momentum",
-        "grad_clip",
-        "in_channels",
-    ):
-        if getattr(args, key) is not None:
-            out[key] = getattr(args, key)
-    if args.amp is not None:
-        out["amp"] = "auto" if args.amp else "none"
-    if args.bilinear is not None:
-        out["upsampling"] = "bilinear" if args.bilinear else "transpose"
-    if args.loss is not None:
-        key = args.loss.replace("-", "_")
-        if key not in LOSS_ALIASES:
-            raise TuneAgbError(f"--loss_key: unknown loss {args.loss!r}; allowed: {', '.join(sorted(LOSS_ALIASES))}")
-        out["loss"] = LOSS_ALIASES[key]
+    for key in (*LEGACY_FLAGS.values(), "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = _FLAG_TO_CONFIG.get(key, lambda v: v)(value)
     return out
-
-
-def read_best(experiment: str) -> dict[str, Any]:
-    """``STORAGE/NAME/best.yaml`` of a search (a local path or a pyarrow URI such as ``s3://...``)."""
-    path = experiment.rstrip("/") + "/best.yaml"
-    try:
-        if "://" in experiment:
-            import pyarrow.fs
-
-            fs, p = pyarrow.fs.FileSystem.from_uri(path)
-            with fs.open_input_stream(p) as f:
-                text = f.read().decode()
-        else:
-            text = Path(path).read_text()
-    except (OSError, FileNotFoundError) as exc:
-        raise TuneAgbError(f"{path}: cannot read the search's best.yaml ({exc}); is this a finished search?") from None
-    try:
-        best = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TuneAgbError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(best, dict) or not isinstance(best.get("config"), dict):
-        raise TuneAgbError(f"{path}: expected a mapping with a 'config' mapping")
-    return best
 
 
 @dataclass
@@ -221,7 +207,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         source = f"checkpoint {ckpt}"
     elif args.model_weights_path:
         raise TuneAgbError("--model_weights_path: only used with --train_mode resume")
-    values |= _overrides(args)
+    values |= config_overrides(args)
     cfg = config_from_dict(values, source="config")
     if args.ensemble < 1:
         raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
@@ -293,15 +279,15 @@ def prediction_image(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return torch.cat([m, gap, s], dim=1).unsqueeze(0)
 
 
-def _start_wandb(args: argparse.Namespace, cfg: TrainConfig, out: Path) -> Any:
-    if not args.wandb:
+def _start_wandb(project: str | None, cfg: TrainConfig, out: Path) -> Any:
+    if project is None:
         return None
     try:
         import wandb
     except ImportError:
         raise TuneAgbError("--wandb: the wandb package is not installed (pip install 'tune_agb[wandb]')") from None
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return wandb.init(project=args.wandb_project, dir=str(out), config=cfg.to_dict(), mode=mode)
+    return wandb.init(project=project, dir=str(out), config=cfg.to_dict(), mode=mode)
 
 
 @dataclass
@@ -312,28 +298,41 @@ class MemberOutput:
 
 
 def train_member(
-    plan: Plan,
     cfg: TrainConfig,
     tiles: dict[str, TileSet],
     out: Path,
-    args: argparse.Namespace,
-    resume: dict[str, Any] | None,
+    *,
+    resume: dict[str, Any] | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    epoch_checkpoints: Path | None = None,
+    wandb_project: str | None = None,
 ) -> MemberOutput:
-    keep = None
-    if args.save_checkpoint:
-        keep = Path(args.all_checkpoint_dir) if args.all_checkpoint_dir else out / "checkpoints"
+    """Train one model into ``out`` (config.yaml, best.pt, last.pt, tensorboard/, norm_stats.json) and predict val
+    and test with its best epoch.
+
+    Args:
+        cfg: hyperparameters.
+        tiles: ``train``, ``val`` and ``test`` TileSets.
+        out: the member's output folder.
+        resume: a checkpoint dict to continue from.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: show a progress bar.
+        epoch_checkpoints: a folder to keep every epoch's checkpoint in (None: not kept).
+        wandb_project: log to Weights & Biases under this project (None: no W&B).
+    """
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    wb = _start_wandb(args, cfg, out)
-    logger = EpochLogger(out, out / "tensorboard", keep, wb)
+    wb = _start_wandb(wandb_project, cfg, out)
+    logger = EpochLogger(out, out / "tensorboard", epoch_checkpoints, wb)
     try:
         result = train(
             cfg,
             {"train": tiles["train"], "val": tiles["val"]},
-            device=args.device,
+            device=device,
             resume=resume,
             on_epoch=logger,
-            progress=not args.no_progress,
+            progress=progress,
         )
     finally:
         logger.close()
@@ -343,13 +342,11 @@ def train_member(
         log.warning("%s: no epoch improved on the resumed checkpoint's best; evaluating the last epoch", out)
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
     best = load_checkpoint(out / "best.pt", map_location=result.device)
-    model = UNet.from_config(cfg).to(result.device)
-    model.load_state_dict(best["model"])
-    fmt = memory_format(cfg, result.device)
-    model = model.to(memory_format=fmt)
+    model = member_from_state(best, result.device, source=str(out / "best.pt")).model
+    channels_last = memory_format(cfg, result.device) == torch.channels_last
     preds, metrics = {}, {"best_epoch": int(best["epoch"])}
     for split in ("val", "test"):
-        dt = DeviceTiles(tiles[split], result.norm, result.device, fmt == torch.channels_last)
+        dt = DeviceTiles(tiles[split], result.norm, result.device, channels_last)
         ev = evaluate_split(model, dt, cfg, result.norm, cfg.batch_size, result.amp)
         preds[split] = (ev.mean, ev.var)
         metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}
@@ -391,6 +388,13 @@ def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[
         calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
 
 
+def _epoch_checkpoint_dir(args: argparse.Namespace, out: Path) -> Path | None:
+    """Where --save_checkpoint keeps every epoch's checkpoint (--all_checkpoint_dir, else OUT/checkpoints)."""
+    if not args.save_checkpoint:
+        return None
+    return Path(args.all_checkpoint_dir) if args.all_checkpoint_dir else out / "checkpoints"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -406,7 +410,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in range(args.ensemble):
         mcfg = plan.cfg.replace(seed=plan.cfg.seed + k)
         mout = out if args.ensemble == 1 else out / "members" / f"member_{k:02d}"
-        members.append(train_member(plan, mcfg, tiles, mout, args, plan.resume))
+        members.append(
+            train_member(
+                mcfg,
+                tiles,
+                mout,
+                resume=plan.resume,
+                device=args.device,
+                progress=not args.no_progress,
+                epoch_checkpoints=_epoch_checkpoint_dir(args, mout),
+                wandb_project=args.wandb_project if args.wandb else None,
+            )
+        )
     if args.ensemble == 1:
         preds, metrics = members[0].preds, dict(members[0].metrics)
     else:

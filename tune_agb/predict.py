@@ -30,15 +30,16 @@ from tune_agb.bands import BAND_NAMES
 from tune_agb.engine.inference import Predictor, load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.geo.raster import (
-    RESAMPLING,
-    S2_OFFSET_2022,
     RasterStack,
+    StackOptions,
+    add_image_argument,
+    add_stack_arguments,
     dn_to_reflectance,
     gdal_env,
     s2_band_positions,
     staged_file,
-    window_starts,
 )
+from tune_agb.geo.tiling import window_starts
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def predict_raster(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tune_agb.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint .pt, final-train OUT_DIR, or ensemble OUT_DIR")
-    p.add_argument("--image", action="append", required=True, help="input GeoTIFF (repeat to stack more, band-wise)")
+    add_image_argument(p)
     p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std)")
     p.add_argument("--tile-size", type=int, default=512, help="window side in px (default 512)")
     p.add_argument(
@@ -162,10 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: the GPU if any)")
-    p.add_argument("--bands", nargs="+", help="bands to use, by 1-based index over the stack or by description")
-    p.add_argument("--resampling", choices=RESAMPLING, default="bilinear", help="for images on another grid")
-    p.add_argument("--s2-dn", action="store_true", help="Sentinel-2 bands are digital numbers: scale to reflectance")
-    p.add_argument("--s2-offset", type=float, default=S2_OFFSET_2022, help="reflectance = (DN + offset) / 10000")
+    add_stack_arguments(p)
     p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -185,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(a.out)
     if out.exists() and not a.overwrite:
         raise TuneAgbError(f"--out {out}: exists (use --overwrite to replace it)")
-    with gdal_env(), RasterStack(a.image, bands=a.bands, resampling=a.resampling) as stack:
+    options = StackOptions.from_args(a)
+    with gdal_env(), options.open(a.image) as stack:
         predictor = load_predictor(a.model, device=a.device)
         if stack.count != predictor.in_channels:
             expected = f" ({' '.join(BAND_NAMES)})" if predictor.in_channels == len(BAND_NAMES) else ""
@@ -211,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         tile=a.tile_size,
                         overlap=a.overlap,
                         batch_size=a.batch_size,
-                        s2_offset=a.s2_offset if a.s2_dn else None,
+                        s2_offset=options.s2_offset,
                         progress=a.progress,
                     )
                 if a.cog:

@@ -29,21 +29,28 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
-from rasterio.warp import transform as warp_points
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from tune_agb.engine.data import SPLITS
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.geo.raster import (
-    RESAMPLING,
-    S2_OFFSET_2022,
-    Grid,
     RasterStack,
+    StackOptions,
+    add_image_argument,
+    add_stack_arguments,
     dn_to_reflectance,
     gdal_env,
-    s2_band_positions,
+    rasterize_map_points,
     staged_dir,
+)
+from tune_agb.geo.tiling import (
+    SPLITS,
+    PointLabels,
+    assign_blocks,
+    block_of,
+    count_block_tiles,
+    tile_split,
+    window_starts,
 )
 
 log = logging.getLogger(__name__)
@@ -58,29 +65,6 @@ _OPS = {
     ">": lambda a, b: a > b,
     "<": lambda a, b: a < b,
 }
-
-
-@dataclass
-class PointLabels:
-    """GEDI shots rasterised sparsely: sorted linear pixel index (row * width + col) and the mean value there."""
-
-    pixel: np.ndarray  # (P,) int64, sorted, unique
-    value: np.ndarray  # (P,) float32, mean of the shots in that pixel
-    width: int
-    shots_read: int = 0
-    shots_outside: int = 0
-    shots_no_value: int = 0
-
-    def window(self, win: Window) -> np.ndarray:
-        """(h, w) float32 label of a window, NaN where no shot fell."""
-        r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
-        out = np.full((h, w), np.nan, dtype=np.float32)
-        lo, hi = np.searchsorted(self.pixel, [r0 * self.width, (r0 + h) * self.width])
-        pix = self.pixel[lo:hi]
-        rows, cols = pix // self.width - r0, pix % self.width - c0
-        keep = (cols >= 0) & (cols < w)
-        out[rows[keep], cols[keep]] = self.value[lo:hi][keep]
-        return out
 
 
 @dataclass
@@ -160,34 +144,6 @@ def read_points(
     return out[0], out[1], out[2]
 
 
-def rasterize_points(
-    x: np.ndarray, y: np.ndarray, value: np.ndarray, grid: Grid, points_crs: CRS, source: Path
-) -> PointLabels:
-    """Reproject shots to the grid's CRS and average the shots of each pixel."""
-    n = value.size
-    has_value = np.isfinite(value) & (value != GEDI_NODATA) & np.isfinite(x) & np.isfinite(y)
-    x, y, value = x[has_value], y[has_value], value[has_value]
-    try:
-        mx, my = warp_points(points_crs, grid.crs, x, y) if points_crs != grid.crs else (x, y)
-    except CRSError as exc:
-        raise TuneAgbError(f"{source}: cannot reproject shots to {grid.crs} ({exc})") from None
-    col_f, row_f = ~grid.transform @ (np.asarray(mx), np.asarray(my))
-    row, col = np.floor(row_f), np.floor(col_f)
-    inside = np.isfinite(row) & np.isfinite(col) & (row >= 0) & (row < grid.height) & (col >= 0) & (col < grid.width)
-    lin = row[inside].astype(np.int64) * grid.width + col[inside].astype(np.int64)
-    pixel, inverse = np.unique(lin, return_inverse=True)
-    sums = np.bincount(inverse, weights=value[inside], minlength=pixel.size)
-    counts = np.bincount(inverse, minlength=pixel.size)
-    return PointLabels(
-        pixel=pixel,
-        value=(sums / np.maximum(counts, 1)).astype(np.float32),
-        width=grid.width,
-        shots_read=n,
-        shots_outside=int((~inside).sum()),
-        shots_no_value=int((~has_value).sum()),
-    )
-
-
 def parse_split(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(v) for v in text.split(","))
@@ -196,36 +152,6 @@ def parse_split(text: str) -> tuple[float, float, float]:
     if len(parts) != 3 or any(p < 0 or not math.isfinite(p) for p in parts) or abs(sum(parts) - 1) > 1e-6:
         raise TuneAgbError(f"--split {text!r}: expected three non-negative fractions TRAIN,VAL,TEST summing to 1")
     return parts  # type: ignore[return-value]
-
-
-def tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Offsets of whole tiles only (training tiles share one shape); the remainder at the edge is left out."""
-    return list(range(0, size - tile + 1, stride))
-
-
-def assign_blocks(
-    block_tiles: dict[tuple[int, int], int], fractions: tuple[float, float, float], seed: int
-) -> dict[tuple[int, int], str]:
-    """Shuffle the blocks and hand them out until val and test hold their share of the tiles; the rest is train."""
-    keys = sorted(k for k, n in block_tiles.items() if n > 0)
-    rng = np.random.default_rng(seed)
-    order = [keys[i] for i in rng.permutation(len(keys))]
-    total = sum(block_tiles[k] for k in keys)
-    out: dict[tuple[int, int], str] = {}
-    want = {"val": fractions[1] * total, "test": fractions[2] * total}
-    got = {"val": 0, "test": 0}
-    for k in order:
-        for s in ("val", "test"):
-            if want[s] > 0 and (got[s] == 0 or got[s] + block_tiles[k] / 2 <= want[s]):
-                out[k] = s
-                got[s] += block_tiles[k]
-                break
-        else:
-            out[k] = "train"
-    if fractions[0] == 0:  # nothing asked for train: leftovers go to the last split asked for
-        last = "test" if fractions[2] > 0 else "val"
-        out = {k: (last if s == "train" else s) for k, s in out.items()}
-    return out
 
 
 def prepare(args: argparse.Namespace) -> Summary:
@@ -247,13 +173,14 @@ def prepare(args: argparse.Namespace) -> Summary:
     fractions = parse_split(args.split)
     summary = Summary()
 
-    with gdal_env(), RasterStack(args.image, bands=args.bands, resampling=args.resampling) as stack:
+    options = StackOptions.from_args(args)
+    with gdal_env(), options.open(args.image) as stack:
         grid = stack.grid
         if grid.height < tile or grid.width < tile:
             raise TuneAgbError(
                 f"{args.image[0]}: raster is {grid.height} x {grid.width} px, smaller than --tile-size {tile}"
             )
-        s2_pos = s2_band_positions(stack.band_names, stack.count) if args.s2_dn else []
+        s2_pos = options.s2_positions(stack)
         label_stack: RasterStack | None = None
         points: PointLabels | None = None
         if args.labels:
@@ -268,7 +195,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                 raise TuneAgbError(f"--points-crs {args.points_crs!r}: not a CRS (e.g. EPSG:4326)") from None
             gedi = Path(args.gedi)
             x, y, v = read_points(gedi, args.value_column, args.lon_column, args.lat_column, args.filter or [])
-            points = rasterize_points(x, y, v, grid, points_crs, gedi)
+            points = rasterize_map_points(x, y, v, grid, points_crs, gedi, nodata=GEDI_NODATA)
             summary.shots_read, summary.shots_outside = points.shots_read, points.shots_outside
             summary.shots_no_value = points.shots_no_value
             if points.pixel.size == 0:
@@ -279,23 +206,23 @@ def prepare(args: argparse.Namespace) -> Summary:
             log.info("%d shots, %d outside the raster", points.shots_read, points.shots_outside)
 
         try:
-            rows = tile_starts(grid.height, tile, stride)
-            cols = tile_starts(grid.width, tile, stride)
+            rows = window_starts(grid.height, tile, stride, cover_edge=False)
+            cols = window_starts(grid.width, tile, stride, cover_edge=False)
             summary.tiles_on_grid = len(rows) * len(cols)
             summary.edge_pixels_unused = (grid.height - rows[-1] - tile, grid.width - cols[-1] - tile)
             block_px = args.block_size * stride
 
-            def label_of(win: Window) -> np.ndarray:
+            def label_of(r: int, c: int) -> np.ndarray:
                 if points is not None:
-                    return points.window(win)
+                    return points.window(r, c, tile, tile)
                 assert label_stack is not None
-                return label_stack.read(win)[0]
+                return label_stack.read(Window(c, r, tile, tile))[0]
 
             # Pass 1 (labels only, cheap): which tiles have enough labels, and how many per block.
             candidates: list[tuple[int, int, int]] = []
             for r in rows:
                 for c in cols:
-                    n = int(np.isfinite(label_of(Window(c, r, tile, tile))).sum())
+                    n = int(np.isfinite(label_of(r, c)).sum())
                     if n < args.min_labels:
                         summary.skipped_few_labels += 1
                     else:
@@ -305,20 +232,8 @@ def prepare(args: argparse.Namespace) -> Summary:
                     f"no tile of {tile} px has >= {args.min_labels} labelled pixels "
                     f"({summary.tiles_on_grid} tiles on the grid); lower --min-labels or check the labels"
                 )
-            block_tiles: dict[tuple[int, int], int] = {}
-            for r, c, _ in candidates:
-                key = (r // block_px, c // block_px)
-                block_tiles[key] = block_tiles.get(key, 0) + 1
+            block_tiles = count_block_tiles(((r, c) for r, c, _ in candidates), block_px)
             block_split = assign_blocks(block_tiles, fractions, args.seed)
-
-            def split_of(r: int, c: int) -> str | None:
-                """The tile's split, or None when it reaches into a block of another split."""
-                touched = {
-                    block_split.get((br, bc), "train")
-                    for br in range(r // block_px, (r + tile - 1) // block_px + 1)
-                    for bc in range(c // block_px, (c + tile - 1) // block_px + 1)
-                }
-                return touched.pop() if len(touched) == 1 else None
 
             records: list[dict] = []
             crs_text = grid.crs.to_string()
@@ -328,7 +243,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                     (stage / "labels" / s).mkdir(parents=True)
                 bar = tqdm(candidates, desc="prepare", unit="tile", disable=not args.progress)
                 for r, c, n in bar:
-                    split = split_of(r, c)
+                    split = tile_split(r, c, tile, block_px, block_split)
                     if split is None:
                         summary.dropped_at_split_borders += 1
                         continue
@@ -338,11 +253,12 @@ def prepare(args: argparse.Namespace) -> Summary:
                         summary.skipped_no_input += 1
                         continue
                     if s2_pos:
-                        dn_to_reflectance(image, s2_pos, args.s2_offset)
+                        dn_to_reflectance(image, s2_pos, options.s2_offset)
                     name = f"r{r:06d}_c{c:06d}"
                     np.save(stage / "inputs" / split / f"{name}.npy", image)
-                    np.save(stage / "labels" / split / f"{name}.npy", label_of(win))
+                    np.save(stage / "labels" / split / f"{name}.npy", label_of(r, c))
                     left, bottom, right, top = grid.window_bounds(win)
+                    block_row, block_col = block_of(r, c, block_px)
                     records.append(
                         {
                             "name": name,
@@ -351,8 +267,8 @@ def prepare(args: argparse.Namespace) -> Summary:
                             "col_off": c,
                             "height": tile,
                             "width": tile,
-                            "block_row": r // block_px,
-                            "block_col": c // block_px,
+                            "block_row": block_row,
+                            "block_col": block_col,
                             "left": left,
                             "bottom": bottom,
                             "right": right,
@@ -395,7 +311,7 @@ def _commit(stage: Path, out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tune_agb.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--image", action="append", required=True, help="input GeoTIFF (repeat to stack more, band-wise)")
+    add_image_argument(p)
     lab = p.add_mutually_exclusive_group(required=True)
     lab.add_argument("--labels", help="label raster (one band, NaN/nodata where no label)")
     lab.add_argument("--gedi", help="GEDI shots table (.parquet or .csv)")
@@ -412,15 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="0.7,0.15,0.15", help="train,val,test fractions of the tiles")
     p.add_argument("--block-size", type=int, default=2, help="block side in tile steps; blocks go whole to a split")
     p.add_argument("--min-labels", type=int, default=1, help="skip tiles with fewer labelled pixels (default 1)")
-    p.add_argument("--bands", nargs="+", help="bands to keep, by 1-based index over the stack or by description")
-    p.add_argument("--resampling", choices=RESAMPLING, default="bilinear", help="for images on another grid")
-    p.add_argument("--s2-dn", action="store_true", help="Sentinel-2 bands are digital numbers: scale to reflectance")
-    p.add_argument(
-        "--s2-offset",
-        type=float,
-        default=S2_OFFSET_2022,
-        help="reflectance = (DN + offset) / 10000; -1000 for products from 2022 on (default), 0 before",
-    )
+    add_stack_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the block-to-split assignment")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -22,6 +22,25 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("auto", "bf16", "fp16", "none"),
 }
 
+# Other names accepted for a loss (the original training script's ``--loss_key`` values), by canonical name.
+LOSS_ALIASES: dict[str, str] = {
+    "gaussian": "gaussian_nll",
+    "gaussiannll": "gaussian_nll",
+    "nll": "gaussian_nll",
+    "laplacian": "laplacian_nll",
+    "laplace": "laplacian_nll",
+    "laplaciannll": "laplacian_nll",
+    "l2": "mse",
+    "l1": "mae",
+}
+
+
+def loss_name(name: str) -> str | None:
+    """The canonical loss (a ``CHOICES['loss']`` value) for a loss name or alias (any case, ``-`` or ``_``);
+    None when there is none."""
+    key = name.lower().replace("-", "_")
+    return key if key in CHOICES["loss"] else LOSS_ALIASES.get(key)
+
 
 @dataclass
 class TrainConfig:

@@ -1,9 +1,15 @@
-"""Load a trained model (or an ensemble of them) for prediction on raw, un-normalised input stacks."""
+"""Running a model to target units, and loading a trained model (or an ensemble of them) for prediction on raw,
+un-normalised input stacks.
+
+:func:`predict_target_units` is the one place where the model runs for prediction and its outputs are scaled back to
+target units: validation during training, final evaluation and wall-to-wall prediction all go through it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,10 +17,27 @@ import torch
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import NormStats
+from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
 from tune_agb.engine.losses import predicted_variance
 from tune_agb.engine.model import UNet
-from tune_agb.engine.train import _autocast, memory_format, resolve_amp, resolve_device
 from tune_agb.errors import TuneAgbError
+
+
+@torch.no_grad()
+def predict_target_units(
+    model: UNet, x: torch.Tensor, cfg: TrainConfig, norm: NormStats, amp: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance maps (B, H, W) in target units (float32) for normalised inputs ``x`` (B, C, H, W).
+
+    ``x`` is on the model's device; ``cfg`` gives the memory layout and the loss (the variance its head implies),
+    ``norm`` the target mean and std, ``amp`` the autocast dtype (None: full precision). The model's mode (eval) is
+    the caller's to set."""
+    x = x.contiguous(memory_format=memory_format(cfg, x.device))
+    with autocast(x.device, amp):
+        mu, logvar = model(x)
+    mean = mu.float() * norm.target_std + norm.target_mean
+    var = predicted_variance(logvar.float(), cfg.loss) * norm.target_std**2
+    return mean, var
 
 
 @dataclass
@@ -44,12 +67,9 @@ class Predictor:
         x = x.to(self.device, non_blocking=True)
         means, varis = [], []
         for m in self.members:
-            xb = m.norm.normalize(x)
-            xb = xb.contiguous(memory_format=memory_format(m.config, self.device))
-            with _autocast(self.device, self.amp):
-                mu, logvar = m.model(xb)
-            means.append(mu.float() * m.norm.target_std + m.norm.target_mean)
-            varis.append(predicted_variance(logvar.float(), m.config.loss) * m.norm.target_std**2)
+            mean, var = predict_target_units(m.model, m.norm.normalize(x), m.config, m.norm, self.amp)
+            means.append(mean)
+            varis.append(var)
         mean, var = combine_members(torch.stack(means), torch.stack(varis))
         return mean, var.sqrt()
 
@@ -61,8 +81,13 @@ def combine_members(means: torch.Tensor, varis: torch.Tensor) -> tuple[torch.Ten
 
 
 def load_member(path: Path, device: torch.device) -> Member:
-    state = load_checkpoint(path, map_location=device)
-    cfg = config_from_dict(state["config"], source=f"{path} config")
+    """The model of checkpoint ``path`` on ``device``, in eval mode, with its config and normalisation stats."""
+    return member_from_state(load_checkpoint(path, map_location=device), device, source=str(path))
+
+
+def member_from_state(state: dict[str, Any], device: torch.device, source: str = "checkpoint") -> Member:
+    """:func:`load_member` for a checkpoint dict already loaded; ``source`` names it in errors."""
+    cfg = config_from_dict(state["config"], source=f"{source} config")
     model = UNet.from_config(cfg)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -53,16 +53,20 @@ def regression_metrics(
     return dict(zip(out.keys(), values, strict=True)) | {"n": n}
 
 
+def equal_count_bins(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, ...]:
+    """Indices of ``values`` (flat) sorted ascending and split into ``bins`` bins of equal count (the first
+    ``len % bins`` bins one longer; bins are empty when there are fewer values than bins)."""
+    return torch.tensor_split(torch.argsort(values), bins)
+
+
 def uncertainty_calibration_error(err: torch.Tensor, var: torch.Tensor, bins: int = UCE_BINS) -> torch.Tensor:
     """UCE over ``bins`` equal-count bins of predicted variance: sum_b N_b/N |mean(err^2)_b - mean(var)_b|."""
-    order = torch.argsort(var)
-    chunks_e = torch.tensor_split((err**2)[order], bins)
-    chunks_v = torch.tensor_split(var[order], bins)
+    sq = err**2
     n = err.numel()
     total = torch.zeros((), dtype=torch.float64, device=err.device)
-    for e, v in zip(chunks_e, chunks_v, strict=True):
-        if e.numel():
-            total = total + e.numel() / n * (e.mean() - v.mean()).abs()
+    for idx in equal_count_bins(var, bins):
+        if idx.numel():
+            total = total + idx.numel() / n * (sq[idx].mean() - var[idx].mean()).abs()
     return total
 
 

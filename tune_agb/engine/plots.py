@@ -6,7 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+from tune_agb.engine.metrics import equal_count_bins
 
 SIZE = 420
 MARGIN = 50
@@ -58,9 +61,9 @@ def calibration_plot(
     label: np.ndarray, mean: np.ndarray, std: np.ndarray, path: Path, title: str, bins: int = 10
 ) -> None:
     """RMSE against RMV (root mean predicted variance) in equal-count bins of predicted variance; ideal = 1:1."""
-    order = np.argsort(std)
     rmv, rmse = [], []
-    for idx in np.array_split(order, bins):
+    for idx_t in equal_count_bins(torch.from_numpy(np.ascontiguousarray(std)), bins):
+        idx = idx_t.numpy()
         if idx.size:
             rmv.append(np.sqrt(np.mean(std[idx] ** 2)))
             rmse.append(np.sqrt(np.mean((mean[idx] - label[idx]) ** 2)))

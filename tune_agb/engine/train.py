@@ -3,11 +3,13 @@
 Data is normalised and moved to the device once (:class:`~tune_agb.engine.data.DeviceTiles`); each step gathers a batch
 by index, augments it on the device (flips / transposition, identical for image and label), and accumulates
 loss sums on the device. The host syncs once per epoch, when the epoch's metrics are read.
+
+:func:`train` checks the run (:func:`_check_run`), builds it or restores it from a checkpoint (:class:`_Run`), then
+runs one epoch at a time (:meth:`_Run.one_epoch`: train, validate, record) and reports each to ``on_epoch``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -20,7 +22,9 @@ from tqdm.auto import tqdm
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import DeviceTiles, NormStats, TileSet, compute_norm_stats, count_nonfinite
-from tune_agb.engine.losses import LOSSES, predicted_variance
+from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
+from tune_agb.engine.inference import predict_target_units
+from tune_agb.engine.losses import LOSSES
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.model import UNet
 from tune_agb.errors import DivergenceError, TuneAgbError
@@ -32,23 +36,6 @@ class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by an ``on_epoch`` callback to end the run after the current epoch."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TuneAgbError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise TuneAgbError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
-    return torch.device(name)
-
-
-def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CUDA, full precision on CPU (bf16 autocast on CPU is slower than fp32 on most CPUs)."""
-    if cfg.amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[cfg.amp]
-
-
 def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -57,16 +44,20 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
 
 
 def build_scheduler(
-    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int
+    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int, last_epoch: int = -1
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """All schedules step once per optimiser step."""
+    """All schedules step once per optimiser step, over a horizon of ``cfg.epochs * steps_per_epoch`` steps.
+
+    ``last_epoch`` is torch's argument (here the index of the last *step* taken): -1 starts the schedule; use
+    :func:`resume_scheduler` to continue one."""
     total = max(1, cfg.epochs * steps_per_epoch)
+    lr_scheduler = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01)
+        return lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01, last_epoch=last_epoch)
     if cfg.schedule == "onecycle":
         # SGD: cycle the momentum between 0.85 m and the configured m (not torch's fixed 0.85..0.95).
         m = cfg.momentum if cfg.optimizer == "sgd" else 0.95
-        return torch.optim.lr_scheduler.OneCycleLR(
+        return lr_scheduler.OneCycleLR(
             opt,
             max_lr=cfg.lr,
             total_steps=total,
@@ -74,9 +65,10 @@ def build_scheduler(
             cycle_momentum=m > 0,
             base_momentum=0.85 / 0.95 * m,
             max_momentum=m,
+            last_epoch=last_epoch,
         )
     if cfg.schedule == "cyclic":
-        return torch.optim.lr_scheduler.CyclicLR(
+        return lr_scheduler.CyclicLR(
             opt,
             base_lr=cfg.lr / 10,
             max_lr=cfg.lr,
@@ -85,14 +77,28 @@ def build_scheduler(
             cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
             base_momentum=0.85 / 0.95 * cfg.momentum,
             max_momentum=cfg.momentum,
+            last_epoch=last_epoch,
         )
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return lr_scheduler.LambdaLR(opt, lambda _: 1.0, last_epoch=last_epoch)
 
 
-def memory_format(cfg: TrainConfig, device: torch.device) -> torch.memory_format:
-    """channels_last where it pays: on CUDA (tensor cores). On CPU it measured 10-14 % slower at 244 px
-    (bench/RESULTS.md), so CPU runs keep the contiguous layout whatever ``cfg.channels_last`` says."""
-    return torch.channels_last if cfg.channels_last and device.type == "cuda" else torch.contiguous_format
+def resume_scheduler(
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    state: dict[str, Any],
+    opt_state: dict[str, Any],
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Restore ``opt`` from ``opt_state`` and continue the schedule of ``cfg`` after the steps recorded in ``state``
+    (both ``state_dict()``s of one checkpoint).
+
+    The horizon is the one of ``cfg`` (``cfg.epochs * steps_per_epoch``), so a resumed run can be extended; the
+    learning rates and momenta in force are the checkpoint's, the next step follows the schedule."""
+    opt.load_state_dict(opt_state)  # a scheduler built at a step takes the base lr and momenta from the param groups
+    # Building a torch scheduler takes one step, hence the step before the recorded one.
+    sched = build_scheduler(cfg, opt, steps_per_epoch, last_epoch=int(state["last_epoch"]) - 1)
+    opt.load_state_dict(opt_state)  # that step set the lr of the (new) horizon: the checkpoint's is the one in force
+    return sched
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +147,7 @@ class TrainStep:
         if flags is not None:
             x, y = augment(x, y, flags)
         x = x.contiguous(memory_format=self.fmt)
-        with _autocast(self.device, self.amp):
+        with autocast(self.device, self.amp):
             mu, logvar = self.model(x)
         loss = self.loss_fn(mu.float(), logvar.float(), y)
         self.opt.zero_grad(set_to_none=True)
@@ -182,23 +188,14 @@ def predict_tiles(
     amp: torch.dtype | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and variance maps (N, H, W) in target units for normalised inputs ``x`` (N, C, H, W)."""
+    """Mean and variance maps (N, H, W) in target units for normalised inputs ``x`` (N, C, H, W), in batches."""
     model.eval()
     means, varis = [], []
-    fmt = memory_format(cfg, device)
     for i in range(0, x.shape[0], batch_size):
-        xb = x[i : i + batch_size].to(device, non_blocking=True).contiguous(memory_format=fmt)
-        with _autocast(device, amp):
-            mu, logvar = model(xb)
-        means.append(mu.float() * norm.target_std + norm.target_mean)
-        varis.append(predicted_variance(logvar.float(), cfg.loss) * norm.target_std**2)
+        mean, var = predict_target_units(model, x[i : i + batch_size].to(device, non_blocking=True), cfg, norm, amp)
+        means.append(mean)
+        varis.append(var)
     return torch.cat(means), torch.cat(varis)
-
-
-def _autocast(device: torch.device, amp: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if amp is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp)
 
 
 @dataclass
@@ -248,6 +245,10 @@ class TrainResult:
     amp: torch.dtype | None = None
 
 
+# The keys that fix a model's weights: a checkpoint can only be resumed with the same ones.
+ARCHITECTURE_KEYS = ("in_channels", "base_channels", "depth", "upsampling", "norm")
+
+
 def train(
     cfg: TrainConfig,
     tiles: dict[str, TileSet],
@@ -265,7 +266,8 @@ def train(
         tiles: at least ``train`` and ``val`` TileSets.
         norm: normalisation stats; computed from the train split when None (and taken from ``resume`` if given).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        resume: a checkpoint dict (see :mod:`tune_agb.engine.checkpoint`); training continues after its epoch.
+        resume: a checkpoint dict (see :mod:`tune_agb.engine.checkpoint`); training continues after its epoch, with
+            the horizon of ``cfg.epochs`` (which may extend the run).
         on_epoch: called after every epoch; may raise :class:`StopTraining`.
         progress: show a tqdm bar over epochs.
 
@@ -273,12 +275,40 @@ def train(
         DivergenceError: when the epoch's training loss or validation metrics are not finite.
     """
     dev = resolve_device(device)
+    norm = _check_run(cfg, tiles, norm, resume)
+    run = _Run(cfg, tiles, norm, dev, resume)
+    bar = tqdm(
+        range(run.epochs_done, cfg.epochs),
+        initial=run.epochs_done,
+        total=cfg.epochs,
+        disable=not progress,
+        desc="train",
+        unit="epoch",
+        leave=False,
+    )
+    for _ in bar:
+        report = run.one_epoch()
+        bar.set_postfix(val_rmse=f"{report.metrics['val_rmse']:.3g}", loss=f"{report.metrics['train_loss']:.3g}")
+        if on_epoch is not None:
+            try:
+                on_epoch(report)
+            except StopTraining as stop:
+                run.result.stopped = str(stop) or "stopped by callback"
+                break
+    bar.close()
+    return run.result
+
+
+def _check_run(
+    cfg: TrainConfig, tiles: dict[str, TileSet], norm: NormStats | None, resume: dict[str, Any] | None
+) -> NormStats:
+    """Validate a run before anything is built (checkpoint, channels, tile size); the normalisation stats to use:
+    the checkpoint's, else ``norm``, else computed from the train split."""
     if resume is not None:
         if resume.get("format") != CHECKPOINT_FORMAT:
             raise TuneAgbError("resume: not a tune_agb checkpoint")
         saved = config_from_dict(resume["config"], source="checkpoint config")
-        arch = ("in_channels", "base_channels", "depth", "upsampling", "norm")
-        for k in arch:
+        for k in ARCHITECTURE_KEYS:
             if getattr(saved, k) != getattr(cfg, k):
                 raise TuneAgbError(
                     f"resume: checkpoint has {k}={getattr(saved, k)!r} but the config asks for {getattr(cfg, k)!r}"
@@ -295,113 +325,127 @@ def train(
             log.warning(
                 "%s split: %d non-finite input values replaced by the band mean after normalisation", split, bad
             )
-
     h, w = tiles["train"].inputs.shape[-2:]
     if math.ceil(min(h, w) / 2**cfg.depth) < 2:
         raise TuneAgbError(
             f"depth={cfg.depth} needs tiles larger than {2**cfg.depth} px (the bottleneck must be at "
             f"least 2 x 2); tiles are {h} x {w}: lower depth or use larger tiles"
         )
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    fmt = memory_format(cfg, dev)
-    train_t = DeviceTiles(tiles["train"], norm, dev, fmt == torch.channels_last)
-    val_t = DeviceTiles(tiles["val"], norm, dev, fmt == torch.channels_last)
-    model = UNet.from_config(cfg).to(dev, memory_format=fmt)
-    opt = build_optimizer(cfg, model.parameters())
-    n = len(train_t)
-    bs = min(cfg.batch_size, n)
-    starts = list(range(0, n, bs))
-    if cfg.norm == "batch" and len(starts) > 1 and n - starts[-1] == 1:
+    return norm
+
+
+def _batch_starts(n: int, batch_size: int, norm: str) -> list[int]:
+    """First index of each batch of an epoch over ``n`` tiles."""
+    starts = list(range(0, n, batch_size))
+    if norm == "batch" and len(starts) > 1 and n - starts[-1] == 1:
         starts.pop()  # a batch of one tile breaks BatchNorm; that tile is seen in other epochs
-    sched = build_scheduler(cfg, opt, len(starts))
-    amp = resolve_amp(cfg, dev)
-    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    step = TrainStep(model, opt, sched, scaler, cfg, amp, dev)
+    return starts
 
-    history: list[dict[str, float]] = []
-    best_epoch, best_rmse, start_epoch = 0, math.inf, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        horizon = {k: v for k, v in vars(sched).items() if k in ("total_steps", "T_max", "_schedule_phases")}
-        sched.load_state_dict(resume["scheduler"])
-        sched.__dict__.update(horizon)  # a resumed run may extend cfg.epochs: keep the new schedule horizon
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if dev.type == "cuda" and resume["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        gen.set_state(resume["rng"]["shuffle"])
-        history = [dict(h) for h in resume["history"]]
-        start_epoch = int(resume["epoch"])
-        best_epoch, best_rmse = int(resume["best"]["epoch"]), float(resume["best"]["val_rmse"])
 
-    result = TrainResult(model, norm, cfg, history, best_epoch, best_rmse, None, dev, amp)
+class _Run:
+    """One training run: the tiles on the device, model, optimiser, schedule, RNGs and the result so far."""
 
-    def state(epoch: int) -> dict[str, Any]:
+    def __init__(
+        self, cfg: TrainConfig, tiles: dict[str, TileSet], norm: NormStats, dev: torch.device, resume: dict | None
+    ):
+        self.cfg, self.norm, self.device = cfg, norm, dev
+        torch.manual_seed(cfg.seed)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and flip flags
+        fmt = memory_format(cfg, dev)
+        self.train_t = DeviceTiles(tiles["train"], norm, dev, fmt == torch.channels_last)
+        self.val_t = DeviceTiles(tiles["val"], norm, dev, fmt == torch.channels_last)
+        self.model = UNet.from_config(cfg).to(dev, memory_format=fmt)
+        self.opt = build_optimizer(cfg, self.model.parameters())
+        self.batch_size = min(cfg.batch_size, len(self.train_t))
+        self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
+        amp = resolve_amp(cfg, dev)
+        self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
+        self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp)
+        self.epochs_done = 0
+        if resume is None:
+            self.sched = build_scheduler(cfg, self.opt, len(self.starts))
+        else:
+            self.sched = self._restore(resume)
+        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev)
+
+    def _restore(self, ckpt: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
+        """Continue from a checkpoint: weights, scaler, RNG states, history, best epoch; optimiser and schedule."""
+        self.model.load_state_dict(ckpt["model"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        self.gen.set_state(ckpt["rng"]["shuffle"])
+        self.result.history = [dict(h) for h in ckpt["history"]]
+        self.result.best_epoch, self.result.best_val_rmse = int(ckpt["best"]["epoch"]), float(ckpt["best"]["val_rmse"])
+        self.epochs_done = int(ckpt["epoch"])
+        # The schedule is the checkpoint's (its optimiser state holds the learning rates and momenta); its horizon
+        # follows cfg.epochs, so that a resumed run can be extended.
+        saved = config_from_dict(ckpt["config"], source="checkpoint config")
+        horizon = saved.replace(epochs=max(self.cfg.epochs, self.epochs_done))
+        return resume_scheduler(horizon, self.opt, len(self.starts), ckpt["scheduler"], ckpt["optimizer"])
+
+    def one_epoch(self) -> EpochReport:
+        """Train on every tile once (new order, new flips), validate, record the epoch's metrics."""
+        cfg, n, bs = self.cfg, len(self.train_t), self.batch_size
+        self.model.train()
+        perm = torch.randperm(n, generator=self.gen).to(self.train_t.x.device)
+        flags = torch.rand((n, 3), generator=self.gen).lt(0.5).to(self.device) if cfg.augment else None
+        self.step.reset()
+        for s in self.starts:
+            x, y = self.train_t.batch(perm[s : s + bs])
+            self.step(x, y, flags[s : s + bs] if flags is not None else None)
+        val = evaluate_split(self.model, self.val_t, cfg, self.norm, max(bs, 1), self.result.amp)
+        return self._record(val)
+
+    def _record(self, val: SplitEval) -> EpochReport:
+        """The epoch's metrics appended to the history; a DivergenceError when they are not finite; the best epoch."""
+        train_loss, train_mse = self.step.read()  # the epoch's one host sync
+        self.epochs_done += 1
+        epoch = self.epochs_done
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_rmse": math.sqrt(train_mse) * self.norm.target_std if math.isfinite(train_mse) else math.inf,
+            "lr": self.opt.param_groups[0]["lr"],
+        }
+        metrics |= {f"val_{k}": v for k, v in val.metrics.items()}
+        self.result.history.append(metrics)
+        _raise_if_diverged(metrics, self.cfg)
+        is_best = metrics["val_rmse"] < self.result.best_val_rmse
+        if is_best:
+            self.result.best_epoch, self.result.best_val_rmse = epoch, metrics["val_rmse"]
+        return EpochReport(epoch, metrics, val, lambda: self.state(epoch), is_best)
+
+    def state(self, epoch: int) -> dict[str, Any]:
+        """The checkpoint dict after ``epoch`` epochs (see :mod:`tune_agb.engine.checkpoint`)."""
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
-            "config": cfg.to_dict(),
-            "norm": norm.to_dict(),
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
+            "config": self.cfg.to_dict(),
+            "norm": self.norm.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "rng": {
                 "torch": torch.get_rng_state(),
-                "shuffle": gen.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
+                "shuffle": self.gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             },
-            "history": [dict(h) for h in history],
-            "best": {"epoch": result.best_epoch, "val_rmse": result.best_val_rmse},
+            "history": [dict(h) for h in self.result.history],
+            "best": {"epoch": self.result.best_epoch, "val_rmse": self.result.best_val_rmse},
         }
 
-    bar = tqdm(
-        range(start_epoch, cfg.epochs),
-        initial=start_epoch,
-        total=cfg.epochs,
-        disable=not progress,
-        desc="train",
-        unit="epoch",
-        leave=False,
+
+def _raise_if_diverged(metrics: dict[str, float], cfg: TrainConfig) -> None:
+    train_loss, val_rmse = metrics["train_loss"], metrics["val_rmse"]
+    if math.isfinite(train_loss) and math.isfinite(val_rmse):
+        return
+    what, value = ("training loss", train_loss) if not math.isfinite(train_loss) else ("validation RMSE", val_rmse)
+    raise DivergenceError(
+        f"epoch {metrics['epoch']}: {what} is not finite ({value}); the run diverged "
+        f"(lr={cfg.lr:g}, optimizer={cfg.optimizer}; try a lower lr or grad_clip)",
+        metrics,
     )
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(n, generator=gen).to(train_t.x.device)
-        flags = torch.rand((n, 3), generator=gen).lt(0.5).to(dev) if cfg.augment else None
-        step.reset()
-        for s in starts:
-            x, y = train_t.batch(perm[s : s + bs])
-            step(x, y, flags[s : s + bs] if flags is not None else None)
-        val = evaluate_split(model, val_t, cfg, norm, max(bs, 1), amp)
-        train_loss, train_mse = step.read()  # the epoch's one host sync
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_rmse": math.sqrt(train_mse) * norm.target_std if math.isfinite(train_mse) else math.inf,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        metrics |= {f"val_{k}": v for k, v in val.metrics.items()}
-        history.append(metrics)
-        if not math.isfinite(train_loss) or not math.isfinite(metrics["val_rmse"]):
-            what = "training loss" if not math.isfinite(train_loss) else "validation RMSE"
-            raise DivergenceError(
-                f"epoch {epoch + 1}: {what} is not finite ({train_loss if what[0] == 't' else metrics['val_rmse']}); "
-                f"the run diverged (lr={cfg.lr:g}, optimizer={cfg.optimizer}; try a lower lr or grad_clip)",
-                metrics,
-            )
-        is_best = metrics["val_rmse"] < result.best_val_rmse
-        if is_best:
-            result.best_epoch, result.best_val_rmse = epoch + 1, metrics["val_rmse"]
-        bar.set_postfix(val_rmse=f"{metrics['val_rmse']:.3g}", loss=f"{train_loss:.3g}")
-        if on_epoch is not None:
-            try:
-                on_epoch(EpochReport(epoch + 1, metrics, val, lambda e=epoch + 1: state(e), is_best))
-            except StopTraining as stop:
-                result.stopped = str(stop) or "stopped by callback"
-                break
-    bar.close()
-    result.history = history
-    return result

@@ -1,2 +1,3 @@
-"""Geospatial I/O: raster stacks read through rasterio, and the tiling helpers that ``prepare``, ``predict`` and
-the demo scene share. It imports neither Ray nor torch."""
+"""Geospatial side: ``raster`` (GeoTIFF stacks read through rasterio, map points onto a grid, staged writes, the
+shared input-stack flags) and ``tiling`` (numpy only: window starts, the block split into train/val/test, point
+labels averaged per pixel), shared by ``prepare``, ``predict`` and the demo. It imports neither Ray nor torch."""

@@ -1,4 +1,5 @@
-"""Raster helpers shared by prepare and predict: open and validate GeoTIFFs, stack them on one grid, read windows.
+"""Raster helpers shared by prepare and predict: open and validate GeoTIFFs, stack them on one grid, read windows,
+put map points on the grid, and the command-line options that say how the input stack is read.
 
 rasterio is imported here (and in the CLI modules that use it), never by the training engine, so hosts without
 GDAL can still train.
@@ -6,6 +7,7 @@ GDAL can still train.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
@@ -20,12 +22,14 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform as warp_points
 from rasterio.windows import Window
 
 from tune_agb.bands import S2_BANDS
 from tune_agb.errors import TuneAgbError
+from tune_agb.geo.tiling import PointLabels, rasterize_points, window_starts
 
 # GDAL's block cache defaults to 5 % of RAM; a small fixed cache keeps the resident memory bounded and is enough
 # for window-by-window access (a strip of windows of a 14-band, 8192 px wide float32 stack is ~120 MB).
@@ -229,18 +233,86 @@ def dn_to_reflectance(x: np.ndarray, positions: Sequence[int], offset: float) ->
     return x
 
 
-def window_starts(size: int, tile: int, stride: int) -> list[int]:
-    """Start offsets covering ``size`` px with windows of ``tile`` px every ``stride`` px, the last flush with the
-    edge (so the whole extent is covered); one window at 0 when ``size <= tile``."""
-    if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile + 1, stride))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return starts
+def rasterize_map_points(
+    x: np.ndarray,
+    y: np.ndarray,
+    value: np.ndarray,
+    grid: Grid,
+    points_crs: CRS,
+    source: str | Path,
+    nodata: float | None = None,
+) -> PointLabels:
+    """Points at map positions (``x``, ``y`` in ``points_crs``) averaged per pixel of ``grid``.
+
+    Points without a finite value and position, or whose value is ``nodata``, are dropped and counted in
+    ``shots_no_value``; the others are reprojected to the grid's CRS (``source`` names the table in errors).
+    """
+    n = value.size
+    has_value = np.isfinite(value) & np.isfinite(x) & np.isfinite(y)
+    if nodata is not None:
+        has_value &= value != nodata
+    x, y, value = x[has_value], y[has_value], value[has_value]
+    try:
+        mx, my = warp_points(points_crs, grid.crs, x, y) if points_crs != grid.crs else (x, y)
+    except CRSError as exc:
+        raise TuneAgbError(f"{source}: cannot reproject shots to {grid.crs} ({exc})") from None
+    col_f, row_f = ~grid.transform @ (np.asarray(mx), np.asarray(my))
+    labels = rasterize_points(row_f, col_f, value, grid.height, grid.width)
+    labels.shots_read = n
+    labels.shots_no_value = int((~has_value).sum())
+    return labels
+
+
+def add_image_argument(parser: argparse.ArgumentParser) -> None:
+    """``--image`` (repeatable): the GeoTIFFs stacked band-wise."""
+    parser.add_argument(
+        "--image", action="append", required=True, help="input GeoTIFF (repeat to stack more, band-wise)"
+    )
+
+
+def add_stack_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--bands --resampling --s2-dn --s2-offset``: how the ``--image`` stack is read (see :class:`StackOptions`)."""
+    parser.add_argument("--bands", nargs="+", help="bands to use, by 1-based index over the stack or by description")
+    parser.add_argument("--resampling", choices=RESAMPLING, default="bilinear", help="for images on another grid")
+    parser.add_argument(
+        "--s2-dn", action="store_true", help="Sentinel-2 bands are digital numbers: scale to reflectance"
+    )
+    parser.add_argument(
+        "--s2-offset",
+        type=float,
+        default=S2_OFFSET_2022,
+        help="reflectance = (DN + offset) / 10000; -1000 for products from 2022 on (default), 0 before",
+    )
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """How an input stack is read: band selection, resampling of images on another grid, and the offset of the
+    Sentinel-2 digital numbers (None: the bands are used as they are)."""
+
+    bands: tuple[str, ...] | None = None
+    resampling: str = "bilinear"
+    s2_offset: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StackOptions:
+        """From the flags of :func:`add_stack_arguments`."""
+        return cls(
+            bands=tuple(args.bands) if args.bands else None,
+            resampling=args.resampling,
+            s2_offset=args.s2_offset if args.s2_dn else None,
+        )
+
+    def open(self, paths: Sequence[str | Path], what: str = "image") -> RasterStack:
+        return RasterStack(paths, bands=self.bands, resampling=self.resampling, what=what)
+
+    def s2_positions(self, stack: RasterStack) -> list[int]:
+        """Positions of the bands to scale from digital numbers (none unless :attr:`s2_offset` is set)."""
+        return s2_band_positions(stack.band_names, stack.count) if self.s2_offset is not None else []
 
 
 def iter_windows(height: int, width: int, tile: int, stride: int) -> Iterator[Window]:
+    """Windows covering a ``height`` x ``width`` grid (see :func:`tune_agb.geo.tiling.window_starts`)."""
     for r in window_starts(height, tile, stride):
         for c in window_starts(width, tile, stride):
             yield Window(c, r, min(tile, width), min(tile, height))

@@ -3,8 +3,9 @@
     python -m tune_agb.search --space search_spaces/demo.yaml
 
 Everything the user gives is validated before Ray starts (space file, flags, data folders). The experiment folder
-``STORAGE/NAME`` holds Ray's state (``tuner.pkl``, trial folders with checkpoints) plus ``search.yaml`` (the space
-and settings it was started with), ``results.parquet`` and ``best.yaml``; ``--resume`` continues it.
+``STORAGE/NAME`` (:mod:`tune_agb.search.experiment`) holds Ray's state (``tuner.pkl``, trial folders with
+checkpoints) plus ``search.yaml`` (the space and settings it was started with), ``results.parquet`` and
+``best.yaml``; ``--resume`` continues it. Ray and the trainable are imported only once a search runs.
 """
 
 from __future__ import annotations
@@ -17,22 +18,17 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pyarrow.fs as pafs
-import yaml
 
 from tune_agb.engine.config import read_yaml_or_json
 from tune_agb.engine.data import TileSet, load_dataset
 from tune_agb.errors import TuneAgbError
+from tune_agb.search.experiment import BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, Experiment
 from tune_agb.search.space import SearchSpace, parse_search_space
-from tune_agb.search.trainable import CHECKPOINT_FILE, search_trial
 
 log = logging.getLogger(__name__)
 
-SEARCH_FILE = "search.yaml"
 DEFAULT_STORAGE = "ray_results"
 # CLI override -> (section, key) of the space file.
 OVERRIDES: dict[str, tuple[str, str]] = {
@@ -44,45 +40,6 @@ OVERRIDES: dict[str, tuple[str, str]] = {
     "gpus_per_trial": ("resources", "gpu"),
     "seed": ("searcher", "seed"),
 }
-
-
-@dataclass
-class Experiment:
-    """Where a search lives: ``uri`` = ``STORAGE/NAME`` (an absolute path or an ``s3://``/``gs://`` URI)."""
-
-    storage: str
-    name: str
-
-    @property
-    def uri(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
-
-    def fs(self) -> tuple[pafs.FileSystem, str]:
-        try:
-            return pafs.FileSystem.from_uri(self.uri)
-        except (OSError, ValueError) as exc:
-            raise TuneAgbError(f"--storage {self.storage}: cannot open it ({str(exc).splitlines()[0]})") from None
-
-    def read_text(self, name: str) -> str | None:
-        fs, root = self.fs()
-        path = f"{root}/{name}"
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-
-    def write_text(self, name: str, text: str) -> None:
-        fs, root = self.fs()
-        fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/{name}") as f:
-            f.write(text.encode())
-
-
-def resolve_storage(storage: str) -> str:
-    """Local paths become absolute (trials run with their own folder as cwd); URIs are kept as given."""
-    if "://" in storage and not storage.startswith("file://"):
-        return storage
-    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
 
 
 def apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +112,8 @@ def make_trainable(space: SearchSpace, tiles: dict[str, TileSet], experiment_uri
     """The trainable with the tiles in the object store and the trial's resources attached."""
     from ray import tune
 
+    from tune_agb.search.trainable import search_trial  # Ray and torch: imported only to run a search
+
     res = space.settings["resources"]
     fn = tune.with_parameters(
         search_trial,
@@ -221,14 +180,13 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
     raw = read_yaml_or_json(space_path, "search-space file")
     file_space = parse_search_space(raw, source=str(space_path))  # the file alone must be valid
     overrides = {k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None}
-    exp = Experiment(resolve_storage(args.storage), args.name or space_path.stem)
-    stored_text = exp.read_text(SEARCH_FILE)
+    exp = Experiment.at(args.storage, args.name or space_path.stem)
     if args.resume:
+        stored = exp.read_search()
         from ray import tune
 
-        if stored_text is None or not tune.Tuner.can_restore(exp.uri):
+        if stored is None or not tune.Tuner.can_restore(exp.uri):
             raise TuneAgbError(f"--resume: no search to resume at {exp.uri} (check --name and --storage)")
-        stored = yaml.safe_load(stored_text)
         if stored["space"] != file_space.to_dict():
             diff = _first_difference(stored["space"], file_space.to_dict())
             raise TuneAgbError(
@@ -246,7 +204,7 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
 
         for name in repair_experiment_state(exp.uri):
             print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
-    elif stored_text is not None and _ray_state_exists(exp):
+    elif exp.has_search() and _ray_state_exists(exp):
         raise TuneAgbError(f"{exp.uri}: a search already exists there (use --resume, or another --name)")
     for k, v in overrides.items():
         setattr(args, k, v)
@@ -332,7 +290,7 @@ def run_search(args: argparse.Namespace) -> int:
         if args.resume:
             tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_errored=True)
         else:
-            exp.write_text(SEARCH_FILE, yaml.safe_dump(record, sort_keys=False))
+            exp.write_search(record)
             tune_config, run_config, _ = build_tuner_parts(space, exp)
             tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
         grid, interrupted = fit_noting_interrupt(tuner)
@@ -374,22 +332,19 @@ def unfinished_trials(grid: Any, space: SearchSpace) -> str:
 
     A time budget that ran out counts as complete: that is the budget doing its job.
     """
-    try:
-        trials = grid._experiment_analysis.trials  # Ray has no public per-trial status on a ResultGrid
-    except AttributeError:
-        return ""
-    open_ = [t for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    started = len(grid)
+    open_ = started - grid.num_terminated - grid.num_errors
     if open_:
-        return f"{len(open_)} trial(s) not finished"
+        return f"{open_} trial(s) not finished"
     n = space.settings["experiment"]["num_samples"]
-    if len(trials) < n and space.settings["experiment"]["time_budget_s"] is None:
-        return f"{len(trials)} of {n} trials started"
+    if started < n and space.settings["experiment"]["time_budget_s"] is None:
+        return f"{started} of {n} trials started"
     return ""
 
 
 def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label_dir: str, top: int = 5) -> int:
     """Write results.parquet and best.yaml, print the best trials, the failures and the final-train command."""
-    from tune_agb.search.results import BEST_FILE, RESULTS_FILE, summary, write_results
+    from tune_agb.search.results import summary, write_results
 
     df, best = write_results(exp.uri, space, input_dir, label_dir)
     print(f"\nbest trials by {space.metric} ({space.mode}, best epoch of each trial):")

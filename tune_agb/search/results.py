@@ -1,27 +1,21 @@
 """Search results: ``results.parquet`` (one row per trial and epoch), ``best.yaml`` and the printed summary.
 
-Both files are built from the trials' stored ``result.json`` files, so they can be rewritten at any time from the
-experiment folder alone (after a finished, interrupted or resumed search).
+Both are built from the trials' stored results (:func:`tune_agb.search.experiment.read_trial_rows`), so they can
+be rewritten at any time from the experiment folder alone (after a finished, interrupted or resumed search); the
+experiment module writes them.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-import yaml
 
-from tune_agb.search.asha import read_trial_rows
+from tune_agb.search.experiment import location_of, read_trial_rows, write_best, write_results_table
 from tune_agb.search.space import METRICS, SearchSpace
 
-RESULTS_FILE = "results.parquet"
-BEST_FILE = "best.yaml"
 # Columns kept from each reported result besides the metrics and the config.
 EXTRA_COLUMNS = ("lr", "node_id", "pid", "wall_time", "checkpoint_dir_name")
 
@@ -67,12 +61,6 @@ def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
     return ok.loc[idx]
 
 
-def _uri_of(experiment_uri: str, path: str) -> str:
-    """Turn a filesystem path from pyarrow back into an absolute path or a URI like the experiment's."""
-    scheme = experiment_uri.split("://", 1)[0] if "://" in experiment_uri else ""
-    return f"{scheme}://{path}" if scheme and scheme != "file" else str(Path(path).resolve())
-
-
 def best_record(
     df: pd.DataFrame, space: SearchSpace, experiment_uri: str, input_dir: str, label_dir: str
 ) -> dict[str, Any] | None:
@@ -85,7 +73,7 @@ def best_record(
     cfg = space.trial_config(sampled)  # epochs = max_t: the trial's full budget
     ckpt = None
     if isinstance(row["checkpoint_dir_name"], str) and isinstance(row["trial_path"], str):
-        ckpt = _uri_of(experiment_uri, f"{row['trial_path']}/{row['checkpoint_dir_name']}")
+        ckpt = location_of(experiment_uri, f"{row['trial_path']}/{row['checkpoint_dir_name']}")
     return {
         "trial_id": str(row["trial_id"]),
         "metric": space.metric,
@@ -108,15 +96,11 @@ def write_results(
     """Rewrite ``results.parquet`` and ``best.yaml`` in the experiment folder from the stored trial results."""
     df = results_frame(read_trial_rows(experiment_uri), space)
     best = best_record(df, space, experiment_uri, input_dir, label_dir)
-    fs, root = pafs.FileSystem.from_uri(experiment_uri)
     # Config columns can mix ints and floats across trials; store them as Python objects turned into strings
     # only when pyarrow cannot find one type.
-    table = _to_arrow(df)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    _write_bytes(fs, f"{root}/{RESULTS_FILE}", buf.getvalue())
+    write_results_table(experiment_uri, _to_arrow(df))
     if best is not None:
-        _write_bytes(fs, f"{root}/{BEST_FILE}", yaml.safe_dump(best, sort_keys=False).encode())
+        write_best(experiment_uri, best)
     return df, best
 
 
@@ -129,14 +113,6 @@ def _to_arrow(df: pd.DataFrame) -> pa.Table:
             if c.startswith("config/") and fixed[c].dtype == object:
                 fixed[c] = fixed[c].map(lambda v: None if not _present(v) else str(v))
         return pa.Table.from_pandas(fixed, preserve_index=False)
-
-
-def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    # Write next to the target and move it in place, so a reader never sees half a file.
-    tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    fs.move(tmp, path)
 
 
 def summary(df: pd.DataFrame, space: SearchSpace, top: int = 5) -> str:

@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from tune_agb.errors import TuneAgbError
+from tune_agb.search.experiment import open_storage, read_file, write_atomic
 
 BACKUP_SUFFIX = ".bak"
 # (prefix, suffix, format); search_gen_state-*.json is a pickle despite its name.
@@ -40,43 +41,42 @@ class StateBackupCallback(Callback):
     def __init__(self, experiment_uri: str, every_s: float = 1.0):
         self.experiment_uri = experiment_uri
         self.every_s = every_s
-        self._last = 0.0
-        self._copied: dict[str, int] = {}
+        # Own state, named apart from Ray's Callback attributes: when the last check ran, and the mtime of each
+        # state file when it was last copied.
+        self.last_check = 0.0
+        self.copied: dict[str, int] = {}
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self._last < self.every_s:
+        if time.monotonic() - self.last_check < self.every_s:
             return
-        self._last = time.monotonic()
+        self.last_check = time.monotonic()
         self.backup()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.backup()
 
     def backup(self) -> None:
+        """Copy each changed state file that parses to ``NAME.bak`` (atomically)."""
         try:
-            fs, root = pafs.FileSystem.from_uri(self.experiment_uri)
+            fs, root = open_storage(self.experiment_uri)
             infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-        except OSError:
+        except (OSError, TuneAgbError):
             return
         for info in infos:
             kind = _state_kind(info.base_name)
-            if kind is None or self._copied.get(info.path) == info.mtime_ns:
+            if kind is None or self.copied.get(info.path) == info.mtime_ns:
                 continue
             try:
-                with fs.open_input_stream(info.path) as f:
-                    data = f.read()
+                data = read_file(fs, info.path)
             except OSError:
                 continue
-            if not _parses(data, kind):  # caught mid-copy: keep the previous intact backup
+            if data is None or not _parses(data, kind):  # caught mid-copy: keep the previous intact backup
                 continue
-            tmp = f"{info.path}{BACKUP_SUFFIX}.tmp"
-            with fs.open_output_stream(tmp) as f:
-                f.write(data)
-            fs.move(tmp, f"{info.path}{BACKUP_SUFFIX}")
-            self._copied[info.path] = info.mtime_ns
+            write_atomic(fs, f"{info.path}{BACKUP_SUFFIX}", data)
+            self.copied[info.path] = info.mtime_ns
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"experiment_uri": self.experiment_uri, "every_s": self.every_s, "_last": 0.0, "_copied": {}}
+        return {"experiment_uri": self.experiment_uri, "every_s": self.every_s, "last_check": 0.0, "copied": {}}
 
 
 def _state_kind(name: str) -> str | None:
@@ -97,13 +97,13 @@ def _parses(data: bytes, kind: str) -> bool:
     return True
 
 
-def _readable(fs: pafs.FileSystem, path: str, kind: str) -> bool:
+def _intact(fs: pafs.FileSystem, path: str, kind: str) -> bytes | None:
+    """The file's bytes when it can be read and parses, else None."""
     try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
+        data = read_file(fs, path)
     except OSError:
-        return False
-    return _parses(data, kind)
+        return None
+    return data if data is not None and _parses(data, kind) else None
 
 
 def _newest(fs: pafs.FileSystem, root: str, prefix: str, suffix: str) -> list[Any]:
@@ -122,16 +122,15 @@ def repair_experiment_state(experiment_uri: str) -> list[str]:
     Raises:
         TuneAgbError: when a state file is cut short and has no intact backup.
     """
-    fs, root = pafs.FileSystem.from_uri(experiment_uri)
+    fs, root = open_storage(experiment_uri)
     repaired = []
     for prefix, suffix, kind in STATE_FILES:
         for info in _newest(fs, root, prefix, suffix):
-            if _readable(fs, info.path, kind):
+            if _intact(fs, info.path, kind) is not None:
                 continue
-            backup = f"{info.path}{BACKUP_SUFFIX}"
-            if fs.get_file_info(backup).type == pafs.FileType.File and _readable(fs, backup, kind):
-                fs.copy_file(backup, f"{info.path}.tmp")
-                fs.move(f"{info.path}.tmp", info.path)
+            backup = _intact(fs, f"{info.path}{BACKUP_SUFFIX}", kind)
+            if backup is not None:
+                write_atomic(fs, info.path, backup)
                 repaired.append(info.base_name)
                 continue
             raise TuneAgbError(

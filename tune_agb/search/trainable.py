@@ -2,37 +2,29 @@
 
 Tune gives it the sampled hyperparameters; the tiles arrive once through the object store
 (``tune.with_parameters``). Each epoch it reports the engine's metrics with a checkpoint directory holding
-``checkpoint.pt`` (the engine's full state), and it resumes from ``tune.get_checkpoint()`` when Tune restores it.
+``checkpoint.pt`` (the engine's full state) and the report log (the layout is :mod:`tune_agb.search.experiment`'s),
+and it resumes from the newest stored checkpoint when Tune restores it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import ray
 import torch
 from ray import tune
 
-from tune_agb.engine.checkpoint import load_checkpoint_bytes, save_checkpoint
 from tune_agb.engine.config import config_from_dict
 from tune_agb.engine.data import TileSet
 from tune_agb.engine.train import EpochReport, train
-from tune_agb.errors import DivergenceError, TuneAgbError
-from tune_agb.search.asha import read_json_lines
-
-CHECKPOINT_FILE = "checkpoint.pt"
-# Every report so far (JSON lines), saved in each checkpoint directory: Ray's own result.json is written in a
-# per-session local folder and copied to storage later, so a hard kill can lose or overwrite its rows; the
-# checkpoint is uploaded inside tune.report(), so this log survives with it.
-RESULTS_LOG = "results.jsonl"
+from tune_agb.errors import DivergenceError
+from tune_agb.search import experiment
+from tune_agb.search.experiment import write_checkpoint_folder
 
 
 def finite_or_inf(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -58,64 +50,24 @@ def select_device(gpu_ids: list[Any], gpu_fraction: float, cuda_available: bool)
     return "cuda:0", (gpu_fraction if gpu_fraction < 1 else None)
 
 
-def newest_stored_checkpoint(
-    fs: pafs.FileSystem, trial_path: str
-) -> tuple[dict[str, Any], list[dict[str, Any]], str] | None:
-    """The most advanced intact checkpoint stored in a trial's folder: ``(state, report log, directory)``.
-
-    Ray hands a restored trial the newest checkpoint recorded in its saved experiment state, which a hard kill can
-    leave one or more epochs behind what the trial had already stored. This looks at every ``checkpoint_*`` folder
-    of the trial and takes the one whose report log reaches the latest epoch (by content, not by folder name: after
-    a resume Ray may reuse a folder name), skipping any that a kill left incomplete (unreadable checkpoint, or a
-    log that does not end at the checkpoint's epoch). None when the folder holds no intact checkpoint.
-    """
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True))
-    except OSError:
-        return None
-    candidates = []
-    for info in infos:
-        if info.type != pafs.FileType.Directory or not info.base_name.startswith("checkpoint_"):
-            continue
-        log = [r for r in read_json_lines(fs, f"{info.path}/{RESULTS_LOG}") if "epoch" in r]
-        if log:
-            candidates.append((int(log[-1]["epoch"]), info.base_name, info.path, log))
-    for epoch, _, path, log in sorted(candidates, reverse=True):
-        try:
-            with fs.open_input_stream(f"{path}/{CHECKPOINT_FILE}") as f:
-                state = load_checkpoint_bytes(f.read(), source=f"{path}/{CHECKPOINT_FILE}")
-        except (OSError, TuneAgbError):
-            continue
-        if int(state["epoch"]) == epoch:
-            return state, log, path
-    return None
-
-
-def _trial_folder(experiment_uri: str | None, checkpoint: Any) -> tuple[pafs.FileSystem, str] | None:
-    """The trial's folder in the experiment storage (from the experiment URI, else from Ray's checkpoint)."""
+def _trial_folders(experiment_uri: str | None, checkpoint: Any) -> list[experiment.Folder]:
+    """Where the trial's checkpoints are stored: its folder in the experiment storage, then Ray's checkpoint's."""
+    folders = []
     if experiment_uri is not None:
-        fs, root = pafs.FileSystem.from_uri(experiment_uri)
-        return fs, f"{root}/{os.path.basename(tune.get_context().get_trial_dir().rstrip('/'))}"
+        trial_name = os.path.basename(tune.get_context().get_trial_dir().rstrip("/"))
+        folders.append(experiment.trial_folder(experiment_uri, trial_name))
     if checkpoint is not None:
-        return checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))
-    return None
+        folders.append((checkpoint.filesystem, os.path.dirname(checkpoint.path.rstrip("/"))))
+    return folders
 
 
 def restore_point(checkpoint: Any, experiment_uri: str | None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Where a (re)started trial goes on from: the engine state and the report log of its newest stored checkpoint.
 
-    Prefers :func:`newest_stored_checkpoint` of the trial's folder over the (possibly older) checkpoint Ray hands
-    back; falls back to Ray's checkpoint, then to a fresh start ``(None, [])``.
+    Prefers :func:`~tune_agb.search.experiment.newest_stored_checkpoint` of the trial's folder over the (possibly
+    older) checkpoint Ray hands back; falls back to Ray's checkpoint, then to a fresh start ``(None, [])``.
     """
-    found = None
-    for folder in (_trial_folder(experiment_uri, checkpoint), _trial_folder(None, checkpoint)):
-        if found is None and folder is not None:
-            found = newest_stored_checkpoint(*folder)
-    if found is None:
-        return None, []
-    state, log, _ = found
-    # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
-    return state, [r for r in log if int(r["epoch"]) <= int(state["epoch"])]
+    return experiment.restore_point(_trial_folders(experiment_uri, checkpoint))
 
 
 def search_trial(
@@ -159,8 +111,7 @@ def search_trial(
         metrics = finite_or_inf(report.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
         log_rows.append({**metrics, "trial_id": trial_id, "config": dict(config)})
         with tempfile.TemporaryDirectory(prefix="tune_agb_ckpt_") as tmp:
-            save_checkpoint(report.state(), Path(tmp) / CHECKPOINT_FILE)
-            (Path(tmp) / RESULTS_LOG).write_text("".join(json.dumps(r) + "\n" for r in log_rows))
+            write_checkpoint_folder(tmp, report.state(), log_rows)
             # Tune copies the directory to the experiment storage inside report(), so a temporary one is fine.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 

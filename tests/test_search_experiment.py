@@ -1,0 +1,287 @@
+"""The experiment folder module on local temporary folders (pyarrow LocalFileSystem): locations, atomic writes,
+the trials' stored results, the newest intact checkpoint, search.yaml and best.yaml, and its imports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from tune_agb import final_train
+from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
+from tune_agb.errors import TuneAgbError
+from tune_agb.search import experiment
+from tune_agb.search.experiment import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    RAY_RESULT_FILE,
+    RESULTS_LOG,
+    SEARCH_FILE,
+    Experiment,
+    is_uri,
+    location_of,
+    newest_stored_checkpoint,
+    open_storage,
+    read_best,
+    read_trial_rows,
+    resolve_storage,
+    restore_point,
+    write_atomic,
+    write_best,
+    write_checkpoint_folder,
+)
+
+LOCAL = pafs.LocalFileSystem()
+
+
+# -- locations --------------------------------------------------------------------------------------------------
+def test_uris_stay_as_given_and_local_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert is_uri("s3://bucket/st") and is_uri("gs://bucket/st")
+    assert not is_uri("/abs/st") and not is_uri("rel/st") and not is_uri("file:///abs/st")
+    assert resolve_storage("s3://bucket/st/") == "s3://bucket/st/"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_storage("st") == str(tmp_path.resolve() / "st")
+    assert resolve_storage(f"file://{tmp_path}/st") == str(tmp_path.resolve() / "st")
+    assert Experiment.at("st", "exp").uri == str(tmp_path.resolve() / "st" / "exp")
+    assert Experiment.at("s3://bucket/st/", "exp").uri == "s3://bucket/st/exp"
+    # a pyarrow path back as a location like the experiment's
+    assert (
+        location_of("s3://bucket/st/exp", "bucket/st/exp/t/checkpoint_000001")
+        == "s3://bucket/st/exp/t/checkpoint_000001"
+    )
+    assert location_of(str(tmp_path), "st/x") == str(tmp_path.resolve() / "st" / "x")
+    # a relative local experiment opens at the absolute path
+    fs, path = open_storage("st/exp")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path.resolve() / "st" / "exp")
+
+
+def test_storage_that_cannot_be_opened_is_one_line_naming_it() -> None:
+    with pytest.raises(TuneAgbError) as err:
+        Experiment.at("nosuchscheme://bucket/st", "exp").fs()
+    msg = str(err.value)
+    assert msg.startswith("--storage nosuchscheme://bucket/st: cannot open it (") and "\n" not in msg
+    with pytest.raises(TuneAgbError, match=r"^nosuchscheme://b/x: cannot open it \("):
+        open_storage("nosuchscheme://b/x")
+
+
+# -- atomic writes ----------------------------------------------------------------------------------------------
+class _WatchedFS:
+    """A LocalFileSystem whose output streams write in small chunks, record what a reader of ``target`` sees after
+    each chunk, and can fail part-way (a full disk, a lost connection)."""
+
+    def __init__(self, target: Path, fail_after_chunks: int | None = None):
+        self.target, self.fail_after = target, fail_after_chunks
+        self.seen: list[bytes | None] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(LOCAL, name)
+
+    def open_output_stream(self, path: str) -> _ChunkedStream:
+        return _ChunkedStream(self, LOCAL.open_output_stream(path))
+
+
+class _ChunkedStream:
+    def __init__(self, fs: _WatchedFS, inner: Any):
+        self.fs, self.inner = fs, inner
+
+    def __enter__(self) -> _ChunkedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inner.close()
+
+    def write(self, data: bytes) -> None:
+        for i in range(0, len(data), 10):
+            if self.fs.fail_after is not None and i // 10 == self.fs.fail_after:
+                raise OSError("injected: no space left on device")
+            self.inner.write(data[i : i + 10])
+            self.inner.flush()
+            self.fs.seen.append(self.fs.target.read_bytes() if self.fs.target.exists() else None)
+
+
+def test_atomic_write_shows_readers_the_old_content_until_the_new_one_is_complete(tmp_path: Path) -> None:
+    target = tmp_path / "best.yaml"
+    old, new = b"old content " * 10, b"new content, longer than the old one " * 10
+    target.write_bytes(old)
+    fs = _WatchedFS(target)
+    write_atomic(fs, str(target), new)
+    assert len(fs.seen) == -(-len(new) // 10) and set(fs.seen) == {old}  # never a part of the new content
+    assert target.read_bytes() == new
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]  # the temporary file was moved in place
+
+
+def test_a_failed_atomic_write_leaves_the_old_content_and_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "results.parquet"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="no space left"):
+        write_atomic(_WatchedFS(target, fail_after_chunks=3), str(target), b"x" * 100)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
+    # a first write that fails leaves no file at all
+    with pytest.raises(OSError):
+        write_atomic(_WatchedFS(tmp_path / "new.yaml", fail_after_chunks=1), str(tmp_path / "new.yaml"), b"y" * 50)
+    assert not (tmp_path / "new.yaml").exists()
+
+
+# -- the trials' stored results ---------------------------------------------------------------------------------
+def _lines(path: Path, rows: list[dict[str, Any]], cut: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + cut)
+
+
+def _row(trial: str, epoch: int, wall: float, **more: Any) -> dict[str, Any]:
+    return {"trial_id": trial, "epoch": epoch, "wall_time": wall, "val_rmse": 10.0 - epoch, **more}
+
+
+def test_trial_rows_merge_ray_results_and_checkpoint_logs_once_each(tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    a = exp / "trial_a"
+    # Ray's result.json lost epoch 3 (a hard kill) and ends with a line cut short; it has fields the logs lack.
+    _lines(
+        a / RAY_RESULT_FILE,
+        [_row("a", 1, 1.0, time_total_s=5, node_id="ray"), _row("a", 2, 2.0, time_total_s=9)],
+        '{"trial_',
+    )
+    _lines(a / "checkpoint_000000" / RESULTS_LOG, [_row("a", 1, 1.0, node_id="log"), _row("a", 2, 2.0)])
+    # the newer checkpoint's log repeats epochs 1-2, adds 3, and its last line was cut short
+    _lines(a / "checkpoint_000001" / RESULTS_LOG, [_row("a", 1, 1.0), _row("a", 2, 2.0), _row("a", 3, 3.0)], '{"ep')
+    # epoch 2 run again after a resume (another wall_time) is a second report, not a duplicate
+    b = exp / "trial_b"
+    _lines(b / RAY_RESULT_FILE, [_row("b", 1, 1.5), _row("b", 2, 2.5), _row("b", 2, 4.5), {"done": True}])
+    (exp / SEARCH_FILE).write_text("space: {}\n")  # files of the experiment folder are no trials
+
+    rows = read_trial_rows(str(exp))
+    got = sorted((r["trial_id"], r["epoch"], r["wall_time"]) for r in rows)
+    assert got == [("a", 1, 1.0), ("a", 2, 2.0), ("a", 3, 3.0), ("b", 1, 1.5), ("b", 2, 2.5), ("b", 2, 4.5)]
+    by = {(r["trial_id"], r["wall_time"]): r for r in rows}
+    first = by[("a", 1.0)]
+    assert (first["time_total_s"], first["node_id"]) == (5, "ray")  # Ray's row wins where both have it
+    assert "time_total_s" not in by[("a", 3.0)]  # known from the checkpoint log only
+    # the checkpoint folder whose log ends at the row's epoch (epoch 1 has none)
+    kept = [by[("a", w)]["checkpoint_dir_name"] for w in (1.0, 2.0, 3.0)]
+    assert kept == [None, "checkpoint_000000", "checkpoint_000001"]
+    assert by[("b", 1.5)]["checkpoint_dir_name"] is None
+    assert {r["_trial_path"] for r in rows} == {str(a), str(b)}
+
+
+def test_trial_rows_point_at_the_checkpoint_of_each_epoch(tmp_path: Path) -> None:
+    trial = tmp_path / "exp" / "t"
+    _lines(trial / "checkpoint_000000" / RESULTS_LOG, [_row("t", 1, 1.0)])
+    _lines(trial / "checkpoint_000001" / RESULTS_LOG, [_row("t", 1, 1.0), _row("t", 2, 2.0)])
+    rows = {r["epoch"]: r for r in read_trial_rows(str(tmp_path / "exp"))}
+    assert {e: r["checkpoint_dir_name"] for e, r in rows.items()} == {1: "checkpoint_000000", 2: "checkpoint_000001"}
+
+
+def test_trial_rows_of_a_folder_not_there_yet_are_empty(tmp_path: Path) -> None:
+    assert read_trial_rows(str(tmp_path / "not_yet")) == []
+
+
+# -- the newest intact checkpoint -------------------------------------------------------------------------------
+def _checkpoint(trial: Path, folder: str, epoch: int, log_epochs: int | None = None) -> Path:
+    """A checkpoint folder of ``epoch`` whose report log reaches ``log_epochs`` (default: the same epoch)."""
+    path = trial / folder
+    path.mkdir(parents=True)
+    state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "history": list(range(1, epoch + 1))}
+    log = [_row("t", e, float(e)) for e in range(1, (log_epochs or epoch) + 1)]
+    write_checkpoint_folder(path, state, log)
+    return path
+
+
+def test_newest_stored_checkpoint_is_chosen_by_content_skipping_incomplete_ones(tmp_path: Path) -> None:
+    trial = tmp_path / "t"
+    _checkpoint(trial, "checkpoint_000000", 2)
+    cut = _checkpoint(trial, "checkpoint_000001", 4)  # the newest, but a kill cut its checkpoint file short
+    data = (cut / CHECKPOINT_FILE).read_bytes()
+    (cut / CHECKPOINT_FILE).write_bytes(data[: len(data) // 2])
+    _checkpoint(trial, "checkpoint_000002", 1)  # a reused folder name holding an older epoch
+    _checkpoint(trial, "checkpoint_000003", 3, log_epochs=4)  # its log is ahead of its state: not intact
+    (trial / "checkpoint_000004").mkdir()  # no log at all
+    state, log, path = newest_stored_checkpoint(LOCAL, str(trial))
+    assert (state["epoch"], path) == (2, str(trial / "checkpoint_000000"))
+    assert [r["epoch"] for r in log] == [1, 2]
+    # with the cut one repaired it wins: the choice is by epoch, not by folder name
+    (cut / CHECKPOINT_FILE).write_bytes(data)
+    assert newest_stored_checkpoint(LOCAL, str(trial))[0]["epoch"] == 4
+
+
+def test_restore_point_takes_the_first_folder_with_an_intact_checkpoint(tmp_path: Path) -> None:
+    assert newest_stored_checkpoint(LOCAL, str(tmp_path / "nothing")) is None
+    assert restore_point([]) == (None, [])
+    _checkpoint(tmp_path / "ray_given", "checkpoint_000000", 1)
+    _checkpoint(tmp_path / "stored", "checkpoint_000005", 3)
+    state, log = restore_point([(LOCAL, str(tmp_path / "empty")), (LOCAL, str(tmp_path / "stored"))])
+    assert state["epoch"] == 3 and [r["epoch"] for r in log] == [1, 2, 3]
+    state, _ = restore_point([(LOCAL, str(tmp_path / "ray_given")), (LOCAL, str(tmp_path / "stored"))])
+    assert state["epoch"] == 1  # the first folder that has one, in the caller's order
+
+
+# -- search.yaml and best.yaml ----------------------------------------------------------------------------------
+def test_search_record_round_trip_and_a_broken_one_is_one_line(tmp_path: Path) -> None:
+    exp = Experiment.at(str(tmp_path / "st"), "exp")
+    assert not exp.has_search() and exp.read_search() is None
+    record = {"space_file": "/s.yaml", "space": {"params": {}}, "overrides": {"seed": 3}, "data": {"input_dir": "/i"}}
+    exp.write_search(record)  # creates the experiment folder
+    assert exp.has_search() and exp.read_search() == record
+    (tmp_path / "st" / "exp" / SEARCH_FILE).write_text("space: [unclosed\n")
+    with pytest.raises(TuneAgbError, match=r"search\.yaml: not valid YAML") as err:
+        exp.read_search()
+    assert "\n" not in str(err.value)
+    (tmp_path / "st" / "exp" / SEARCH_FILE).write_text("- a list\n")
+    with pytest.raises(TuneAgbError, match="expected a mapping with 'space' and 'overrides' mappings"):
+        exp.read_search()
+
+
+def test_best_round_trip_and_final_train_reads_it_the_same_way(tmp_path: Path) -> None:
+    best = {"trial_id": "a", "value": 1.5, "config": {"lr": 0.003}, "checkpoint": None}
+    write_best(str(tmp_path), best)
+    assert read_best(str(tmp_path)) == best == read_best(f"{tmp_path}/")
+    assert final_train.read_best is experiment.read_best  # one reader of the search's result
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "best.yaml: cannot read the search's best.yaml ("),
+        ("config: [unclosed\n", "best.yaml: not valid YAML ("),
+        ("- a list\n", "best.yaml: expected a mapping with a 'config' mapping"),
+        ("config: 3\n", "best.yaml: expected a mapping with a 'config' mapping"),
+    ],
+)
+def test_best_that_cannot_be_used_is_one_line_naming_the_file(
+    tmp_path: Path, content: str | None, expected: str
+) -> None:
+    if content is not None:
+        (tmp_path / BEST_FILE).write_text(content)
+    with pytest.raises(TuneAgbError) as err:
+        read_best(str(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path}/{expected}") and "\n" not in msg, msg
+    if content is None:
+        assert msg.endswith("; is this a finished search?")
+
+
+def test_best_is_written_atomically_as_yaml(tmp_path: Path) -> None:
+    (tmp_path / BEST_FILE).write_text("old: 1\n")
+    write_best(str(tmp_path), {"trial_id": "b", "config": {"dropout": 0.1}})
+    assert yaml.safe_load((tmp_path / BEST_FILE).read_text()) == {"trial_id": "b", "config": {"dropout": 0.1}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE]
+
+
+# -- imports ----------------------------------------------------------------------------------------------------
+def test_the_experiment_module_and_the_cli_load_no_ray() -> None:
+    """final_train imports the experiment module; the CLI imports Ray only once a search runs."""
+    code = (
+        "import sys\n"
+        "import tune_agb.search.experiment\n"
+        "assert not {'ray', 'torch'} & set(sys.modules), 'experiment'\n"
+        "import tune_agb.search, tune_agb.search.cli, tune_agb.search.space\n"
+        "assert 'ray' not in sys.modules, [m for m in sys.modules if m.startswith('ray')][:5]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,341 @@
+"""The experiment folder ``STORAGE/NAME``: the one owner of its location, its file names and their formats.
+
+``STORAGE`` is a local folder or an ``s3://``/``gs://`` URI (opened with pyarrow.fs); the folder holds::
+
+    search.yaml                      the space, overrides and data folders the search was started with
+    results.parquet, best.yaml       one row per trial and epoch; the best (trial, epoch), read by final_train
+    tuner.pkl, *_state-*.json/.pkl   Ray's experiment state (with NAME.bak copies, see tune_agb.search.state)
+    TRIAL/result.json                Ray's per-trial results (JSON lines)
+    TRIAL/checkpoint_NNNNNN/         checkpoint.pt (the engine's state) + results.jsonl (every report up to it)
+
+Every file this package writes there is written next to its target and moved in place, so a reader (or a search
+killed mid-write) never sees half a file. Importing this module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from tune_agb.errors import TuneAgbError
+
+SEARCH_FILE = "search.yaml"
+RESULTS_FILE = "results.parquet"
+BEST_FILE = "best.yaml"
+RAY_RESULT_FILE = "result.json"  # Ray's, in each trial folder
+# Every report so far (JSON lines), saved in each checkpoint folder: Ray's own result.json is written in a
+# per-session local folder and copied to storage later, so a hard kill can lose or overwrite its rows; the
+# checkpoint is uploaded inside tune.report(), so this log survives with it.
+RESULTS_LOG = "results.jsonl"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray's checkpoint folder names
+TMP_SUFFIX = ".tmp"
+
+Folder = tuple[pafs.FileSystem, str]
+
+
+def is_uri(location: str) -> bool:
+    """Whether ``location`` names remote storage (``s3://``, ``gs://``, ...); ``file://`` and plain paths are local."""
+    return "://" in location and not location.startswith("file://")
+
+
+def resolve_storage(storage: str) -> str:
+    """Local paths become absolute (trials run with their own folder as cwd); URIs are kept as given."""
+    if is_uri(storage):
+        return storage
+    return str(Path(storage.removeprefix("file://")).expanduser().resolve())
+
+
+def _filesystem(location: str) -> Folder:
+    if is_uri(location):
+        return pafs.FileSystem.from_uri(location)
+    path = Path(location.removeprefix("file://")).expanduser().absolute()
+    return pafs.LocalFileSystem(), str(path)
+
+
+def open_storage(location: str, label: str | None = None) -> Folder:
+    """The filesystem and the path in it of a local path or a URI.
+
+    Args:
+        location: a folder or file, local (made absolute) or ``s3://``/``gs://``.
+        label: how errors name it (default: ``location``), e.g. ``--storage s3://bucket``.
+
+    Raises:
+        TuneAgbError: one line when the storage cannot be opened (unknown scheme, no credentials, ...).
+    """
+    try:
+        return _filesystem(location)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TuneAgbError(f"{label or location}: cannot open it ({_first_line(exc)})") from None
+
+
+def location_of(like: str, path: str) -> str:
+    """A pyarrow filesystem path as a location like ``like``: a URI with its scheme, or an absolute local path."""
+    if is_uri(like):
+        return f"{like.split('://', 1)[0]}://{path}"
+    return str(Path(path).resolve())
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` next to it first (``PATH.tmp``), then move it in place.
+
+    A reader sees the old content or the new one, never part of it; a failed write leaves the old content.
+    """
+    tmp = f"{path}{TMP_SUFFIX}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
+def read_file(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """The bytes of a file; None when there is no file at ``path`` (other read errors raise ``OSError``)."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_file(experiment_uri: str, name: str, data: bytes) -> None:
+    """:func:`write_atomic` of ``STORAGE/NAME/name`` (the folder is created if needed)."""
+    fs, root = open_storage(experiment_uri)
+    fs.create_dir(root, recursive=True)
+    write_atomic(fs, f"{root}/{name}", data)
+
+
+def json_lines(rows: Iterable[dict[str, Any]]) -> str:
+    """Rows as JSON lines (the format of ``results.jsonl``)."""
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def read_json_lines(fs: pafs.FileSystem, path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file ([] if it cannot be read); a line cut short by a killed process is skipped."""
+    try:
+        with fs.open_input_stream(path) as f:
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
+    """Every result row of every trial under an experiment folder (local path or ``s3://``/``gs://`` URI).
+
+    Rows come from Ray's ``result.json`` and from the report log saved in each checkpoint folder
+    (``results.jsonl``; it survives a hard kill that loses ``result.json`` rows). A row reported twice (same epoch
+    and ``wall_time``) appears once, with Ray's fields where both have it. ``checkpoint_dir_name`` is set to the
+    kept checkpoint folder of the row's epoch (None if deleted); ``_trial_path`` is the trial folder.
+    """
+    fs, root = open_storage(experiment_uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=False))
+    except OSError:  # the experiment folder cannot be listed (yet)
+        return []
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory:
+            continue
+        found = {}
+        for r in read_json_lines(fs, f"{entry.path}/{RAY_RESULT_FILE}"):
+            if "trial_id" in r and "epoch" in r:
+                found[(r["epoch"], r.get("wall_time"))] = r
+        ckpt_of_epoch: dict[int, str] = {}
+        for sub in sorted(_checkpoint_folders(fs, entry.path), key=lambda i: i.base_name):
+            log = read_json_lines(fs, f"{sub.path}/{RESULTS_LOG}")
+            if log:
+                ckpt_of_epoch[log[-1]["epoch"]] = sub.base_name
+            for r in log:
+                key = (r["epoch"], r.get("wall_time"))
+                found[key] = {**r, **found.get(key, {})}  # Ray's row has more fields (time_total_s, ...)
+        for r in found.values():
+            r["checkpoint_dir_name"] = ckpt_of_epoch.get(r["epoch"])
+            r["_trial_path"] = entry.path
+            rows.append(r)
+    return rows
+
+
+def _checkpoint_folders(fs: pafs.FileSystem, trial_path: str) -> list[pafs.FileInfo]:
+    infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True, recursive=False))
+    return [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+
+
+def trial_folder(experiment_uri: str, trial_name: str) -> Folder:
+    """The filesystem and path of the trial folder ``STORAGE/NAME/trial_name``."""
+    fs, root = open_storage(experiment_uri)
+    return fs, f"{root}/{trial_name}"
+
+
+def newest_stored_checkpoint(
+    fs: pafs.FileSystem, trial_path: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], str] | None:
+    """The most advanced intact checkpoint stored in a trial's folder: ``(state, report log, folder path)``.
+
+    Ray hands a restored trial the newest checkpoint recorded in its saved experiment state, which a hard kill can
+    leave one or more epochs behind what the trial had already stored. This looks at every ``checkpoint_*`` folder
+    of the trial and takes the one whose report log reaches the latest epoch (by content, not by folder name: after
+    a resume Ray may reuse a folder name), skipping any that a kill left incomplete (unreadable checkpoint, or a
+    log that does not end at the checkpoint's epoch). None when the folder holds no intact checkpoint.
+    """
+    from tune_agb.engine.checkpoint import load_checkpoint_bytes  # torch: only where a checkpoint is loaded
+
+    try:
+        folders = _checkpoint_folders(fs, trial_path)
+    except OSError:
+        return None
+    candidates = []
+    for info in folders:
+        log = [r for r in read_json_lines(fs, f"{info.path}/{RESULTS_LOG}") if "epoch" in r]
+        if log:
+            candidates.append((int(log[-1]["epoch"]), info.base_name, info.path, log))
+    for epoch, _, path, log in sorted(candidates, reverse=True):
+        source = f"{path}/{CHECKPOINT_FILE}"
+        try:
+            data = read_file(fs, source)
+            if data is None:
+                continue
+            state = load_checkpoint_bytes(data, source=source)
+        except (OSError, TuneAgbError):
+            continue
+        if int(state["epoch"]) == epoch:
+            return state, log, path
+    return None
+
+
+def restore_point(folders: Iterable[Folder]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Where a (re)started trial goes on from: the engine state and report log of the newest stored checkpoint.
+
+    Args:
+        folders: the trial folders to look in, in order of preference; the first holding an intact checkpoint wins.
+
+    Returns:
+        ``(state, log rows up to its epoch)``, or ``(None, [])`` for a fresh start.
+    """
+    for fs, path in folders:
+        found = newest_stored_checkpoint(fs, path)
+        if found is not None:
+            state, log, _ = found
+            # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
+            return state, [r for r in log if int(r["epoch"]) <= int(state["epoch"])]
+    return None, []
+
+
+def write_checkpoint_folder(folder: str | Path, state: dict[str, Any], log_rows: list[dict[str, Any]]) -> None:
+    """Fill a local checkpoint folder: ``checkpoint.pt`` (the engine's state) and ``results.jsonl`` (the log)."""
+    from tune_agb.engine.checkpoint import save_checkpoint  # torch: only where a checkpoint is saved
+
+    save_checkpoint(state, Path(folder) / CHECKPOINT_FILE)
+    (Path(folder) / RESULTS_LOG).write_text(json_lines(log_rows))
+
+
+def write_results_table(experiment_uri: str, table: pa.Table) -> None:
+    """Write ``results.parquet`` (atomically)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_file(experiment_uri, RESULTS_FILE, buf.getvalue())
+
+
+def write_best(experiment_uri: str, best: dict[str, Any]) -> None:
+    """Write ``best.yaml`` (atomically): the contract with ``tune_agb.final_train --experiment``."""
+    write_file(experiment_uri, BEST_FILE, yaml.safe_dump(best, sort_keys=False).encode())
+
+
+def read_best(experiment: str) -> dict[str, Any]:
+    """``STORAGE/NAME/best.yaml`` of a search (a local path or a pyarrow URI such as ``s3://...``).
+
+    Raises:
+        TuneAgbError: one line when it cannot be read, is not YAML, or has no ``config`` mapping.
+    """
+    path = f"{experiment.rstrip('/')}/{BEST_FILE}"
+    try:
+        fs, p = _filesystem(path)
+        with fs.open_input_stream(p) as f:
+            text = f.read().decode()
+    except (OSError, ValueError) as exc:
+        raise TuneAgbError(
+            f"{path}: cannot read the search's best.yaml ({_first_line(exc)}); is this a finished search?"
+        ) from None
+    try:
+        best = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TuneAgbError(f"{path}: not valid YAML ({_first_line(exc)})") from None
+    if not isinstance(best, dict) or not isinstance(best.get("config"), dict):
+        raise TuneAgbError(f"{path}: expected a mapping with a 'config' mapping")
+    return best
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Where a search lives: ``uri`` = ``STORAGE/NAME``; ``storage``: an absolute path or an ``s3://``/``gs://`` URI."""
+
+    storage: str
+    name: str
+
+    @classmethod
+    def at(cls, storage: str, name: str) -> Experiment:
+        """The experiment ``name`` under ``storage`` as given on the command line (local paths made absolute)."""
+        return cls(resolve_storage(storage), name)
+
+    @property
+    def uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    def fs(self) -> Folder:
+        """The filesystem and the experiment folder's path in it (one error line naming ``--storage``)."""
+        return open_storage(self.uri, label=f"--storage {self.storage}")
+
+    def has_search(self) -> bool:
+        """Whether a search was started here (its ``search.yaml`` exists)."""
+        fs, root = self.fs()
+        return fs.get_file_info(f"{root}/{SEARCH_FILE}").type == pafs.FileType.File
+
+    def read_search(self) -> dict[str, Any] | None:
+        """The record ``search.yaml`` holds (``space``, ``overrides``, ``data``); None when there is none.
+
+        Raises:
+            TuneAgbError: when the file is not such a record.
+        """
+        fs, root = self.fs()
+        path = f"{root}/{SEARCH_FILE}"
+        data = read_file(fs, path)
+        if data is None:
+            return None
+        try:
+            record = yaml.safe_load(data.decode())
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise TuneAgbError(f"{self.uri}/{SEARCH_FILE}: not valid YAML ({_first_line(exc)})") from None
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), dict) for k in ("space", "overrides")):
+            raise TuneAgbError(f"{self.uri}/{SEARCH_FILE}: expected a mapping with 'space' and 'overrides' mappings")
+        return record
+
+    def write_search(self, record: dict[str, Any]) -> None:
+        """Write ``search.yaml`` (creating the experiment folder)."""
+        fs, root = self.fs()
+        fs.create_dir(root, recursive=True)
+        write_atomic(fs, f"{root}/{SEARCH_FILE}", yaml.safe_dump(record, sort_keys=False).encode())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
