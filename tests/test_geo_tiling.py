@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tune_agb.bands import SPLITS
 from tune_agb.demo import split_tiles
 from tune_agb.geo.tiling import (
-    SPLITS,
     assign_blocks,
     count_block_tiles,
     rasterize_points,
@@ -123,12 +123,6 @@ def test_rasterize_points_averages_per_pixel_and_counts_the_rest():
     np.testing.assert_array_equal(labels.window(0, 0, 3, 4), expect)
     win = labels.window(0, 3, 2, 3)
     assert win.shape == (2, 3) and win[1, 0] == 3.0 and np.isnan(win).sum() == 5
-
-
-def test_splits_match_the_engine():
-    from tune_agb.engine.data import SPLITS as ENGINE_SPLITS
-
-    assert SPLITS == ENGINE_SPLITS
 
 
 def test_prepare_and_predict_share_the_stack_flags():

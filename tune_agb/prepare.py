@@ -32,6 +32,7 @@ from rasterio.errors import CRSError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from tune_agb.bands import SPLITS
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.geo.raster import (
     RasterStack,
@@ -44,7 +45,6 @@ from tune_agb.geo.raster import (
     staged_dir,
 )
 from tune_agb.geo.tiling import (
-    SPLITS,
     PointLabels,
     assign_blocks,
     block_of,

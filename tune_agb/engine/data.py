@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_agb.bands import BAND_NAMES
+from tune_agb.bands import BAND_NAMES, SPLITS
 from tune_agb.errors import TuneAgbError
 
 log = logging.getLogger(__name__)
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Above this many bytes a split is assembled in a memory-mapped file instead of RAM.
 MMAP_THRESHOLD_BYTES = int(os.environ.get("TUNE_AGB_MMAP_BYTES", 4 * 1024**3))
 

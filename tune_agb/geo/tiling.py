@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-
 
 def window_starts(size: int, tile: int, stride: int, cover_edge: bool = True) -> list[int]:
     """Start offsets of windows of ``tile`` px every ``stride`` px along an axis of ``size`` px.
