@@ -9,6 +9,7 @@ I/O and blending path, not model speed.
 
     python bench/raster_io.py                 # full size; needs ~8 GB free disk in --workdir
     python bench/raster_io.py --size 2048     # quicker
+    python bench/raster_io.py --skip-prepare --baseline-src /tmp/old   # predict now and with an older source tree
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def tiny_checkpoint(path: Path, bands: int) -> None:
     save_checkpoint(state, path)
 
 
-def measure(cmd: list[str]) -> tuple[float, float, str]:
-    """Run ``cmd``; return (wall seconds, peak RSS in MB of that child alone, its stdout)."""
+def measure(cmd: list[str], src: str | None = None) -> tuple[float, float, str]:
+    """Run ``cmd`` (with ``src`` first on PYTHONPATH when given); return (wall seconds, peak RSS in MB of that child
+    alone, its stdout)."""
+    env = {**os.environ, "PYTHONPATH": src} if src else None
     with tempfile.TemporaryFile("w+") as fout, tempfile.TemporaryFile("w+") as ferr:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True)
+        p = subprocess.Popen(cmd, stdout=fout, stderr=ferr, text=True, env=env, cwd=src)
         _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (ru_maxrss in KB on Linux)
         wall = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=244, help="prepare tile size (px)")
     ap.add_argument("--predict-tile", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--skip-prepare", action="store_true", help="measure predict only")
+    ap.add_argument("--baseline-src", help="also run predict from this source tree (a worktree of an older commit)")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a new temp folder, removed after)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     a = ap.parse_args()
@@ -124,28 +129,34 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         raster_mb = a.size * a.size * a.bands * 4 / 1e6
         py = sys.executable
-        prep_s, prep_rss, prep_out = measure(
-            [py, "-m", "tune_agb.prepare", "--image", str(stack), "--gedi", str(shots), "--filter",
-             "l4_quality_flag==1", "--out", str(work / "ds"), "--tile-size", str(a.tile_size), "--no-progress"]
-        )  # fmt: skip
-        n_tiles = sum(1 for _ in (work / "ds" / "inputs").glob("*/*.npy"))
-        shutil.rmtree(work / "ds")  # free the disk before the next step
-        pred_s, pred_rss, pred_out = measure(
-            [py, "-m", "tune_agb.predict", "--model", str(ckpt), "--image", str(stack), "--out", str(work / "map.tif"),
-             "--tile-size", str(a.predict_tile), "--batch-size", str(a.batch_size), "--device", "cpu", "--no-progress"]
-        )  # fmt: skip
-        n_windows = int(pred_out.split("from ")[1].split(" windows")[0])
+        if not a.skip_prepare:
+            prep_s, prep_rss, prep_out = measure(
+                [py, "-m", "tune_agb.prepare", "--image", str(stack), "--gedi", str(shots), "--filter",
+                 "l4_quality_flag==1", "--out", str(work / "ds"), "--tile-size", str(a.tile_size), "--no-progress"]
+            )  # fmt: skip
+            n_tiles = sum(1 for _ in (work / "ds" / "inputs").glob("*/*.npy"))
+            shutil.rmtree(work / "ds")  # free the disk before the next step
+        predict = [py, "-m", "tune_agb.predict", "--model", str(ckpt), "--image", str(stack), "--out",
+                   str(work / "map.tif"), "--tile-size", str(a.predict_tile), "--batch-size", str(a.batch_size),
+                   "--device", "cpu", "--no-progress", "--overwrite"]  # fmt: skip
+        runs = {"": measure(predict)}
+        if a.baseline_src:
+            runs[f" [{a.baseline_src}]"] = measure(predict, a.baseline_src)
         cpu = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU"
         print(f"## raster I/O benchmark: {a.size} x {a.size} x {a.bands} float32 ({raster_mb / 1e3:.2f} GB), {cpu}")
         print(f"input written in {gen_s:.0f} s; {n_shots} GEDI shots; torch {torch.__version__}, threads "
               f"{torch.get_num_threads()}\n")  # fmt: skip
         print("| step | wall (s) | peak RSS (MB) | read MB/s | tiles/s |")
         print("|---|---|---|---|---|")
-        print(f"| prepare (tile {a.tile_size}) | {prep_s:.1f} | {prep_rss:.0f} | {raster_mb / prep_s:.0f} "
-              f"| {n_tiles / prep_s:.1f} ({n_tiles} tiles) |")  # fmt: skip
-        print(f"| predict (tiny U-Net, window {a.predict_tile}, CPU) | {pred_s:.1f} | {pred_rss:.0f} "
-              f"| {raster_mb / pred_s:.0f} | {n_windows / pred_s:.2f} ({n_windows} windows) |")  # fmt: skip
-        print("\n" + prep_out.strip())
+        if not a.skip_prepare:
+            print(f"| prepare (tile {a.tile_size}) | {prep_s:.1f} | {prep_rss:.0f} | {raster_mb / prep_s:.0f} "
+                  f"| {n_tiles / prep_s:.1f} ({n_tiles} tiles) |")  # fmt: skip
+        for tag, (pred_s, pred_rss, pred_out) in runs.items():
+            n_windows = int(pred_out.split("from ")[1].split(" windows")[0])
+            print(f"| predict{tag} (tiny U-Net, window {a.predict_tile}, CPU) | {pred_s:.1f} | {pred_rss:.0f} "
+                  f"| {raster_mb / pred_s:.0f} | {n_windows / pred_s:.2f} ({n_windows} windows) |")  # fmt: skip
+        if not a.skip_prepare:
+            print("\n" + prep_out.strip())
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -94,7 +94,24 @@ def known_unet_checkpoint(
         up.conv[3].weight[0, 0, 1, 1] = 1.0
         model.head.weight[0, 0, 0, 0] = scale
         model.head.bias[1] = logvar_bias
-    norm = NormStats([0.0] * in_channels, [1.0] * in_channels, target_mean, target_std)
+    return _save(path, cfg, model, NormStats([0.0] * in_channels, [1.0] * in_channels, target_mean, target_std))
+
+
+def random_unet_checkpoint(path: Path, in_channels: int, depth: int, base_channels: int = 4, seed: int = 0) -> Path:
+    """A real checkpoint of a U-Net with random weights (and random batch-norm statistics), predicting AGB-like
+    values (target mean 120, std 60): a model with real spatial context, nothing trained."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(in_channels=in_channels, base_channels=base_channels, depth=depth, norm="batch", amp="none")
+    model = UNet.from_config(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+    return _save(path, cfg, model, NormStats([0.0] * in_channels, [1.0] * in_channels, 120.0, 60.0))
+
+
+def _save(path: Path, cfg: TrainConfig, model: UNet, norm: NormStats) -> Path:
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": 1,

@@ -10,7 +10,7 @@ import rasterio
 
 from tests.raster_helpers import CRS_UTM, grid_transform, known_logvar, known_unet_checkpoint, write_tif
 from tune_agb.errors import run_cli
-from tune_agb.predict import blend_weights, main
+from tune_agb.predict import main
 
 H, W, C = 100, 130, 4
 
@@ -103,13 +103,6 @@ def test_ensemble_folder_gives_mean_and_total_std(tmp_path, capsys):
     np.testing.assert_allclose(mean, 2 * x0, rtol=1e-5)
     np.testing.assert_allclose(std, np.sqrt(1 + x0.astype(np.float64) ** 2), rtol=1e-5)
     assert no_partials(tmp_path)
-
-
-def test_blend_weights_taper_but_never_vanish():
-    w = blend_weights(32, 8)
-    assert w.shape == (32,) and w.min() > 0 and w.max() == 1.0
-    assert w[0] < w[4] < w[8] == 1.0 and np.allclose(w, w[::-1])
-    assert np.all(blend_weights(16, 0) == 1.0)
 
 
 def test_band_count_mismatch_is_one_clear_line(tmp_path, capsys):

@@ -1,9 +1,13 @@
 """Wall-to-wall prediction: a trained model (or ensemble) over a GeoTIFF stack -> a mean / std biomass GeoTIFF.
 
 ``python -m tune_agb.predict --model OUT_DIR --image STACK.tif --out MAP.tif`` slides windows of ``--tile-size``
-px with ``--overlap`` px over the raster (the last row and column of windows sit flush with the edges; a raster
-smaller than one window is one window) and blends the seams: every window's mean and variance are weighted by a
-ramp that falls towards the window's edges over the overlap, so neighbouring windows fade into each other.
+px over the raster, ``--overlap`` px apart from their neighbours, and keeps of each window only its core: half the
+overlap is discarded at every inner edge, so that every kept pixel saw all the context the model looks at, and the
+cores tile the raster exactly. The overlap defaults to twice the model's seam margin (measured once per model, see
+:mod:`tune_agb.engine.seams`, stored in final_train's checkpoints), and windows start on the model's downsampling
+grid (multiples of ``2 ** depth`` px from the raster origin). The map then equals predicting the whole raster in one
+window, to floating-point noise, whatever the tile size: ``--tile-size`` trades memory for speed and nothing else.
+Windows touching the raster's edges keep their pixels up to the edge.
 
 Rows of the map are written as soon as no later window touches them, so memory stays at a few strips of the
 raster's width whatever its height. The output is float32 with two bands, ``mean`` and ``std`` (label units,
@@ -39,7 +43,6 @@ from tune_agb.geo.raster import (
     s2_band_positions,
     staged_file,
 )
-from tune_agb.geo.tiling import window_starts
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +50,54 @@ OUTPUT_BANDS = ("mean", "std")
 BLOCK = 256  # output GeoTIFF tile size (px); rows are flushed in whole block rows so no block is written twice
 
 
-def blend_weights(length: int, overlap: int) -> np.ndarray:
-    """(length,) float64 ramp: 1 in the middle, falling linearly to 1/(overlap+1) at both ends (never 0)."""
-    i = np.arange(length)
-    ramp = np.minimum(i + 1, length - i) / (overlap + 1)
-    return np.clip(ramp, 1.0 / (overlap + 1), 1.0)
+def window_plan(size: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Windows along one axis of ``size`` px: ``(start, stop, keep_start, keep_stop)`` for each.
+
+    Windows of ``tile`` px start every ``tile - overlap`` px; each keeps ``[keep_start, keep_stop)``: all but
+    ``overlap // 2`` px at its inner edges (the rest of the overlap at the far edge), so the kept parts tile
+    ``[0, size)`` exactly. The first window keeps from 0 and the last one (clipped at ``size``) to ``size``.
+    """
+    if tile >= size:
+        return [(0, size, 0, size)]
+    cut_lo, cut_hi, stride = overlap // 2, overlap - overlap // 2, tile - overlap
+    plan, start = [], 0
+    while True:
+        stop = min(start + tile, size)
+        plan.append((start, stop, 0 if start == 0 else start + cut_lo, size if stop == size else stop - cut_hi))
+        if stop == size:
+            return plan
+        start += stride
+
+
+def resolve_windows(tile: int, overlap: int | None, predictor: Predictor) -> tuple[int, int]:
+    """The window side and overlap actually used: the side rounded down and the overlap up to the model's grid step;
+    the overlap defaults to twice the model's seam margin.
+
+    Raises:
+        TuneAgbError: when the overlap leaves nothing of a window.
+    """
+    step, margin = predictor.step, predictor.margin
+    side = max(step, tile // step * step)
+    if overlap is None:
+        if margin is None:
+            overlap = side // 4
+            log.warning(
+                "the model normalises over the whole window (norm=%s): tiled maps depend on the window; "
+                "use a --tile-size as large as memory allows",
+                predictor.members[0].config.norm,
+            )
+        else:
+            overlap = 2 * margin
+    elif margin is not None and overlap < 2 * margin:
+        log.warning("--overlap %d is under twice the model's seam margin (%d px): seams may show", overlap, margin)
+    overlap = -(-overlap // step) * step
+    if overlap >= side:
+        raise TuneAgbError(
+            f"--tile-size {tile}: a window must be larger than the overlap ({overlap} px"
+            + (f", twice the model's seam margin of {margin} px" if margin is not None else "")
+            + f"); use --tile-size {overlap + 4 * step} or more"
+        )
+    return side, overlap
 
 
 def output_profile(stack: RasterStack) -> dict:
@@ -79,7 +125,7 @@ def predict_raster(
     stack: RasterStack,
     dst: rasterio.io.DatasetWriter,
     tile: int = 512,
-    overlap: int = 64,
+    overlap: int | None = None,
     batch_size: int = 8,
     s2_offset: float | None = None,
     progress: bool = True,
@@ -87,68 +133,56 @@ def predict_raster(
     """Predict every window of ``stack`` and write mean/std into ``dst`` (same grid). Returns the window count.
 
     Args:
-        predictor: model(s) with ``predict(x (B, C, h, w) raw) -> (mean, std) (B, h, w)``.
+        predictor: model(s) with ``predict(x (B, C, h, w) raw) -> (mean, std) (B, h, w)``, ``step`` and ``margin``.
         stack: input rasters on one grid, ``predictor.in_channels`` bands.
         dst: open 2-band float32 writer on the stack's grid.
-        tile: window side (px); clipped to the raster size.
-        overlap: px shared by neighbouring windows (blended).
+        tile: window side (px); rounded down to the model's grid step.
+        overlap: px shared by neighbouring windows, half discarded by each (None: twice the model's seam margin).
         batch_size: windows per forward pass.
         s2_offset: when set, Sentinel-2 digital numbers are scaled to reflectance with this offset first.
         progress: show a progress bar.
     """
     h, w = stack.grid.height, stack.grid.width
-    th, tw = min(tile, h), min(tile, w)
-    rows = window_starts(h, th, max(1, th - overlap))
-    cols = window_starts(w, tw, max(1, tw - overlap))
-    weight = blend_weights(th, overlap)[:, None] * blend_weights(tw, overlap)[None, :]
+    tile, overlap = resolve_windows(tile, overlap, predictor)
+    rows, cols = window_plan(h, tile, overlap), window_plan(w, tile, overlap)
     s2_pos = s2_band_positions(stack.band_names, stack.count) if s2_offset is not None else []
-    # Accumulators over rows [base, base + th + BLOCK): weighted mean, weighted variance, weights, valid input.
-    acc_h = th + BLOCK
-    acc_m = np.zeros((acc_h, w))
-    acc_v = np.zeros((acc_h, w))
-    acc_w = np.zeros((acc_h, w))
-    valid = np.zeros((acc_h, w), dtype=bool)
-    base = 0
+    pending: list[np.ndarray] = []  # (2, rows, w) strips of finished rows not yet written
+    written = 0
 
-    def flush(n: int) -> None:
-        """Write rows [base, base + n) and shift the accumulators up by n."""
-        nonlocal base
-        if n <= 0:
+    def write(final: bool) -> None:
+        """Write the pending rows in whole output blocks (all of them at the end)."""
+        nonlocal written, pending
+        if not pending:
             return
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = acc_m[:n] / acc_w[:n]
-            std = np.sqrt(acc_v[:n] / acc_w[:n])
-        mean[~valid[:n]] = np.nan
-        std[~valid[:n]] = np.nan
-        dst.write(np.stack([mean, std]).astype(np.float32), window=Window(0, base, w, n))
-        for a in (acc_m, acc_v, acc_w, valid):
-            a[:-n] = a[n:]
-            a[-n:] = 0
-        base += n
+        strip = np.concatenate(pending, axis=1)
+        n = strip.shape[1] if final else strip.shape[1] // BLOCK * BLOCK
+        if n:
+            dst.write(strip[:, :n], window=Window(0, written, w, n))
+            written += n
+        pending = [strip[:, n:]] if n < strip.shape[1] else []
 
     bar = tqdm(total=len(rows) * len(cols), desc="predict", unit="window", disable=not progress)
-    for r in rows:
-        # Rows above r are final; write them in whole output blocks.
-        flush((r - base) // BLOCK * BLOCK)
-        for k in range(0, len(cols), batch_size):
-            batch_cols = cols[k : k + batch_size]
-            x = np.stack([stack.read(Window(c, r, tw, th)) for c in batch_cols])
-            if s2_pos:
-                for xi in x:
-                    dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
-            mean, std = predictor.predict(x)
-            mean, var = mean.float().cpu().numpy(), (std.float() ** 2).cpu().numpy()
-            has_data = np.isfinite(x).any(axis=1)
-            for i, c in enumerate(batch_cols):
-                rr = slice(r - base, r - base + th)
-                cc = slice(c, c + tw)
-                acc_m[rr, cc] += weight * mean[i]
-                acc_v[rr, cc] += weight * var[i]
-                acc_w[rr, cc] += weight
-                valid[rr, cc] |= has_data[i]
-            bar.update(len(batch_cols))
+    for r0, r1, kr0, kr1 in rows:
+        strip = np.full((2, kr1 - kr0, w), np.nan, dtype=np.float32)
+        # windows of one width go through the model together (the last column can be narrower)
+        for width in sorted({c1 - c0 for c0, c1, _, _ in cols}, reverse=True):
+            same = [c for c in cols if c[1] - c[0] == width]
+            for k in range(0, len(same), batch_size):
+                batch = same[k : k + batch_size]
+                x = np.stack([stack.read(Window(c0, r0, width, r1 - r0)) for c0, _, _, _ in batch])
+                if s2_pos:
+                    for xi in x:
+                        dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
+                mean, std = predictor.predict(x)
+                out = np.stack([mean.float().cpu().numpy(), std.float().cpu().numpy()], axis=1)
+                out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
+                for i, (c0, _, kc0, kc1) in enumerate(batch):
+                    strip[:, :, kc0:kc1] = out[i, :, kr0 - r0 : kr1 - r0, kc0 - c0 : kc1 - c0]
+                bar.update(len(batch))
+        pending.append(strip)
+        write(final=False)
     bar.close()
-    flush(h - base)
+    write(final=True)
     return len(rows) * len(cols)
 
 
@@ -159,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std)")
     p.add_argument("--tile-size", type=int, default=512, help="window side in px (default 512)")
     p.add_argument(
-        "--overlap", type=int, default=None, help="px shared by neighbouring windows (default: tile size / 8)"
+        "--overlap",
+        type=int,
+        default=None,
+        help="px shared by neighbouring windows, half discarded by each (default: twice the model's seam margin)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: the GPU if any)")
@@ -174,10 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.tile_size < 16:
         raise TuneAgbError(f"--tile-size: must be >= 16 px, got {a.tile_size}")
-    if a.overlap is None:
-        a.overlap = a.tile_size // 8
-    if not 0 <= a.overlap < a.tile_size // 2:
-        raise TuneAgbError(f"--overlap: must be >= 0 and < half the tile size ({a.tile_size // 2}), got {a.overlap}")
+    if a.overlap is not None and not 0 <= a.overlap < a.tile_size:
+        raise TuneAgbError(f"--overlap: must be >= 0 and smaller than --tile-size ({a.tile_size}), got {a.overlap}")
     if a.batch_size < 1:
         raise TuneAgbError(f"--batch-size: must be >= 1, got {a.batch_size}")
     out = Path(a.out)

@@ -14,12 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_agb.engine.checkpoint import load_checkpoint
+from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import NormStats
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
 from tune_agb.engine.losses import predicted_variance
 from tune_agb.engine.model import UNet
+from tune_agb.engine.seams import grid_step, measure_margin
 from tune_agb.errors import TuneAgbError
 
 
@@ -45,6 +46,7 @@ class Member:
     model: UNet
     config: TrainConfig
     norm: NormStats
+    margin: int | None = None  # px a window must discard at its edges (None: the output depends on the window)
 
 
 class Predictor:
@@ -58,6 +60,10 @@ class Predictor:
         self.device = device
         self.in_channels = members[0].config.in_channels
         self.amp = resolve_amp(members[0].config, device)
+        # Tiled prediction: windows start on multiples of ``step`` px and discard ``margin`` px at their edges.
+        self.step = max(grid_step(m.model) for m in members)
+        margins = [m.margin for m in members]
+        self.margin = None if None in margins else max(m for m in margins if m is not None)
 
     @torch.no_grad()
     def predict(self, x: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,13 +92,28 @@ def load_member(path: Path, device: torch.device) -> Member:
 
 
 def member_from_state(state: dict[str, Any], device: torch.device, source: str = "checkpoint") -> Member:
-    """:func:`load_member` for a checkpoint dict already loaded; ``source`` names it in errors."""
+    """:func:`load_member` for a checkpoint dict already loaded; ``source`` names it in errors.
+
+    The seam margin is the checkpoint's ``seam_margin`` (final_train stores it); a checkpoint without one has it
+    measured here (a few seconds on a CPU)."""
     cfg = config_from_dict(state["config"], source=f"{source} config")
     model = UNet.from_config(cfg)
     model.load_state_dict(state["model"])
     model.to(device).eval()
     model.to(memory_format=memory_format(cfg, device))
-    return Member(model, cfg, NormStats.from_dict(state["norm"]))
+    margin = state["seam_margin"] if "seam_margin" in state else measure_margin(model, cfg.in_channels, device)
+    return Member(model, cfg, NormStats.from_dict(state["norm"]), margin)
+
+
+def store_seam_margin(path: Path, device: torch.device | str = "cpu") -> int | None:
+    """Measure the seam margin of checkpoint ``path``'s model and store it in the checkpoint as ``seam_margin``."""
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = config_from_dict(state["config"], source=f"{path} config")
+    model = UNet.from_config(cfg)
+    model.load_state_dict(state["model"])
+    state["seam_margin"] = measure_margin(model.to(device), cfg.in_channels, device)
+    save_checkpoint(state, path)
+    return state["seam_margin"]
 
 
 def member_checkpoints(path: str | Path) -> list[Path]:
