@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tune_agb.engine.checkpoint import load_checkpoint
@@ -66,6 +67,12 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
         "plots/val_calibration.png",
     ):
         assert (out / name).is_file(), name
+    for split in ("val", "test"):  # matplotlib PNGs with content (not one colour)
+        for kind in ("scatter", "calibration"):
+            with Image.open(out / "plots" / f"{split}_{kind}.png") as img:
+                assert img.format == "PNG" and min(img.size) >= 300
+                lo, hi = img.convert("L").getextrema()
+                assert hi - lo > 100, f"{split}_{kind}.png is blank"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["base_channels"] == 4 and cfg["epochs"] == 3  # file and flag both applied
     metrics = json.loads((out / "metrics.json").read_text())

@@ -16,6 +16,7 @@ from ray.tune import ResultGrid
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from tune_agb.errors import TuneAgbError
+from tune_agb.search import ray_internals
 from tune_agb.search import ray_internals as ri
 
 SEARCH = Path(__file__).resolve().parents[1] / "tune_agb" / "search"
@@ -147,3 +148,23 @@ def test_no_other_search_module_touches_a_private_ray_attribute() -> None:
         if p.name != "ray_internals.py" and private.search(p.read_text())
     }
     assert not found, f"private attributes used outside ray_internals.py: {found}"
+
+
+def test_optuna_search_internals_that_study_search_reads_exist() -> None:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    def space(trial: optuna.Trial) -> None:
+        trial.suggest_float("lr", 1e-3, 1e-2, log=True)
+
+    searcher = OptunaSearch(space=space, metric="val_rmse", mode="min")
+    assert ray_internals.optuna_search_problems(searcher) == []
+    config = searcher.suggest("t1")
+    assert config is not None and "lr" in config
+    assert ray_internals.optuna_trial(searcher, "t1") is not None
+    assert ray_internals.optuna_trial(searcher, "nope") is None
+    assert not ray_internals.optuna_completed(searcher, "t1")
+    searcher.on_trial_complete("t1", {"val_rmse": 3.0})
+    assert ray_internals.optuna_completed(searcher, "t1")
+    assert [t.value for t in ray_internals.optuna_study(searcher).get_trials()] == [3.0]
+    assert ray_internals.optuna_search_problems(object()) != []

@@ -449,11 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_predictions(out / "predictions.parquet", tiles, host)
     write_plots(out / "plots", tiles, host)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
+
+    page = write_report_or_warn(out)
     keys = ("rmse", "r2", "mae", "me", "rmv", "within_1sigma", "uce", "n")
     print("split " + " ".join(f"{k:>13}" for k in keys))
     for split in ("val", "test"):
         print(f"{split:5} " + " ".join(f"{metrics[f'{split}_{k}']:>13.4g}" for k in keys))
-    print(f"model, metrics and predictions written to {out}")
+    print(f"model, metrics and predictions written to {out}" + (f"; report: {page}" if page else ""))
     return 0
 
 

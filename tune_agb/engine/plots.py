@@ -1,85 +1,147 @@
-"""Two diagnostic plots as PNG, drawn with Pillow (which tensorboard already needs): predicted vs observed, and
-the calibration of the predicted uncertainty (RMSE against RMV per bin of predicted variance)."""
+"""Diagnostic plots as PNG, drawn with matplotlib (its Agg renderer; no display and no pyplot state): predicted vs
+observed, and the calibration of the predicted uncertainty (RMSE against RMV per bin of predicted variance).
+
+The engine does not know the unit of the labels: functions take ``unit`` (e.g. ``"Mg/ha"``; ``""``: none shown).
+The figure builders (``*_figure``) are shared with :mod:`tune_agb.report`.
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from tune_agb.engine.metrics import equal_count_bins
 
-SIZE = 420
-MARGIN = 50
+FIGSIZE = (5.2, 4.6)  # inches
+DPI = 110
+LINE_COLOR = "0.45"
+POINT_COLOR = "#1f5fbf"
+CAL_COLOR = "#c43c1e"
+# Above this many points a scatter becomes a hexbin (density) plot.
+HEXBIN_ABOVE = 3000
 
 
-def _canvas(title: str, xlabel: str, ylabel: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("RGB", (SIZE, SIZE), "white")
-    d = ImageDraw.Draw(img)
-    d.rectangle([MARGIN, 20, SIZE - 20, SIZE - MARGIN], outline="black")
-    d.text((MARGIN, 4), title, fill="black")
-    d.text((SIZE // 2 - 40, SIZE - 20), xlabel, fill="black")
-    d.text((4, 20), ylabel, fill="black")
-    return img, d
+def with_unit(name: str, unit: str) -> str:
+    """An axis label: ``name (unit)``, or ``name`` without a unit."""
+    return f"{name} ({unit})" if unit else name
 
 
-def _to_px(v: np.ndarray, lo: float, hi: float, vertical: bool) -> np.ndarray:
-    span = max(hi - lo, 1e-9)
-    if vertical:
-        return (SIZE - MARGIN) - (v - lo) / span * (SIZE - MARGIN - 20)
-    return MARGIN + (v - lo) / span * (SIZE - 20 - MARGIN)
+def new_figure(size: tuple[float, float] = FIGSIZE) -> Figure:
+    """A figure detached from pyplot (constrained layout, so labels are never cut off)."""
+    return Figure(figsize=size, dpi=DPI, layout="constrained")
 
 
-def _ticks(d: ImageDraw.ImageDraw, lo: float, hi: float) -> None:
-    for t in np.linspace(lo, hi, 5):
-        x, y = _to_px(np.array(t), lo, hi, False), _to_px(np.array(t), lo, hi, True)
-        d.text((float(x) - 10, SIZE - MARGIN + 4), f"{t:.3g}", fill="black")
-        d.text((4, float(y) - 5), f"{t:.3g}", fill="black")
+def png_bytes(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    return buf.getvalue()
 
 
-def scatter_plot(label: np.ndarray, mean: np.ndarray, path: Path, title: str) -> None:
-    """Predicted mean against the label, with the 1:1 line."""
-    lo = float(min(label.min(), mean.min(), 0.0))
-    hi = float(max(label.max(), mean.max()))
-    img, d = _canvas(title, "label", "predicted")
-    d.line(
-        [
-            (_to_px(np.array(lo), lo, hi, False), _to_px(np.array(lo), lo, hi, True)),
-            (_to_px(np.array(hi), lo, hi, False), _to_px(np.array(hi), lo, hi, True)),
-        ],
-        fill="gray",
-    )
-    for x, y in zip(_to_px(label, lo, hi, False), _to_px(mean, lo, hi, True), strict=True):
-        d.ellipse([x - 2, y - 2, x + 2, y + 2], outline=(30, 90, 200))
-    _ticks(d, lo, hi)
-    img.save(path)
+def save_png(fig: Figure, path: Path) -> None:
+    Path(path).write_bytes(png_bytes(fig))
+
+
+def _finite(*arrays: np.ndarray) -> list[np.ndarray]:
+    arrays = [np.asarray(a, dtype=np.float64).ravel() for a in arrays]
+    ok = np.logical_and.reduce([np.isfinite(a) for a in arrays])
+    return [a[ok] for a in arrays]
+
+
+def _one_to_one(ax: Axes, lo: float, hi: float) -> None:
+    ax.plot([lo, hi], [lo, hi], color=LINE_COLOR, lw=1, ls="--", label="1:1", zorder=3)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+
+
+def draw_pred_vs_obs(
+    ax: Axes, label: np.ndarray, mean: np.ndarray, title: str, unit: str = "", hexbin: bool | None = None
+) -> None:
+    """Predicted mean against the observed label with the 1:1 line: points, or a hexbin (``hexbin``; None: when
+    there are more than :data:`HEXBIN_ABOVE` points)."""
+    y, m = _finite(label, mean)
+    lo = float(min(y.min(initial=0.0), m.min(initial=0.0), 0.0))
+    hi = float(max(y.max(initial=1.0), m.max(initial=1.0)))
+    hi = hi if hi > lo else lo + 1.0
+    if (y.size > HEXBIN_ABOVE) if hexbin is None else hexbin:
+        hb = ax.hexbin(y, m, gridsize=40, extent=(lo, hi, lo, hi), mincnt=1, bins="log", cmap="viridis")
+        ax.figure.colorbar(hb, ax=ax, label="pixels", shrink=0.8)
+    else:
+        ax.scatter(y, m, s=8, alpha=0.5, color=POINT_COLOR, edgecolors="none", label="pixels")
+    _one_to_one(ax, lo, hi)
+    if y.size > 1:
+        rmse = float(np.sqrt(np.mean((m - y) ** 2)))
+        bias = float(np.mean(m - y))
+        ax.text(
+            0.03,
+            0.97,
+            f"n = {y.size}\nRMSE = {rmse:.3g}\nbias = {bias:+.3g}",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.8"},
+        )
+    ax.set_xlabel(with_unit("observed label", unit))
+    ax.set_ylabel(with_unit("predicted mean", unit))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def binned_rmse_vs_rmv(label: np.ndarray, mean: np.ndarray, std: np.ndarray, bins: int) -> tuple[np.ndarray, ...]:
+    """Per equal-count bin of predicted std: ``(rmv, rmse, count)`` (RMV: root mean predicted variance)."""
+    y, m, s = _finite(label, mean, std)
+    rmv, rmse, count = [], [], []
+    for idx_t in equal_count_bins(torch.from_numpy(np.ascontiguousarray(s)), bins):
+        idx = idx_t.numpy()
+        if idx.size:
+            rmv.append(np.sqrt(np.mean(s[idx] ** 2)))
+            rmse.append(np.sqrt(np.mean((m[idx] - y[idx]) ** 2)))
+            count.append(idx.size)
+    return np.array(rmv), np.array(rmse), np.array(count)
+
+
+def draw_calibration(
+    ax: Axes, label: np.ndarray, mean: np.ndarray, std: np.ndarray, title: str, bins: int = 10, unit: str = ""
+) -> None:
+    """RMSE against RMV in equal-count bins of predicted std; a calibrated model lies on the 1:1 line."""
+    rmv, rmse, _ = binned_rmse_vs_rmv(label, mean, std, bins)
+    hi = float(max(rmv.max(initial=0.0), rmse.max(initial=0.0))) * 1.05 or 1.0
+    ax.plot(rmv, rmse, "o-", color=CAL_COLOR, lw=1.5, ms=5, label=f"{len(rmv)} equal-count bins", zorder=4)
+    _one_to_one(ax, 0.0, hi)
+    ax.set_xlabel(with_unit("RMV: predicted σ (root mean variance)", unit))
+    ax.set_ylabel(with_unit("RMSE: observed error", unit))
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def scatter_figure(label: np.ndarray, mean: np.ndarray, title: str, unit: str = "") -> Figure:
+    fig = new_figure()
+    draw_pred_vs_obs(fig.add_subplot(), label, mean, title, unit)
+    return fig
+
+
+def calibration_figure(
+    label: np.ndarray, mean: np.ndarray, std: np.ndarray, title: str, bins: int = 10, unit: str = ""
+) -> Figure:
+    fig = new_figure()
+    draw_calibration(fig.add_subplot(), label, mean, std, title, bins, unit)
+    return fig
+
+
+def scatter_plot(label: np.ndarray, mean: np.ndarray, path: Path, title: str, unit: str = "") -> None:
+    """Predicted mean against the label, with the 1:1 line (a PNG at ``path``)."""
+    save_png(scatter_figure(label, mean, title, unit), path)
 
 
 def calibration_plot(
-    label: np.ndarray, mean: np.ndarray, std: np.ndarray, path: Path, title: str, bins: int = 10
+    label: np.ndarray, mean: np.ndarray, std: np.ndarray, path: Path, title: str, bins: int = 10, unit: str = ""
 ) -> None:
     """RMSE against RMV (root mean predicted variance) in equal-count bins of predicted variance; ideal = 1:1."""
-    rmv, rmse = [], []
-    for idx_t in equal_count_bins(torch.from_numpy(np.ascontiguousarray(std)), bins):
-        idx = idx_t.numpy()
-        if idx.size:
-            rmv.append(np.sqrt(np.mean(std[idx] ** 2)))
-            rmse.append(np.sqrt(np.mean((mean[idx] - label[idx]) ** 2)))
-    rmv_a, rmse_a = np.array(rmv), np.array(rmse)
-    hi = float(max(rmv_a.max(), rmse_a.max()))
-    img, d = _canvas(title, "RMV (predicted)", "RMSE (observed)")
-    d.line(
-        [
-            (_to_px(np.array(0.0), 0, hi, False), _to_px(np.array(0.0), 0, hi, True)),
-            (_to_px(np.array(hi), 0, hi, False), _to_px(np.array(hi), 0, hi, True)),
-        ],
-        fill="gray",
-    )
-    pts = list(zip(_to_px(rmv_a, 0, hi, False).tolist(), _to_px(rmse_a, 0, hi, True).tolist(), strict=True))
-    d.line(pts, fill=(200, 60, 30), width=2)
-    for x, y in pts:
-        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 60, 30))
-    _ticks(d, 0.0, hi)
-    img.save(path)
+    save_png(calibration_figure(label, mean, std, title, bins, unit), path)

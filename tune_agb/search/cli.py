@@ -11,6 +11,7 @@ checkpoints) plus ``search.yaml`` (the space and settings it was started with), 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import signal
@@ -24,7 +25,15 @@ from typing import Any
 from tune_agb.engine.config import read_yaml_or_json
 from tune_agb.engine.data import TileSet, load_dataset
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import BEST_FILE, CHECKPOINT_FILE, RESULTS_FILE, Experiment
+from tune_agb.search.experiment import (
+    BEST_FILE,
+    CHECKPOINT_FILE,
+    OPTUNA_JOURNAL,
+    RESULTS_FILE,
+    TENSORBOARD_DIR,
+    Experiment,
+    is_uri,
+)
 from tune_agb.search.space import SearchSpace, parse_search_space
 
 log = logging.getLogger(__name__)
@@ -52,14 +61,37 @@ def apply_overrides(raw: dict[str, Any], args: argparse.Namespace) -> dict[str, 
     return raw
 
 
-def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, Any]:
-    """The searcher, the scheduler and the TuneConfig/RunConfig for a space (import Ray lazily)."""
+def optuna_storage(exp: Experiment) -> Any:
+    """The Optuna study's storage for a new search: the journal file ``STORAGE/NAME/optuna.journal``.
+
+    None (Optuna's in-memory storage, pickled with Ray's searcher state) for an ``s3://``/``gs://`` experiment. The
+    JournalStorage pickles as its file path, so the searcher Ray restores on ``--resume`` reopens the same file and
+    study. A journal already there is the leftover of a start that failed before its search began (a fresh start
+    is refused where Ray's state exists): it is replaced.
+    """
+    if is_uri(exp.uri):
+        print(f"note: the Optuna study is kept in memory only ({exp.uri} is not a local folder)", flush=True)
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(exp.uri) / OPTUNA_JOURNAL
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) -> tuple[Any, Any, Any]:
+    """The searcher, the scheduler and the TuneConfig/RunConfig for a space (import Ray lazily).
+
+    ``wandb``: log every trial to W&B too (group = the experiment name; see :class:`WandbCallback`).
+    """
     import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from tune_agb.search.asha import ResumableASHA
+    from tune_agb.search.logging_callbacks import StudySearch, TensorBoardCallback, WandbCallback, wandb_mode
     from tune_agb.search.state import StateBackupCallback
 
     ex, sc, se = space.settings["experiment"], space.settings["scheduler"], space.settings["searcher"]
@@ -68,12 +100,14 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, An
     else:
         sampler = optuna.samplers.TPESampler(seed=se["seed"], n_startup_trials=se["n_startup_trials"])
     # With a define-by-run space OptunaSearch ignores TuneConfig's metric/mode: it needs its own.
-    searcher = OptunaSearch(
+    searcher = StudySearch(
         space=space.define_by_run,
         metric=space.metric,
         mode=space.mode,
         points_to_evaluate=list(se["points_to_evaluate"]) or None,
         sampler=sampler,
+        storage=optuna_storage(exp),
+        study_name=exp.name,
     )
     if sc["type"] == "asha":
         scheduler = ResumableASHA(
@@ -85,6 +119,16 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, An
         )
     else:
         scheduler = FIFOScheduler()
+    callbacks: list[Any] = [StateBackupCallback(exp.uri)]
+    if is_uri(exp.uri):
+        print(f"note: no TensorBoard HParams logs for {exp.uri} (written for local experiments only)", flush=True)
+    else:
+        callbacks.append(TensorBoardCallback(f"{exp.uri}/{TENSORBOARD_DIR}", space.metric, space.mode))
+    if wandb:
+        # W&B writes its run files locally: in the experiment folder, or the current folder for s3:// / gs://
+        wandb_dir = "." if is_uri(exp.uri) else exp.uri
+        callbacks.append(WandbCallback(wandb_dir, group=exp.name))
+        print(f"W&B: one run per trial in group {exp.name} ({wandb_mode()}; files in {wandb_dir}/wandb)", flush=True)
     tune_config = tune.TuneConfig(
         metric=space.metric,
         mode=space.mode,
@@ -102,7 +146,7 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment) -> tuple[Any, Any, An
             num_to_keep=2, checkpoint_score_attribute=space.metric, checkpoint_score_order=space.mode
         ),
         stop={"epoch": sc["max_t"]},
-        callbacks=[StateBackupCallback(exp.uri)],
+        callbacks=callbacks,
         verbose=1,
     )
     return tune_config, run_config, scheduler
@@ -160,6 +204,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-failures", type=int, help="retries of a failing trial from its checkpoint")
     p.add_argument("--seed", type=int, help="searcher seed")
     p.add_argument("--top", type=int, default=5, help="rows of the best-trials table")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="log each trial to Weights & Biases (group = NAME; offline unless WANDB_API_KEY is set; "
+        "chosen at the start, kept by --resume)",
+    )
     return p.parse_args(argv)
 
 
@@ -270,6 +320,8 @@ def init_ray(address: str | None) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     """Run (or resume) a search; return 0 when at least one trial reported a result."""
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise TuneAgbError("--wandb: wandb is not installed (pip install 'tune_agb[wandb]')")
     space, exp, input_dir, label_dir, record = prepare(args)
     base = space.base_config()
     tiles = load_dataset(input_dir, label_dir, splits=("train", "val"), in_channels=base.in_channels)
@@ -288,10 +340,12 @@ def run_search(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.resume:
+            if args.wandb:
+                print("note: --wandb has no effect on --resume: the search keeps the logging it was started with")
             tuner = tune.Tuner.restore(exp.uri, trainable=trainable, resume_errored=True)
         else:
             exp.write_search(record)
-            tune_config, run_config, _ = build_tuner_parts(space, exp)
+            tune_config, run_config, _ = build_tuner_parts(space, exp, wandb=args.wandb)
             tuner = tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
         grid, interrupted = fit_noting_interrupt(tuner)
     finally:
@@ -359,6 +413,14 @@ def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label
         print(f"\n{len(failed)} trial(s) failed (after their retries):")
         print("\n".join(failed))
     print(f"\nresults: {exp.uri}/{RESULTS_FILE}  best: {exp.uri}/{BEST_FILE}")
+    if not is_uri(exp.uri):
+        from tune_agb.report import write_report_or_warn
+
+        page = write_report_or_warn(exp.uri)
+        if page is not None:
+            print(f"report page: {page}")
+        print(f"Optuna study: optuna-dashboard {exp.uri}/{OPTUNA_JOURNAL}")
+        print(f"TensorBoard (HParams table, curves): tensorboard --logdir {exp.uri}/{TENSORBOARD_DIR}")
     if best is None:
         print("no trial reported a finite result; nothing to train", file=sys.stderr)
         return 1

@@ -7,6 +7,9 @@
     tuner.pkl, *_state-*.json/.pkl   Ray's experiment state (with NAME.bak copies, see tune_agb.search.state)
     TRIAL/result.json                Ray's per-trial results (JSON lines)
     TRIAL/checkpoint_NNNNNN/         checkpoint.pt (the engine's state) + results.jsonl (every report up to it)
+    optuna.journal                   the Optuna study (named NAME; local experiments), for optuna-dashboard
+    tensorboard/                     HParams table and per-epoch curves, one run per trial (local experiments)
+    wandb/                           W&B's files of the trials' runs, with --wandb (local experiments)
 
 Every file this package writes there is written next to its target and moved in place, so a reader (or a search
 killed mid-write) never sees half a file. Importing this module imports neither Ray nor torch.
@@ -38,6 +41,8 @@ RAY_RESULT_FILE = "result.json"  # Ray's, in each trial folder
 # checkpoint is uploaded inside tune.report(), so this log survives with it.
 RESULTS_LOG = "results.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+OPTUNA_JOURNAL = "optuna.journal"  # Optuna's JournalStorage file of the study (study name = experiment name)
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard runs written by tune_agb.search.logging_callbacks
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray's checkpoint folder names
 TMP_SUFFIX = ".tmp"
 

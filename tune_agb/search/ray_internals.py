@@ -1,4 +1,6 @@
-"""Every Ray internal tune_agb relies on, in one place: ASHA's brackets, rungs and trial-to-bracket map.
+"""Every Ray internal tune_agb relies on, in one place: ASHA's brackets, rungs and trial-to-bracket map, and
+OptunaSearch's map from Ray trials to Optuna trials and its study (for :class:`~tune_agb.search.logging_callbacks.
+StudySearch`, which tags Optuna trials and records a trial that finished after an error).
 
 Ray does not save ASHA's rung records with the experiment, and has no public way to read or fill them
 (ray-project/ray#30838), so :class:`~tune_agb.search.asha.ResumableASHA` rebuilds them through these functions.
@@ -116,3 +118,35 @@ def check_asha(scheduler: Any) -> None:
             f"{'; '.join(problems)} (use the Ray version pinned in pyproject.toml, or update "
             "tune_agb/search/ray_internals.py)"
         )
+
+
+# OptunaSearch (Ray 2.60): what StudySearch reads.
+OPTUNA_SEARCH_ATTRS: dict[str, str] = {
+    "_ot_trials": "dict Ray trial id -> optuna Trial",
+    "_ot_study": "the optuna Study",
+    "_completed_trials": "set of Ray trial ids Optuna was told about",
+}
+
+
+def optuna_trial(searcher: Any, trial_id: str) -> Any | None:
+    """The Optuna trial behind a Ray trial (None if the searcher did not suggest it)."""
+    return searcher._ot_trials.get(trial_id)
+
+
+def optuna_study(searcher: Any) -> Any:
+    """The searcher's Optuna study."""
+    return searcher._ot_study
+
+
+def optuna_completed(searcher: Any, trial_id: str) -> bool:
+    """Whether the searcher already told Optuna how the Ray trial ended."""
+    return trial_id in searcher._completed_trials
+
+
+def optuna_search_problems(searcher: Any) -> list[str]:
+    """What is missing of the OptunaSearch internals above, one item each (empty: all there)."""
+    return [
+        f"{type(searcher).__name__}.{a} ({what}) is missing (ray {ray.__version__})"
+        for a, what in OPTUNA_SEARCH_ATTRS.items()
+        if not hasattr(searcher, a)
+    ]

@@ -1,0 +1,275 @@
+"""The HTML report (python -m tune_agb.report): a search's experiment folder built by hand in the exact format the
+search writes (no Ray), a final_train out dir, every image a valid embedded PNG, and the page rendered by Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from PIL import Image
+
+from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.report import coverage, main, write_report
+from tune_agb.search.experiment import Experiment, write_results_table
+from tune_agb.search.results import best_record, results_frame, write_best
+from tune_agb.search.space import load_search_space
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_FILE = REPO / "search_spaces" / "demo.yaml"
+
+
+def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: int = 0) -> Path:
+    """An experiment folder as a finished ASHA search leaves it (results.parquet, search.yaml, best.yaml), with
+    trials sampled from the demo space, stopped at ASHA's rungs (1, 4, 16 epochs), and one errored trial."""
+    space = load_search_space(SPACE_FILE)
+    exp = Experiment.at(str(storage), name)
+    exp.write_search({"space_file": str(SPACE_FILE), "space": space.to_dict(), "overrides": {}, "data": {}})
+    root = Path(exp.uri)
+    rng = np.random.default_rng(seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    rows, finals = [], []
+    t0 = 1.7e9
+    for i in range(trials):
+        trial = study.ask()
+        space.define_by_run(trial)
+        cfg = dict(trial.params)
+        # A response surface: lr matters most, then the optimizer; noise on top.
+        quality = abs(math.log10(cfg["lr"] / 3e-3)) * 8 + (4 if cfg["optimizer"] == "sgd" else 0)
+        final = 20 + quality + rng.normal(0, 1)
+        budget = 16 if i < 3 else (1 if final > 28 else 4 if final > 24 else 16)
+        errored = i == 5
+        budget = 3 if errored else budget
+        trial_id = f"t{i:03d}"
+        path = root / f"trainable_{trial_id}"
+        path.mkdir(parents=True)
+        if errored:
+            (path / "error.txt").write_text("RuntimeError: out of memory\n")
+        for epoch in range(1, budget + 1):
+            val = final + 40 * math.exp(-epoch / 3) + rng.normal(0, 0.3)
+            rows.append(
+                {
+                    "trial_id": trial_id,
+                    "epoch": epoch,
+                    "val_rmse": val,
+                    "val_r2": 1 - val / 60,
+                    "train_loss": val / 10,
+                    "lr": cfg["lr"],
+                    "wall_time": t0 + 30 * i + 5 * epoch,
+                    "config": cfg | {"epochs": 16},
+                    "checkpoint_dir_name": f"checkpoint_{epoch - 1:06d}",
+                    "_trial_path": str(path),
+                }
+            )
+        finals.append(final)
+    df = results_frame(rows, space)
+    write_results_table(exp.uri, pa.Table.from_pandas(df, preserve_index=False))
+    write_best(exp.uri, best_record(df, space, exp.uri, "in", "labels"))
+    return root
+
+
+def make_final_dir(out: Path, n: int = 4000, seed: int = 0) -> Path:
+    """A final_train out dir: metrics.json and predictions.parquet with the columns final_train writes."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    cols: dict[str, list] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
+    metrics: dict[str, float] = {"best_epoch": 7, "epochs": 8, "ensemble": 1}
+    for split in ("val", "test"):
+        label = rng.gamma(2.0, 60.0, n)
+        std = 10 + 0.2 * label
+        mean = label + rng.normal(0, 1, n) * std * 1.2
+        cols["split"] += [split] * n
+        cols["tile"] += [f"tile_{k % 9}" for k in range(n)]
+        cols["row"] += list(rng.integers(0, 64, n))
+        cols["col"] += list(rng.integers(0, 64, n))
+        cols["label"] += list(label)
+        cols["mean"] += list(mean)
+        cols["std"] += list(std)
+        metrics |= {f"{split}_rmse": float(np.sqrt(np.mean((mean - label) ** 2))), f"{split}_n": n}
+    pq.write_table(pa.table(cols), out / "predictions.parquet")
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return out
+
+
+def images(text: str) -> list[Image.Image]:
+    """Every <img> of the page, each required to be an embedded PNG that Pillow reads."""
+    tags = re.findall(r"<img\b[^>]*>", text)
+    out = []
+    for tag in tags:
+        m = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', tag)
+        assert m, f"not an embedded PNG: {tag[:120]}"
+        img = Image.open(io.BytesIO(base64.b64decode(m.group(1), validate=True)))
+        img.load()
+        assert img.format == "PNG" and img.width > 100 and img.height > 100
+        out.append(img)
+    return out
+
+
+def assert_self_contained(text: str) -> None:
+    assert "<script" not in text
+    assert not re.search(r'(src|href)="(?!data:|#)', text), "a reference outside the page"
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_experiment(tmp_path_factory.mktemp("storage"))
+
+
+@pytest.fixture(scope="module")
+def search_page(experiment: Path) -> Path:
+    return write_report(experiment)
+
+
+@pytest.mark.slow
+def test_search_report(experiment: Path, search_page: Path) -> None:
+    assert search_page == experiment / "report" / "index.html"
+    text = search_page.read_text()
+    assert_self_contained(text)
+    for sid in ("curves", "history", "importance", "slices", "best"):
+        assert f'<section id="{sid}">' in text, sid
+    assert len(images(text)) == 4  # curves, history, importance, slices (one figure)
+    assert "Parameter importances unavailable" not in text
+    # The best trial leads the table (marked), with its differences from the space's base config.
+    df = pd.read_parquet(experiment / "results.parquet")
+    best = df.loc[df["val_rmse"].idxmin()]
+    table = text[text.index('<section id="best">') :]
+    first_row = re.search(r'<tr class="best">(.*?)</tr>', table, re.S)
+    assert first_row and f"<td>{best['trial_id']}</td>" in first_row.group(1)
+    assert f"{best['val_rmse']:.4g}" in first_row.group(1)
+    base = load_search_space(SPACE_FILE).base_config()
+    assert f"lr = {best['config/lr']:.4g} (base {base.lr:.4g})" in first_row.group(1)
+    assert "optimizer =" not in first_row.group(1) or best["config/optimizer"] != base.optimizer  # only differences
+    assert "1 errored" in text and "stopped early" in text
+
+
+def test_importance_uses_optunas_evaluator_on_rebuilt_study(experiment: Path) -> None:
+
+    from tune_agb.report import load_trials, param_importances, rebuild_study
+    from tune_agb.search.space import parse_search_space
+
+    space = parse_search_space(yaml.safe_load((experiment / "search.yaml").read_text())["space"])
+    trials = load_trials(pd.read_parquet(experiment / "results.parquet"), space)
+    assert [t.status for t in trials].count("errored") == 1
+    assert {t.status for t in trials} == {"completed", "stopped early", "errored"}
+    study = rebuild_study(trials, space)
+    assert len(study.trials) == len(trials)
+    assert study.best_value == min(t.best_value for t in trials)
+    sgd = [t for t in study.trials if t.params["optimizer"] == "sgd"]
+    assert all("momentum" in t.params for t in sgd)  # the conditional parameter, where it was sampled
+    imp, _ = param_importances(study)
+    assert set(imp) == {"lr", "weight_decay", "optimizer", "momentum", "base_channels"}
+    assert sum(imp.values()) == pytest.approx(1.0)
+    assert next(iter(imp)) == "lr"  # the response surface depends most on lr
+
+
+@pytest.mark.slow
+def test_final_report(tmp_path: Path) -> None:
+    out = make_final_dir(tmp_path / "final")
+    page = write_report(out, unit="Mg/ha")
+    text = page.read_text()
+    assert_self_contained(text)
+    for sid in ("metrics", "scatter", "residuals", "calibration"):
+        assert f'<section id="{sid}">' in text, sid
+    assert len(images(text)) == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['test_rmse']:.4g}" in text and "Mg/ha" in text
+
+
+@pytest.mark.slow
+def test_report_of_a_real_final_train_run(tiny_data: Path, tmp_path: Path) -> None:
+    from tune_agb.final_train import main as final_train
+
+    out = tmp_path / "run"
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({"base_channels": 4, "depth": 2, "batch_size": 4}))
+    argv = ["--config", str(tmp_path / "small.yaml"), "--input-dir", str(tiny_data / "inputs")]
+    argv += ["--label-dir", str(tiny_data / "labels"), "--out-dir", str(out), "--no-progress", "--device", "cpu"]
+    assert run_cli(final_train, [*argv, "--epochs", "2"]) == 0
+    assert run_cli(main, [str(out)]) == 0
+    text = (out / "report" / "index.html").read_text()
+    assert len(images(text)) == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert f"{metrics['val_rmse']:.4g}" in text
+
+
+def test_coverage_of_central_intervals() -> None:
+    rng = np.random.default_rng(1)
+    std = rng.uniform(1, 5, 200_000)
+    label = rng.normal(0, 1, std.size) * std
+    levels = [0.5, 0.9, 0.95]
+    np.testing.assert_allclose(coverage(label, np.zeros_like(label), std, levels), levels, atol=0.005)
+    # std half the truth: the 95% interval is ±0.98 true σ and holds about 67% of the labels
+    assert coverage(label, np.zeros_like(label), std / 2, [0.95])[0] == pytest.approx(0.6729, abs=0.005)
+
+
+def test_not_a_report_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(TuneAgbError, match="neither a search"):
+        write_report(tmp_path)
+    assert run_cli(main, [str(tmp_path)]) == 2
+    assert "neither a search" in capsys.readouterr().err
+
+
+CHECK_SCRIPT = """<script>
+window.__errors = [];
+window.onerror = function (msg) { window.__errors.push(String(msg)); };
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.length > 0 && imgs.every(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.setAttribute("data-images", imgs.length + (ok ? " ok" : " broken"));
+  document.body.setAttribute("data-errors", window.__errors.length + ":" + window.__errors.join("|"));
+});
+</script>"""
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (CI installs it)")
+    return path
+
+
+def chromium_args(profile: Path) -> list[str]:
+    return ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--window-size=1280,2000"]
+
+
+@pytest.mark.slow
+def test_chromium_renders_search_report(search_page: Path, tmp_path: Path) -> None:
+    chromium = _chromium()
+    text = search_page.read_text()
+    checked = tmp_path / "checked.html"  # the page plus a probe script (the report itself has no script)
+    checked.write_text(text.replace("<head>", "<head>\n" + CHECK_SCRIPT, 1))
+    dom = subprocess.run(
+        [chromium, *chromium_args(tmp_path / "p1"), "--dump-dom", checked.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    n = len(re.findall(r"<img\b", text))
+    assert f'data-images="{n} ok"' in dom.stdout, re.findall(r"<body[^>]*>", dom.stdout)
+    assert 'data-errors="0:"' in dom.stdout, re.findall(r"<body[^>]*>", dom.stdout)
+
+    shot = tmp_path / "shot.png"
+    res = subprocess.run(
+        [chromium, *chromium_args(tmp_path / "p2"), f"--screenshot={shot}", search_page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100  # not blank
+    assert len(img.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 50

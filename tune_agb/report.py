@@ -1,0 +1,611 @@
+"""An HTML report of a search or of a final training, one self-contained page (images embedded, no scripts).
+
+    python -m tune_agb.report PATH [--unit Mg/ha]
+
+``PATH`` is a search's experiment folder ``STORAGE/NAME`` (local; it holds ``results.parquet``, ``search.yaml``
+and ``best.yaml``) or a ``tune_agb.final_train`` out dir (``metrics.json`` and ``predictions.parquet``). The page is
+written to ``PATH/report/index.html`` and opens offline.
+
+- Search: learning curves of every trial (those ASHA stopped early marked), the optimisation history, Optuna's
+  parameter importances on a study rebuilt from ``results.parquet``, slice plots of the three most important
+  parameters and the best trials with their differences from the space's base config.
+- Final training: predicted vs observed and residuals vs observed (val and test), a reliability diagram of the
+  central intervals of the predicted Gaussians, RMSE vs predicted σ per equal-count bin and the metrics table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import logging
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from tune_agb.engine.metrics import METRIC_NAMES
+from tune_agb.engine.plots import (
+    binned_rmse_vs_rmv,
+    draw_pred_vs_obs,
+    new_figure,
+    png_bytes,
+    with_unit,
+)
+from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE
+from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
+
+REPORT_DIR = "report"
+INDEX = "index.html"
+TOP_TRIALS = 10
+SLICE_PARAMS = 3
+COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+STATUS_COLORS = {"completed": "#1f5fbf", "stopped early": "#e08a1e", "errored": "#c43c1e"}
+SPLIT_COLORS = {"val": "#1f5fbf", "test": "#c43c1e"}
+
+CSS = """
+body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px auto;
+       max-width: 1180px; color: #222; padding: 0 16px; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 4px; }
+.meta { color: #555; margin-top: 0; } nav a { margin-right: 14px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f2f4f7; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.best td { background: #eef6e8; font-weight: 600; }
+img { max-width: 100%; height: auto; display: block; margin: 8px 0; border: 1px solid #eee; }
+.figs { display: flex; flex-wrap: wrap; gap: 12px; } .figs img { max-width: 560px; }
+.note { color: #555; font-size: 0.92em; } pre { background: #f6f8fa; padding: 8px; overflow-x: auto; }
+"""
+
+
+# -- page building ---------------------------------------------------------------------------------------------
+def img_tag(fig: Figure, alt: str) -> str:
+    """``<img>`` holding the figure as a base64 PNG data URI."""
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return "–" if not math.isfinite(v) else f"{float(v):.4g}"
+    return "–" if v is None else str(v)
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_class: Sequence[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(
+            f'<td class="num">{html.escape(_fmt(v))}</td>'
+            if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            else f"<td>{html.escape(_fmt(v))}</td>"
+            for v in row
+        )
+        cls = f' class="{row_class[i]}"' if row_class and row_class[i] else ""
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def page(title: str, meta: str, sections: list[tuple[str, str, str]]) -> str:
+    """A complete HTML page; ``sections``: ``(id, heading, inner html)``."""
+    nav = " ".join(f'<a href="#{sid}">{html.escape(head)}</a>' for sid, head, _ in sections)
+    body = "\n".join(
+        f'<section id="{sid}">\n<h2>{html.escape(head)}</h2>\n{inner}\n</section>' for sid, head, inner in sections
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+        f'<h1>{html.escape(title)}</h1>\n<p class="meta">{meta}</p>\n<nav>{nav}</nav>\n{body}\n</body>\n</html>\n'
+    )
+
+
+# -- search --------------------------------------------------------------------------------------------------
+@dataclass
+class Trial:
+    trial_id: str
+    curve: pd.DataFrame  # epoch, metric (sorted by epoch)
+    best_value: float  # nan when no finite value was reported
+    best_epoch: int | None
+    last_epoch: int
+    finished_at: float  # last wall_time (nan if unknown)
+    status: str  # completed, stopped early, errored
+    params: dict[str, Any]  # searched values as stored in results.parquet (inactive conditional ones left out)
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v is not pd.NA
+
+
+def _errored(trial_path: Any) -> bool:
+    """Ray leaves error.txt / error.pkl in the folder of a trial that raised (local folders only)."""
+    if not isinstance(trial_path, str) or "://" in trial_path:
+        return False
+    p = Path(trial_path)
+    return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
+
+
+def load_trials(df: pd.DataFrame, space: SearchSpace) -> list[Trial]:
+    """One :class:`Trial` per trial of ``results.parquet``, in finishing order."""
+    metric, mode = space.metric, space.mode
+    trials = []
+    for tid, g in df.groupby("trial_id", sort=False):
+        g = g.sort_values("epoch")
+        vals = pd.to_numeric(g[metric], errors="coerce")
+        ok = vals[np.isfinite(vals)]
+        if ok.empty:
+            best_value, best_epoch = math.nan, None
+        else:
+            i = ok.idxmin() if mode == "min" else ok.idxmax()
+            best_value, best_epoch = float(ok[i]), int(g.loc[i, "epoch"])
+        last = int(g["epoch"].max())
+        first = g.iloc[0]
+        if _errored(first.get("trial_path")):
+            status = "errored"
+        elif last >= space.max_t:
+            status = "completed"
+        else:
+            status = "stopped early"
+        params = {p.name: first.get(f"config/{p.name}") for p in space.params}
+        wall = pd.to_numeric(g.get("wall_time", pd.Series(dtype=float)), errors="coerce").max()
+        trials.append(
+            Trial(
+                trial_id=str(tid),
+                curve=pd.DataFrame({"epoch": g["epoch"].to_numpy(), "value": vals.to_numpy()}),
+                best_value=best_value,
+                best_epoch=best_epoch,
+                last_epoch=last,
+                finished_at=float(wall) if pd.notna(wall) else math.nan,
+                status=status,
+                params={k: v for k, v in params.items() if _present(v)},
+            )
+        )
+    order = sorted(range(len(trials)), key=lambda i: (math.isnan(trials[i].finished_at), trials[i].finished_at, i))
+    return [trials[i] for i in order]
+
+
+def param_value(spec: ParamSpec, value: Any) -> Any:
+    """A stored value as the parameter's type (results.parquet may hold it as text); None if not in the domain."""
+    try:
+        if spec.kind == "categorical":
+            for c in spec.choices:
+                if c == value or str(c) == str(value):
+                    return c
+            return None
+        v = int(float(value)) if spec.kind == "int" else float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if spec.low <= v <= spec.high else None
+
+
+def rebuild_study(trials: list[Trial], space: SearchSpace) -> Any:
+    """An in-memory Optuna study with one complete trial per search trial (value: its best epoch's metric)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    dists: dict[str, Any] = {}
+    for p in space.params:
+        if p.kind == "categorical":
+            dists[p.name] = CategoricalDistribution(p.choices)
+        elif p.kind == "int":
+            dists[p.name] = IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            dists[p.name] = FloatDistribution(float(p.low), float(p.high), log=p.log, step=p.step)
+    by_name = {p.name: p for p in space.params}
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="minimize" if space.mode == "min" else "maximize")
+        for t in trials:
+            if math.isnan(t.best_value):
+                continue
+            params = {}
+            for name, raw in t.params.items():
+                v = param_value(by_name[name], raw)
+                if v is not None:
+                    params[name] = v
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.COMPLETE,
+                    value=t.best_value,
+                    params=params,
+                    distributions={k: dists[k] for k in params},
+                    user_attrs={"trial_id": t.trial_id},
+                )
+            )
+    finally:
+        optuna.logging.set_verbosity(level)
+    return study
+
+
+def param_importances(study: Any) -> tuple[dict[str, float], str]:
+    """Optuna's importances (its default evaluator, seeded) and a note; ``{}`` with the reason when impossible."""
+    import optuna
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < 2:
+        return {}, f"needs at least 2 trials with a result (got {len(done)})"
+    try:
+        # PED-ANOVA: Optuna's default evaluator from 5.0 (fANOVA before, which needs scikit-learn); it also
+        # weighs a conditional parameter over the trials that sampled it.
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except (RuntimeError, ValueError) as exc:
+        return {}, f"Optuna could not evaluate them: {exc}"
+    return dict(imp), (
+        f"Optuna's PED-ANOVA importance evaluator over {len(done)} trials (each trial's best epoch): how much "
+        "each parameter's distribution among the best 10% of trials differs from its distribution over all."
+    )
+
+
+def _curves_figure(trials: list[Trial], space: SearchSpace, best_id: str | None) -> Figure:
+    fig = new_figure((10.5, 5.0))
+    ax = fig.add_subplot()
+    values = []
+    for t in trials:
+        c = t.curve
+        color = STATUS_COLORS[t.status]
+        is_best = t.trial_id == best_id
+        ax.plot(
+            c["epoch"],
+            c["value"],
+            color="black" if is_best else color,
+            lw=2.2 if is_best else 1.0,
+            alpha=1.0 if is_best else 0.75,
+            ls="--" if t.status == "errored" else "-",
+            zorder=5 if is_best else 2,
+        )
+        if t.status == "stopped early" and c["value"].notna().any():
+            last = c.dropna().iloc[-1]
+            ax.plot(last["epoch"], last["value"], "x", color=color, ms=7, mew=2, zorder=4)
+        values += [v for v in c["value"] if np.isfinite(v)]
+    if values:  # first epochs can be far off: keep the interesting range readable
+        lo, hi = float(np.min(values)), float(np.quantile(values, 0.95 if space.mode == "min" else 1.0))
+        lo = float(np.quantile(values, 0.0 if space.mode == "min" else 0.05))
+        pad = 0.05 * (hi - lo or abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.axvline(space.max_t, color="0.6", lw=1, ls=":")
+    handles = [
+        Line2D([], [], color=STATUS_COLORS["completed"], label=f"ran all {space.max_t} epochs"),
+        Line2D([], [], color=STATUS_COLORS["stopped early"], marker="x", mew=2, label="stopped early by ASHA"),
+        Line2D([], [], color=STATUS_COLORS["errored"], ls="--", label="errored"),
+        Line2D([], [], color="black", lw=2.2, label=f"best trial {best_id}"),
+    ]
+    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(space.metric)
+    ax.set_title(f"Learning curves of {len(trials)} trials ({space.metric}, {space.mode})", fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _history_figure(trials: list[Trial], space: SearchSpace) -> Figure:
+    fig = new_figure((10.5, 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(1, len(trials) + 1)
+    y = np.array([t.best_value for t in trials])
+    colors = [STATUS_COLORS[t.status] for t in trials]
+    ax.scatter(x, y, c=colors, s=28, zorder=3, label="trial (best epoch)")
+    filled = np.where(np.isfinite(y), y, np.inf if space.mode == "min" else -np.inf)
+    best = np.minimum.accumulate(filled) if space.mode == "min" else np.maximum.accumulate(filled)
+    best = np.where(np.isfinite(best), best, np.nan)
+    ax.step(x, best, where="post", color="black", lw=1.8, label="best so far", zorder=4)
+    ax.set_xlabel("trial, in the order trials finished")
+    ax.set_ylabel(f"{space.metric} (best epoch of the trial)")
+    ax.set_title("Optimisation history", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _importance_figure(imp: dict[str, float]) -> Figure:
+    names = list(imp)[::-1]
+    fig = new_figure((7.0, 0.45 * len(names) + 1.4))
+    ax = fig.add_subplot()
+    ax.barh(names, [imp[n] for n in names], color="#1f5fbf")
+    for i, n in enumerate(names):
+        ax.text(imp[n], i, f" {imp[n]:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(1.0, max(imp.values()) * 1.15))
+    ax.set_xlabel("importance (normalised to sum to 1)")
+    ax.set_title("Hyperparameter importance", fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def _slices_figure(names: list[str], trials: list[Trial], space: SearchSpace, best_id: str | None) -> Figure:
+    by_name = {p.name: p for p in space.params}
+    fig = new_figure((4.0 * len(names), 3.8))
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    rng = np.random.default_rng(0)
+    for ax, name in zip(axes, names, strict=True):
+        spec = by_name[name]
+        pts = [(param_value(spec, t.params[name]), t) for t in trials if name in t.params]
+        pts = [(v, t) for v, t in pts if v is not None and np.isfinite(t.best_value)]
+        ys = np.array([t.best_value for _, t in pts])
+        if spec.kind == "categorical":
+            pos = {c: i for i, c in enumerate(spec.choices)}
+            xs = np.array([pos[v] for v, _ in pts], dtype=float) + rng.uniform(-0.12, 0.12, len(pts))
+            ax.set_xticks(range(len(spec.choices)), [str(c) for c in spec.choices])
+            ax.set_xlim(-0.5, len(spec.choices) - 0.5)
+        else:
+            xs = np.array([v for v, _ in pts], dtype=float)
+            if spec.log:
+                ax.set_xscale("log")
+        ax.scatter(xs, ys, c=[STATUS_COLORS[t.status] for _, t in pts], s=30, zorder=3)
+        for x, (_, t) in zip(xs, pts, strict=True):
+            if t.trial_id == best_id:
+                ax.scatter([x], [t.best_value], marker="*", s=220, color="gold", edgecolors="black", zorder=4)
+        ax.set_xlabel(name)
+        ax.set_ylabel(space.metric)
+        ax.set_title(f"{name} ({spec.kind}{', log' if spec.log else ''})", fontsize=10)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _differences(t: Trial, space: SearchSpace, base: dict[str, Any]) -> str:
+    by_name = {p.name: p for p in space.params}
+    diffs = []
+    for name, raw in t.params.items():
+        v = param_value(by_name[name], raw)
+        v = raw if v is None else v
+        if v != base.get(name):
+            diffs.append(f"{name} = {_fmt(v)} (base {_fmt(base.get(name))})")
+    return "; ".join(diffs) or "none (the base config)"
+
+
+def search_report(path: Path, unit: str = "") -> str:
+    """The HTML of a search's experiment folder."""
+    record = yaml.safe_load((path / SEARCH_FILE).read_text())
+    if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
+        raise TuneAgbError(f"{path / SEARCH_FILE}: expected a mapping with a 'space' mapping")
+    space = parse_search_space(record["space"], source=str(path / SEARCH_FILE))
+    df = pd.read_parquet(path / RESULTS_FILE)
+    best_file = path / BEST_FILE
+    best = yaml.safe_load(best_file.read_text()) if best_file.is_file() else None
+    trials = load_trials(df, space) if not df.empty else []
+    scored = [t for t in trials if not math.isnan(t.best_value)]
+    ranked = sorted(scored, key=lambda t: t.best_value, reverse=space.mode == "max")
+    best_id = str(best["trial_id"]) if isinstance(best, dict) and "trial_id" in best else None
+    if best_id is None and ranked:
+        best_id = ranked[0].trial_id
+    counts = {s: sum(t.status == s for t in trials) for s in STATUS_COLORS}
+    meta = html.escape(
+        f"{path} — {len(trials)} trials ({counts['completed']} ran all {space.max_t} epochs, "
+        f"{counts['stopped early']} stopped early, {counts['errored']} errored); "
+        f"metric {space.metric} ({space.mode}); scheduler {space.settings['scheduler']['type']}"
+    )
+    if ranked:
+        meta += html.escape(f"; best {space.metric} = {_fmt(ranked[0].best_value)} (trial {ranked[0].trial_id})")
+    sections: list[tuple[str, str, str]] = []
+    if not trials:
+        sections.append(("curves", "Learning curves", '<p class="note">No trial reported a result yet.</p>'))
+        return page(f"Search report: {path.name}", meta, sections)
+
+    sections.append(
+        (
+            "curves",
+            "Learning curves",
+            img_tag(_curves_figure(trials, space, best_id), "learning curves")
+            + '<p class="note">A trial that stopped before the last epoch and did not error was stopped by the '
+            "scheduler (ASHA); the dotted line is the epoch budget max_t.</p>",
+        )
+    )
+    sections.append(("history", "Optimisation history", img_tag(_history_figure(trials, space), "history")))
+    imp, note = param_importances(rebuild_study(trials, space))
+    if imp:
+        inner = img_tag(_importance_figure(imp), "parameter importance") + f'<p class="note">{html.escape(note)}</p>'
+    else:
+        inner = f'<p class="note">Parameter importances unavailable: {html.escape(note)}</p>'
+    sections.append(("importance", "Parameter importance", inner))
+    top = [n for n in imp if imp[n] > 0][:SLICE_PARAMS] or [p.name for p in space.params][:SLICE_PARAMS]
+    sections.append(
+        (
+            "slices",
+            "Slice plots",
+            img_tag(_slices_figure(top, trials, space, best_id), "slice plots")
+            + '<p class="note">Each point is a trial at its best epoch; the star is the best trial.</p>',
+        )
+    )
+    base = space.base_config().to_dict()
+    rows = [
+        [i + 1, t.trial_id, t.best_value, t.best_epoch, t.last_epoch, t.status, _differences(t, space, base)]
+        for i, t in enumerate(ranked[:TOP_TRIALS])
+    ]
+    table = html_table(
+        ["rank", "trial", space.metric, "best epoch", "epochs run", "status", "differences from the base config"],
+        rows,
+        ["best" if t.trial_id == best_id else "" for t in ranked[:TOP_TRIALS]],
+    )
+    if isinstance(best, dict):
+        table += f"<h3>best.yaml</h3><pre>{html.escape(yaml.safe_dump(best, sort_keys=False))}</pre>"
+    sections.append(("best", "Best trials", table))
+    return page(f"Search report: {path.name}", meta, sections)
+
+
+# -- final training ------------------------------------------------------------------------------------------
+def coverage(label: np.ndarray, mean: np.ndarray, std: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+    """Observed share of labels inside the central interval of each nominal ``level`` of N(mean, std²)."""
+    err = np.abs(np.asarray(label, float) - np.asarray(mean, float))
+    std = np.asarray(std, float)
+    z = [statistics.NormalDist().inv_cdf(0.5 + lvl / 2) for lvl in levels]
+    return np.array([float(np.mean(err <= k * std)) if err.size else math.nan for k in z])
+
+
+def _splits(pred: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    return [(s, pred[pred["split"] == s]) for s in ("val", "test") if (pred["split"] == s).any()]
+
+
+def _pred_vs_obs_figure(pred: pd.DataFrame, unit: str) -> Figure:
+    parts = _splits(pred)
+    fig = new_figure((5.6 * len(parts), 4.8))
+    for ax, (split, d) in zip(fig.subplots(1, len(parts), squeeze=False)[0], parts, strict=True):
+        draw_pred_vs_obs(ax, d["label"].to_numpy(), d["mean"].to_numpy(), f"{split}: predicted vs observed", unit, True)
+    return fig
+
+
+def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
+    parts = _splits(pred)
+    fig = new_figure((5.6 * len(parts), 4.4))
+    for ax, (split, d) in zip(fig.subplots(1, len(parts), squeeze=False)[0], parts, strict=True):
+        y = d["label"].to_numpy(float)
+        r = d["mean"].to_numpy(float) - y
+        hb = ax.hexbin(y, r, gridsize=40, mincnt=1, bins="log", cmap="viridis")
+        fig.colorbar(hb, ax=ax, label="pixels", shrink=0.8)
+        ax.axhline(0, color="0.45", lw=1, ls="--")
+        order = np.argsort(y)
+        chunks = [c for c in np.array_split(order, min(10, max(1, y.size))) if c.size]
+        ax.plot([y[c].mean() for c in chunks], [r[c].mean() for c in chunks], "o-", color="#c43c1e", ms=4,
+                label="mean residual per equal-count bin of the label")  # fmt: skip
+        ax.set_xlabel(with_unit("observed label", unit))
+        ax.set_ylabel(with_unit("residual: predicted − observed", unit))
+        ax.set_title(f"{split}: residuals vs observed", fontsize=10)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def _reliability_figure(pred: pd.DataFrame) -> Figure:
+    fig = new_figure((5.4, 4.8))
+    ax = fig.add_subplot()
+    for split, d in _splits(pred):
+        obs = coverage(d["label"].to_numpy(), d["mean"].to_numpy(), d["std"].to_numpy(), COVERAGE_LEVELS)
+        ax.plot(COVERAGE_LEVELS, obs, "o-", color=SPLIT_COLORS[split], label=split, ms=4)
+    ax.plot([0, 1], [0, 1], color="0.45", lw=1, ls="--", label="ideal")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("expected coverage (nominal level of the central interval)")
+    ax.set_ylabel("observed coverage (share of labels inside)")
+    ax.set_title("Reliability of the predicted Gaussian intervals", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _sigma_figure(pred: pd.DataFrame, unit: str, bins: int = 10) -> Figure:
+    fig = new_figure((5.4, 4.8))
+    ax = fig.add_subplot()
+    hi = 0.0
+    for split, d in _splits(pred):
+        rmv, rmse, _ = binned_rmse_vs_rmv(d["label"].to_numpy(), d["mean"].to_numpy(), d["std"].to_numpy(), bins)
+        ax.plot(rmv, rmse, "o-", color=SPLIT_COLORS[split], label=split, ms=5)
+        hi = max(hi, float(rmv.max(initial=0.0)), float(rmse.max(initial=0.0)))
+    hi = hi * 1.05 or 1.0
+    ax.plot([0, hi], [0, hi], color="0.45", lw=1, ls="--", label="1:1")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel(with_unit("predicted σ (RMV of the bin)", unit))
+    ax.set_ylabel(with_unit("RMSE of the bin", unit))
+    ax.set_title(f"RMSE vs predicted σ, {bins} equal-count bins of σ", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def final_report(path: Path, unit: str = "") -> str:
+    """The HTML of a final_train out dir."""
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise TuneAgbError(f"{path / 'metrics.json'}: not valid JSON ({exc})") from None
+    pred = pd.read_parquet(path / "predictions.parquet")
+    missing = {"split", "label", "mean", "std"} - set(pred.columns)
+    if missing:
+        raise TuneAgbError(f"{path / 'predictions.parquet'}: missing columns {', '.join(sorted(missing))}")
+    pred = pred[np.isfinite(pred["label"]) & np.isfinite(pred["mean"]) & np.isfinite(pred["std"])]
+    keys = [k for k in METRIC_NAMES if any(f"{s}_{k}" in metrics for s in ("val", "test"))]
+    rows = [[s, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)] for s in ("val", "test")]
+    table = html_table(["split", *keys], rows)
+    run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
+    table += html_table(["setting", "value"], [[k, v] for k, v in run.items()])
+    meta = html.escape(f"{path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else ""))
+    sections = [
+        ("metrics", "Metrics", table),
+        ("scatter", "Predicted vs observed", img_tag(_pred_vs_obs_figure(pred, unit), "predicted vs observed")),
+        ("residuals", "Residuals vs observed", img_tag(_residual_figure(pred, unit), "residuals vs observed")),
+        (
+            "calibration",
+            "Uncertainty calibration",
+            '<div class="figs">'
+            + img_tag(_reliability_figure(pred), "reliability diagram")
+            + img_tag(_sigma_figure(pred, unit), "RMSE vs predicted sigma")
+            + "</div>"
+            + '<p class="note">Left: share of labels inside the central interval mean ± z·σ of each nominal level '
+            "(on the diagonal: calibrated; below: σ too small). Right: RMSE against the predicted σ in bins of "
+            "equal pixel count (on the diagonal: calibrated).</p>",
+        ),
+    ]
+    return page(f"Final training report: {path.name}", meta, sections)
+
+
+# -- entry points --------------------------------------------------------------------------------------------
+def write_report(path: str | Path, unit: str = "") -> Path:
+    """Write ``PATH/report/index.html`` for a search's experiment folder or a final_train out dir.
+
+    Args:
+        path: the experiment folder ``STORAGE/NAME`` (local) or the final_train out dir.
+        unit: the unit of the labels for axis titles (e.g. ``"Mg/ha"``; ``""``: none shown).
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        TuneAgbError: when ``path`` is neither kind of folder, or its files cannot be read.
+    """
+    path = Path(path)
+    if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
+        text = search_report(path, unit)
+    elif (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
+        text = final_report(path, unit)
+    else:
+        raise TuneAgbError(
+            f"{path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
+            "nor a final_train out dir (metrics.json + predictions.parquet)"
+        )
+    out = path / REPORT_DIR / INDEX
+    out.parent.mkdir(exist_ok=True)
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def write_report_or_warn(path: str | Path, unit: str = "") -> Path | None:
+    """:func:`write_report` at the end of a search or a final training: what they wrote is kept whatever happens
+    here, so a page that cannot be drawn is one warning line (None), never a failed run."""
+    try:
+        return write_report(path, unit)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"warning: {path}: report page not written ({first})", file=sys.stderr)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tune_agb.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="experiment folder STORAGE/NAME or final_train out dir")
+    p.add_argument("--unit", default="", help="unit of the labels for axis titles, e.g. Mg/ha")
+    args = p.parse_args(argv)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    print(write_report(args.path, args.unit))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
