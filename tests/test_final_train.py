@@ -67,6 +67,11 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
         "plots/val_calibration.png",
     ):
         assert (out / name).is_file(), name
+    # the seam margin is stored with the model (predict reads it instead of measuring it again)
+    best = load_checkpoint(out / "best.pt")
+    margin = best["seam_margin"]
+    assert isinstance(margin, int) and margin % 2 ** best["config"]["depth"] == 0
+    assert load_predictor(out, device="cpu").margin == margin
     for split in ("val", "test"):  # matplotlib PNGs with content (not one colour)
         for kind in ("scatter", "calibration"):
             with Image.open(out / "plots" / f"{split}_{kind}.png") as img:

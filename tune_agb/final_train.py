@@ -38,7 +38,7 @@ from tune_agb.engine.config import (
 )
 from tune_agb.engine.data import DeviceTiles, TileSet, load_dataset
 from tune_agb.engine.device import memory_format, resolve_device
-from tune_agb.engine.inference import combine_members, member_from_state, store_seam_margin
+from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.train import EpochReport, TrainResult, evaluate_split, train
 from tune_agb.errors import TuneAgbError, run_cli
@@ -341,10 +341,12 @@ def train_member(
     if not (out / "best.pt").is_file():  # resumed elsewhere and no epoch beat the checkpoint's best
         log.warning("%s: no epoch improved on the resumed checkpoint's best; evaluating the last epoch", out)
         save_checkpoint(load_checkpoint(out / "last.pt"), out / "best.pt")
-    margin = store_seam_margin(out / "best.pt", result.device)  # for tiled prediction without seams
-    log.info("%s: seam margin %s px", out / "best.pt", margin)
     best = load_checkpoint(out / "best.pt", map_location=result.device)
-    model = member_from_state(best, result.device, source=str(out / "best.pt")).model
+    member = member_from_state(best, result.device, source=str(out / "best.pt"))  # measures its seam margin
+    if best.get("seam_margin", -1) != member.margin:  # stored with the model for tiled prediction without seams
+        save_checkpoint({**best, "seam_margin": member.margin}, out / "best.pt")
+    log.info("%s: seam margin %s px", out / "best.pt", member.margin)
+    model = member.model
     channels_last = memory_format(cfg, result.device) == torch.channels_last
     preds, metrics = {}, {"best_epoch": int(best["epoch"])}
     for split in ("val", "test"):

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from tune_agb.engine.metrics import METRIC_NAMES
+from tune_agb.engine.metrics import METRIC_NAMES, equal_count_bins
 from tune_agb.engine.plots import (
     binned_rmse_vs_rmv,
     draw_pred_vs_obs,
@@ -467,8 +468,7 @@ def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
         hb = ax.hexbin(y, r, gridsize=40, mincnt=1, bins="log", cmap="viridis")
         fig.colorbar(hb, ax=ax, label="pixels", shrink=0.8)
         ax.axhline(0, color="0.45", lw=1, ls="--")
-        order = np.argsort(y)
-        chunks = [c for c in np.array_split(order, min(10, max(1, y.size))) if c.size]
+        chunks = [c.numpy() for c in equal_count_bins(torch.from_numpy(y), 10) if c.numel()]
         ax.plot([y[c].mean() for c in chunks], [r[c].mean() for c in chunks], "o-", color="#c43c1e", ms=4,
                 label="mean residual per equal-count bin of the label")  # fmt: skip
         ax.set_xlabel(with_unit("observed label", unit))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
+from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import NormStats
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
@@ -103,17 +103,6 @@ def member_from_state(state: dict[str, Any], device: torch.device, source: str =
     model.to(memory_format=memory_format(cfg, device))
     margin = state["seam_margin"] if "seam_margin" in state else measure_margin(model, cfg.in_channels, device)
     return Member(model, cfg, NormStats.from_dict(state["norm"]), margin)
-
-
-def store_seam_margin(path: Path, device: torch.device | str = "cpu") -> int | None:
-    """Measure the seam margin of checkpoint ``path``'s model and store it in the checkpoint as ``seam_margin``."""
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = config_from_dict(state["config"], source=f"{path} config")
-    model = UNet.from_config(cfg)
-    model.load_state_dict(state["model"])
-    state["seam_margin"] = measure_margin(model.to(device), cfg.in_channels, device)
-    save_checkpoint(state, path)
-    return state["seam_margin"]
 
 
 def member_checkpoints(path: str | Path) -> list[Path]:

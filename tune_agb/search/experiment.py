@@ -235,14 +235,13 @@ def restore_point(folders: Iterable[Folder]) -> tuple[dict[str, Any] | None, lis
         folders: the trial folders to look in, in order of preference; the first holding an intact checkpoint wins.
 
     Returns:
-        ``(state, log rows up to its epoch)``, or ``(None, [])`` for a fresh start.
+        ``(state, its report log up to its epoch)``, or ``(None, [])`` for a fresh start.
     """
     for fs, path in folders:
         found = newest_stored_checkpoint(fs, path)
         if found is not None:
-            state, log, _ = found
-            # the epochs after the checkpoint may have been reported already: they are run again, keep the new ones
-            return state, [r for r in log if int(r["epoch"]) <= int(state["epoch"])]
+            state, log, _ = found  # the log ends at the checkpoint's epoch (newest_stored_checkpoint checks it)
+            return state, log
     return None, []
 
 
