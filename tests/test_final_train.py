@@ -119,6 +119,20 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
         assert rmse == pytest.approx(metrics[f"{split}_rmse"], rel=1e-4)
         assert (rows["std"] > 0).all()
 
+    # test_maps.npz: the most labelled test tiles, whole, agreeing with the per-pixel rows.
+    maps = np.load(out / "test_maps.npz")
+    test = load_split(tiny_data / "inputs", tiny_data / "labels", "test")
+    counts = [int(np.isfinite(test.labels[test.names.index(n)]).sum()) for n in maps["names"]]
+    assert counts == sorted(counts, reverse=True) and len(counts) == min(4, len(test))
+    assert counts[0] == max(int(np.isfinite(lab).sum()) for lab in test.labels)
+    rows = table[(table.split == "test") & (table.tile == maps["names"][0])]
+    np.testing.assert_allclose(maps["mean"][0][rows.row, rows.col], rows["mean"], rtol=1e-6)
+    np.testing.assert_allclose(maps["std"][0][rows.row, rows.col], rows["std"], rtol=1e-6)
+    np.testing.assert_array_equal(
+        np.isfinite(maps["label"][0]), np.isfinite(test.labels[test.names.index(maps["names"][0])])
+    )
+    assert maps["mean"].shape == maps["std"].shape == maps["label"].shape == (len(counts), *test.labels.shape[1:])
+
     # TensorBoard, read back with tensorboard's own reader.
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
     acc.Reload()

@@ -378,6 +378,29 @@ def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, tu
     pq.write_table(table, path)
 
 
+# How many test tiles final_train keeps whole (mean, std and label maps) for the report: the most labelled ones.
+MAP_TILES = 4
+
+
+def write_test_maps(
+    path: Path, tiles: TileSet, mean: np.ndarray, var: np.ndarray, names: Sequence[str], k: int = MAP_TILES
+) -> None:
+    """``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) float32 of the ``k`` test tiles with
+    the most labelled pixels (ties: name order); label NaN where no GEDI footprint fell. ``mean``/``var`` are the
+    maps of the tiles ``names`` (a subset of ``tiles.names``, in that order)."""
+    pos = {n: i for i, n in enumerate(tiles.names)}
+    rows = [pos[n] for n in names]
+    counts = [int(np.isfinite(tiles.labels[r]).sum()) for r in rows]
+    pick = sorted(range(len(rows)), key=lambda j: (-counts[j], names[j]))[:k]
+    np.savez(
+        path,
+        names=np.asarray([names[j] for j in pick]),
+        mean=np.stack([mean[j] for j in pick]).astype(np.float32),
+        std=np.sqrt(np.stack([var[j] for j in pick])).astype(np.float32),
+        label=np.stack([np.asarray(tiles.labels[rows[j]], dtype=np.float32) for j in pick]),
+    )
+
+
 def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
     from tune_agb.engine.plots import calibration_plot, scatter_plot
@@ -450,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = {split: (m.float().cpu().numpy(), v.float().cpu().numpy()) for split, (m, v) in preds.items()}
     write_predictions(out / "predictions.parquet", tiles, host)
     write_plots(out / "plots", tiles, host)
+    write_test_maps(out / "test_maps.npz", tiles["test"], *host["test"], tiles["test"].names)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
 
