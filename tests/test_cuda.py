@@ -10,12 +10,13 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.config import TrainConfig
-from tune_agb.engine.data import DeviceTiles, TileSet, compute_norm_stats, load_dataset
+from tune_agb.engine.data import SplitFeed, TileSet, compute_norm_stats, load_dataset
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import EpochReport, train
 
@@ -35,17 +36,24 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_device_tiles_are_resident_and_channels_last(tiles: dict[str, TileSet]) -> None:
+def test_feeds_resident_and_streamed_on_cuda_match_cpu(tiles: dict[str, TileSet]) -> None:
+    """auto keeps a small split resident on the card; the streamed path (pinned buffers, side-stream copies) gives
+    the same batches as the resident one and as the CPU."""
     norm = compute_norm_stats(tiles["train"])
     dev = torch.device("cuda")
-    dt = DeviceTiles(tiles["train"], norm, dev, channels_last=True)
-    assert dt.resident and dt.x.device.type == "cuda" and dt.y.device.type == "cuda"
-    assert dt.x.is_contiguous(memory_format=torch.channels_last)
-    x, y = dt.batch(torch.tensor([3, 1], device=dev))
-    assert x.device.type == "cuda" and x.shape[0] == y.shape[0] == 2
-    cpu = DeviceTiles(tiles["train"], norm, torch.device("cpu"), channels_last=True)
-    torch.testing.assert_close(dt.x.cpu(), cpu.x)
-    torch.testing.assert_close(dt.y.cpu(), cpu.y, equal_nan=True)
+    resident = SplitFeed(tiles["train"], norm, dev)
+    assert resident.mode == "resident" and resident.x.device.type == "cuda"
+    streamed = SplitFeed(tiles["train"], norm, dev, mode="stream")
+    cpu = SplitFeed(tiles["train"], norm, torch.device("cpu"))
+    order = [np.array([3, 1]), np.array([0, 2, 5])] * 3
+    for (xr, yr), (xs, ys), (xc, yc) in zip(
+        resident.batches(order), streamed.batches(order), cpu.batches(order), strict=True
+    ):
+        assert xr.device.type == xs.device.type == "cuda"
+        torch.testing.assert_close(xr, xs)
+        torch.testing.assert_close(yr, ys, equal_nan=True)
+        torch.testing.assert_close(xs.cpu(), xc)
+        torch.testing.assert_close(ys.cpu(), yc, equal_nan=True)
 
 
 def test_bf16_autocast_channels_last_forward(tiles: dict[str, TileSet]) -> None:

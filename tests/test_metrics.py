@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tune_agb.engine.config import TrainConfig
-from tune_agb.engine.data import DeviceTiles, compute_norm_stats, load_dataset
+from tune_agb.engine.data import SplitFeed, compute_norm_stats, load_dataset
 from tune_agb.engine.metrics import METRIC_NAMES, UCE_BINS, regression_metrics
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import evaluate_split
@@ -97,9 +97,9 @@ def test_evaluate_split_in_batches_matches_numpy_on_pooled_pixels(tiny_data: Pat
     model = UNet.from_config(cfg).eval()
     with torch.no_grad():  # spread the predicted variances so that the UCE bins are not all alike
         model.head.weight.mul_(20.0)
-    val = DeviceTiles(tiles["val"], norm, torch.device("cpu"), channels_last=False)
+    val = SplitFeed(tiles["val"], norm, torch.device("cpu"))
     assert len(val) >= 3
-    ev = evaluate_split(model, val, cfg, norm, batch_size=1, amp=None)  # one tile per batch: several batches
+    ev = evaluate_split(model, val, cfg, norm, batch_size=1, amp=None, keep=(2, 0))  # one tile per batch
 
     # Reference: one forward pass over the whole split, scaled to label units by hand, labels straight from disk.
     x = torch.from_numpy(tiles["val"].inputs)
@@ -109,9 +109,17 @@ def test_evaluate_split_in_batches_matches_numpy_on_pooled_pixels(tiny_data: Pat
     var = np.exp(logvar.double().numpy()) * norm.target_std**2 * (2.0 if loss == "laplacian_nll" else 1.0)
     labels = tiles["val"].labels
     mask = np.isfinite(labels)
-    assert ev.mean.shape == labels.shape and ev.var.shape == labels.shape
-    np.testing.assert_allclose(ev.mean.numpy(), mean, rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(ev.var.numpy(), var, rtol=1e-4)
+    # The labelled pixels, in (tile, row-major pixel) order, and the whole maps of the tiles kept.
+    t, r, c = np.nonzero(mask)
+    np.testing.assert_array_equal(ev.tile, t)
+    np.testing.assert_array_equal(ev.flat, r * labels.shape[2] + c)
+    np.testing.assert_array_equal(ev.y.numpy(), labels[mask])
+    np.testing.assert_allclose(ev.mean.numpy(), mean[mask], rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(ev.var.numpy(), var[mask], rtol=1e-4)
+    assert list(ev.maps) == [2, 0]
+    for k, (m, v) in ev.maps.items():
+        np.testing.assert_allclose(m.numpy(), mean[k], rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(v.numpy(), var[k], rtol=1e-4)
     assert np.unique(var[mask]).size == mask.sum()  # no ties: the UCE bins are the same in torch and numpy
     want = numpy_metrics(labels[mask], mean[mask], var[mask], loss)
     assert ev.metrics["n"] == int(mask.sum()) == tiles["val"].num_labelled
@@ -133,10 +141,11 @@ def test_evaluate_split_does_not_depend_on_batch_size(tiny_data: Path) -> None:
     cfg = TrainConfig(base_channels=4, depth=2, norm="group", channels_last=True)
     torch.manual_seed(1)
     model = UNet.from_config(cfg).to(memory_format=torch.channels_last)
-    val = DeviceTiles(tiles["val"], norm, torch.device("cpu"), channels_last=True)
-    a = evaluate_split(model, val, cfg, norm, batch_size=3, amp=None)
-    b = evaluate_split(model, val, cfg, norm, batch_size=len(val), amp=None)
-    assert a.mean.shape[0] == len(val)
+    val = SplitFeed(tiles["val"], norm, torch.device("cpu"))
+    a = evaluate_split(model, val, cfg, norm, batch_size=3, amp=None, keep=(3,))
+    b = evaluate_split(model, val, cfg, norm, batch_size=len(val), amp=None, keep=(3,))
+    assert len(val) == 4 and a.mean.shape[0] == tiles["val"].num_labelled and 3 in a.maps
     torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a.maps[3][0], b.maps[3][0], rtol=1e-4, atol=1e-4)
     for k in METRIC_NAMES:
         assert a.metrics[k] == pytest.approx(b.metrics[k], rel=1e-4, abs=1e-6), k

@@ -81,6 +81,8 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
     [
         {"optimizer": "adamw", "schedule": "onecycle"},
         {"optimizer": "sgd", "schedule": "cyclic", "cyclic_step_epochs": 1, "norm": "group"},
+        # 8 train tiles in batches of 2: 4 batches a pass, 3 an epoch; epoch 2 ends in the middle of pass 2.
+        {"optimizer": "adam", "schedule": "cosine", "steps_per_epoch": 3, "batch_size": 2},
     ],
 )
 def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet], tmp_path: Path, extra: dict) -> None:
@@ -164,7 +166,8 @@ def test_on_epoch_stop_training_ends_the_run(tiles: dict[str, TileSet]) -> None:
     assert [r.epoch for r in reports] == [1, 2] and len(res.history) == 2
     assert res.stopped == "stopped by callback"
     rep = reports[-1]
-    assert rep.metrics == res.history[-1] and rep.val.mean.shape == tiles["val"].labels.shape
+    assert rep.metrics == res.history[-1] and rep.val.mean.shape == (tiles["val"].num_labelled,)
+    assert rep.val.maps[0][0].shape == tiles["val"].labels.shape[1:]
     assert rep.is_best == (res.best_epoch == 2)
 
 

@@ -15,11 +15,11 @@ from ray import tune
 
 from tests.search_helpers import ray_local, tiny_space  # noqa: F401 (fixture)
 from tune_agb.engine.checkpoint import load_checkpoint
-from tune_agb.engine.data import load_dataset
 from tune_agb.search.cli import make_trainable
 from tune_agb.search.experiment import CHECKPOINT_FILE, read_trial_rows
 from tune_agb.search.space import parse_search_space
 from tune_agb.search.trainable import finite_or_inf, search_trial, select_device
+from tune_agb.store import DataSource
 
 # The failure-injecting trainable below must reach the workers by value (tests/ is not on their sys.path).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -68,16 +68,16 @@ def _fit(
 
 
 @pytest.mark.slow
-def test_reports_every_epoch_with_a_checkpoint_and_reads_no_files(
+def test_reports_every_epoch_with_a_checkpoint_and_reads_the_packed_store(
     ray_local: None,  # noqa: F811
     tiny_data: Path,
     tmp_path: Path,
 ) -> None:
     data = shutil.copytree(tiny_data, tmp_path / "data")
-    tiles = load_dataset(data / "inputs", data / "labels", splits=("train", "val"))
-    shutil.rmtree(data)  # trials must get the tiles from the object store, not from disk
+    source = DataSource(str(data / "inputs"), str(data / "labels"), splits=("train", "val")).pinned()
+    shutil.rmtree(data)  # trials open the store the driver packed on this node, not the tiles
     space = parse_search_space(tiny_space(scheduler__max_t=3), source="t")
-    grid = _fit(make_trainable(space, tiles), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "plain")
+    grid = _fit(make_trainable(space, source), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "plain")
     result = grid[0]
     assert result.error is None
     rows = _rows(tmp_path / "st" / "plain")
@@ -140,10 +140,10 @@ def test_failed_trial_is_retried_from_its_newest_checkpoint(
     crash_after: int,
     lag: bool,
 ) -> None:
-    tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
+    source = DataSource(str(tiny_data / "inputs"), str(tiny_data / "labels"), splits=("train", "val")).pinned()
     space = parse_search_space(tiny_space(scheduler__max_t=4), source="t")
     base = space.base_config().to_dict()
-    trainable = tune.with_resources(tune.with_parameters(flaky_trial, tiles=tiles, base=base, cpus=1), {"cpu": 1})
+    trainable = tune.with_resources(tune.with_parameters(flaky_trial, data=source, base=base, cpus=1), {"cpu": 1})
     config = {"lr": 0.003, "optimizer": "adamw", "marker": str(tmp_path / "crashed"), "crash_after": crash_after}
     result = _fit(trainable, {**config, "lag": lag}, tmp_path / "st", "flaky", max_failures=1)[0]
     assert (tmp_path / "crashed").exists()
@@ -172,7 +172,7 @@ def test_divergence_is_reported_as_inf_then_retried_then_errored(
     tiny_data: Path,
     tmp_path: Path,
 ) -> None:
-    tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
+    tiles = DataSource(str(tiny_data / "inputs"), str(tiny_data / "labels"), splits=("train", "val")).pinned()
     space = parse_search_space(
         tiny_space(scheduler__max_t=3, fixed={"base_channels": 4, "depth": 2, "grad_clip": 0.0, "loss": "mse"}),
         source="t",
@@ -215,7 +215,7 @@ def test_quarter_gpu_trial_trains_on_cuda_with_bf16(tiny_data: Path, tmp_path: P
 
     _ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir="/tmp/rta_gpu")
     try:
-        tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
+        tiles = DataSource(str(tiny_data / "inputs"), str(tiny_data / "labels"), splits=("train", "val")).pinned()
         space = parse_search_space(tiny_space(scheduler__max_t=2, resources={"cpu": 1, "gpu": 0.25}), source="t")
         result = _fit(make_trainable(space, tiles), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "gpu")[0]
         assert result.error is None

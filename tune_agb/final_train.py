@@ -36,13 +36,14 @@ from tune_agb.engine.config import (
     read_config_values,
     save_config,
 )
-from tune_agb.engine.data import DeviceTiles, TileSet, load_dataset
-from tune_agb.engine.device import memory_format, resolve_device
+from tune_agb.engine.data import NormStats, SplitFeed, TileSet
+from tune_agb.engine.device import resolve_device
 from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
-from tune_agb.engine.train import EpochReport, TrainResult, evaluate_split, train
+from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, train
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.search.experiment import read_best  # STORAGE/NAME/best.yaml of a search
+from tune_agb.store import DataSource
 
 log = logging.getLogger("tune_agb.final_train")
 
@@ -99,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     h = p.add_argument_group("hyperparameters (override the config)")
     h.add_argument("--epochs", "--nb_epoch", dest="epochs", type=int)
     h.add_argument("--seed", type=int)
+    h.add_argument(
+        "--steps-per-epoch",
+        dest="steps_per_epoch",
+        type=int,
+        help="batches per epoch (0: one pass over the train tiles); passes span epochs, every tile seen once per pass",
+    )
+    h.add_argument(
+        "--data-mode",
+        dest="data_mode",
+        type=str.lower,
+        choices=CHOICES["data_mode"],
+        help="tiles resident on the device or streamed from the packed store (auto: resident on a GPU when they fit)",
+    )
     h.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int)
     h.add_argument("--lr", "--base_learning_rate", dest="lr", type=float)
     h.add_argument("--weight-decay", "--l2_lambda", dest="weight_decay", type=float)
@@ -145,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--train_mode", choices=["scratch", "resume"], default="scratch")
     o.add_argument("--model_weights_path", help="checkpoint to continue from with --train_mode resume")
-    o.add_argument("--num_workers", type=int, help="accepted for compatibility; tiles are held in memory, so unused")
+    o.add_argument(
+        "--num_workers",
+        type=int,
+        help="accepted for compatibility; tiles are streamed by a background thread, so unused",
+    )
     return p
 
 
@@ -169,7 +187,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig values given by hyperparameter flags (``--seed`` and the :data:`LEGACY_FLAGS`), not yet
     validated."""
     out: dict[str, Any] = {}
-    for key in (*LEGACY_FLAGS.values(), "seed"):
+    for key in (*LEGACY_FLAGS.values(), "seed", "steps_per_epoch", "data_mode"):
         value = getattr(args, key)
         if value is not None:
             out[key] = _FLAG_TO_CONFIG.get(key, lambda v: v)(value)
@@ -253,14 +271,15 @@ class EpochLogger:
         for k, v in rep.metrics.items():
             if k != "epoch" and isinstance(v, (int, float)) and math.isfinite(v):
                 self.writer.add_scalar(k, v, rep.epoch)
-        std = rep.val.var.sqrt()
-        flat = std.flatten().float()
+        flat = rep.val.var.sqrt().float()  # at the labelled val pixels
         q = torch.quantile(flat[:: max(1, flat.numel() // 100_000)], torch.tensor([0.1, 0.5, 0.9], device=flat.device))
         stats = dict(zip(("std_p10", "std_median", "std_p90"), q.cpu().tolist(), strict=True))
         for k, v in stats.items():
             self.writer.add_scalar(f"val_variance/{k}", v, rep.epoch)
         self.writer.add_histogram("val_variance/predicted_std", flat.cpu(), rep.epoch)
-        self.writer.add_image("val_prediction/mean_and_std", prediction_image(rep.val.mean[0], std[0]), rep.epoch)
+        if 0 in rep.val.maps:
+            mean0, var0 = rep.val.maps[0]
+            self.writer.add_image("val_prediction/mean_and_std", prediction_image(mean0, var0.sqrt()), rep.epoch)
         self.writer.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in rep.metrics.items() if k != "epoch"} | stats, step=rep.epoch)
@@ -293,7 +312,7 @@ def _start_wandb(project: str | None, cfg: TrainConfig, out: Path) -> Any:
 @dataclass
 class MemberOutput:
     result: TrainResult
-    preds: dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (mean, var) maps on the device
+    preds: dict[str, SplitEval]  # split -> labelled pixels' predictions (and the maps of the tiles kept)
     metrics: dict[str, float]
 
 
@@ -302,6 +321,7 @@ def train_member(
     tiles: dict[str, TileSet],
     out: Path,
     *,
+    norm: NormStats | None = None,
     resume: dict[str, Any] | None = None,
     device: str = "auto",
     progress: bool = True,
@@ -315,6 +335,7 @@ def train_member(
         cfg: hyperparameters.
         tiles: ``train``, ``val`` and ``test`` TileSets.
         out: the member's output folder.
+        norm: normalisation stats (None: computed from the train split).
         resume: a checkpoint dict to continue from.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: show a progress bar.
@@ -329,6 +350,7 @@ def train_member(
         result = train(
             cfg,
             {"train": tiles["train"], "val": tiles["val"]},
+            norm=norm,
             device=device,
             resume=resume,
             on_epoch=logger,
@@ -346,73 +368,96 @@ def train_member(
     if best.get("seam_margin", -1) != member.margin:  # stored with the model for tiled prediction without seams
         save_checkpoint({**best, "seam_margin": member.margin}, out / "best.pt")
     log.info("%s: seam margin %s px", out / "best.pt", member.margin)
-    model = member.model
-    channels_last = memory_format(cfg, result.device) == torch.channels_last
     preds, metrics = {}, {"best_epoch": int(best["epoch"])}
     for split in ("val", "test"):
-        dt = DeviceTiles(tiles[split], result.norm, result.device, channels_last)
-        ev = evaluate_split(model, dt, cfg, result.norm, cfg.batch_size, result.amp)
-        preds[split] = (ev.mean, ev.var)
+        feed = SplitFeed(tiles[split], result.norm, result.device, cfg.data_mode)
+        keep = map_tiles(feed) if split == "test" else ()
+        ev = evaluate_split(member.model, feed, cfg, result.norm, cfg.batch_size, result.amp, keep=keep)
+        preds[split] = ev
         metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}
     (out / "norm_stats.json").write_text(json.dumps(result.norm.to_dict(), indent=1))
     return MemberOutput(result, preds, metrics)
-
-
-def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std (``preds``: mean, var maps)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
-    for split, (m, v) in preds.items():
-        ts = tiles[split]
-        t, r, c = np.nonzero(np.isfinite(ts.labels))
-        cols["split"].append(np.full(t.size, split))
-        cols["tile"].append(np.asarray(ts.names)[t])
-        cols["row"].append(r.astype(np.int32))
-        cols["col"].append(c.astype(np.int32))
-        cols["label"].append(ts.labels[t, r, c])
-        cols["mean"].append(m[t, r, c])
-        cols["std"].append(np.sqrt(v[t, r, c]))
-    table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
-    pq.write_table(table, path)
 
 
 # How many test tiles final_train keeps whole (mean, std and label maps) for the report: the most labelled ones.
 MAP_TILES = 4
 
 
-def write_test_maps(
-    path: Path, tiles: TileSet, mean: np.ndarray, var: np.ndarray, names: Sequence[str], k: int = MAP_TILES
-) -> None:
-    """``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) float32 of the ``k`` test tiles with
-    the most labelled pixels (ties: name order); label NaN where no GEDI footprint fell. ``mean``/``var`` are the
-    maps of the tiles ``names`` (a subset of ``tiles.names``, in that order)."""
-    pos = {n: i for i, n in enumerate(tiles.names)}
-    rows = [pos[n] for n in names]
-    counts = [int(np.isfinite(tiles.labels[r]).sum()) for r in rows]
-    pick = sorted(range(len(rows)), key=lambda j: (-counts[j], names[j]))[:k]
+def map_tiles(feed: SplitFeed, k: int = MAP_TILES) -> tuple[int, ...]:
+    """The ``k`` tiles with the most labelled pixels (ties: the first), whose whole maps final_train keeps."""
+    counts = feed.labelled.counts()
+    return tuple(int(i) for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i))[:k])
+
+
+def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, Prediction]) -> None:
+    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
+    for split, pr in preds.items():
+        w = tiles[split].labels.shape[-1]
+        cols["split"].append(np.full(pr.tile.size, split))
+        cols["tile"].append(np.asarray(tiles[split].names)[pr.tile])
+        cols["row"].append((pr.flat // w).astype(np.int32))
+        cols["col"].append((pr.flat % w).astype(np.int32))
+        cols["label"].append(pr.y)
+        cols["mean"].append(pr.mean)
+        cols["std"].append(np.sqrt(pr.var))
+    table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
+    pq.write_table(table, path)
+
+
+def write_test_maps(path: Path, tiles: TileSet, pred: Prediction) -> None:
+    """``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) float32 of the test tiles whose maps
+    were kept (:func:`map_tiles`: the most labelled, in that order); label NaN where no GEDI footprint fell."""
+    order = list(pred.maps)
     np.savez(
         path,
-        names=np.asarray([names[j] for j in pick]),
-        mean=np.stack([mean[j] for j in pick]).astype(np.float32),
-        std=np.sqrt(np.stack([var[j] for j in pick])).astype(np.float32),
-        label=np.stack([np.asarray(tiles.labels[rows[j]], dtype=np.float32) for j in pick]),
+        names=np.asarray([tiles.names[i] for i in order]),
+        mean=np.stack([pred.maps[i][0] for i in order]).astype(np.float32),
+        std=np.sqrt(np.stack([pred.maps[i][1] for i in order])).astype(np.float32),
+        label=np.stack([np.asarray(tiles.labels[i], dtype=np.float32) for i in order]),
     )
 
 
-def write_plots(folder: Path, tiles: dict[str, TileSet], preds: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+def write_plots(folder: Path, preds: dict[str, Prediction]) -> None:
     """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
     from tune_agb.engine.plots import calibration_plot, scatter_plot
 
     folder.mkdir(exist_ok=True)
-    for split, (mean, var) in preds.items():
-        mask = np.isfinite(tiles[split].labels)
-        y = tiles[split].labels[mask]
-        m = mean[mask]
-        sd = np.sqrt(var[mask])
+    for split, pr in preds.items():
+        y, m, sd = pr.y, pr.mean, np.sqrt(pr.var)
         scatter_plot(y, m, folder / f"{split}_scatter.png", f"{split}: predicted vs label ({y.size} pixels)")
         calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
+
+
+@dataclass
+class Prediction:
+    """A split's prediction on the host: at its labelled pixels (``tile``, ``flat`` = row * W + col) label ``y``,
+    ``mean`` and ``var``, and the whole (mean, var) maps of a few tiles (by tile index)."""
+
+    tile: np.ndarray
+    flat: np.ndarray
+    y: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
+    maps: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def combined(evals: list[SplitEval]) -> Prediction:
+    """The members' predictions of one split combined (mean of means; mean of variances + variance of means), on
+    the host. Every member predicted the same pixels in the same order."""
+
+    def host(t: torch.Tensor) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+    mean, var = combine_members(torch.stack([e.mean for e in evals]), torch.stack([e.var for e in evals]))
+    maps = {}
+    for k in evals[0].maps:
+        m, v = combine_members(torch.stack([e.maps[k][0] for e in evals]), torch.stack([e.maps[k][1] for e in evals]))
+        maps[k] = (host(m), host(v))
+    return Prediction(evals[0].tile, evals[0].flat, host(evals[0].y), host(mean), host(var), maps)
 
 
 def _epoch_checkpoint_dir(args: argparse.Namespace, out: Path) -> Path | None:
@@ -428,8 +473,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = make_plan(args)
     resolve_device(args.device)
     if args.num_workers:
-        log.info("--num_workers %d: ignored, tiles are loaded once into memory", args.num_workers)
-    tiles = load_dataset(plan.input_dir, plan.label_dir, in_channels=plan.cfg.in_channels)
+        log.info("--num_workers %d: ignored, tiles are streamed by a background thread", args.num_workers)
+    data = DataSource(str(plan.input_dir), str(plan.label_dir), in_channels=plan.cfg.in_channels).open()
+    tiles = data.tiles
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
@@ -442,6 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mcfg,
                 tiles,
                 mout,
+                norm=data.norm(mcfg.standardize_target),
                 resume=plan.resume,
                 device=args.device,
                 progress=not args.no_progress,
@@ -449,20 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wandb_project=args.wandb_project if args.wandb else None,
             )
         )
+    preds = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     if args.ensemble == 1:
-        preds, metrics = members[0].preds, dict(members[0].metrics)
+        metrics = dict(members[0].metrics)
     else:
         save_config(plan.cfg, out / "config.yaml")
-        preds = {
-            split: combine_members(
-                torch.stack([m.preds[split][0] for m in members]), torch.stack([m.preds[split][1] for m in members])
-            )
-            for split in members[0].preds
-        }
         metrics = {}
-        for split, (mean, var) in preds.items():
-            labels = torch.from_numpy(tiles[split].labels)
-            metrics |= {f"{split}_{k}": v for k, v in labelled_metrics(labels, mean, var, plan.cfg.loss).items()}
+        for split, pr in preds.items():
+            m = labelled_metrics(*(torch.from_numpy(a) for a in (pr.y, pr.mean, pr.var)), plan.cfg.loss)
+            metrics |= {f"{split}_{k}": v for k, v in m.items()}
         metrics["members"] = [m.metrics for m in members]
     metrics |= {
         "epochs": plan.cfg.epochs,
@@ -470,10 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input_dir": str(plan.input_dir),
         "label_dir": str(plan.label_dir),
     }
-    host = {split: (m.float().cpu().numpy(), v.float().cpu().numpy()) for split, (m, v) in preds.items()}
-    write_predictions(out / "predictions.parquet", tiles, host)
-    write_plots(out / "plots", tiles, host)
-    write_test_maps(out / "test_maps.npz", tiles["test"], *host["test"], tiles["test"].names)
+    write_predictions(out / "predictions.parquet", tiles, preds)
+    write_plots(out / "plots", preds)
+    write_test_maps(out / "test_maps.npz", tiles["test"], preds["test"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
 

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "schedule": ("constant", "cosine", "onecycle", "cyclic"),
     "amp": ("auto", "bf16", "fp16", "none"),
+    "data_mode": ("auto", "resident", "stream"),
 }
 
 # Other names accepted for a loss (the original training script's ``--loss_key`` values), by canonical name.
@@ -66,12 +67,18 @@ class TrainConfig:
     schedule: str = "onecycle"
     cyclic_step_epochs: int = 2
     epochs: int = 40
+    # Batches per reported epoch (0: one pass over the train tiles). Batches are drawn without replacement across
+    # epochs: every tile is seen once per pass, and a pass may span epochs.
+    steps_per_epoch: int = 0
     batch_size: int = 8
     grad_clip: float = 1.0
     # execution
     amp: str = "auto"
     channels_last: bool = True
     augment: bool = True
+    # How tiles reach the device: auto (CUDA: resident when they fit the trial's share, else streamed; CPU: streamed
+    # from the store's memory map), resident, stream.
+    data_mode: str = "auto"
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
-    non_negative = {"weight_decay", "momentum", "grad_clip"}
+    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch"}
     if name in positive and value <= 0:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:

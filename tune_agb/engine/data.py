@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import queue
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +33,24 @@ MMAP_THRESHOLD_BYTES = int(os.environ.get("TUNE_AGB_MMAP_BYTES", 4 * 1024**3))
 
 @dataclass
 class TileSet:
-    """All tiles of one split. ``inputs`` (N, C, H, W) raw float32, ``labels`` (N, H, W) float32, NaN = none."""
+    """All tiles of one split. ``inputs`` (N, C, H, W) raw (float32 in RAM, or a read-only memory map of the packed
+    store in its storage dtype), ``labels`` (N, H, W) float32, NaN = none.
+
+    ``labelled`` and ``nonfinite`` are the counts of labelled pixels and of non-finite input values when already
+    known (the store records them while packing); None: counted from the arrays when asked."""
 
     split: str
     names: list[str]
     inputs: np.ndarray
     labels: np.ndarray
+    labelled: int | None = None
+    nonfinite: int | None = None
 
     @property
     def num_labelled(self) -> int:
-        return int(np.isfinite(self.labels).sum())
+        if self.labelled is None:
+            self.labelled = int(sum(np.isfinite(self.labels[i : i + 256]).sum() for i in range(0, len(self), 256)))
+        return self.labelled
 
     def __len__(self) -> int:
         return len(self.names)
@@ -184,73 +197,294 @@ def load_dataset(
     return out
 
 
-def compute_norm_stats(train: TileSet, standardize_target: bool = True, chunk: int = 64) -> NormStats:
-    """NaN-aware per-band mean/std over the train split, accumulated in float64 chunk by chunk."""
-    c = train.inputs.shape[1]
-    s = np.zeros(c)
-    ss = np.zeros(c)
-    cnt = np.zeros(c)
-    for i in range(0, len(train), chunk):
-        block = np.asarray(train.inputs[i : i + chunk], dtype=np.float64)
+class StatsAccumulator:
+    """NaN-aware running sums for the normalisation stats, in float64: per-band sum, sum of squares and count of the
+    inputs, and the same for the finite labels. Fed block by block (:meth:`add`), so memory does not grow with the
+    dataset; :meth:`result` gives the :class:`NormStats`. The packed store and :func:`compute_norm_stats` share it."""
+
+    def __init__(self, channels: int):
+        self.s, self.ss, self.cnt = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+        self.t = np.zeros(3)  # labels: count, sum, sum of squares
+        self.nonfinite = 0
+
+    def add(self, inputs: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """``inputs`` (B, C, H, W) raw values, ``labels`` (B, H, W) with NaN where none."""
+        block = np.asarray(inputs, dtype=np.float64)
         fin = np.isfinite(block)
         block = np.where(fin, block, 0.0)
-        s += block.sum(axis=(0, 2, 3))
-        ss += (block**2).sum(axis=(0, 2, 3))
-        cnt += fin.sum(axis=(0, 2, 3))
-    bands = BAND_NAMES if c == len(BAND_NAMES) else [str(i) for i in range(c)]
-    for b in range(c):
-        if cnt[b] == 0:
-            raise TuneAgbError(f"train split: band {bands[b]} is NaN/inf in every tile; cannot normalise it")
-    mean = s / cnt
-    std = np.sqrt(np.maximum(ss / cnt - mean**2, 0.0))
-    std = np.where(std > 1e-6, std, 1.0)
-    tmean, tstd = 0.0, 1.0
-    if standardize_target:
-        lab = train.labels[np.isfinite(train.labels)].astype(np.float64)
-        tmean = float(lab.mean())
-        tstd = float(lab.std()) if lab.size > 1 and lab.std() > 1e-6 else 1.0
-    return NormStats(mean=mean.tolist(), std=std.tolist(), target_mean=tmean, target_std=tstd)
+        self.s += block.sum(axis=(0, 2, 3))
+        self.ss += (block**2).sum(axis=(0, 2, 3))
+        cnt = fin.sum(axis=(0, 2, 3))
+        self.cnt += cnt
+        self.nonfinite += int(fin.size - cnt.sum())
+        if labels is not None:
+            lab = np.asarray(labels, dtype=np.float64)
+            lab = lab[np.isfinite(lab)]
+            self.t += (lab.size, lab.sum(), (lab**2).sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"s": self.s.tolist(), "ss": self.ss.tolist(), "cnt": self.cnt.tolist(), "t": self.t.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StatsAccumulator:
+        acc = cls(len(d["s"]))
+        acc.s, acc.ss, acc.cnt, acc.t = (np.asarray(d[k], dtype=np.float64) for k in ("s", "ss", "cnt", "t"))
+        return acc
+
+    def result(self, standardize_target: bool = True, split: str = "train") -> NormStats:
+        c = self.s.size
+        bands = BAND_NAMES if c == len(BAND_NAMES) else [str(i) for i in range(c)]
+        for b in range(c):
+            if self.cnt[b] == 0:
+                raise TuneAgbError(f"{split} split: band {bands[b]} is NaN/inf in every tile; cannot normalise it")
+        mean = self.s / self.cnt
+        std = np.sqrt(np.maximum(self.ss / self.cnt - mean**2, 0.0))
+        std = np.where(std > 1e-6, std, 1.0)
+        tmean, tstd = 0.0, 1.0
+        n, ts, tss = self.t
+        if standardize_target and n > 0:
+            tmean = ts / n
+            var = max(tss / n - tmean**2, 0.0)
+            tstd = math.sqrt(var) if n > 1 and math.sqrt(var) > 1e-6 else 1.0
+        return NormStats(mean=mean.tolist(), std=std.tolist(), target_mean=float(tmean), target_std=float(tstd))
+
+
+def compute_norm_stats(train: TileSet, standardize_target: bool = True, chunk: int = 64) -> NormStats:
+    """NaN-aware per-band mean/std over the train split, accumulated in float64 chunk by chunk."""
+    acc = StatsAccumulator(train.inputs.shape[1])
+    for i in range(0, len(train), chunk):
+        acc.add(train.inputs[i : i + chunk], train.labels[i : i + chunk])
+    return acc.result(standardize_target)
 
 
 def count_nonfinite(tiles: TileSet, chunk: int = 64) -> int:
-    return int(sum((~np.isfinite(tiles.inputs[i : i + chunk])).sum() for i in range(0, len(tiles), chunk)))
+    """Non-finite input values of a split (the recorded count when the store knows it)."""
+    if tiles.nonfinite is None:
+        tiles.nonfinite = int(
+            sum((~np.isfinite(tiles.inputs[i : i + chunk])).sum() for i in range(0, len(tiles), chunk))
+        )
+    return tiles.nonfinite
 
 
-class DeviceTiles:
-    """One split, normalised once and kept on the device when it fits there (else in pinned host memory).
+# How a split reaches the training device: ``auto`` picks per device (see :func:`choose_mode`).
+DATA_MODES = ("auto", "resident", "stream")
+# Share of a trial's device memory that resident tiles may take; the rest is for the model's working set.
+RESIDENT_SHARE = 0.6
 
-    ``x`` is (N, C, H, W) float32 (channels_last when asked), ``y`` (N, H, W) float32 in standardised target
-    units with NaN where there is no label.
+
+def choose_mode(mode: str, nbytes: int, device: torch.device, device_share: float = 1.0) -> str:
+    """``resident`` or ``stream`` for a split of ``nbytes`` (inputs + labels as stored).
+
+    ``auto``: on CUDA resident when the split takes at most :data:`RESIDENT_SHARE` of the trial's share of the card
+    (``device_share`` x its total memory; the rest is the model's working set), else streamed. On CPU streamed: the
+    packed store's memory map *is* the resident copy there, held once per node in the page cache and shared by all
+    trials, while a private copy would grow every process with the dataset.
+    """
+    if mode not in DATA_MODES:
+        raise TuneAgbError(f"data_mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "stream"
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "resident" if nbytes <= RESIDENT_SHARE * device_share * total else "stream"
+
+
+class _Labelled:
+    """Where the labelled pixels of a split are, found once from its labels: per tile, the flat pixel positions
+    (CSR: ``ptr`` (N + 1), ``flat``) and their values, so evaluation picks them out of each batch's maps with an
+    index whose size is known on the host (no boolean mask, no host sync)."""
+
+    def __init__(self, labels: np.ndarray, chunk: int = 256):
+        n = labels.shape[0]
+        counts = np.zeros(n + 1, dtype=np.int64)
+        flats, values = [], []
+        for i in range(0, n, chunk):
+            block = np.asarray(labels[i : i + chunk], dtype=np.float32).reshape(min(chunk, n - i), -1)
+            fin = np.isfinite(block)
+            counts[i + 1 : i + 1 + block.shape[0]] = fin.sum(axis=1)
+            t, f = np.nonzero(fin)
+            flats.append(f)
+            values.append(block[t, f])
+        self.ptr = np.cumsum(counts)
+        self.flat = np.concatenate(flats).astype(np.int64)
+        self.values = np.concatenate(values).astype(np.float32)
+        self.tile = np.repeat(np.arange(n), np.diff(self.ptr))
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+
+class SplitFeed:
+    """One split as the training loop consumes it: batches of normalised inputs (B, C, H, W) float32 and
+    standardised labels (B, H, W) float32 (NaN = no label) on the training device.
+
+    Two modes, giving the same numbers (the same stored values, normalised by the same code on the device):
+
+    - ``resident``: the split is copied once to the device in its storage dtype; batches are gathered there by index.
+    - ``stream``: batches are gathered from the arrays (the store's memory maps) by a background thread with positional
+      reads that release the GIL, into a ring of (pinned, on CUDA) host buffers, copied to the device asynchronously
+      on a side stream, ``prefetch`` batches ahead. Memory is a few batches, whatever the dataset's size.
     """
 
     def __init__(
-        self, tiles: TileSet, norm: NormStats, device: torch.device, channels_last: bool = True, chunk: int = 64
+        self,
+        tiles: TileSet,
+        norm: NormStats,
+        device: torch.device,
+        mode: str = "auto",
+        device_share: float = 1.0,
+        prefetch: int = 2,
+        chunk: int = 64,
     ):
-        self.split = tiles.split
-        self.names = tiles.names
+        self.split, self.names, self.device, self.norm = tiles.split, tiles.names, device, norm
+        self.tiles = tiles
         n, c, h, w = tiles.inputs.shape
         self.shape = (n, c, h, w)
-        nbytes = n * (c + 1) * h * w * 4
-        resident = device.type != "cuda" or nbytes < 0.6 * torch.cuda.mem_get_info(device)[0]
-        self.device = device
-        store = device if resident else torch.device("cpu")
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        self.x = torch.empty((n, c, h, w), dtype=torch.float32, device=store, memory_format=fmt)
-        for i in range(0, n, chunk):
-            block = torch.from_numpy(np.ascontiguousarray(tiles.inputs[i : i + chunk])).to(store)
-            self.x[i : i + chunk] = norm.normalize(block)
-        y = torch.from_numpy(np.ascontiguousarray(tiles.labels)).to(store)
-        self.y = (y - norm.target_mean) / norm.target_std
-        if not resident:
-            self.x, self.y = self.x.pin_memory(), self.y.pin_memory()
-        self.resident = resident
+        nbytes = tiles.inputs.nbytes + tiles.labels.nbytes
+        self.mode = choose_mode(mode, nbytes, device, device_share)
+        self.prefetch = max(1, prefetch)
+        self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self._labelled: _Labelled | None = None
+        if self.mode == "resident":
+            dtype = _torch_dtype(tiles.inputs.dtype)
+            self.x = torch.empty((n, c, h, w), dtype=dtype, device=device)
+            self.y = torch.empty((n, h, w), dtype=torch.float32, device=device)
+            for i in range(0, n, chunk):
+                self.x[i : i + chunk] = torch.from_numpy(
+                    np.array(tiles.inputs[i : i + chunk], dtype=tiles.inputs.dtype)
+                )
+                self.y[i : i + chunk] = torch.from_numpy(np.array(tiles.labels[i : i + chunk], dtype=np.float32))
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather tiles ``idx`` (a tensor on the storage device) and return them on the training device."""
-        x, y = self.x[idx], self.y[idx]
-        if not self.resident:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x, y
+    @property
+    def labelled(self) -> _Labelled:
+        if self._labelled is None:
+            self._labelled = _Labelled(self.tiles.labels)
+        return self._labelled
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw stored values on the device -> normalised inputs (non-finite -> 0, the band mean) and standardised
+        labels: the one place both modes normalise."""
+        x = torch.nan_to_num((x.float() - self._mean) / self._std, nan=0.0, posinf=0.0, neginf=0.0)
+        return x, (y - self.norm.target_mean) / self.norm.target_std
+
+    def batches(self, index_batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of tiles ``index_batches`` (host int arrays), in that order."""
+        if self.mode == "resident":
+            for idx in index_batches:
+                it = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+                yield self._finish(self.x[it], self.y[it])
+            return
+        yield from _stream(self, index_batches)
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}.get(
+        np.dtype(dtype), torch.float32
+    )
+
+
+class _Reader:
+    """Copies rows of an array into a buffer: positional reads (``os.preadv``, GIL released) from the file of a
+    C-contiguous memory map, else numpy's ``take``."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        self.fd = None
+        if isinstance(arr, np.memmap) and arr.filename and arr.flags.c_contiguous and hasattr(os, "preadv"):
+            self.fd = os.open(arr.filename, os.O_RDONLY)
+            self.offset = arr.offset
+            self.row = arr[0].nbytes if arr.shape[0] else 0
+
+    def read(self, idx: np.ndarray, out: np.ndarray) -> None:
+        if self.fd is None:
+            np.take(self.arr, idx, axis=0, out=out)
+            return
+        for j, i in enumerate(idx):
+            view = memoryview(out[j].reshape(-1).view(np.uint8))
+            pos = self.offset + int(i) * self.row
+            done = 0
+            while done < self.row:
+                got = os.preadv(self.fd, [view[done:]], pos + done)
+                if got <= 0:
+                    raise TuneAgbError(f"{self.arr.filename}: short read at tile {int(i)} (store truncated?)")
+                done += got
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _stream(feed: SplitFeed, index_batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Producer thread: read batch k into host buffer k % ring, copy it to the device (side stream on CUDA), queue
+    it. Consumer: wait for the copy on the compute stream (no host sync), normalise, yield."""
+    cuda = feed.device.type == "cuda"
+    _, c, h, w = feed.shape
+    bmax = max((len(i) for i in index_batches), default=0)
+    ring = feed.prefetch + 2  # a buffer is refilled only after the consumer has moved past it
+    xdt = _torch_dtype(feed.tiles.inputs.dtype)
+    xbuf = [torch.empty((bmax, c, h, w), dtype=xdt, pin_memory=cuda) for _ in range(ring)]
+    ybuf = [torch.empty((bmax, h, w), dtype=torch.float32, pin_memory=cuda) for _ in range(ring)]
+    copied: list[Any] = [None] * ring  # CUDA events: the buffer's last copy to the device is done
+    rx, ry = _Reader(feed.tiles.inputs), _Reader(feed.tiles.labels)
+    q: queue.Queue = queue.Queue(maxsize=feed.prefetch)
+    stop = threading.Event()
+    side = torch.cuda.Stream(feed.device) if cuda else None
+
+    def produce() -> None:
+        try:
+            for k, idx in enumerate(index_batches):
+                if stop.is_set():
+                    return
+                slot, b = k % ring, len(idx)
+                if copied[slot] is not None:
+                    while not copied[slot].query():  # polled, not synchronised: no host sync is recorded
+                        time.sleep(0.0002)
+                xs, ys = xbuf[slot][:b], ybuf[slot][:b]
+                rx.read(np.asarray(idx), xs.numpy())
+                ry.read(np.asarray(idx), ys.numpy())
+                if cuda:
+                    with torch.cuda.stream(side):
+                        xd, yd = xs.to(feed.device, non_blocking=True), ys.to(feed.device, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(side)
+                    copied[slot] = ev
+                    item = (xd, yd, ev)
+                else:
+                    item = (xs, ys, None)
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+        else:
+            q.put(None)
+
+    thread = threading.Thread(target=produce, name=f"tune_agb-stream-{feed.split}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            x, y, ev = item
+            if ev is not None:
+                torch.cuda.current_stream(feed.device).wait_event(ev)
+                x.record_stream(torch.cuda.current_stream(feed.device))
+                y.record_stream(torch.cuda.current_stream(feed.device))
+            yield feed._finish(x, y)
+    finally:
+        stop.set()
+        thread.join()
+        rx.close()
+        ry.close()

@@ -1,8 +1,11 @@
 """The training loop. It knows nothing of Ray, files or loggers: callers hook in through ``on_epoch``.
 
-Data is normalised and moved to the device once (:class:`~tune_agb.engine.data.DeviceTiles`); each step gathers a batch
-by index, augments it on the device (flips / transposition, identical for image and label), and accumulates
-loss sums on the device. The host syncs once per epoch, when the epoch's metrics are read.
+Batches come from a :class:`~tune_agb.engine.data.SplitFeed` (the split resident on the device, or streamed from the
+packed store with prefetch), are normalised and augmented on the device (flips / transposition, identical for image
+and label), and the loss sums accumulate on the device. The host syncs once per epoch, when the metrics are read.
+
+An epoch is one pass over the train tiles, or ``steps_per_epoch`` batches of an ongoing pass (the pass, its order
+and flips are part of the checkpoint, so a run resumed mid-pass goes on exactly).
 
 :func:`train` checks the run (:func:`_check_run`), builds it or restores it from a checkpoint (:class:`_Run`), then
 runs one epoch at a time (:meth:`_Run.one_epoch`: train, validate, record) and reports each to ``on_epoch``.
@@ -16,12 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
 from tune_agb.engine.config import TrainConfig, config_from_dict
-from tune_agb.engine.data import DeviceTiles, NormStats, TileSet, compute_norm_stats, count_nonfinite
+from tune_agb.engine.data import NormStats, SplitFeed, TileSet, compute_norm_stats, count_nonfinite
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
 from tune_agb.engine.inference import predict_target_units
 from tune_agb.engine.losses import LOSSES
@@ -200,25 +204,54 @@ def predict_tiles(
 
 @dataclass
 class SplitEval:
-    """Predictions of one split: maps (N, H, W) on the device, and the metrics over its labelled pixels."""
+    """Predictions of one split at its labelled pixels, in target units on the device: ``y``, ``mean``, ``var`` (P,)
+    for the pixels ``tile``, ``flat`` (host arrays: tile index, row * W + col); ``maps``: whole (mean, var) maps
+    (H, W) of the tiles asked for; and the metrics over the labelled pixels."""
 
     split: str
+    y: torch.Tensor
     mean: torch.Tensor
     var: torch.Tensor
+    tile: np.ndarray
+    flat: np.ndarray
+    maps: dict[int, tuple[torch.Tensor, torch.Tensor]]
     metrics: dict[str, float]
 
 
+@torch.no_grad()
 def evaluate_split(
-    model: UNet, tiles: DeviceTiles, cfg: TrainConfig, norm: NormStats, batch_size: int, amp: torch.dtype | None
+    model: UNet,
+    feed: SplitFeed,
+    cfg: TrainConfig,
+    norm: NormStats,
+    batch_size: int,
+    amp: torch.dtype | None,
+    keep: tuple[int, ...] = (0,),
 ) -> SplitEval:
-    mean, var = predict_tiles(model, tiles.x, cfg, norm, batch_size, amp, tiles.device)
-    return SplitEval(tiles.split, mean, var, split_metrics(tiles, norm, mean, var, cfg.loss))
-
-
-def split_metrics(
-    tiles: DeviceTiles, norm: NormStats, mean: torch.Tensor, var: torch.Tensor, loss: str
-) -> dict[str, float]:
-    return labelled_metrics(tiles.y * norm.target_std + norm.target_mean, mean, var, loss)
+    """Predict the split in order, batch by batch (streamed like training), keeping the labelled pixels and the maps
+    of the tiles ``keep``: memory grows with the labels, not with the tiles."""
+    model.eval()
+    lab = feed.labelled
+    hw = feed.shape[2] * feed.shape[3]
+    n = len(feed)
+    starts = list(range(0, n, batch_size))
+    means, varis, maps = [], [], {}
+    batches = feed.batches([np.arange(s, min(s + batch_size, n)) for s in starts])
+    for s, (x, _) in zip(starts, batches, strict=True):
+        e = min(s + batch_size, n)
+        mean, var = predict_target_units(model, x, cfg, norm, amp)
+        a, b = lab.ptr[s], lab.ptr[e]
+        sel = torch.from_numpy((lab.tile[a:b] - s) * hw + lab.flat[a:b]).to(feed.device, non_blocking=True)
+        means.append(mean.reshape(-1)[sel].float())
+        varis.append(var.reshape(-1)[sel].float())
+        for k in keep:
+            if s <= k < e:
+                maps[k] = (mean[k - s].float().clone(), var[k - s].float().clone())
+    maps = {k: maps[k] for k in keep if k in maps}  # in the order asked for
+    y = torch.from_numpy(lab.values).to(feed.device, non_blocking=True)
+    mean, var = torch.cat(means), torch.cat(varis)
+    metrics = labelled_metrics(y, mean, var, cfg.loss)
+    return SplitEval(feed.split, y, mean, var, lab.tile, lab.flat, maps, metrics)
 
 
 @dataclass
@@ -258,6 +291,7 @@ def train(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     progress: bool = True,
+    device_share: float = 1.0,
 ) -> TrainResult:
     """Train a U-Net on ``tiles['train']``, evaluating on ``tiles['val']`` after every epoch.
 
@@ -270,13 +304,15 @@ def train(
             the horizon of ``cfg.epochs`` (which may extend the run).
         on_epoch: called after every epoch; may raise :class:`StopTraining`.
         progress: show a tqdm bar over epochs.
+        device_share: the share of the GPU this run may use (a trial's ``resources.gpu``), for deciding whether the
+            tiles may stay resident on it.
 
     Raises:
         DivergenceError: when the epoch's training loss or validation metrics are not finite.
     """
     dev = resolve_device(device)
     norm = _check_run(cfg, tiles, norm, resume)
-    run = _Run(cfg, tiles, norm, dev, resume)
+    run = _Run(cfg, tiles, norm, dev, resume, device_share)
     bar = tqdm(
         range(run.epochs_done, cfg.epochs),
         initial=run.epochs_done,
@@ -343,33 +379,46 @@ def _batch_starts(n: int, batch_size: int, norm: str) -> list[int]:
 
 
 class _Run:
-    """One training run: the tiles on the device, model, optimiser, schedule, RNGs and the result so far."""
+    """One training run: the tile feeds, model, optimiser, schedule, RNGs, the pass in progress and the result."""
 
     def __init__(
-        self, cfg: TrainConfig, tiles: dict[str, TileSet], norm: NormStats, dev: torch.device, resume: dict | None
+        self,
+        cfg: TrainConfig,
+        tiles: dict[str, TileSet],
+        norm: NormStats,
+        dev: torch.device,
+        resume: dict | None,
+        device_share: float = 1.0,
     ):
         self.cfg, self.norm, self.device = cfg, norm, dev
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and flip flags
         fmt = memory_format(cfg, dev)
-        self.train_t = DeviceTiles(tiles["train"], norm, dev, fmt == torch.channels_last)
-        self.val_t = DeviceTiles(tiles["val"], norm, dev, fmt == torch.channels_last)
+        self.train_t = SplitFeed(tiles["train"], norm, dev, cfg.data_mode, device_share)
+        self.val_t = SplitFeed(tiles["val"], norm, dev, cfg.data_mode, device_share)
+        log.debug("train tiles %s, val tiles %s", self.train_t.mode, self.val_t.mode)
         self.model = UNet.from_config(cfg).to(dev, memory_format=fmt)
         self.opt = build_optimizer(cfg, self.model.parameters())
         self.batch_size = min(cfg.batch_size, len(self.train_t))
         self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
+        self.steps = cfg.steps_per_epoch or len(self.starts)
+        # The pass in progress: tile order, flip flags, and the next batch (None: a new pass starts when needed).
+        self.perm: torch.Tensor | None = None
+        self.flags: torch.Tensor | None = None
+        self.pos = 0
         amp = resolve_amp(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
         self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp)
         self.epochs_done = 0
         if resume is None:
-            self.sched = build_scheduler(cfg, self.opt, len(self.starts))
+            self.sched = build_scheduler(cfg, self.opt, self.steps)
         else:
             self.sched = self._restore(resume)
         self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev)
 
     def _restore(self, ckpt: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
-        """Continue from a checkpoint: weights, scaler, RNG states, history, best epoch; optimiser and schedule."""
+        """Continue from a checkpoint: weights, scaler, RNG states, the pass in progress, history, best epoch;
+        optimiser and schedule."""
         self.model.load_state_dict(ckpt["model"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -377,6 +426,9 @@ class _Run:
         if self.device.type == "cuda" and ckpt["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         self.gen.set_state(ckpt["rng"]["shuffle"])
+        ongoing = ckpt.get("pass")
+        if ongoing is not None and len(ongoing["perm"]) == len(self.train_t):
+            self.perm, self.flags, self.pos = ongoing["perm"], ongoing["flags"], int(ongoing["pos"])
         self.result.history = [dict(h) for h in ckpt["history"]]
         self.result.best_epoch, self.result.best_val_rmse = int(ckpt["best"]["epoch"]), float(ckpt["best"]["val_rmse"])
         self.epochs_done = int(ckpt["epoch"])
@@ -384,19 +436,39 @@ class _Run:
         # follows cfg.epochs, so that a resumed run can be extended.
         saved = config_from_dict(ckpt["config"], source="checkpoint config")
         horizon = saved.replace(epochs=max(self.cfg.epochs, self.epochs_done))
-        return resume_scheduler(horizon, self.opt, len(self.starts), ckpt["scheduler"], ckpt["optimizer"])
+        return resume_scheduler(horizon, self.opt, self.steps, ckpt["scheduler"], ckpt["optimizer"])
+
+    def _batches(self) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        """The epoch's batches (tile indices) and flip flags, taken from the pass in progress, starting new passes
+        (new order, new flips) as needed."""
+        n, bs = len(self.train_t), self.batch_size
+        idx: list[np.ndarray] = []
+        flags: list[torch.Tensor] = []
+        while len(idx) < self.steps:
+            if self.perm is None:
+                self.perm = torch.randperm(n, generator=self.gen)
+                self.flags = torch.rand((n, 3), generator=self.gen).lt(0.5) if self.cfg.augment else None
+                self.pos = 0
+            s = self.starts[self.pos]
+            idx.append(self.perm[s : s + bs].numpy())
+            if self.flags is not None:
+                flags.append(self.flags[s : s + bs])
+            self.pos += 1
+            if self.pos == len(self.starts):
+                self.perm, self.flags = None, None
+        return idx, (torch.cat(flags).to(self.device) if flags else None)
 
     def one_epoch(self) -> EpochReport:
-        """Train on every tile once (new order, new flips), validate, record the epoch's metrics."""
-        cfg, n, bs = self.cfg, len(self.train_t), self.batch_size
+        """Train ``steps`` batches (one pass, or ``steps_per_epoch`` batches of the passes), validate, record."""
+        cfg = self.cfg
         self.model.train()
-        perm = torch.randperm(n, generator=self.gen).to(self.train_t.x.device)
-        flags = torch.rand((n, 3), generator=self.gen).lt(0.5).to(self.device) if cfg.augment else None
+        idx, flags = self._batches()
         self.step.reset()
-        for s in self.starts:
-            x, y = self.train_t.batch(perm[s : s + bs])
-            self.step(x, y, flags[s : s + bs] if flags is not None else None)
-        val = evaluate_split(self.model, self.val_t, cfg, self.norm, max(bs, 1), self.result.amp)
+        at = 0
+        for i, (x, y) in zip(idx, self.train_t.batches(idx), strict=True):
+            self.step(x, y, flags[at : at + len(i)] if flags is not None else None)
+            at += len(i)
+        val = evaluate_split(self.model, self.val_t, cfg, self.norm, max(self.batch_size, 1), self.result.amp)
         return self._record(val)
 
     def _record(self, val: SplitEval) -> EpochReport:
@@ -420,6 +492,10 @@ class _Run:
 
     def state(self, epoch: int) -> dict[str, Any]:
         """The checkpoint dict after ``epoch`` epochs (see :mod:`tune_agb.engine.checkpoint`)."""
+        ongoing = None
+        if self.perm is not None:
+            ongoing = {"perm": self.perm.clone(), "flags": None if self.flags is None else self.flags.clone(),
+                       "pos": self.pos}  # fmt: skip
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
@@ -434,6 +510,7 @@ class _Run:
                 "shuffle": self.gen.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             },
+            "pass": ongoing,
             "history": [dict(h) for h in self.result.history],
             "best": {"epoch": self.result.best_epoch, "val_rmse": self.result.best_val_rmse},
         }

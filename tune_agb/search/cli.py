@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from tune_agb.engine.config import read_yaml_or_json
-from tune_agb.engine.data import TileSet, load_dataset
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.experiment import (
     BEST_FILE,
@@ -35,6 +34,7 @@ from tune_agb.search.experiment import (
     is_uri,
 )
 from tune_agb.search.space import SearchSpace, parse_search_space
+from tune_agb.store import DataSource
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,9 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
     return tune_config, run_config, scheduler
 
 
-def make_trainable(space: SearchSpace, tiles: dict[str, TileSet], experiment_uri: str | None = None) -> Any:
-    """The trainable with the tiles in the object store and the trial's resources attached."""
+def make_trainable(space: SearchSpace, data: DataSource, experiment_uri: str | None = None) -> Any:
+    """The trainable with the data's location (not the tiles: each trial opens the packed store itself) and the
+    trial's resources attached."""
     from ray import tune
 
     from tune_agb.search.trainable import search_trial  # Ray and torch: imported only to run a search
@@ -161,7 +162,7 @@ def make_trainable(space: SearchSpace, tiles: dict[str, TileSet], experiment_uri
     res = space.settings["resources"]
     fn = tune.with_parameters(
         search_trial,
-        tiles=tiles,
+        data=data,
         base=space.base_config().to_dict(),
         cpus=res["cpu"],
         gpu_fraction=res["gpu"],
@@ -324,7 +325,9 @@ def run_search(args: argparse.Namespace) -> int:
         raise TuneAgbError("--wandb: wandb is not installed (pip install 'tune_agb[wandb]')")
     space, exp, input_dir, label_dir, record = prepare(args)
     base = space.base_config()
-    tiles = load_dataset(input_dir, label_dir, splits=("train", "val"), in_channels=base.in_channels)
+    # Validated and packed here, before Ray starts: bad tiles are one error line, and trials on this node find the
+    # store ready (a trial on another node packs its own copy once).
+    data = DataSource(str(input_dir), str(label_dir), splits=("train", "val"), in_channels=base.in_channels).pinned()
 
     import ray
     from ray import tune
@@ -333,7 +336,7 @@ def run_search(args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         check_cluster_resources(space, ray.cluster_resources())
-        trainable = make_trainable(space, tiles, exp.uri)
+        trainable = make_trainable(space, data, exp.uri)
         print(
             f"search: {exp.uri}  ({space.settings['experiment']['num_samples']} trials, metric {space.metric} "
             f"{space.mode}, data {input_dir})",

@@ -1,7 +1,8 @@
 """The Ray Tune function trainable: a thin adapter between Tune and :func:`tune_agb.engine.train.train`.
 
-Tune gives it the sampled hyperparameters; the tiles arrive once through the object store
-(``tune.with_parameters``). Each epoch it reports the engine's metrics with a checkpoint directory holding
+Tune gives it the sampled hyperparameters; only the data's location travels (a :class:`~tune_agb.store.DataSource`),
+and the trial opens the node's packed store (memory maps shared through the page cache), packing it first on a node
+that has none. Each epoch it reports the engine's metrics with a checkpoint directory holding
 ``checkpoint.pt`` (the engine's full state) and the report log (the layout is :mod:`tune_agb.search.experiment`'s),
 and it resumes from the newest stored checkpoint when Tune restores it.
 """
@@ -20,11 +21,11 @@ import torch
 from ray import tune
 
 from tune_agb.engine.config import config_from_dict
-from tune_agb.engine.data import TileSet
 from tune_agb.engine.train import EpochReport, train
 from tune_agb.errors import DivergenceError
 from tune_agb.search import experiment
 from tune_agb.search.experiment import write_checkpoint_folder
+from tune_agb.store import DataSource
 
 
 def finite_or_inf(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def restore_point(checkpoint: Any, experiment_uri: str | None) -> tuple[dict[str
 def search_trial(
     config: dict[str, Any],
     *,
-    tiles: dict[str, TileSet],
+    data: DataSource,
     base: dict[str, Any],
     cpus: float = 1,
     gpu_fraction: float = 0,
@@ -83,7 +84,7 @@ def search_trial(
 
     Args:
         config: the hyperparameters Optuna sampled for this trial.
-        tiles: ``train`` and ``val`` TileSets (read-only arrays from the object store).
+        data: where the ``train`` and ``val`` tiles are; opened (packed on first use on this node) by the trial.
         base: defaults + fixed hyperparameters, with ``epochs`` = the trial's full budget.
         cpus: CPUs reserved for the trial (torch threads).
         gpu_fraction: GPUs reserved for the trial (0.25 = a quarter of one card).
@@ -91,7 +92,7 @@ def search_trial(
             Ray hands back after an interruption (None: only Ray's checkpoint's own folder is looked at).
     """
     cfg = config_from_dict({**base, **config}, source="trial config")
-    # Arrays from the object store are read-only; the engine only reads them (it normalises into new tensors).
+    # The store's memory maps are read-only; the engine only reads them (it normalises into new tensors).
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     torch.set_num_threads(max(1, int(cpus)))
     device, mem_fraction = select_device(ray.get_gpu_ids(), gpu_fraction, torch.cuda.is_available())
@@ -115,8 +116,18 @@ def search_trial(
             # Tune copies the directory to the experiment storage inside report(), so a temporary one is fine.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    packed = data.open()
     try:
-        train(cfg, tiles, device=device, resume=resume, on_epoch=on_epoch, progress=False)
+        train(
+            cfg,
+            packed.tiles,
+            norm=packed.norm(cfg.standardize_target),
+            device=device,
+            resume=resume,
+            on_epoch=on_epoch,
+            progress=False,
+            device_share=gpu_fraction if device != "cpu" else 1.0,
+        )
     except DivergenceError as exc:
         # Tell the searcher and scheduler (inf, never NaN), then fail so Tune retries from the last checkpoint.
         tune.report(finite_or_inf(exc.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()})
