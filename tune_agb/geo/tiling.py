@@ -7,7 +7,8 @@ here works in pixel coordinates (row, col), with row 0 at the top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +31,12 @@ def window_starts(size: int, tile: int, stride: int, cover_edge: bool = True) ->
     return starts
 
 
-def block_of(row: int, col: int, block_px: int) -> tuple[int, int]:
+def block_of(row: float, col: float, block_px: int) -> tuple[int, int]:
     """The (block row, block col) of a tile starting at pixel (``row``, ``col``); blocks are ``block_px`` px square."""
-    return row // block_px, col // block_px
+    return math.floor(row / block_px), math.floor(col / block_px)
 
 
-def count_block_tiles(offsets: Iterable[tuple[int, int]], block_px: int) -> dict[tuple[int, int], int]:
+def count_block_tiles(offsets: Iterable[tuple[float, float]], block_px: int) -> dict[tuple[int, int], int]:
     """Tiles per block, each tile counted in the block of its first pixel (``offsets`` are (row, col) starts)."""
     counts: dict[tuple[int, int], int] = {}
     for r, c in offsets:
@@ -79,11 +80,26 @@ def assign_blocks(
 def tile_split(row: int, col: int, tile: int, block_px: int, block_split: Mapping[tuple[int, int], str]) -> str | None:
     """The split of the ``tile`` px tile at (``row``, ``col``), or None when it reaches into a block of another
     split (possible when tiles overlap). Blocks missing from ``block_split`` count as train."""
-    touched = {
-        block_split.get((br, bc), "train")
-        for br in range(row // block_px, (row + tile - 1) // block_px + 1)
-        for bc in range(col // block_px, (col + tile - 1) // block_px + 1)
-    }
+    return span_split(row, col, row + tile, col + tile, block_px, block_split)
+
+
+def blocks_spanned(row0: float, col0: float, row1: float, col1: float, block_px: int) -> Iterator[tuple[int, int]]:
+    """The blocks that the pixel rectangle [``row0``, ``row1``) x [``col0``, ``col1``) overlaps.
+
+    Coordinates may be fractional (a tile of another raster placed on this grid) and negative (left of or above
+    the grid's origin); the rectangle must not be empty.
+    """
+    for br in range(math.floor(row0 / block_px), math.ceil(row1 / block_px)):
+        for bc in range(math.floor(col0 / block_px), math.ceil(col1 / block_px)):
+            yield br, bc
+
+
+def span_split(
+    row0: float, col0: float, row1: float, col1: float, block_px: int, block_split: Mapping[tuple[int, int], str]
+) -> str | None:
+    """The split of the rectangle [``row0``, ``row1``) x [``col0``, ``col1``) (pixels of the block grid), or None
+    when it overlaps blocks of two splits. Blocks missing from ``block_split`` count as train."""
+    touched = {block_split.get(b, "train") for b in blocks_spanned(row0, col0, row1, col1, block_px)}
     return touched.pop() if len(touched) == 1 else None
 
 
@@ -118,6 +134,13 @@ class PointLabels:
         return out.reshape(self.height, self.width)
 
 
+def pixels_inside(row: np.ndarray, col: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,) bool: which fractional pixel positions fall in a pixel of a ``height`` x ``width`` grid (NaN: none)."""
+    row, col = np.asarray(row, dtype=np.float64), np.asarray(col, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (row >= 0) & (row < height) & (col >= 0) & (col < width)
+
+
 def rasterize_points(row: np.ndarray, col: np.ndarray, value: np.ndarray, height: int, width: int) -> PointLabels:
     """Average point values per pixel of a ``height`` x ``width`` grid.
 
@@ -127,8 +150,7 @@ def rasterize_points(row: np.ndarray, col: np.ndarray, value: np.ndarray, height
     """
     row_i, col_i = np.floor(np.asarray(row, dtype=np.float64)), np.floor(np.asarray(col, dtype=np.float64))
     value = np.asarray(value)
-    inside = np.isfinite(row_i) & np.isfinite(col_i) & (row_i >= 0) & (row_i < height) & (col_i >= 0)
-    inside &= col_i < width
+    inside = pixels_inside(row_i, col_i, height, width)
     lin = row_i[inside].astype(np.int64) * width + col_i[inside].astype(np.int64)
     pixel, inverse = np.unique(lin, return_inverse=True)
     sums = np.bincount(inverse, weights=value[inside], minlength=pixel.size)
