@@ -60,6 +60,7 @@ from tune_agb.geo.tiling import (
     PointLabels,
     assign_blocks,
     block_of,
+    claim_blocks,
     count_block_tiles,
     span_split,
     window_starts,
@@ -269,7 +270,7 @@ def open_scenes(
             raise TuneAgbError(
                 f"{files[0]}: raster is {grid.height} x {grid.width} px, smaller than --tile-size {tile}"
             )
-        to_block_grid = ~scenes[0].grid.transform * grid.transform if scenes else Affine.identity()
+        to_block_grid = ~scenes[0].grid.transform @ grid.transform if scenes else Affine.identity()
         scenes.append(Scene(name, [str(f) for f in files], raster, to_block_grid))
     return scenes
 
@@ -399,6 +400,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                 if not np.isfinite(image).any():
                     summary.skipped_no_input += 1
                     continue
+                claim_blocks(*span, block_px, split, block_split)
                 if s2_pos:
                     dn_to_reflectance(image, s2_pos, options.s2_offset)
                 name = f"{scene.name}_r{r:06d}_c{c:06d}" if several else f"r{r:06d}_c{c:06d}"

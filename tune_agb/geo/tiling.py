@@ -78,8 +78,7 @@ def assign_blocks(
 
 
 def tile_split(row: int, col: int, tile: int, block_px: int, block_split: Mapping[tuple[int, int], str]) -> str | None:
-    """The split of the ``tile`` px tile at (``row``, ``col``), or None when it reaches into a block of another
-    split (possible when tiles overlap). Blocks missing from ``block_split`` count as train."""
+    """The split of the ``tile`` px tile at (``row``, ``col``) (see :func:`span_split`)."""
     return span_split(row, col, row + tile, col + tile, block_px, block_split)
 
 
@@ -97,10 +96,31 @@ def blocks_spanned(row0: float, col0: float, row1: float, col1: float, block_px:
 def span_split(
     row0: float, col0: float, row1: float, col1: float, block_px: int, block_split: Mapping[tuple[int, int], str]
 ) -> str | None:
-    """The split of the rectangle [``row0``, ``row1``) x [``col0``, ``col1``) (pixels of the block grid), or None
-    when it overlaps blocks of two splits. Blocks missing from ``block_split`` count as train."""
-    touched = {block_split.get(b, "train") for b in blocks_spanned(row0, col0, row1, col1, block_px)}
-    return touched.pop() if len(touched) == 1 else None
+    """The split of the tile over [``row0``, ``row1``) x [``col0``, ``col1``) (pixels of the block grid): that of
+    the block holding its first pixel (train if absent), or None when it reaches into a block of another split.
+
+    Other blocks absent from ``block_split`` (no tile starts in them) are free; a tile that is kept claims them
+    with :func:`claim_blocks`, so that no tile of another split reaches into them later.
+    """
+    split = block_split.get(block_of(row0, col0, block_px), "train")
+    for b in blocks_spanned(row0, col0, row1, col1, block_px):
+        if block_split.get(b, split) != split:
+            return None
+    return split
+
+
+def claim_blocks(
+    row0: float,
+    col0: float,
+    row1: float,
+    col1: float,
+    block_px: int,
+    split: str,
+    block_split: dict[tuple[int, int], str],
+) -> None:
+    """Give the free blocks (absent from ``block_split``) that a kept tile of ``split`` overlaps to that split."""
+    for b in blocks_spanned(row0, col0, row1, col1, block_px):
+        block_split.setdefault(b, split)
 
 
 @dataclass
