@@ -21,7 +21,7 @@ from rasterio.windows import Window
 from tests.raster_helpers import CRS_UTM, ORIGIN, grid_transform, pixel_lonlat, write_shots, write_tif
 from tune_agb.errors import run_cli
 from tune_agb.geo.raster import reproject_points
-from tune_agb.geo.tiling import blocks_spanned, span_split
+from tune_agb.geo.tiling import blocks_spanned, claim_blocks, span_split
 from tune_agb.prepare import main, read_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +228,8 @@ def test_several_rasters_give_tiles_from_each_with_unique_names_and_their_source
         x, y = tile_arrays(out, m)
         np.testing.assert_array_equal(x, mosaic["images"][src][:, r : r + T, c : c + T])
         np.testing.assert_array_equal(y, mosaic["label"][dr + r : dr + r + T, dc + c : dc + c + T])
-        # Blocks are counted on the first raster's pixel grid, from its top-left corner.
+        # Tiles sit on the first raster's tile lattice; blocks are counted on its pixel grid, from its corner.
+        assert (dr + r) % T == 0 and (dc + c) % T == 0
         assert (m["block_row"], m["block_col"]) == ((dr + r) // T, (dc + c) // T)
     assert "outside the 3 rasters" in stdout and summary_of(out)["shots_outside"] == 0
 
@@ -263,6 +264,26 @@ def test_the_first_raster_keeps_its_single_raster_tiles_and_splits(mosaic, capsy
     assert first.keys() <= single.keys() and first
     assert all((m["block_row"], m["block_col"]) == (single[k]["block_row"], single[k]["block_col"]) for k, m in
                first.items())  # fmt: skip
+
+
+def test_a_raster_half_a_pixel_off_keeps_its_tiles_in_the_blocks(mosaic, capsys):
+    """D is A shifted by half a pixel (5 m east, 5 m south): its tiles overlap the blocks of A's grid by a sliver
+    of half a pixel at most, which does not count, so none is dropped; tiles of two splits share no more."""
+    d = mosaic["dir"]
+    shifted = write_tif(d / "D.tif", mosaic["images"]["A"], grid_transform(origin=(ORIGIN[0] + 5, ORIGIN[1] - 5)))
+    out = d / "ds"
+    argv = [*mosaic_args(mosaic, out, "A", "--min-labels", "0"), "--scene", str(shifted)]
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    s, rows = summary_of(out), manifest(out)
+    assert s["dropped_at_split_borders"] == 0 and s["tiles_per_raster"]["D"] == s["tiles_per_raster"]["A"] > 0
+    assert len({m["split"] for m in rows if m["raster"] == "D"}) == 3
+    for i, a in enumerate(rows):
+        for b in rows[i + 1 :]:
+            if a["split"] != b["split"]:
+                dx = min(a["right"], b["right"]) - max(a["left"], b["left"])
+                dy = min(a["top"], b["top"]) - max(a["bottom"], b["bottom"])
+                assert min(dx, dy) <= 5.0, f"{a['name']} and {b['name']} share more than a sliver"
 
 
 @pytest.mark.parametrize(
@@ -311,11 +332,26 @@ def test_label_raster_on_another_grid_is_warped_onto_each_raster(mosaic, capsys)
 def test_blocks_spanned_by_tiles_off_the_block_grid():
     assert list(blocks_spanned(0, 0, 16, 16, 16)) == [(0, 0)]
     assert list(blocks_spanned(16, 32, 32, 48, 16)) == [(1, 2)]  # ends exactly on a block edge: one block
-    assert list(blocks_spanned(15.5, -0.5, 31.5, 15.5, 16)) == [(0, -1), (0, 0), (1, -1), (1, 0)]
+    assert list(blocks_spanned(15.4, -0.6, 31.4, 15.4, 16)) == [(0, -1), (0, 0), (1, -1), (1, 0)]
+    assert list(blocks_spanned(15.5, -0.5, 31.5, 15.5, 16)) == [(1, 0)]  # slivers under half a pixel: ignored
     split = {(0, 0): "val", (1, 0): "val", (0, -1): "test"}
     assert span_split(0.5, 0, 20, 16, 16, split) == "val"
-    assert span_split(0.5, -0.5, 16, 15.5, 16, split) is None
-    assert span_split(40, 40, 56, 56, 16, split) == "train"  # blocks without tiles count as train
+    assert span_split(0.4, -0.6, 16, 15.4, 16, split) is None
+    assert span_split(40, 40, 56, 56, 16, split) == "train"  # a tile in a block without tiles: train
+
+
+def test_a_kept_tile_claims_the_free_blocks_it_reaches_into():
+    """Tiles of two splits, anchored in their own blocks, overlap in a block where no tile starts (1, 0): the first
+    one kept claims it, so the second is dropped instead of sharing ground with it."""
+    block_split = {(0, 0): "val", (1, -1): "test"}
+    first, second = (5, 5, 20, 20), (12, -5, 27, 10)  # (row0, col0, row1, col1); they share rows 12-20, cols 5-10
+    kept = []
+    for span in (first, second):
+        split = span_split(*span, 10, block_split)
+        if split is not None:
+            claim_blocks(*span, 10, split, block_split)
+            kept.append((span, split))
+    assert kept == [(first, "val")] and block_split[(1, 0)] == block_split[(1, 1)] == "val"
 
 
 # --- memory ----------------------------------------------------------------------------------------------------------
@@ -350,8 +386,10 @@ def test_rasters_are_read_window_by_window(tmp_path):
                     h, w = min(block, size - r), min(block, size - c)
                     dst.write(ones[:, :h, :w], window=Window(c, r, w, h))
         paths.append(path)
-    centres = np.array([10.5, 3000.5, 5800.5])
-    lon, lat = pixel_lonlat(np.tile(centres, 2), np.concatenate([centres, centres + size]))
+    rows = np.array([10.5, 3000.5, 5800.5])
+    # big1 is 6000 px east of big0, so its tiles start at col 144 (on big0's lattice of 256 px tiles).
+    cols = np.concatenate([rows, np.array([200.5, 3000.5, 5500.5]) + size])
+    lon, lat = pixel_lonlat(np.tile(rows, 2), cols)
     shots = write_shots(tmp_path / "shots.parquet", shot_columns(lon, lat, np.arange(1.0, 7.0)))
     out = tmp_path / "ds"
     argv = ["--scene", str(paths[0]), "--scene", str(paths[1]), "--gedi", str(shots), "--out", str(out),

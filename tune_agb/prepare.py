@@ -58,8 +58,8 @@ from tune_agb.geo.raster import (
 )
 from tune_agb.geo.tiling import (
     PointLabels,
+    anchor_block,
     assign_blocks,
-    block_of,
     claim_blocks,
     count_block_tiles,
     span_split,
@@ -128,6 +128,18 @@ class Scene:
     @property
     def grid(self) -> Grid:
         return self.stack.grid
+
+    def tile_starts(self, tile: int, stride: int) -> tuple[list[int], list[int]]:
+        """Row and column offsets of the whole tiles in this raster. They lie on the first raster's tile lattice
+        (every ``stride`` px from its corner) when this raster's pixels line up with the first raster's (same pixel
+        size, whole-pixel offset, give or take half a pixel), so that its tiles fall inside blocks."""
+        a, grid = self.to_block_grid, self.grid
+        phase = (0, 0)
+        if max(abs(a.a - 1), abs(a.e - 1), abs(a.b), abs(a.d)) < 1e-6:
+            phase = (round(-a.f) % stride, round(-a.c) % stride)
+        rows = window_starts(grid.height - phase[0], tile, stride, cover_edge=False)
+        cols = window_starts(grid.width - phase[1], tile, stride, cover_edge=False)
+        return [phase[0] + r for r in rows], [phase[1] + c for c in cols]
 
     def block_span(self, row: int, col: int, tile: int) -> tuple[float, float, float, float]:
         """(row0, col0, row1, col1) on the first raster's pixel grid of the ``tile`` px tile at (``row``, ``col``)."""
@@ -356,11 +368,10 @@ def prepare(args: argparse.Namespace) -> Summary:
         candidates: list[tuple[int, int, int, int]] = []  # (raster, row, col, labelled px)
         unused = [0, 0]
         for k, scene in enumerate(scenes):
-            rows = window_starts(scene.grid.height, tile, stride, cover_edge=False)
-            cols = window_starts(scene.grid.width, tile, stride, cover_edge=False)
+            rows, cols = scene.tile_starts(tile, stride)
             summary.tiles_on_grid += len(rows) * len(cols)
-            unused[0] += scene.grid.height - rows[-1] - tile
-            unused[1] += scene.grid.width - cols[-1] - tile
+            unused[0] += scene.grid.height - (len(rows) - 1) * stride - tile if rows else scene.grid.height
+            unused[1] += scene.grid.width - (len(cols) - 1) * stride - tile if cols else scene.grid.width
             for r in rows:
                 for c in cols:
                     n = int(np.isfinite(label_of(k, r, c)).sum())
@@ -376,7 +387,7 @@ def prepare(args: argparse.Namespace) -> Summary:
             )
         block_px = args.block_size * stride
         spans = [scenes[k].block_span(r, c, tile) for k, r, c, _ in candidates]
-        block_tiles = count_block_tiles((s[:2] for s in spans), block_px)
+        block_tiles = count_block_tiles(((s[0] + 0.5, s[1] + 0.5) for s in spans), block_px)
         block_split = assign_blocks(block_tiles, fractions, args.seed)
 
         records: list[dict] = []
@@ -407,7 +418,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                 np.save(stage / "inputs" / split / f"{name}.npy", image)
                 np.save(stage / "labels" / split / f"{name}.npy", label_of(k, r, c))
                 left, bottom, right, top = scene.grid.window_bounds(win)
-                block_row, block_col = block_of(span[0], span[1], block_px)
+                block_row, block_col = anchor_block(span[0], span[1], block_px)
                 records.append(
                     {
                         "name": name,

@@ -82,14 +82,22 @@ def tile_split(row: int, col: int, tile: int, block_px: int, block_split: Mappin
     return span_split(row, col, row + tile, col + tile, block_px, block_split)
 
 
-def blocks_spanned(row0: float, col0: float, row1: float, col1: float, block_px: int) -> Iterator[tuple[int, int]]:
-    """The blocks that the pixel rectangle [``row0``, ``row1``) x [``col0``, ``col1``) overlaps.
+def anchor_block(row0: float, col0: float, block_px: int) -> tuple[int, int]:
+    """The block of a tile whose first pixel starts at (``row0``, ``col0``): the block holding that pixel's centre
+    (for whole-pixel positions, the block of :func:`block_of`)."""
+    return block_of(row0 + 0.5, col0 + 0.5, block_px)
 
-    Coordinates may be fractional (a tile of another raster placed on this grid) and negative (left of or above
-    the grid's origin); the rectangle must not be empty.
+
+def blocks_spanned(row0: float, col0: float, row1: float, col1: float, block_px: int) -> Iterator[tuple[int, int]]:
+    """The blocks that the pixel rectangle [``row0``, ``row1``) x [``col0``, ``col1``) overlaps by half a pixel or
+    more (at least one pixel wide).
+
+    Coordinates may be fractional (a tile of a raster whose pixels do not line up with the block grid's) and
+    negative (left of or above the grid's origin). A sliver of less than half a pixel does not count: there, two
+    rasters' pixels overlap only in part whatever the split. For whole-pixel rectangles this is plain overlap.
     """
-    for br in range(math.floor(row0 / block_px), math.ceil(row1 / block_px)):
-        for bc in range(math.floor(col0 / block_px), math.ceil(col1 / block_px)):
+    for br in range(math.floor((row0 + 0.5) / block_px), math.ceil((row1 - 0.5) / block_px)):
+        for bc in range(math.floor((col0 + 0.5) / block_px), math.ceil((col1 - 0.5) / block_px)):
             yield br, bc
 
 
@@ -97,12 +105,12 @@ def span_split(
     row0: float, col0: float, row1: float, col1: float, block_px: int, block_split: Mapping[tuple[int, int], str]
 ) -> str | None:
     """The split of the tile over [``row0``, ``row1``) x [``col0``, ``col1``) (pixels of the block grid): that of
-    the block holding its first pixel (train if absent), or None when it reaches into a block of another split.
+    its :func:`anchor_block` (train if absent), or None when it reaches into a block of another split.
 
     Other blocks absent from ``block_split`` (no tile starts in them) are free; a tile that is kept claims them
     with :func:`claim_blocks`, so that no tile of another split reaches into them later.
     """
-    split = block_split.get(block_of(row0, col0, block_px), "train")
+    split = block_split.get(anchor_block(row0, col0, block_px), "train")
     for b in blocks_spanned(row0, col0, row1, col1, block_px):
         if block_split.get(b, split) != split:
             return None
