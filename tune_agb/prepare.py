@@ -11,11 +11,11 @@ GEDI shots are read from the parquet (or csv) with a filter pushed down into the
 and the rasters' footprints in lon/lat, so shots elsewhere on the orbit are never reprojected; shots outside every
 raster (or at an invalid position) are counted, never fatal.
 
-Split by space: a grid of square blocks of ``--block-size`` x ``--block-size`` tile steps, laid in map coordinates
-from the first raster's top-left corner with its pixel size, covers every raster; whole blocks go to one split
-and a tile goes to the split of the blocks it overlaps. A tile that would reach into a block of another split
-(with a stride smaller than the tile, or a raster whose pixels do not line up with the first one's) is dropped,
-so no ground area is in two splits, however the rasters overlap or abut.
+Split by space: the first raster sets a lattice of tiles (every ``--stride`` px from its top-left corner, in map
+coordinates) and of square blocks of ``--block-size`` x ``--block-size`` tile steps. Rasters whose pixels line up
+with it cut their tiles on it. Whole blocks go to one split and a tile goes with the block of its first pixel; a
+tile that would reach into a block of another split (a stride smaller than the tile, a raster off the lattice) is
+dropped, so no ground area is in two splits, however the rasters overlap or abut.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -323,6 +323,57 @@ def shots_on_scenes(args: argparse.Namespace, scenes: Sequence[Scene], summary: 
     return [rasterize_map_points(x, y, value, scene.grid) for scene in scenes]
 
 
+def labelled_tiles(
+    scenes: Sequence[Scene],
+    label_of: Callable[[int, int, int], np.ndarray],
+    tile: int,
+    stride: int,
+    min_labels: int,
+    summary: Summary,
+) -> list[tuple[int, int, int, int]]:
+    """Pass 1 (labels only, cheap): the tiles with at least ``min_labels`` labelled pixels, as (raster index, row,
+    col, labelled pixels), raster by raster; counts the tiles on the grid, those skipped and the px left untiled."""
+    candidates: list[tuple[int, int, int, int]] = []
+    unused = [0, 0]
+    for k, scene in enumerate(scenes):
+        rows, cols = scene.tile_starts(tile, stride)
+        summary.tiles_on_grid += len(rows) * len(cols)
+        unused[0] += scene.grid.height - (len(rows) - 1) * stride - tile if rows else scene.grid.height
+        unused[1] += scene.grid.width - (len(cols) - 1) * stride - tile if cols else scene.grid.width
+        for r in rows:
+            for c in cols:
+                n = int(np.isfinite(label_of(k, r, c)).sum())
+                if n < min_labels:
+                    summary.skipped_few_labels += 1
+                else:
+                    candidates.append((k, r, c, n))
+    summary.edge_pixels_unused = (unused[0], unused[1])
+    return candidates
+
+
+def manifest_row(scene: Scene, name: str, split: str, win: Window, block: tuple[int, int], n_labelled: int) -> dict:
+    """The manifest's row for one tile: its raster, split, pixel offsets, block and map bounds."""
+    left, bottom, right, top = scene.grid.window_bounds(win)
+    return {
+        "name": name,
+        "raster": scene.name,
+        "raster_path": scene.paths[0],
+        "split": split,
+        "row_off": int(win.row_off),
+        "col_off": int(win.col_off),
+        "height": int(win.height),
+        "width": int(win.width),
+        "block_row": block[0],
+        "block_col": block[1],
+        "left": left,
+        "bottom": bottom,
+        "right": right,
+        "top": top,
+        "crs": scene.grid.crs.to_string(),
+        "n_labelled": n_labelled,
+    }
+
+
 def prepare(args: argparse.Namespace) -> Summary:
     """Validate everything, cut the tiles into a staging folder, then move them into ``args.out``."""
     out = Path(args.out)
@@ -364,22 +415,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                 return points[k].window(r, c, tile, tile)
             return label_stacks[k].read(Window(c, r, tile, tile))[0]
 
-        # Pass 1 (labels only, cheap): which tiles have enough labels, and how many per block.
-        candidates: list[tuple[int, int, int, int]] = []  # (raster, row, col, labelled px)
-        unused = [0, 0]
-        for k, scene in enumerate(scenes):
-            rows, cols = scene.tile_starts(tile, stride)
-            summary.tiles_on_grid += len(rows) * len(cols)
-            unused[0] += scene.grid.height - (len(rows) - 1) * stride - tile if rows else scene.grid.height
-            unused[1] += scene.grid.width - (len(cols) - 1) * stride - tile if cols else scene.grid.width
-            for r in rows:
-                for c in cols:
-                    n = int(np.isfinite(label_of(k, r, c)).sum())
-                    if n < args.min_labels:
-                        summary.skipped_few_labels += 1
-                    else:
-                        candidates.append((k, r, c, n))
-        summary.edge_pixels_unused = (unused[0], unused[1])
+        candidates = labelled_tiles(scenes, label_of, tile, stride, args.min_labels, summary)
         if not candidates:
             raise TuneAgbError(
                 f"no tile of {tile} px has >= {args.min_labels} labelled pixels "
@@ -392,7 +428,6 @@ def prepare(args: argparse.Namespace) -> Summary:
 
         records: list[dict] = []
         several = len(scenes) > 1
-        crs_text = scenes[0].grid.crs.to_string()
         with staged_dir(out) as stage:
             for s in SPLITS:
                 (stage / "inputs" / s).mkdir(parents=True)
@@ -417,28 +452,7 @@ def prepare(args: argparse.Namespace) -> Summary:
                 name = f"{scene.name}_r{r:06d}_c{c:06d}" if several else f"r{r:06d}_c{c:06d}"
                 np.save(stage / "inputs" / split / f"{name}.npy", image)
                 np.save(stage / "labels" / split / f"{name}.npy", label_of(k, r, c))
-                left, bottom, right, top = scene.grid.window_bounds(win)
-                block_row, block_col = anchor_block(span[0], span[1], block_px)
-                records.append(
-                    {
-                        "name": name,
-                        "raster": scene.name,
-                        "raster_path": scene.paths[0],
-                        "split": split,
-                        "row_off": r,
-                        "col_off": c,
-                        "height": tile,
-                        "width": tile,
-                        "block_row": block_row,
-                        "block_col": block_col,
-                        "left": left,
-                        "bottom": bottom,
-                        "right": right,
-                        "top": top,
-                        "crs": crs_text,
-                        "n_labelled": n,
-                    }
-                )
+                records.append(manifest_row(scene, name, split, win, anchor_block(span[0], span[1], block_px), n))
                 summary.tiles[split] += 1
                 summary.tiles_per_raster[scene.name] += 1
                 summary.labelled_pixels += n
