@@ -48,10 +48,12 @@ def write_tif(
     return path
 
 
-def pixel_lonlat(rows: np.ndarray, cols: np.ndarray, transform: Affine | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """lon/lat (EPSG:4326) of fractional pixel positions (row, col) on the UTM test grid."""
+def pixel_lonlat(
+    rows: np.ndarray, cols: np.ndarray, transform: Affine | None = None, crs: str = CRS_UTM
+) -> tuple[np.ndarray, np.ndarray]:
+    """lon/lat (EPSG:4326) of fractional pixel positions (row, col) on a grid (default: the UTM test grid)."""
     x, y = (transform or grid_transform()) @ (np.asarray(cols, float), np.asarray(rows, float))
-    lon, lat = warp_points(CRS.from_user_input(CRS_UTM), CRS.from_epsg(4326), np.asarray(x), np.asarray(y))
+    lon, lat = warp_points(CRS.from_user_input(crs), CRS.from_epsg(4326), np.asarray(x), np.asarray(y))
     return np.asarray(lon), np.asarray(lat)
 
 

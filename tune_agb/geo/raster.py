@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import shutil
 import tempfile
@@ -25,11 +26,12 @@ from rasterio.enums import Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform as warp_points
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from tune_agb.bands import S2_BANDS
 from tune_agb.errors import TuneAgbError
-from tune_agb.geo.tiling import PointLabels, rasterize_points, window_starts
+from tune_agb.geo.tiling import PointLabels, pixels_inside, rasterize_points, window_starts
 
 # GDAL's block cache defaults to 5 % of RAM; a small fixed cache keeps the resident memory bounded and is enough
 # for window-by-window access (a strip of windows of a 14-band, 8192 px wide float32 stack is ~120 MB).
@@ -87,6 +89,37 @@ class Grid:
             and self.transform.almost_equals(other.transform, precision=1e-9 * max(1.0, abs(self.transform.a)))
         )
 
+    def pixel_of(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fractional (row, col) of map positions ``x``, ``y`` (grid CRS); a point at row 3.7 lies in pixel row 3."""
+        col, row = ~self.transform @ (np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64))
+        return np.asarray(row), np.asarray(col)
+
+    def contains(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """(N,) bool: which map positions ``x``, ``y`` (grid CRS) fall in a pixel of the grid (NaN: no)."""
+        return pixels_inside(*self.pixel_of(x, y), self.height, self.width)
+
+    def bounds_in(self, crs: CRS, pad_px: float = 1.0) -> list[tuple[float, float, float, float]] | None:
+        """Boxes (xmin, ymin, xmax, ymax) in ``crs`` that together hold the grid grown by ``pad_px`` pixels.
+
+        The grid's edges are densified (100 points each) before they are transformed, so the boxes hold the whole
+        footprint even where its edges curve in ``crs``. In a geographic ``crs`` a footprint across the antimeridian
+        gives two boxes, one each side of 180 degrees. None when the bounds cannot be transformed.
+        """
+        left, bottom, right, top = self.window_bounds(
+            Window(-pad_px, -pad_px, self.width + 2 * pad_px, self.height + 2 * pad_px)
+        )
+        if crs == self.crs:
+            return [(left, bottom, right, top)]
+        try:
+            xmin, ymin, xmax, ymax = transform_bounds(self.crs, crs, left, bottom, right, top, densify_pts=100)
+        except Exception:  # GDAL/PROJ raise several types for impossible transformations
+            return None
+        if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+            return None
+        if xmin > xmax:  # PROJ's way of saying the footprint crosses the antimeridian
+            return [(xmin, ymin, 180.0, ymax), (-180.0, ymin, xmax, ymax)] if crs.is_geographic else None
+        return [(xmin, ymin, xmax, ymax)]
+
     def window_bounds(self, window: Window) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) of a window in map units (the extremes of its four corners)."""
         c0, r0 = window.col_off, window.row_off
@@ -115,12 +148,13 @@ def warp_onto(ds: rasterio.DatasetReader, grid: Grid, resampling: str) -> Warped
         )
     except Exception as exc:  # GDAL raises several types for impossible transformations
         raise TuneAgbError(
-            f"{ds.name}: cannot warp onto the grid of the first image ({grid.crs}): {str(exc).splitlines()[0][:200]}"
+            f"{ds.name}: cannot warp onto the image grid ({grid.crs}): {str(exc).splitlines()[0][:200]}"
         ) from None
 
 
 class RasterStack:
-    """Several rasters stacked band-wise on the grid of the first one (others are warped when their grid differs).
+    """Several rasters stacked band-wise on the grid of the first one, or on ``grid`` when given (rasters on another
+    grid are warped onto it).
 
     Reads return float32 (C, h, w) with nodata (and pixels masked by the file) as NaN.
     """
@@ -131,6 +165,7 @@ class RasterStack:
         bands: Sequence[str] | None = None,
         resampling: str = "bilinear",
         what: str = "image",
+        grid: Grid | None = None,
     ):
         if not paths:
             raise TuneAgbError(f"no {what} given")
@@ -139,7 +174,7 @@ class RasterStack:
         try:
             datasets = [open_raster(p, what) for p in paths]
             self._opened.extend(datasets)
-            self.grid = Grid.of(datasets[0])
+            self.grid = grid or Grid.of(datasets[0])
             names: list[str] = []
             origin: list[tuple[int, int]] = []
             for k, ds in enumerate(datasets):
@@ -233,40 +268,47 @@ def dn_to_reflectance(x: np.ndarray, positions: Sequence[int], offset: float) ->
     return x
 
 
-def rasterize_map_points(
-    x: np.ndarray,
-    y: np.ndarray,
-    value: np.ndarray,
-    grid: Grid,
-    points_crs: CRS,
-    source: str | Path,
-    nodata: float | None = None,
-) -> PointLabels:
-    """Points at map positions (``x``, ``y`` in ``points_crs``) averaged per pixel of ``grid``.
+def reproject_points(x: np.ndarray, y: np.ndarray, src: CRS, dst: CRS) -> tuple[np.ndarray, np.ndarray]:
+    """Map positions ``x``, ``y`` (N,) in ``src`` -> float64 (N,) positions in ``dst``.
 
-    Points without a finite value and position, or whose value is ``nodata``, are dropped and counted in
-    ``shots_no_value``; the others are reprojected to the grid's CRS (``source`` names the table in errors).
+    Never raises for a point: one at a non-finite position, outside the domain of ``dst``'s projection (e.g. lon 0
+    for a UTM zone 47 grid) or that PROJ cannot transform for another reason comes back as NaN. PROJ fails a whole
+    call for one such point, so a failing batch is split in halves until the points that fail are alone.
     """
-    n = value.size
-    has_value = np.isfinite(value) & np.isfinite(x) & np.isfinite(y)
-    if nodata is not None:
-        has_value &= value != nodata
-    x, y, value = x[has_value], y[has_value], value[has_value]
-    try:
-        mx, my = warp_points(points_crs, grid.crs, x, y) if points_crs != grid.crs else (x, y)
-    except CRSError as exc:
-        raise TuneAgbError(f"{source}: cannot reproject shots to {grid.crs} ({exc})") from None
-    col_f, row_f = ~grid.transform @ (np.asarray(mx), np.asarray(my))
-    labels = rasterize_points(row_f, col_f, value, grid.height, grid.width)
-    labels.shots_read = n
-    labels.shots_no_value = int((~has_value).sum())
-    return labels
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if src == dst:
+        return x.copy(), y.copy()
+    out_x, out_y = np.full(x.shape, np.nan), np.full(y.shape, np.nan)
+    todo = [np.flatnonzero(np.isfinite(x) & np.isfinite(y))]
+    while todo:
+        idx = todo.pop()
+        if idx.size == 0:
+            continue
+        try:
+            tx, ty = warp_points(src, dst, x[idx], y[idx])
+        except CRSError as exc:  # not a CRS pair PROJ can transform at all: not the fault of one point
+            raise TuneAgbError(f"cannot transform points from {src} to {dst} ({exc})") from None
+        except Exception:  # GDAL raises its own types (CPLE_AppDefinedError: "Point outside of projection domain")
+            if idx.size > 1:
+                todo += [idx[: idx.size // 2], idx[idx.size // 2 :]]
+            continue
+        out_x[idx], out_y[idx] = tx, ty
+    bad = ~(np.isfinite(out_x) & np.isfinite(out_y))
+    out_x[bad] = out_y[bad] = np.nan
+    return out_x, out_y
 
 
-def add_image_argument(parser: argparse.ArgumentParser) -> None:
-    """``--image`` (repeatable): the GeoTIFFs stacked band-wise."""
+def rasterize_map_points(x: np.ndarray, y: np.ndarray, value: np.ndarray, grid: Grid) -> PointLabels:
+    """Points at map positions ``x``, ``y`` (grid CRS) averaged per pixel of ``grid``; points outside the grid or at
+    a non-finite position are left out and counted in ``shots_outside``."""
+    row, col = grid.pixel_of(x, y)
+    return rasterize_points(row, col, value, grid.height, grid.width)
+
+
+def add_image_argument(parser: argparse.ArgumentParser | argparse._ActionsContainer, required: bool = True) -> None:
+    """``--image`` (repeatable): the GeoTIFFs stacked band-wise (not required inside a mutually exclusive group)."""
     parser.add_argument(
-        "--image", action="append", required=True, help="input GeoTIFF (repeat to stack more, band-wise)"
+        "--image", action="append", required=required, help="input GeoTIFF (repeat to stack more, band-wise)"
     )
 
 

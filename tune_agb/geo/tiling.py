@@ -7,7 +7,8 @@ here works in pixel coordinates (row, col), with row 0 at the top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +31,12 @@ def window_starts(size: int, tile: int, stride: int, cover_edge: bool = True) ->
     return starts
 
 
-def block_of(row: int, col: int, block_px: int) -> tuple[int, int]:
+def block_of(row: float, col: float, block_px: int) -> tuple[int, int]:
     """The (block row, block col) of a tile starting at pixel (``row``, ``col``); blocks are ``block_px`` px square."""
-    return row // block_px, col // block_px
+    return math.floor(row / block_px), math.floor(col / block_px)
 
 
-def count_block_tiles(offsets: Iterable[tuple[int, int]], block_px: int) -> dict[tuple[int, int], int]:
+def count_block_tiles(offsets: Iterable[tuple[float, float]], block_px: int) -> dict[tuple[int, int], int]:
     """Tiles per block, each tile counted in the block of its first pixel (``offsets`` are (row, col) starts)."""
     counts: dict[tuple[int, int], int] = {}
     for r, c in offsets:
@@ -77,14 +78,57 @@ def assign_blocks(
 
 
 def tile_split(row: int, col: int, tile: int, block_px: int, block_split: Mapping[tuple[int, int], str]) -> str | None:
-    """The split of the ``tile`` px tile at (``row``, ``col``), or None when it reaches into a block of another
-    split (possible when tiles overlap). Blocks missing from ``block_split`` count as train."""
-    touched = {
-        block_split.get((br, bc), "train")
-        for br in range(row // block_px, (row + tile - 1) // block_px + 1)
-        for bc in range(col // block_px, (col + tile - 1) // block_px + 1)
-    }
-    return touched.pop() if len(touched) == 1 else None
+    """The split of the ``tile`` px tile at (``row``, ``col``) (see :func:`span_split`)."""
+    return span_split(row, col, row + tile, col + tile, block_px, block_split)
+
+
+def anchor_block(row0: float, col0: float, block_px: int) -> tuple[int, int]:
+    """The block of a tile whose first pixel starts at (``row0``, ``col0``): the block holding that pixel's centre
+    (for whole-pixel positions, the block of :func:`block_of`)."""
+    return block_of(row0 + 0.5, col0 + 0.5, block_px)
+
+
+def blocks_spanned(row0: float, col0: float, row1: float, col1: float, block_px: int) -> Iterator[tuple[int, int]]:
+    """The blocks that the pixel rectangle [``row0``, ``row1``) x [``col0``, ``col1``) overlaps by half a pixel or
+    more (at least one pixel wide).
+
+    Coordinates may be fractional (a tile of a raster whose pixels do not line up with the block grid's) and
+    negative (left of or above the grid's origin). A sliver of less than half a pixel does not count: there, two
+    rasters' pixels overlap only in part whatever the split. For whole-pixel rectangles this is plain overlap.
+    """
+    for br in range(math.floor((row0 + 0.5) / block_px), math.ceil((row1 - 0.5) / block_px)):
+        for bc in range(math.floor((col0 + 0.5) / block_px), math.ceil((col1 - 0.5) / block_px)):
+            yield br, bc
+
+
+def span_split(
+    row0: float, col0: float, row1: float, col1: float, block_px: int, block_split: Mapping[tuple[int, int], str]
+) -> str | None:
+    """The split of the tile over [``row0``, ``row1``) x [``col0``, ``col1``) (pixels of the block grid): that of
+    its :func:`anchor_block` (train if absent), or None when it reaches into a block of another split.
+
+    Other blocks absent from ``block_split`` (no tile starts in them) are free; a tile that is kept claims them
+    with :func:`claim_blocks`, so that no tile of another split reaches into them later.
+    """
+    split = block_split.get(anchor_block(row0, col0, block_px), "train")
+    for b in blocks_spanned(row0, col0, row1, col1, block_px):
+        if block_split.get(b, split) != split:
+            return None
+    return split
+
+
+def claim_blocks(
+    row0: float,
+    col0: float,
+    row1: float,
+    col1: float,
+    block_px: int,
+    split: str,
+    block_split: dict[tuple[int, int], str],
+) -> None:
+    """Give the free blocks (absent from ``block_split``) that a kept tile of ``split`` overlaps to that split."""
+    for b in blocks_spanned(row0, col0, row1, col1, block_px):
+        block_split.setdefault(b, split)
 
 
 @dataclass
@@ -118,6 +162,13 @@ class PointLabels:
         return out.reshape(self.height, self.width)
 
 
+def pixels_inside(row: np.ndarray, col: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(N,) bool: which fractional pixel positions fall in a pixel of a ``height`` x ``width`` grid (NaN: none)."""
+    row, col = np.asarray(row, dtype=np.float64), np.asarray(col, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return (row >= 0) & (row < height) & (col >= 0) & (col < width)
+
+
 def rasterize_points(row: np.ndarray, col: np.ndarray, value: np.ndarray, height: int, width: int) -> PointLabels:
     """Average point values per pixel of a ``height`` x ``width`` grid.
 
@@ -127,8 +178,7 @@ def rasterize_points(row: np.ndarray, col: np.ndarray, value: np.ndarray, height
     """
     row_i, col_i = np.floor(np.asarray(row, dtype=np.float64)), np.floor(np.asarray(col, dtype=np.float64))
     value = np.asarray(value)
-    inside = np.isfinite(row_i) & np.isfinite(col_i) & (row_i >= 0) & (row_i < height) & (col_i >= 0)
-    inside &= col_i < width
+    inside = pixels_inside(row_i, col_i, height, width)
     lin = row_i[inside].astype(np.int64) * width + col_i[inside].astype(np.int64)
     pixel, inverse = np.unique(lin, return_inverse=True)
     sums = np.bincount(inverse, weights=value[inside], minlength=pixel.size)
