@@ -291,6 +291,43 @@ def test_not_a_report_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "neither a search" in capsys.readouterr().err
 
 
+def html_meta(text: str) -> str:
+    m = re.search(r'<p class="meta">(.*?)</p>', text, re.S)
+    assert m
+    return m.group(1).replace("&#x27;", "'")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Some regimes for parameter")  # PED-ANOVA on 6 trials
+def test_report_of_a_file_uri_is_built_from_a_copy_and_written_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # file:// is the URI this machine can test (no network): the same copy-in, build, write-back path as s3/gs.
+    root = make_experiment(tmp_path / "storage", name="remote", trials=6)
+    uri = root.as_uri()
+    assert run_cli(main, [uri + "/"]) == 0
+    assert capsys.readouterr().out.strip() == f"{uri}/report/index.html"
+    text = (root / "report" / "index.html").read_text()
+    assert_self_contained(text)
+    assert len(images(text)) == 4 and "Search report: remote" in text
+    assert html_meta(text).startswith(f"{uri} — 6 trials") and "1 errored" in html_meta(text)  # trial folders read
+    assert "tune_agb_report_" not in text  # nothing names the temporary copy
+    assert sorted(p.name for p in (root / "report").iterdir()) == ["index.html"]
+
+
+def test_file_uri_errors_name_the_uri(tmp_path: Path) -> None:
+    with pytest.raises(TuneAgbError, match=f"^{re.escape(tmp_path.as_uri())}: neither a search"):
+        write_report(tmp_path.as_uri())
+    out = make_final_dir(tmp_path / "final", n=300)
+    (out / "test_maps.npz").write_bytes(b"not a zip")
+    with pytest.raises(TuneAgbError, match=f"^{re.escape(out.as_uri())}/test_maps.npz: not a readable .npz"):
+        write_report(out.as_uri())
+    assert not (out / "report").exists()
+    (out / "test_maps.npz").unlink()
+    assert write_report(out.as_uri()) == f"{out.as_uri()}/report/index.html"
+    assert "maps skipped" in (out / "report" / "index.html").read_text()
+
+
 CHECK_SCRIPT = """<script>
 window.__errors = [];
 window.onerror = function (msg) { window.__errors.push(String(msg)); };

@@ -2,9 +2,10 @@
 
     python -m tune_agb.report PATH [--unit Mg/ha]
 
-``PATH`` is a search's experiment folder ``STORAGE/NAME`` (local; it holds ``results.parquet``, ``search.yaml``
-and ``best.yaml``) or a ``tune_agb.final_train`` out dir (``metrics.json`` and ``predictions.parquet``). The page is
-written to ``PATH/report/index.html`` and opens offline.
+``PATH`` is a search's experiment folder ``STORAGE/NAME`` (it holds ``results.parquet``, ``search.yaml`` and
+``best.yaml``) or a ``tune_agb.final_train`` out dir (``metrics.json`` and ``predictions.parquet``), a local folder
+or a URI (``s3://``, ``gs://``, ``file://``: the files the page needs are read through pyarrow's filesystem into a
+temporary folder). The page is written to ``PATH/report/index.html`` and opens offline.
 
 - Search: learning curves of every trial (those ASHA stopped early marked), the optimisation history, Optuna's
   parameter importances on a study rebuilt from ``results.parquet``, slice plots of the three most important
@@ -24,6 +25,7 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from tune_agb.engine.plots import (
     with_unit,
 )
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE
+from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE, open_storage, read_file, write_atomic
 from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
 
 REPORT_DIR = "report"
@@ -139,11 +141,17 @@ def _present(v: Any) -> bool:
 
 
 def _errored(trial_path: Any) -> bool:
-    """Ray leaves error.txt / error.pkl in the folder of a trial that raised (local folders only)."""
-    if not isinstance(trial_path, str) or "://" in trial_path:
+    """Ray leaves error.txt / error.pkl in the folder of a trial that raised (a local folder or a URI)."""
+    if not isinstance(trial_path, str) or not trial_path:
         return False
-    p = Path(trial_path)
-    return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
+    if "://" not in trial_path:
+        p = Path(trial_path)
+        return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
+    try:
+        fs, root = open_storage(trial_path)
+        return any(read_file(fs, f"{root}/{name}") is not None for name in ("error.txt", "error.pkl"))
+    except (OSError, TuneAgbError):  # storage unreachable: the trial is shown as not errored
+        return False
 
 
 def load_trials(df: pd.DataFrame, space: SearchSpace) -> list[Trial]:
@@ -375,8 +383,8 @@ def _differences(t: Trial, space: SearchSpace, base: dict[str, Any]) -> str:
     return "; ".join(diffs) or "none (the base config)"
 
 
-def search_report(path: Path, unit: str = "") -> str:
-    """The HTML of a search's experiment folder."""
+def search_report(path: Path, unit: str = "", source: str = "") -> str:
+    """The HTML of a search's experiment folder (``source``: how the page names it; default ``path``)."""
     record = yaml.safe_load((path / SEARCH_FILE).read_text())
     if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
         raise TuneAgbError(f"{path / SEARCH_FILE}: expected a mapping with a 'space' mapping")
@@ -392,7 +400,7 @@ def search_report(path: Path, unit: str = "") -> str:
         best_id = ranked[0].trial_id
     counts = {s: sum(t.status == s for t in trials) for s in STATUS_COLORS}
     meta = html.escape(
-        f"{path} — {len(trials)} trials ({counts['completed']} ran all {space.max_t} epochs, "
+        f"{source or path} — {len(trials)} trials ({counts['completed']} ran all {space.max_t} epochs, "
         f"{counts['stopped early']} stopped early, {counts['errored']} errored); "
         f"metric {space.metric} ({space.mode}); scheduler {space.settings['scheduler']['type']}"
     )
@@ -624,8 +632,8 @@ def maps_section(maps: TileMaps | None, unit: str) -> str:
     )
 
 
-def final_report(path: Path, unit: str = "") -> str:
-    """The HTML of a final_train out dir."""
+def final_report(path: Path, unit: str = "", source: str = "") -> str:
+    """The HTML of a final_train out dir (``source``: how the page names it; default ``path``)."""
     try:
         metrics = json.loads((path / "metrics.json").read_text())
     except json.JSONDecodeError as exc:
@@ -641,7 +649,9 @@ def final_report(path: Path, unit: str = "") -> str:
     table = html_table(["split", *keys], rows)
     run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
     table += html_table(["setting", "value"], [[k, v] for k, v in run.items()])
-    meta = html.escape(f"{path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else ""))
+    meta = html.escape(
+        f"{source or path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else "")
+    )
     sections = [
         ("metrics", "Metrics", table),
         ("scatter", "Predicted vs observed", img_tag(_pred_vs_obs_figure(pred, unit), "predicted vs observed")),
@@ -663,29 +673,28 @@ def final_report(path: Path, unit: str = "") -> str:
 
 
 # -- entry points --------------------------------------------------------------------------------------------
-def write_report(path: str | Path, unit: str = "") -> Path:
+SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE)  # what a page is built from (the first two required)
+FINAL_INPUTS = ("metrics.json", "predictions.parquet", TEST_MAPS_FILE)
+
+
+def write_report(path: str | Path, unit: str = "") -> Path | str:
     """Write ``PATH/report/index.html`` for a search's experiment folder or a final_train out dir.
 
     Args:
-        path: the experiment folder ``STORAGE/NAME`` (local) or the final_train out dir.
+        path: the experiment folder ``STORAGE/NAME`` or the final_train out dir: a local folder, or a URI
+            (``s3://``, ``gs://``, ``file://``) read and written through pyarrow's filesystem.
         unit: the unit of the labels for axis titles (e.g. ``"Mg/ha"``; ``""``: none shown).
 
     Returns:
-        The path of ``index.html``.
+        The path of ``index.html`` (for a URI, its URI).
 
     Raises:
         TuneAgbError: when ``path`` is neither kind of folder, or its files cannot be read.
     """
+    if "://" in str(path):
+        return _write_report_through(str(path), unit)
     path = Path(path)
-    if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
-        text = search_report(path, unit)
-    elif (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
-        text = final_report(path, unit)
-    else:
-        raise TuneAgbError(
-            f"{path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
-            "nor a final_train out dir (metrics.json + predictions.parquet)"
-        )
+    text = build_page(path, unit)
     out = path / REPORT_DIR / INDEX
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".html.tmp")
@@ -694,7 +703,46 @@ def write_report(path: str | Path, unit: str = "") -> Path:
     return out
 
 
-def write_report_or_warn(path: str | Path, unit: str = "") -> Path | None:
+def build_page(path: Path, unit: str = "", source: str = "") -> str:
+    """The page of the local folder ``path``, whichever kind it is; ``source`` names it (default ``path``)."""
+    if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
+        return search_report(path, unit, source)
+    if (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
+        return final_report(path, unit, source)
+    raise TuneAgbError(
+        f"{source or path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
+        "nor a final_train out dir (metrics.json + predictions.parquet)"
+    )
+
+
+def _write_report_through(uri: str, unit: str) -> str:
+    """:func:`write_report` of a folder on a pyarrow filesystem: its inputs are copied into a temporary folder
+    (under the folder's own name, which titles the page), the page is built there and written back atomically."""
+    uri = uri.rstrip("/")
+    fs, root = open_storage(uri)
+    with tempfile.TemporaryDirectory(prefix="tune_agb_report_") as tmp:
+        local = Path(tmp) / (Path(root).name or "experiment")
+        local.mkdir()
+        try:
+            for name in (*SEARCH_INPUTS, *FINAL_INPUTS):
+                data = read_file(fs, f"{root}/{name}")
+                if data is not None:
+                    (local / name).write_bytes(data)
+        except OSError as exc:
+            raise TuneAgbError(f"{uri}: cannot read the report's inputs ({str(exc).splitlines()[0]})") from None
+        try:
+            text = build_page(local, unit, uri)
+        except TuneAgbError as exc:  # name the files by their URI, not by the temporary copy
+            raise TuneAgbError(str(exc).replace(str(local), uri)) from None
+        try:
+            fs.create_dir(f"{root}/{REPORT_DIR}", recursive=True)
+            write_atomic(fs, f"{root}/{REPORT_DIR}/{INDEX}", text.encode("utf-8"))
+        except OSError as exc:
+            raise TuneAgbError(f"{uri}: cannot write {REPORT_DIR}/{INDEX} ({str(exc).splitlines()[0]})") from None
+    return f"{uri}/{REPORT_DIR}/{INDEX}"
+
+
+def write_report_or_warn(path: str | Path, unit: str = "") -> Path | str | None:
     """:func:`write_report` at the end of a search or a final training: what they wrote is kept whatever happens
     here, so a page that cannot be drawn is one warning line (None), never a failed run."""
     try:
@@ -707,7 +755,7 @@ def write_report_or_warn(path: str | Path, unit: str = "") -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tune_agb.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="experiment folder STORAGE/NAME or final_train out dir")
+    p.add_argument("path", help="experiment folder STORAGE/NAME or final_train out dir (a path, s3://, gs://, file://)")
     p.add_argument("--unit", default="", help="unit of the labels for axis titles, e.g. Mg/ha")
     args = p.parse_args(argv)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
