@@ -10,6 +10,7 @@ import math
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import yaml
 from PIL import Image
 
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.report import coverage, main, write_report
+from tune_agb.report import coverage, load_test_maps, main, write_report
 from tune_agb.search.experiment import Experiment, write_results_table
 from tune_agb.search.results import best_record, results_frame, write_best
 from tune_agb.search.space import load_search_space
@@ -81,8 +82,9 @@ def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: i
     return root
 
 
-def make_final_dir(out: Path, n: int = 4000, seed: int = 0) -> Path:
-    """A final_train out dir: metrics.json and predictions.parquet with the columns final_train writes."""
+def make_final_dir(out: Path, n: int = 4000, seed: int = 0, map_tiles: int = 0) -> Path:
+    """A final_train out dir: metrics.json and predictions.parquet with the columns final_train writes, and with
+    ``map_tiles`` > 0 test_maps.npz as final_train writes it (48 x 40 px tiles, 30 + 7k footprints in tile k)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     cols: dict[str, list] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
@@ -101,6 +103,16 @@ def make_final_dir(out: Path, n: int = 4000, seed: int = 0) -> Path:
         metrics |= {f"{split}_rmse": float(np.sqrt(np.mean((mean - label) ** 2))), f"{split}_n": n}
     pq.write_table(pa.table(cols), out / "predictions.parquet")
     (out / "metrics.json").write_text(json.dumps(metrics))
+    if map_tiles:
+        yy, xx = np.mgrid[:48, :40]
+        mean = np.stack([120 + 60 * np.sin(xx / (6 + k)) * np.cos(yy / 9) for k in range(map_tiles)])
+        label = np.full(mean.shape, np.nan)
+        for k in range(map_tiles):
+            flat = rng.choice(48 * 40, 30 + 7 * k, replace=False)
+            label[k].flat[flat] = mean[k].flat[flat] + rng.normal(0, 25, flat.size)
+        names = np.asarray([f"tile_{k}_{k}" for k in range(map_tiles)])
+        f32 = {"mean": mean, "std": 10 + 0.2 * mean, "label": label}
+        np.savez(out / "test_maps.npz", names=names, **{k: v.astype(np.float32) for k, v in f32.items()})
     return out
 
 
@@ -175,17 +187,71 @@ def test_importance_uses_optunas_evaluator_on_rebuilt_study(experiment: Path) ->
     assert next(iter(imp)) == "lr"  # the response surface depends most on lr
 
 
+def maps_of(text: str) -> list[tuple[str, int]]:
+    """``(tile name, footprint count)`` of each tile figure in the page's maps section."""
+    section = text[text.index('<section id="maps">') :]
+    return [
+        (name, int(n))
+        for name, n in re.findall(
+            r'<h3 class="tile">([^<]+)</h3><img alt="maps of test tile \1"[^>]*><p class="note">(\d+) labelled',
+            section,
+        )
+    ]
+
+
 @pytest.mark.slow
 def test_final_report(tmp_path: Path) -> None:
-    out = make_final_dir(tmp_path / "final")
+    out = make_final_dir(tmp_path / "final", map_tiles=3)
     page = write_report(out, unit="Mg/ha")
     text = page.read_text()
     assert_self_contained(text)
-    for sid in ("metrics", "scatter", "residuals", "calibration"):
+    for sid in ("metrics", "scatter", "residuals", "calibration", "maps"):
         assert f'<section id="{sid}">' in text, sid
-    assert len(images(text)) == 4
+    imgs = images(text)
+    assert len(imgs) == 4 + 3  # one figure per tile, after the four model figures
+    assert maps_of(text) == [("tile_0_0", 30), ("tile_1_1", 37), ("tile_2_2", 44)]
+    assert all(i.width > 800 for i in imgs[4:])  # mean and σ side by side, readable at page width
     metrics = json.loads((out / "metrics.json").read_text())
     assert f"{metrics['test_rmse']:.4g}" in text and "Mg/ha" in text
+
+
+def test_final_report_without_maps_notes_it(tmp_path: Path) -> None:
+    out = make_final_dir(tmp_path / "final", n=300)
+    text = write_report(out).read_text()
+    maps = text[text.index('<section id="maps">') :]
+    assert "No test_maps.npz in this folder" in maps and "<img" not in maps
+    assert len(images(text)) == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda z: {k: v for k, v in z.items() if k != "std"}, "missing array std"),
+        (lambda z: z | {"label": z["label"][:, :-1]}, "'label' must be float"),
+        (lambda z: z | {"mean": z["mean"][0]}, "'mean' must be a float array"),
+        (lambda z: z | {"names": z["names"][:1]}, "'names' must be 2 strings"),
+        (lambda z: z | {"std": z["std"].astype(np.int32)}, "'std' must be float"),
+    ],
+    ids=["missing", "shape", "ndim", "names", "dtype"],
+)
+def test_malformed_test_maps(tmp_path: Path, change: Callable[[dict], dict], message: str) -> None:
+    out = make_final_dir(tmp_path / "final", n=300, map_tiles=2)
+    file = out / "test_maps.npz"
+    with np.load(file) as z:
+        good = dict(z)
+    assert load_test_maps(file).names == ["tile_0_0", "tile_1_1"]
+    np.savez(file, **change(good))
+    with pytest.raises(TuneAgbError, match=re.escape(f"{file}: {message}")):
+        load_test_maps(file)
+
+
+def test_unreadable_test_maps_fail_the_cli_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = make_final_dir(tmp_path / "final", n=300)
+    (out / "test_maps.npz").write_bytes(b"PK\x03\x04 cut short")
+    assert run_cli(main, [str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{out / 'test_maps.npz'}: not a readable .npz" in err and len(err.splitlines()) == 1
+    assert not (out / "report" / "index.html").exists()
 
 
 @pytest.mark.slow
@@ -199,7 +265,11 @@ def test_report_of_a_real_final_train_run(tiny_data: Path, tmp_path: Path) -> No
     assert run_cli(final_train, [*argv, "--epochs", "2"]) == 0
     assert run_cli(main, [str(out)]) == 0
     text = (out / "report" / "index.html").read_text()
-    assert len(images(text)) == 4
+    with np.load(out / "test_maps.npz") as z:
+        names, label = [str(n) for n in z["names"]], z["label"]
+    assert 1 <= len(names) <= 4
+    assert len(images(text)) == 4 + len(names)  # the model figures, then one map figure per test tile
+    assert maps_of(text) == [(n, int(np.isfinite(lab).sum())) for n, lab in zip(names, label, strict=True)]
     metrics = json.loads((out / "metrics.json").read_text())
     assert f"{metrics['val_rmse']:.4g}" in text
 
@@ -219,6 +289,43 @@ def test_not_a_report_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         write_report(tmp_path)
     assert run_cli(main, [str(tmp_path)]) == 2
     assert "neither a search" in capsys.readouterr().err
+
+
+def html_meta(text: str) -> str:
+    m = re.search(r'<p class="meta">(.*?)</p>', text, re.S)
+    assert m
+    return m.group(1).replace("&#x27;", "'")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Some regimes for parameter")  # PED-ANOVA on 6 trials
+def test_report_of_a_file_uri_is_built_from_a_copy_and_written_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # file:// is the URI this machine can test (no network): the same copy-in, build, write-back path as s3/gs.
+    root = make_experiment(tmp_path / "storage", name="remote", trials=6)
+    uri = root.as_uri()
+    assert run_cli(main, [uri + "/"]) == 0
+    assert capsys.readouterr().out.strip() == f"{uri}/report/index.html"
+    text = (root / "report" / "index.html").read_text()
+    assert_self_contained(text)
+    assert len(images(text)) == 4 and "Search report: remote" in text
+    assert html_meta(text).startswith(f"{uri} — 6 trials") and "1 errored" in html_meta(text)  # trial folders read
+    assert "tune_agb_report_" not in text  # nothing names the temporary copy
+    assert sorted(p.name for p in (root / "report").iterdir()) == ["index.html"]
+
+
+def test_file_uri_errors_name_the_uri(tmp_path: Path) -> None:
+    with pytest.raises(TuneAgbError, match=f"^{re.escape(tmp_path.as_uri())}: neither a search"):
+        write_report(tmp_path.as_uri())
+    out = make_final_dir(tmp_path / "final", n=300)
+    (out / "test_maps.npz").write_bytes(b"not a zip")
+    with pytest.raises(TuneAgbError, match=f"^{re.escape(out.as_uri())}/test_maps.npz: not a readable .npz"):
+        write_report(out.as_uri())
+    assert not (out / "report").exists()
+    (out / "test_maps.npz").unlink()
+    assert write_report(out.as_uri()) == f"{out.as_uri()}/report/index.html"
+    assert "maps skipped" in (out / "report" / "index.html").read_text()
 
 
 CHECK_SCRIPT = """<script>
@@ -244,10 +351,9 @@ def chromium_args(profile: Path) -> list[str]:
     return ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--window-size=1280,2000"]
 
 
-@pytest.mark.slow
-def test_chromium_renders_search_report(search_page: Path, tmp_path: Path) -> None:
-    chromium = _chromium()
-    text = search_page.read_text()
+def assert_chromium_loads_every_image(chromium: str, page: Path, tmp_path: Path) -> int:
+    """Chromium opens the page: every image decodes and no script error is raised; returns the image count."""
+    text = page.read_text()
     checked = tmp_path / "checked.html"  # the page plus a probe script (the report itself has no script)
     checked.write_text(text.replace("<head>", "<head>\n" + CHECK_SCRIPT, 1))
     dom = subprocess.run(
@@ -260,6 +366,20 @@ def test_chromium_renders_search_report(search_page: Path, tmp_path: Path) -> No
     n = len(re.findall(r"<img\b", text))
     assert f'data-images="{n} ok"' in dom.stdout, re.findall(r"<body[^>]*>", dom.stdout)
     assert 'data-errors="0:"' in dom.stdout, re.findall(r"<body[^>]*>", dom.stdout)
+    return n
+
+
+@pytest.mark.slow
+def test_chromium_renders_final_report_with_maps(tmp_path: Path) -> None:
+    chromium = _chromium()
+    page = write_report(make_final_dir(tmp_path / "final", n=1000, map_tiles=4), unit="Mg/ha")
+    assert assert_chromium_loads_every_image(chromium, page, tmp_path) == 4 + 4
+
+
+@pytest.mark.slow
+def test_chromium_renders_search_report(search_page: Path, tmp_path: Path) -> None:
+    chromium = _chromium()
+    assert assert_chromium_loads_every_image(chromium, search_page, tmp_path) == 4
 
     shot = tmp_path / "shot.png"
     res = subprocess.run(

@@ -2,15 +2,17 @@
 
     python -m tune_agb.report PATH [--unit Mg/ha]
 
-``PATH`` is a search's experiment folder ``STORAGE/NAME`` (local; it holds ``results.parquet``, ``search.yaml``
-and ``best.yaml``) or a ``tune_agb.final_train`` out dir (``metrics.json`` and ``predictions.parquet``). The page is
-written to ``PATH/report/index.html`` and opens offline.
+``PATH`` is a search's experiment folder ``STORAGE/NAME`` (it holds ``results.parquet``, ``search.yaml`` and
+``best.yaml``) or a ``tune_agb.final_train`` out dir (``metrics.json`` and ``predictions.parquet``), a local folder
+or a URI (``s3://``, ``gs://``, ``file://``: the files the page needs are read through pyarrow's filesystem into a
+temporary folder). The page is written to ``PATH/report/index.html`` and opens offline.
 
 - Search: learning curves of every trial (those ASHA stopped early marked), the optimisation history, Optuna's
   parameter importances on a study rebuilt from ``results.parquet``, slice plots of the three most important
   parameters and the best trials with their differences from the space's base config.
 - Final training: predicted vs observed and residuals vs observed (val and test), a reliability diagram of the
-  central intervals of the predicted Gaussians, RMSE vs predicted σ per equal-count bin and the metrics table.
+  central intervals of the predicted Gaussians, RMSE vs predicted σ per equal-count bin, the metrics table, and
+  the predicted mean and σ maps of the test tiles in ``test_maps.npz`` with their GEDI footprints marked.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import logging
 import math
 import statistics
 import sys
+import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -44,7 +49,7 @@ from tune_agb.engine.plots import (
     with_unit,
 )
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE
+from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE, open_storage, read_file, write_atomic
 from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
 
 REPORT_DIR = "report"
@@ -54,6 +59,9 @@ SLICE_PARAMS = 3
 COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STATUS_COLORS = {"completed": "#1f5fbf", "stopped early": "#e08a1e", "errored": "#c43c1e"}
 SPLIT_COLORS = {"val": "#1f5fbf", "test": "#c43c1e"}
+TEST_MAPS_FILE = "test_maps.npz"  # written by tune_agb.final_train.write_test_maps
+MEAN_CMAP = colormaps["viridis"].with_extremes(bad="0.82")  # bad: pixels without a prediction
+STD_CMAP = colormaps["magma"].with_extremes(bad="0.82")
 
 CSS = """
 body { font-family: system-ui, -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 24px auto;
@@ -133,11 +141,17 @@ def _present(v: Any) -> bool:
 
 
 def _errored(trial_path: Any) -> bool:
-    """Ray leaves error.txt / error.pkl in the folder of a trial that raised (local folders only)."""
-    if not isinstance(trial_path, str) or "://" in trial_path:
+    """Ray leaves error.txt / error.pkl in the folder of a trial that raised (a local folder or a URI)."""
+    if not isinstance(trial_path, str) or not trial_path:
         return False
-    p = Path(trial_path)
-    return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
+    if "://" not in trial_path:
+        p = Path(trial_path)
+        return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
+    try:
+        fs, root = open_storage(trial_path)
+        return any(read_file(fs, f"{root}/{name}") is not None for name in ("error.txt", "error.pkl"))
+    except (OSError, TuneAgbError):  # storage unreachable: the trial is shown as not errored
+        return False
 
 
 def load_trials(df: pd.DataFrame, space: SearchSpace) -> list[Trial]:
@@ -369,8 +383,8 @@ def _differences(t: Trial, space: SearchSpace, base: dict[str, Any]) -> str:
     return "; ".join(diffs) or "none (the base config)"
 
 
-def search_report(path: Path, unit: str = "") -> str:
-    """The HTML of a search's experiment folder."""
+def search_report(path: Path, unit: str = "", source: str = "") -> str:
+    """The HTML of a search's experiment folder (``source``: how the page names it; default ``path``)."""
     record = yaml.safe_load((path / SEARCH_FILE).read_text())
     if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
         raise TuneAgbError(f"{path / SEARCH_FILE}: expected a mapping with a 'space' mapping")
@@ -386,7 +400,7 @@ def search_report(path: Path, unit: str = "") -> str:
         best_id = ranked[0].trial_id
     counts = {s: sum(t.status == s for t in trials) for s in STATUS_COLORS}
     meta = html.escape(
-        f"{path} — {len(trials)} trials ({counts['completed']} ran all {space.max_t} epochs, "
+        f"{source or path} — {len(trials)} trials ({counts['completed']} ran all {space.max_t} epochs, "
         f"{counts['stopped early']} stopped early, {counts['errored']} errored); "
         f"metric {space.metric} ({space.mode}); scheduler {space.settings['scheduler']['type']}"
     )
@@ -468,7 +482,7 @@ def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
         hb = ax.hexbin(y, r, gridsize=40, mincnt=1, bins="log", cmap="viridis")
         fig.colorbar(hb, ax=ax, label="pixels", shrink=0.8)
         ax.axhline(0, color="0.45", lw=1, ls="--")
-        chunks = [c.numpy() for c in equal_count_bins(torch.from_numpy(y), 10) if c.numel()]
+        chunks = [c.numpy() for c in equal_count_bins(torch.tensor(y), 10) if c.numel()]
         ax.plot([y[c].mean() for c in chunks], [r[c].mean() for c in chunks], "o-", color="#c43c1e", ms=4,
                 label="mean residual per equal-count bin of the label")  # fmt: skip
         ax.set_xlabel(with_unit("observed label", unit))
@@ -518,13 +532,114 @@ def _sigma_figure(pred: pd.DataFrame, unit: str, bins: int = 10) -> Figure:
     return fig
 
 
-def final_report(path: Path, unit: str = "") -> str:
-    """The HTML of a final_train out dir."""
+@dataclass
+class TileMaps:
+    """The maps of ``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) in label units;
+    ``label`` is NaN except at the pixels of GEDI footprints."""
+
+    names: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    label: np.ndarray
+
+
+def load_test_maps(file: Path) -> TileMaps | None:
+    """The maps in ``file``; None when there is no such file (out dirs written before final_train saved them).
+
+    Raises:
+        TuneAgbError: when the file is not an ``.npz`` with these four arrays of matching shapes.
+    """
+    if not file.is_file():
+        return None
+    keys = ("names", "mean", "std", "label")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            arrays = {} if missing else {k: z[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise TuneAgbError(f"{file}: not a readable .npz of names, mean, std, label ({exc})") from None
+    if missing:
+        raise TuneAgbError(f"{file}: missing array {', '.join(missing)} (expected {', '.join(keys)})")
+    names, mean = arrays["names"], arrays["mean"]
+    if mean.ndim != 3 or mean.shape[0] == 0 or not np.issubdtype(mean.dtype, np.floating):
+        raise TuneAgbError(f"{file}: 'mean' must be a float array (K, H, W) with K >= 1, got {mean.dtype} {mean.shape}")
+    for key in ("std", "label"):
+        a = arrays[key]
+        if a.shape != mean.shape or not np.issubdtype(a.dtype, np.floating):
+            raise TuneAgbError(f"{file}: '{key}' must be float {mean.shape} like 'mean', got {a.dtype} {a.shape}")
+    if names.shape != mean.shape[:1] or names.dtype.kind != "U":
+        raise TuneAgbError(f"{file}: 'names' must be {mean.shape[0]} strings, got {names.dtype} {names.shape}")
+    return TileMaps([str(n) for n in names], mean, arrays["std"], arrays["label"])
+
+
+def _color_range(*arrays: np.ndarray) -> tuple[float, float]:
+    """The 1st-99th percentile of the finite values (so a few extreme pixels do not wash out a map)."""
+    vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays])
+    if vals.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.quantile(vals, [0.01, 0.99]))
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def _tile_figure(
+    maps: TileMaps, k: int, unit: str, mean_range: tuple[float, float], std_range: tuple[float, float]
+) -> Figure:
+    """Tile ``k``: the predicted mean with the GEDI footprints coloured by their label on the mean's colour scale
+    (dark edge), and the predicted σ. Colour scales are shared by all tiles of the page."""
+    mean, std, label = maps.mean[k], maps.std[k], maps.label[k]
+    rows, cols = np.nonzero(np.isfinite(label))
+    h, w = mean.shape
+    fig = new_figure((10.5, 4.2 * min(max(h / w, 0.5), 2.0) + 0.8))
+    ax_m, ax_s = fig.subplots(1, 2)
+    im = ax_m.imshow(mean, cmap=MEAN_CMAP, vmin=mean_range[0], vmax=mean_range[1], interpolation="nearest")
+    size = float(np.clip((230 / max(h, w)) ** 2, 6, 40))  # about one pixel wide on small tiles, visible on large
+    ax_m.scatter(cols, rows, c=label[rows, cols], cmap=MEAN_CMAP, vmin=mean_range[0], vmax=mean_range[1], s=size,
+                 marker="o", edgecolors="0.1", linewidths=0.7)  # fmt: skip
+    fig.colorbar(im, ax=ax_m, shrink=0.85, label=with_unit("predicted mean; dots: GEDI label", unit))
+    ax_m.set_title(f"predicted mean; dots: {rows.size} GEDI footprints, filled with their label", fontsize=9)
+    im = ax_s.imshow(std, cmap=STD_CMAP, vmin=std_range[0], vmax=std_range[1], interpolation="nearest")
+    fig.colorbar(im, ax=ax_s, shrink=0.85, label=with_unit("predicted σ", unit))
+    ax_s.set_title("predicted σ (standard deviation)", fontsize=10)
+    for ax in (ax_m, ax_s):
+        ax.set_xlabel("column (px)")
+        ax.set_ylabel("row (px)")
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+    fig.suptitle(f"test tile {maps.names[k]} ({h} x {w} px)", fontsize=11)
+    return fig
+
+
+def maps_section(maps: TileMaps | None, unit: str) -> str:
+    """The inner HTML of the maps section: one figure per tile of ``test_maps.npz``, or a note without it."""
+    if maps is None:
+        why = "final_train writes it; out dirs of older versions lack it"
+        return f'<p class="note">No {TEST_MAPS_FILE} in this folder ({why}): maps skipped.</p>'
+    mean_range = _color_range(maps.mean, maps.label)
+    std_range = _color_range(maps.std)
+    figs = []
+    for k, name in enumerate(maps.names):
+        n = int(np.isfinite(maps.label[k]).sum())
+        figs.append(
+            f'<h3 class="tile">{html.escape(name)}</h3>'
+            + img_tag(_tile_figure(maps, k, unit, mean_range, std_range), f"maps of test tile {name}")
+            + f'<p class="note">{n} labelled pixels (GEDI footprints).</p>'
+        )
+    return (
+        f'<p class="note">The {len(maps.names)} test tiles with the most GEDI footprints. Left: the predicted mean, '
+        "with each footprint drawn as a dot filled with its label on the same colour scale (a dot that stands out "
+        "from the map around it is a large error). Right: the predicted σ. Colour scales are shared by all tiles "
+        "(1st to 99th percentile).</p>" + "".join(figs)
+    )
+
+
+def final_report(path: Path, unit: str = "", source: str = "") -> str:
+    """The HTML of a final_train out dir (``source``: how the page names it; default ``path``)."""
     try:
         metrics = json.loads((path / "metrics.json").read_text())
     except json.JSONDecodeError as exc:
         raise TuneAgbError(f"{path / 'metrics.json'}: not valid JSON ({exc})") from None
     pred = pd.read_parquet(path / "predictions.parquet")
+    maps = load_test_maps(path / TEST_MAPS_FILE)  # before any figure: a malformed file fails at once
     missing = {"split", "label", "mean", "std"} - set(pred.columns)
     if missing:
         raise TuneAgbError(f"{path / 'predictions.parquet'}: missing columns {', '.join(sorted(missing))}")
@@ -534,7 +649,9 @@ def final_report(path: Path, unit: str = "") -> str:
     table = html_table(["split", *keys], rows)
     run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
     table += html_table(["setting", "value"], [[k, v] for k, v in run.items()])
-    meta = html.escape(f"{path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else ""))
+    meta = html.escape(
+        f"{source or path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else "")
+    )
     sections = [
         ("metrics", "Metrics", table),
         ("scatter", "Predicted vs observed", img_tag(_pred_vs_obs_figure(pred, unit), "predicted vs observed")),
@@ -550,34 +667,34 @@ def final_report(path: Path, unit: str = "") -> str:
             "(on the diagonal: calibrated; below: σ too small). Right: RMSE against the predicted σ in bins of "
             "equal pixel count (on the diagonal: calibrated).</p>",
         ),
+        ("maps", "Test tile maps", maps_section(maps, unit)),
     ]
     return page(f"Final training report: {path.name}", meta, sections)
 
 
 # -- entry points --------------------------------------------------------------------------------------------
-def write_report(path: str | Path, unit: str = "") -> Path:
+SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE)  # what a page is built from (the first two required)
+FINAL_INPUTS = ("metrics.json", "predictions.parquet", TEST_MAPS_FILE)
+
+
+def write_report(path: str | Path, unit: str = "") -> Path | str:
     """Write ``PATH/report/index.html`` for a search's experiment folder or a final_train out dir.
 
     Args:
-        path: the experiment folder ``STORAGE/NAME`` (local) or the final_train out dir.
+        path: the experiment folder ``STORAGE/NAME`` or the final_train out dir: a local folder, or a URI
+            (``s3://``, ``gs://``, ``file://``) read and written through pyarrow's filesystem.
         unit: the unit of the labels for axis titles (e.g. ``"Mg/ha"``; ``""``: none shown).
 
     Returns:
-        The path of ``index.html``.
+        The path of ``index.html`` (for a URI, its URI).
 
     Raises:
         TuneAgbError: when ``path`` is neither kind of folder, or its files cannot be read.
     """
+    if "://" in str(path):
+        return _write_report_through(str(path), unit)
     path = Path(path)
-    if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
-        text = search_report(path, unit)
-    elif (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
-        text = final_report(path, unit)
-    else:
-        raise TuneAgbError(
-            f"{path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
-            "nor a final_train out dir (metrics.json + predictions.parquet)"
-        )
+    text = build_page(path, unit)
     out = path / REPORT_DIR / INDEX
     out.parent.mkdir(exist_ok=True)
     tmp = out.with_suffix(".html.tmp")
@@ -586,7 +703,46 @@ def write_report(path: str | Path, unit: str = "") -> Path:
     return out
 
 
-def write_report_or_warn(path: str | Path, unit: str = "") -> Path | None:
+def build_page(path: Path, unit: str = "", source: str = "") -> str:
+    """The page of the local folder ``path``, whichever kind it is; ``source`` names it (default ``path``)."""
+    if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
+        return search_report(path, unit, source)
+    if (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
+        return final_report(path, unit, source)
+    raise TuneAgbError(
+        f"{source or path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
+        "nor a final_train out dir (metrics.json + predictions.parquet)"
+    )
+
+
+def _write_report_through(uri: str, unit: str) -> str:
+    """:func:`write_report` of a folder on a pyarrow filesystem: its inputs are copied into a temporary folder
+    (under the folder's own name, which titles the page), the page is built there and written back atomically."""
+    uri = uri.rstrip("/")
+    fs, root = open_storage(uri)
+    with tempfile.TemporaryDirectory(prefix="tune_agb_report_") as tmp:
+        local = Path(tmp) / (Path(root).name or "experiment")
+        local.mkdir()
+        try:
+            for name in (*SEARCH_INPUTS, *FINAL_INPUTS):
+                data = read_file(fs, f"{root}/{name}")
+                if data is not None:
+                    (local / name).write_bytes(data)
+        except OSError as exc:
+            raise TuneAgbError(f"{uri}: cannot read the report's inputs ({str(exc).splitlines()[0]})") from None
+        try:
+            text = build_page(local, unit, uri)
+        except TuneAgbError as exc:  # name the files by their URI, not by the temporary copy
+            raise TuneAgbError(str(exc).replace(str(local), uri)) from None
+        try:
+            fs.create_dir(f"{root}/{REPORT_DIR}", recursive=True)
+            write_atomic(fs, f"{root}/{REPORT_DIR}/{INDEX}", text.encode("utf-8"))
+        except OSError as exc:
+            raise TuneAgbError(f"{uri}: cannot write {REPORT_DIR}/{INDEX} ({str(exc).splitlines()[0]})") from None
+    return f"{uri}/{REPORT_DIR}/{INDEX}"
+
+
+def write_report_or_warn(path: str | Path, unit: str = "") -> Path | str | None:
     """:func:`write_report` at the end of a search or a final training: what they wrote is kept whatever happens
     here, so a page that cannot be drawn is one warning line (None), never a failed run."""
     try:
@@ -599,7 +755,7 @@ def write_report_or_warn(path: str | Path, unit: str = "") -> Path | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tune_agb.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("path", help="experiment folder STORAGE/NAME or final_train out dir")
+    p.add_argument("path", help="experiment folder STORAGE/NAME or final_train out dir (a path, s3://, gs://, file://)")
     p.add_argument("--unit", default="", help="unit of the labels for axis titles, e.g. Mg/ha")
     args = p.parse_args(argv)
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
