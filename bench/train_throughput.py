@@ -6,8 +6,9 @@
 Both loops train the same U-Net (same weights at the start) on the same tiles with the same batch size, Adam,
 Gaussian NLL and gradient clipping:
 
-- **ours**: the step of ``tune_agb.engine.train.train``: tiles normalised and moved to the device once
-  (:class:`~tune_agb.engine.data.DeviceTiles`), batches gathered by index, flips/transposition on the device,
+- **ours**: the step of ``tune_agb.engine.train.train``: tiles from the packed store (float16), fed by
+  :class:`~tune_agb.engine.data.SplitFeed` (resident on the device, and, as a second row, streamed from the store's
+  memory map by the prefetch thread), normalised and flipped/transposed on the device,
   static-shape masked loss, loss sums kept on the device (no host sync per batch), bf16 autocast on CUDA, channels_last.
 - **baseline**: a ``torch.utils.data.Dataset`` that ``np.load``s each tile's two files per item and normalises it
   in numpy, a ``DataLoader``, fp32, contiguous tensors; per batch the label mask is built on the CPU with numpy
@@ -37,11 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from tune_agb.engine.config import TrainConfig
-from tune_agb.engine.data import DeviceTiles, NormStats, compute_norm_stats, load_split
+from tune_agb.engine.data import NormStats, SplitFeed
 from tune_agb.engine.device import memory_format, resolve_amp, resolve_device
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 from tune_agb.errors import run_cli
+from tune_agb.store import DataSource
 
 # bf16 dense tensor-core peak (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -105,32 +107,33 @@ def _sync(device: torch.device) -> None:
 def time_ours(
     cfg: TrainConfig, norm: NormStats, tiles, device: torch.device, state: dict, steps: int, warmup: int
 ) -> float:
-    """Samples/s of ``engine.train.TrainStep``, fed as ``train()`` feeds it (DeviceTiles, per-epoch shuffle)."""
+    """Samples/s of ``engine.train.TrainStep``, fed as ``train()`` feeds it (SplitFeed in ``cfg.data_mode``,
+    per-pass shuffle and flip flags)."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = memory_format(cfg, device)
-    dt = DeviceTiles(tiles, norm, device, fmt == torch.channels_last)
+    feed = SplitFeed(tiles, norm, device, cfg.data_mode)
     model = UNet.from_config(cfg).to(device)
     model.load_state_dict(state)
     model = model.to(memory_format=fmt).train()
     opt = build_optimizer(cfg, model.parameters())
-    n, bs = len(dt), cfg.batch_size
+    n, bs = len(feed), cfg.batch_size
     sched = build_scheduler(cfg, opt, max(1, n // bs))
     step = TrainStep(model, opt, sched, None, cfg, resolve_amp(cfg, device), device)
-    perm = torch.empty(0, dtype=torch.long)
-    flags = None
-    pos, t0 = n, 0.0  # pos = n: shuffle before the first step
-    for i in range(warmup + steps):
+    order, flag_rows = [], []
+    while len(order) < warmup + steps:  # passes: a new order and new flip flags each, drawn as train() does
+        perm = torch.randperm(n, generator=gen)
+        flags = torch.rand((n, 3), generator=gen).lt(0.5) if cfg.augment else None
+        for s in range(0, n - bs + 1, bs):
+            order.append(perm[s : s + bs].numpy())
+            flag_rows.append(flags[s : s + bs].to(device) if flags is not None else None)
+    order, flag_rows = order[: warmup + steps], flag_rows[: warmup + steps]
+    t0 = 0.0
+    for i, (x, y) in enumerate(feed.batches(order)):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        if pos + bs > n:  # a new epoch: shuffle and draw the flip flags once, on the host, as train() does
-            perm = torch.randperm(n, generator=gen).to(dt.x.device)
-            flags = torch.rand((n, 3), generator=gen).lt(0.5).to(device) if cfg.augment else None
-            pos = 0
-        x, y = dt.batch(perm[pos : pos + bs])
-        step(x, y, flags[pos : pos + bs] if flags is not None else None)
-        pos += bs
+        step(x, y, flag_rows[i])
     step.read()  # the once-per-epoch read, and the end of the timed region
     _sync(device)
     return steps * bs / (time.perf_counter() - t0)
@@ -262,12 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             n_tiles = args.tiles or 4 * args.batch_size
             input_dir, label_dir = write_random_tiles(Path(tmp), n_tiles, args.tile)
-        tiles = load_split(input_dir, label_dir, "train", in_channels=cfg.in_channels)
+        packed = DataSource(str(input_dir), str(label_dir), splits=("train",), in_channels=cfg.in_channels).open()
+        tiles = packed.tiles["train"]
         if len(tiles) < args.batch_size:
             print(f"error: {len(tiles)} tiles, fewer than one batch of {args.batch_size}", file=sys.stderr)
             return 2
         tile = tiles.inputs.shape[-1]
-        norm = compute_norm_stats(tiles, cfg.standardize_target)
+        norm = packed.norm(cfg.standardize_target)
         torch.manual_seed(0)
         state = UNet.from_config(cfg).state_dict()
         flops = count_flops_per_sample(cfg, tile)
@@ -290,9 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ),
             ),
             (
-                f"ours (DeviceTiles, {'bf16' if amp == torch.bfloat16 else 'fp32'}, "
+                f"ours (resident, {'bf16' if amp == torch.bfloat16 else 'fp32'}, "
                 f"{'channels_last' if memory_format(cfg, device) == torch.channels_last else 'contiguous'}, augment)",
-                lambda: time_ours(cfg, norm, tiles, device, state, args.steps, args.warmup),
+                lambda: time_ours(
+                    cfg.replace(data_mode="resident"), norm, tiles, device, state, args.steps, args.warmup
+                ),
+            ),
+            (
+                "ours, streamed from the store (prefetch thread)",
+                lambda: time_ours(cfg.replace(data_mode="stream"), norm, tiles, device, state, args.steps, args.warmup),
             ),
         ]
         if args.ablate:
