@@ -20,7 +20,7 @@ import torch
 
 from tests.conftest import REPO
 from tune_agb.engine.config import TrainConfig
-from tune_agb.engine.data import compute_norm_stats, load_dataset
+from tune_agb.engine.data import choose_mode, compute_norm_stats, load_dataset
 from tune_agb.engine.train import _Run, train
 from tune_agb.errors import TuneAgbError
 from tune_agb.store import DataSource, packed_split, store_root
@@ -245,6 +245,19 @@ def test_steps_per_epoch_sees_every_tile_once_per_pass(tiny_data: Path) -> None:
     passes = [seen[k * n : (k + 1) * n] for k in range(3)]
     assert all(sorted(p) == list(range(n)) for p in passes)
     assert passes[0] != passes[1]  # a new order each pass
+
+
+def test_resident_only_when_the_split_fits_the_trials_share() -> None:
+    """The share is of the trial's part of the card (``resources.gpu``), not of the card's free memory: at 0.25 of
+    an 80 GB card, a 20 GB split streams (it would take the whole cap), a 10 GB one stays resident."""
+    gb, cuda = 10**9, torch.device("cuda")
+    assert choose_mode("auto", 20 * gb, cuda, 0.25, total_memory=80 * gb) == "stream"
+    assert choose_mode("auto", 10 * gb, cuda, 0.25, total_memory=80 * gb) == "resident"
+    assert choose_mode("auto", 20 * gb, cuda, 1.0, total_memory=80 * gb) == "resident"
+    assert choose_mode("auto", 1, torch.device("cpu")) == "stream"  # CPU: the page cache is the resident copy
+    assert choose_mode("resident", 20 * gb, cuda, 0.25, total_memory=80 * gb) == "resident"  # asked for
+    with pytest.raises(TuneAgbError, match="data_mode must be one of"):
+        choose_mode("ram", 1, cuda)
 
 
 def test_steps_per_epoch_is_a_checked_setting() -> None:

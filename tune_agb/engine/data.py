@@ -272,13 +272,16 @@ DATA_MODES = ("auto", "resident", "stream")
 RESIDENT_SHARE = 0.6
 
 
-def choose_mode(mode: str, nbytes: int, device: torch.device, device_share: float = 1.0) -> str:
+def choose_mode(
+    mode: str, nbytes: int, device: torch.device, device_share: float = 1.0, total_memory: int | None = None
+) -> str:
     """``resident`` or ``stream`` for a split of ``nbytes`` (inputs + labels as stored).
 
     ``auto``: on CUDA resident when the split takes at most :data:`RESIDENT_SHARE` of the trial's share of the card
     (``device_share`` x its total memory; the rest is the model's working set), else streamed. On CPU streamed: the
     packed store's memory map *is* the resident copy there, held once per node in the page cache and shared by all
-    trials, while a private copy would grow every process with the dataset.
+    trials, while a private copy would grow every process with the dataset. ``total_memory``: the card's bytes
+    (None: asked from CUDA).
     """
     if mode not in DATA_MODES:
         raise TuneAgbError(f"data_mode must be one of {', '.join(DATA_MODES)}, got {mode!r}")
@@ -286,7 +289,7 @@ def choose_mode(mode: str, nbytes: int, device: torch.device, device_share: floa
         return mode
     if device.type != "cuda":
         return "stream"
-    total = torch.cuda.get_device_properties(device).total_memory
+    total = torch.cuda.get_device_properties(device).total_memory if total_memory is None else total_memory
     return "resident" if nbytes <= RESIDENT_SHARE * device_share * total else "stream"
 
 
