@@ -13,6 +13,7 @@ from tests.raster_helpers import CRS_UTM, grid_transform, pixel_lonlat, write_sh
 from tune_agb.engine.data import load_dataset
 from tune_agb.errors import run_cli
 from tune_agb.prepare import main
+from tune_agb.store import DataSource
 
 H, W, C = 100, 130, 4
 T = 16
@@ -95,6 +96,12 @@ def test_tiles_equal_source_windows_and_labels_sit_on_their_shots(inputs, capsys
     tiles = load_dataset(out / "inputs", out / "labels", in_channels=C)
     all_labels = np.concatenate([t.labels.ravel() for t in tiles.values()])
     assert not np.any(all_labels == 999.0)
+    # The training store was packed too: search and final_train open it without packing.
+    stores = [Path(p) for p in stdout.split("training store packed: ")[1].split()[0:3]]
+    packed = DataSource(str(out / "inputs"), str(out / "labels")).open()
+    assert sorted(str(p).rstrip(",") for p in stores) == sorted(str(p) for p in packed.paths.values())
+    for split, t in tiles.items():
+        np.testing.assert_array_equal(packed.tiles[split].labels, t.labels)
 
 
 @pytest.mark.parametrize("stride", [T, T // 2])

@@ -131,6 +131,25 @@ def test_define_by_run_samples_within_bounds_and_respects_conditions() -> None:
     assert study.trials[0].distributions["lr"].log
 
 
+def test_steps_per_epoch_fixed_or_searched() -> None:
+    """Large datasets: an epoch of ``steps_per_epoch`` batches, fixed or searched (ASHA's rungs count these)."""
+    fixed = parse_search_space(tiny_space(fixed={"base_channels": 4, "steps_per_epoch": 50}), source="t")
+    assert fixed.trial_config({"lr": 0.005, "optimizer": "adamw"}).steps_per_epoch == 50
+    searched = parse_search_space(
+        tiny_space(params={"steps_per_epoch": {"type": "categorical", "choices": [25, 100]}}), source="t"
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(10):
+        trial = study.ask()
+        searched.define_by_run(trial)
+        seen.add(searched.trial_config(trial.params).steps_per_epoch)
+        study.tell(trial, 1.0)
+    assert seen == {25, 100}
+    with pytest.raises(TuneAgbError, match="steps_per_epoch"):
+        parse_search_space(tiny_space(fixed={"steps_per_epoch": -5}), source="t")
+
+
 def test_trial_config_is_defaults_plus_fixed_plus_sampled() -> None:
     space = parse_search_space(tiny_space(), source="t")
     cfg = space.trial_config({"lr": 0.005, "optimizer": "sgd", "momentum": 0.9})

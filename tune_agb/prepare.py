@@ -518,6 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the block-to-split assignment")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="do not pack the training store now (search and final_train pack it on first use)",
+    )
     return p
 
 
@@ -539,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"GEDI shots: {s.shots_read} passed the filters, {s.shots_outside} of them outside the {where}, "
             f"{s.shots_no_value} without a value"
         )
+    if args.pack:  # the store search/final_train read (tune_agb.store), so that their first start does not pack
+        from tune_agb.store import DataSource
+
+        data = DataSource(str(Path(args.out) / "inputs"), str(Path(args.out) / "labels")).open()
+        print(f"training store packed: {', '.join(str(p) for p in data.paths.values())}")
     return 0
 
 
