@@ -86,7 +86,6 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
 
     ``wandb``: log every trial to W&B too (group = the experiment name; see :class:`WandbCallback`).
     """
-    import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -95,10 +94,7 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
     from tune_agb.search.state import StateBackupCallback
 
     ex, sc, se = space.settings["experiment"], space.settings["scheduler"], space.settings["searcher"]
-    if se["type"] == "random":
-        sampler = optuna.samplers.RandomSampler(seed=se["seed"])
-    else:
-        sampler = optuna.samplers.TPESampler(seed=se["seed"], n_startup_trials=se["n_startup_trials"])
+    sampler = space.sampler()
     # With a define-by-run space OptunaSearch ignores TuneConfig's metric/mode: it needs its own.
     searcher = StudySearch(
         space=space.define_by_run,
