@@ -230,3 +230,16 @@ def test_cli_bad_space_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "params.lr.low" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "st").exists()  # failed before anything was written
+
+
+def test_a_space_stored_before_new_settings_compares_equal_after_reparsing() -> None:
+    """--resume re-parses the space a search was started with, so settings added later (here the searcher's
+    constant_liar and multivariate) compare as their defaults instead of refusing the resume."""
+    space = parse_search_space(tiny_space(), source="t")
+    stored = space.to_dict()
+    old = {
+        **stored,
+        "searcher": {k: v for k, v in stored["searcher"].items() if k not in ("constant_liar", "multivariate")},
+    }
+    assert old != stored
+    assert parse_search_space(old, source="stored").to_dict() == stored

@@ -234,8 +234,10 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
 
         if stored is None or not tune.Tuner.can_restore(exp.uri):
             raise TuneAgbError(f"--resume: no search to resume at {exp.uri} (check --name and --storage)")
-        if stored["space"] != file_space.to_dict():
-            diff = _first_difference(stored["space"], file_space.to_dict())
+        # Re-parsed, so that settings added since the search started compare as their defaults.
+        started = parse_search_space(stored["space"], source=f"{exp.uri} (stored space)").to_dict()
+        if started != file_space.to_dict():
+            diff = _first_difference(started, file_space.to_dict())
             raise TuneAgbError(
                 f"--resume: {space_path} differs from the space {exp.uri} was started with (at {diff}); "
                 f"resume with the same file, or start a new search with another --name"
