@@ -159,7 +159,7 @@ def test_resumed_scheduler_continues_the_schedule(schedule: str, optimizer: str,
     got = steps(new_opt, resumed, 15)  # to the end of the longer horizon (20 steps): no error past the old one
     ref_opt, ref_sched = make(longer)
     ref = steps(ref_opt, ref_sched, 20)[5:]
-    if schedule in ("onecycle", "cyclic", "constant"):  # closed-form schedules: exactly the longer schedule
+    if schedule in ("onecycle", "cyclic", "constant", "wsd"):  # closed-form schedules: exactly the longer schedule
         np.testing.assert_allclose(got, ref, rtol=1e-12)
     else:  # cosine anneals recursively from the lr in force, down to eta_min at the new horizon
         assert got[-1][0] == pytest.approx(cfg.lr * 0.01)

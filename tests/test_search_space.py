@@ -84,6 +84,8 @@ PARAMS_OK = "params:\n  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\
         ("fixed: {lr: 0.01}\n" + PARAMS_OK, "params.lr: is also in fixed"),
         ("searcher: {points_to_evaluate: [{lr: 1.0}]}\n" + PARAMS_OK, "points_to_evaluate[0].lr: 1.0 is outside"),
         ("resources: {gpu: 1.5}\n" + PARAMS_OK, "resources.gpu: must be 0, a fraction"),
+        ("searcher: {constant_liar: 1}\n" + PARAMS_OK, "searcher.constant_liar: must be true or false, got 1"),
+        ("searcher: {multivariate: yes please}\n" + PARAMS_OK, "searcher.multivariate: must be true or false"),
         ("params: {}\n", "params: must be a non-empty mapping"),
     ],
 )
@@ -170,6 +172,43 @@ def test_a_search_may_optimise_every_engine_metric_of_the_validation_split_and_t
             parse_search_space(tiny_space(experiment__metric=not_a_figure), source="t")
 
 
+@pytest.mark.parametrize(("liar", "multivariate", "startup"), [(True, True, 2), (False, False, 0)])
+def test_tpe_options_reach_the_sampler(liar: bool, multivariate: bool, startup: int) -> None:
+    """searcher.constant_liar / multivariate / n_startup_trials are the TPESampler's (its attributes in Optuna 5),
+    and the sampler runs the define-by-run space with a conditional parameter and trials still running."""
+    space = parse_search_space(
+        tiny_space(
+            searcher__constant_liar=liar, searcher__multivariate=multivariate, searcher__n_startup_trials=startup
+        ),
+        source="t",
+    )
+    sampler = space.sampler()
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert (sampler._constant_liar, sampler._multivariate, sampler._n_startup_trials) == (liar, multivariate, startup)
+    study = optuna.create_study(sampler=sampler)
+    running = []
+    for i in range(8):
+        trial = study.ask()
+        space.define_by_run(trial)
+        running.append(trial)
+        if i % 2:  # two at a time, as with max_concurrent 2: one stays running while the next is sampled
+            study.tell(running.pop(0), float(i))
+    assert len(study.trials) == 8 and all(1e-3 <= t.params["lr"] <= 1e-2 for t in study.trials)
+    defaults = parse_search_space(tiny_space(), source="t").settings["searcher"]
+    assert (defaults["constant_liar"], defaults["multivariate"]) == (True, True)  # Optuna 5's own defaults
+
+
+def test_random_searcher_is_optunas_random_sampler_with_the_seed() -> None:
+    space = parse_search_space(tiny_space(searcher__type="random", searcher__seed=3), source="t")
+    a, b = (optuna.create_study(sampler=space.sampler()) for _ in range(2))
+    draws = []
+    for study in (a, b):
+        trial = study.ask()
+        space.define_by_run(trial)
+        draws.append(trial.params)
+    assert isinstance(space.sampler(), optuna.samplers.RandomSampler) and draws[0] == draws[1]
+
+
 def test_fingerprint_changes_with_the_space() -> None:
     a = parse_search_space(tiny_space(), source="a")
     b = parse_search_space(tiny_space(scheduler__max_t=5), source="b")
@@ -191,3 +230,16 @@ def test_cli_bad_space_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "params.lr.low" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "st").exists()  # failed before anything was written
+
+
+def test_a_space_stored_before_new_settings_compares_equal_after_reparsing() -> None:
+    """--resume re-parses the space a search was started with, so settings added later (here the searcher's
+    constant_liar and multivariate) compare as their defaults instead of refusing the resume."""
+    space = parse_search_space(tiny_space(), source="t")
+    stored = space.to_dict()
+    old = {
+        **stored,
+        "searcher": {k: v for k, v in stored["searcher"].items() if k not in ("constant_liar", "multivariate")},
+    }
+    assert old != stored
+    assert parse_search_space(old, source="stored").to_dict() == stored

@@ -83,6 +83,7 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
         {"optimizer": "sgd", "schedule": "cyclic", "cyclic_step_epochs": 1, "norm": "group"},
         # 8 train tiles in batches of 2: 4 batches a pass, 3 an epoch; epoch 2 ends in the middle of pass 2.
         {"optimizer": "adam", "schedule": "cosine", "steps_per_epoch": 3, "batch_size": 2},
+        {"optimizer": "adamw", "schedule": "wsd"},
     ],
 )
 def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet], tmp_path: Path, extra: dict) -> None:
@@ -109,6 +110,37 @@ def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet
     assert rest.best_epoch == full.best_epoch
     for k, v in full.model.state_dict().items():
         torch.testing.assert_close(rest.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_wsd_warms_up_holds_the_lr_then_decays_to_a_hundredth() -> None:
+    """100 steps (10 epochs of 10): warm-up over 5 steps, the full lr to step 80, a cosine to lr/100 at step 100."""
+    from tune_agb.engine.train import build_optimizer, build_scheduler
+
+    cfg = _cfg(schedule="wsd", epochs=10, lr=1e-2)
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
+    sched = build_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = [opt.param_groups[0]["lr"]]  # lrs[s]: the lr of the step after s steps
+    for _ in range(100):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(cfg.lr / 6) and lrs[4] == pytest.approx(cfg.lr * 5 / 6)
+    assert lrs[:6] == sorted(lrs[:6]) and len(set(lrs[:6])) == 6  # a strictly rising linear warm-up
+    assert lrs[5:81] == [pytest.approx(cfg.lr)] * 76  # the plateau
+    assert lrs[90] == pytest.approx(cfg.lr * (0.01 + 0.99 * 0.5))  # half-way down the cosine
+    assert lrs[80:] == sorted(lrs[80:], reverse=True) and lrs[81] < cfg.lr
+    assert lrs[100] == pytest.approx(cfg.lr * 0.01)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 7, 20])
+def test_wsd_reaches_the_floor_at_the_horizon_for_short_runs(total: int) -> None:
+    from tune_agb.engine.train import wsd_factor
+
+    f = [wsd_factor(s, total) for s in range(total + 3)]
+    assert 0 < f[0] < 1 and max(f) <= 1.0
+    assert f[total:] == [pytest.approx(0.01)] * 3  # at the horizon and past it (a run extended on resume)
+    peak = f.index(max(f))
+    assert f[: peak + 1] == sorted(f[: peak + 1]) and f[peak:] == sorted(f[peak:], reverse=True)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm": ("batch", "group", "instance", "none"),
     "loss": ("gaussian_nll", "laplacian_nll", "mse", "mae"),
     "optimizer": ("adam", "adamw", "sgd"),
-    "schedule": ("constant", "cosine", "onecycle", "cyclic"),
+    "schedule": ("constant", "cosine", "onecycle", "cyclic", "wsd"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "data_mode": ("auto", "resident", "stream"),
 }

@@ -47,6 +47,30 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+# Warmup-stable-decay: linear warm-up over the first 5 % of the steps, the full lr until 80 % of the horizon, then a
+# cosine decay to lr/100 at its end. Unlike cosine, the lr stays at its peak for most of the run, so ASHA's early
+# rungs compare trials at the same (full) learning rate, not at different points of an anneal.
+WSD_WARMUP = 0.05
+WSD_DECAY_START = 0.8
+LR_FLOOR = 0.01  # cosine and wsd end at lr * LR_FLOOR
+
+
+def wsd_factor(step: int, total: int) -> float:
+    """The warmup-stable-decay multiplier of the lr after ``step`` optimiser steps of a ``total``-step horizon.
+
+    Warm-up: ``w = max(1, round(0.05 total))`` steps at ``(step + 1) / (w + 1)``; then 1 up to step
+    ``d = max(w, floor(0.8 total))`` (at most ``total - 1``); then a cosine from 1 to ``LR_FLOOR`` at ``total``, and
+    ``LR_FLOOR`` past it (a resumed run that goes on beyond its horizon)."""
+    warmup = max(1, round(WSD_WARMUP * total))
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    decay_start = min(max(warmup, math.floor(WSD_DECAY_START * total)), total - 1)  # decays by ``total``
+    if step <= decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
+    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def build_scheduler(
     cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int, last_epoch: int = -1
 ) -> torch.optim.lr_scheduler.LRScheduler:
@@ -57,7 +81,7 @@ def build_scheduler(
     total = max(1, cfg.epochs * steps_per_epoch)
     lr_scheduler = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
-        return lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * 0.01, last_epoch=last_epoch)
+        return lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * LR_FLOOR, last_epoch=last_epoch)
     if cfg.schedule == "onecycle":
         # SGD: cycle the momentum between 0.85 m and the configured m (not torch's fixed 0.85..0.95).
         m = cfg.momentum if cfg.optimizer == "sgd" else 0.95
@@ -83,6 +107,10 @@ def build_scheduler(
             max_momentum=cfg.momentum,
             last_epoch=last_epoch,
         )
+    if cfg.schedule == "wsd":
+        # A plain function (not a callable object): LambdaLR's state_dict then keeps no copy of the horizon, so a
+        # resumed run follows its own cfg.epochs.
+        return lr_scheduler.LambdaLR(opt, lambda step: wsd_factor(step, total), last_epoch=last_epoch)
     return lr_scheduler.LambdaLR(opt, lambda _: 1.0, last_epoch=last_epoch)
 
 

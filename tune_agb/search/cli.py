@@ -86,7 +86,6 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
 
     ``wandb``: log every trial to W&B too (group = the experiment name; see :class:`WandbCallback`).
     """
-    import optuna
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -95,10 +94,7 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
     from tune_agb.search.state import StateBackupCallback
 
     ex, sc, se = space.settings["experiment"], space.settings["scheduler"], space.settings["searcher"]
-    if se["type"] == "random":
-        sampler = optuna.samplers.RandomSampler(seed=se["seed"])
-    else:
-        sampler = optuna.samplers.TPESampler(seed=se["seed"], n_startup_trials=se["n_startup_trials"])
+    sampler = space.sampler()
     # With a define-by-run space OptunaSearch ignores TuneConfig's metric/mode: it needs its own.
     searcher = StudySearch(
         space=space.define_by_run,
@@ -238,8 +234,10 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
 
         if stored is None or not tune.Tuner.can_restore(exp.uri):
             raise TuneAgbError(f"--resume: no search to resume at {exp.uri} (check --name and --storage)")
-        if stored["space"] != file_space.to_dict():
-            diff = _first_difference(stored["space"], file_space.to_dict())
+        # Re-parsed, so that settings added since the search started compare as their defaults.
+        started = parse_search_space(stored["space"], source=f"{exp.uri} (stored space)").to_dict()
+        if started != file_space.to_dict():
+            diff = _first_difference(started, file_space.to_dict())
             raise TuneAgbError(
                 f"--resume: {space_path} differs from the space {exp.uri} was started with (at {diff}); "
                 f"resume with the same file, or start a new search with another --name"

@@ -5,7 +5,8 @@ A space file has seven sections; only ``params`` is required::
     experiment: {metric: val_rmse, mode: min, num_samples: 16, max_concurrent: 2, time_budget_s: null,
                  max_failures: 2}
     scheduler:  {type: asha, max_t: 12, grace_period: 2, reduction_factor: 3, brackets: 1}
-    searcher:   {type: optuna, seed: 0, n_startup_trials: 5, points_to_evaluate: [{lr: 2.0e-3}]}
+    searcher:   {type: optuna, seed: 0, n_startup_trials: 5, constant_liar: true, multivariate: true,
+                 points_to_evaluate: [{lr: 2.0e-3}]}
     resources:  {cpu: 1, gpu: 0}
     data:       {input_dir: ..., label_dir: ...}
     fixed:      {base_channels: 8}
@@ -53,7 +54,16 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "max_failures": 2,
     },
     "scheduler": {"type": "asha", "max_t": 12, "grace_period": 2, "reduction_factor": 3, "brackets": 1},
-    "searcher": {"type": "optuna", "seed": 0, "n_startup_trials": 5, "points_to_evaluate": []},
+    # constant_liar / multivariate: Optuna's TPESampler options (its defaults in Optuna 5). With trials running in
+    # parallel, constant_liar counts the running ones as bad so the next suggestion avoids their region.
+    "searcher": {
+        "type": "optuna",
+        "seed": 0,
+        "n_startup_trials": 5,
+        "constant_liar": True,
+        "multivariate": True,
+        "points_to_evaluate": [],
+    },
     "resources": {"cpu": 1, "gpu": 0},
     "data": {"input_dir": None, "label_dir": None},
 }
@@ -119,6 +129,21 @@ class SearchSpace:
     @property
     def max_t(self) -> int:
         return self.settings["scheduler"]["max_t"]
+
+    def sampler(self) -> Any:
+        """The Optuna sampler of ``searcher``: RandomSampler(seed) for ``type: random``, else TPESampler with the
+        section's seed, n_startup_trials, constant_liar and multivariate (Optuna is imported here, not on load)."""
+        import optuna
+
+        se = self.settings["searcher"]
+        if se["type"] == "random":
+            return optuna.samplers.RandomSampler(seed=se["seed"])
+        return optuna.samplers.TPESampler(
+            seed=se["seed"],
+            n_startup_trials=se["n_startup_trials"],
+            constant_liar=se["constant_liar"],
+            multivariate=se["multivariate"],
+        )
 
     def base_config(self) -> TrainConfig:
         """Defaults + fixed values, with ``epochs`` = the scheduler's ``max_t`` (every trial's full budget)."""
@@ -232,6 +257,9 @@ def _validate_settings(source: str, raw: dict[str, Any]) -> dict[str, dict[str, 
     _number(source, "searcher.seed", se["seed"], integer=True)
     if _number(source, "searcher.n_startup_trials", se["n_startup_trials"], integer=True) < 0:
         raise _fail(source, "searcher.n_startup_trials", f"must be >= 0, got {se['n_startup_trials']}")
+    for key in ("constant_liar", "multivariate"):
+        if not isinstance(se[key], bool):
+            raise _fail(source, f"searcher.{key}", f"must be true or false, got {se[key]!r}")
     if not isinstance(se["points_to_evaluate"], list):
         raise _fail(source, "searcher.points_to_evaluate", "must be a list of mappings {name: value}")
 
