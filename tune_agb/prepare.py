@@ -546,10 +546,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{s.shots_no_value} without a value"
         )
     if args.pack:  # the store search/final_train read (tune_agb.store), so that their first start does not pack
-        from tune_agb.store import DataSource
+        from tune_agb.store import packed_split
 
-        data = DataSource(str(Path(args.out) / "inputs"), str(Path(args.out) / "labels")).open()
-        print(f"training store packed: {', '.join(str(p) for p in data.paths.values())}")
+        out = Path(args.out)
+        paths = [packed_split(out / "inputs", out / "labels", sp).path for sp in SPLITS if s.tiles[sp] > 0]
+        print(f"training store packed: {', '.join(str(p) for p in paths)}")
     return 0
 
 
