@@ -17,17 +17,20 @@ REAL_DATA = REPO.parent / "shared" / "data" / "gedi-s1s2-real"
 
 @pytest.fixture(scope="session", autouse=True)
 def private_demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """``TUNE_AGB_CACHE`` points at a temporary folder for the whole session (subprocesses inherit it)."""
-    old = os.environ.get("TUNE_AGB_CACHE")
+    """``TUNE_AGB_CACHE`` points at a temporary folder for the whole session (subprocesses inherit it), and a user's
+    ``TUNE_AGB_STORE`` is set aside, so packed stores go there too."""
+    old = {k: os.environ.get(k) for k in ("TUNE_AGB_CACHE", "TUNE_AGB_STORE")}
     cache = tmp_path_factory.mktemp("tune_agb_cache")
     os.environ["TUNE_AGB_CACHE"] = str(cache)
+    os.environ.pop("TUNE_AGB_STORE", None)
     try:
         yield cache
     finally:
-        if old is None:
-            os.environ.pop("TUNE_AGB_CACHE", None)
-        else:
-            os.environ["TUNE_AGB_CACHE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
