@@ -106,7 +106,8 @@ def _count_syncs(cfg: TrainConfig, tiles: dict[str, TileSet]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def test_no_host_sync_per_batch(tiles: dict[str, TileSet]) -> None:
+@pytest.mark.parametrize("data_mode", ["resident", "stream"])
+def test_no_host_sync_per_batch(tiles: dict[str, TileSet], data_mode: str) -> None:
     """8 train tiles: batch 8 gives 1 step per epoch, batch 1 gives 8. Syncs must not grow with the steps.
 
     The loop syncs a few times per run (model and data to the device) and per epoch (the shuffle and flip flags
@@ -116,7 +117,7 @@ def test_no_host_sync_per_batch(tiles: dict[str, TileSet]) -> None:
     """
     n = len(tiles["train"])
     epochs = 2
-    few = _count_syncs(_cfg(batch_size=n, epochs=epochs), tiles)
-    many = _count_syncs(_cfg(batch_size=1, epochs=epochs), tiles)
+    few = _count_syncs(_cfg(batch_size=n, epochs=epochs, data_mode=data_mode), tiles)
+    many = _count_syncs(_cfg(batch_size=1, epochs=epochs, data_mode=data_mode), tiles)
     extra_steps = epochs * (n - 1)
     assert many - few < extra_steps, f"syncs: {few} with {epochs} steps, {many} with {n * epochs} steps"

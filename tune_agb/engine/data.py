@@ -378,8 +378,14 @@ class SplitFeed:
     def batches(self, index_batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of tiles ``index_batches`` (host int arrays), in that order."""
         if self.mode == "resident":
-            for idx in index_batches:
-                it = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device, non_blocking=True)
+            # All the indices go to the device in one copy (a host copy per batch would sync per batch).
+            sizes = [len(i) for i in index_batches]
+            flat = np.concatenate([np.asarray(i, dtype=np.int64) for i in index_batches]) if sizes else np.empty(0)
+            every = torch.from_numpy(flat.astype(np.int64)).to(self.device)
+            at = 0
+            for b in sizes:
+                it = every[at : at + b]
+                at += b
                 yield self._finish(self.x[it], self.y[it])
             return
         yield from _stream(self, index_batches)

@@ -264,19 +264,22 @@ def evaluate_split(
     n = len(feed)
     starts = list(range(0, n, batch_size))
     means, varis, maps = [], [], {}
+    # Each labelled pixel's position in its batch's flattened maps, for every batch, sent in one copy (a host
+    # copy per batch would sync per batch); the batches' ranges in it are known on the host.
+    first = np.asarray(starts, dtype=np.int64)[lab.tile // batch_size] if lab.tile.size else lab.tile
+    sel_all = torch.from_numpy(((lab.tile - first) * hw + lab.flat).astype(np.int64)).to(feed.device)
     batches = feed.batches([np.arange(s, min(s + batch_size, n)) for s in starts])
     for s, (x, _) in zip(starts, batches, strict=True):
         e = min(s + batch_size, n)
         mean, var = predict_target_units(model, x, cfg, norm, amp)
-        a, b = lab.ptr[s], lab.ptr[e]
-        sel = torch.from_numpy((lab.tile[a:b] - s) * hw + lab.flat[a:b]).to(feed.device, non_blocking=True)
+        sel = sel_all[lab.ptr[s] : lab.ptr[e]]
         means.append(mean.reshape(-1)[sel].float())
         varis.append(var.reshape(-1)[sel].float())
         for k in keep:
             if s <= k < e:
                 maps[k] = (mean[k - s].float().clone(), var[k - s].float().clone())
     maps = {k: maps[k] for k in keep if k in maps}  # in the order asked for
-    y = torch.from_numpy(lab.values).to(feed.device, non_blocking=True)
+    y = torch.from_numpy(lab.values).to(feed.device)
     mean, var = torch.cat(means), torch.cat(varis)
     metrics = labelled_metrics(y, mean, var, cfg.loss)
     return SplitEval(feed.split, y, mean, var, lab.tile, lab.flat, maps, metrics)
