@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tune_agb.bands import BAND_NAMES, SPLITS
-from tune_agb.engine.data import NormStats, StatsAccumulator, TileSet, list_split
+from tune_agb.engine.data import NormStats, StatsAccumulator, TileSet, check_npy, list_split, unreadable_npy
 from tune_agb.errors import TuneAgbError
 
 log = logging.getLogger(__name__)
@@ -142,12 +142,8 @@ def _read_npy(path: str) -> np.ndarray:
         else:
             arr = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise TuneAgbError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
-    if not isinstance(arr, np.ndarray):
-        raise TuneAgbError(f"{path}: expected one array, found an archive")
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TuneAgbError(f"{path}: dtype {arr.dtype} is not numeric (expected float or int)")
-    return arr
+        raise unreadable_npy(path, exc) from None
+    return check_npy(path, arr)
 
 
 def split_key(tiles: list[TileFile], dtype: str) -> str:

@@ -94,7 +94,16 @@ def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise TuneAgbError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})") from None
+        raise unreadable_npy(path, exc) from None
+    return check_npy(path, arr)
+
+
+def unreadable_npy(path: Path | str, exc: BaseException) -> TuneAgbError:
+    return TuneAgbError(f"{path}: not a readable .npy array ({str(exc).splitlines()[0]})")
+
+
+def check_npy(path: Path | str, arr: object) -> np.ndarray:
+    """``arr`` as loaded from the tile file ``path``: one numeric array, else one error naming the file."""
     if not isinstance(arr, np.ndarray):
         raise TuneAgbError(f"{path}: expected one array, found an archive")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
