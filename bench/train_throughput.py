@@ -1,7 +1,8 @@
 """Training-step throughput: our loop against one written the way the original system did it, side by side.
 
     python bench/train_throughput.py [--device auto|cpu|cuda] [--tile 244] [--base-channels 64] [--depth 4]
-        [--batch-size 8] [--steps 20] [--warmup 3] [--tiles 32] [--peak-tflops T] [--ablate] [--json FILE]
+        [--batch-size 8] [--steps 20] [--warmup 3] [--tiles 32] [--peak-tflops T] [--ablate] [--levers]
+        [--lever-batches 32,64] [--compile-modes default,reduce-overhead] [--json FILE]
 
 Both loops train the same U-Net (same weights at the start) on the same tiles with the same batch size, Adam,
 Gaussian NLL and gradient clipping:
@@ -39,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import NormStats, SplitFeed
-from tune_agb.engine.device import memory_format, resolve_amp, resolve_device
+from tune_agb.engine.device import compile_for_training, memory_format, resolve_amp, resolve_device, tune_cuda
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 from tune_agb.errors import run_cli
@@ -105,21 +106,37 @@ def _sync(device: torch.device) -> None:
 
 
 def time_ours(
-    cfg: TrainConfig, norm: NormStats, tiles, device: torch.device, state: dict, steps: int, warmup: int
+    cfg: TrainConfig,
+    norm: NormStats,
+    tiles,
+    device: torch.device,
+    state: dict,
+    steps: int,
+    warmup: int,
+    *,
+    fused: bool | None = None,
+    cudnn_benchmark: bool | None = None,
+    bf16_inputs: bool = False,
+    stats: dict | None = None,
 ) -> float:
     """Samples/s of ``engine.train.TrainStep``, fed as ``train()`` feeds it (SplitFeed in ``cfg.data_mode``,
-    per-pass shuffle and flip flags)."""
+    per-pass shuffle and flip flags), with ``train()``'s CUDA choices (fused AdamW, ``cudnn.benchmark``, and
+    ``cfg.compile``) unless ``fused`` / ``cudnn_benchmark`` say otherwise. ``bf16_inputs``: the split is normalised
+    once and kept resident in bf16 (a lever under test; ``train()`` keeps the stored dtype and normalises per
+    batch). ``stats`` receives ``warmup_s`` (the warm-up steps, compilation included) and ``peak_mem_gb``."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = memory_format(cfg, device)
+    tune_cuda(device, True if cudnn_benchmark is None else cudnn_benchmark)
     feed = SplitFeed(tiles, norm, device, cfg.data_mode)
     model = UNet.from_config(cfg).to(device)
     model.load_state_dict(state)
     model = model.to(memory_format=fmt).train()
-    opt = build_optimizer(cfg, model.parameters())
+    forward = compile_for_training(model, cfg)
+    opt = build_optimizer(cfg, model.parameters(), fused=device.type == "cuda" if fused is None else fused)
     n, bs = len(feed), cfg.batch_size
     sched = build_scheduler(cfg, opt, max(1, n // bs))
-    step = TrainStep(model, opt, sched, None, cfg, resolve_amp(cfg, device), device)
+    step = TrainStep(model, opt, sched, None, cfg, resolve_amp(cfg, device), device, forward)
     order, flag_rows = [], []
     while len(order) < warmup + steps:  # passes: a new order and new flip flags each, drawn as train() does
         perm = torch.randperm(n, generator=gen)
@@ -128,15 +145,50 @@ def time_ours(
             order.append(perm[s : s + bs].numpy())
             flag_rows.append(flags[s : s + bs].to(device) if flags is not None else None)
     order, flag_rows = order[: warmup + steps], flag_rows[: warmup + steps]
+    if bf16_inputs:
+        whole = next(iter(feed.batches([np.arange(n)])))
+        xs, ys = whole[0].to(torch.bfloat16), whole[1]
+        every = torch.from_numpy(np.concatenate(order).astype(np.int64)).to(device)
+        batches = ((xs[every[i * bs : (i + 1) * bs]], ys[every[i * bs : (i + 1) * bs]]) for i in range(len(order)))
+    else:
+        batches = feed.batches(order)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    t_start = time.perf_counter()
     t0 = 0.0
-    for i, (x, y) in enumerate(feed.batches(order)):
+    for i, (x, y) in enumerate(batches):
         if i == warmup:
             _sync(device)
             t0 = time.perf_counter()
         step(x, y, flag_rows[i])
     step.read()  # the once-per-epoch read, and the end of the timed region
     _sync(device)
-    return steps * bs / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if stats is not None:
+        stats["warmup_s"] = t0 - t_start
+        stats["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return steps * bs / elapsed
+
+
+def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """bf16 dense matrix-product rate of the card, measured (random operands, the median of ``reps`` products
+    timed with CUDA events after warm-up): the practical ceiling beside the datasheet's."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / float(np.median(times)) / 1e12
 
 
 class NpyTileDataset(Dataset):
@@ -172,6 +224,7 @@ def time_baseline(
     workers: int,
 ) -> float:
     """Samples/s of a loop written like the original system's (see the module docstring)."""
+    tune_cuda(device, False)  # torch's default, as the original ran
     torch.manual_seed(cfg.seed)
     model = UNet.from_config(cfg).to(device)
     model.load_state_dict(state)
@@ -215,6 +268,70 @@ def time_baseline(
     return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
+def time_levers(
+    args: argparse.Namespace,
+    cfg: TrainConfig,
+    norm: NormStats,
+    tiles,
+    device: torch.device,
+    state: dict,
+    flops: float,
+    peak: float | None,
+) -> list[dict]:
+    """Our step (resident data) with one lever changed at a time, each timed once: its samples/s, share of the
+    peak, warm-up time (torch.compile's compilation shows here) and peak device memory."""
+    base = cfg.replace(data_mode="resident")
+    runs: list[tuple[str, TrainConfig, dict]] = [
+        ("eager, cudnn.benchmark off, foreach Adam", base, {"fused": False, "cudnn_benchmark": False}),
+        ("+ cudnn.benchmark", base, {"fused": False, "cudnn_benchmark": True}),
+        ("+ fused Adam (train()'s CUDA default)", base, {}),
+        ("+ bf16 resident inputs (normalised once)", base, {"bf16_inputs": True}),
+    ]
+    runs += [(f"train() default, batch {b}", base.replace(batch_size=b), {}) for b in _ints(args.lever_batches)]
+    runs += [(f"+ torch.compile {m}", base.replace(compile=m), {}) for m in args.compile_modes.split(",") if m]
+    rows = []
+    print(f"levers (batch {cfg.batch_size} unless stated, resident data):")
+    for label, c, kw in runs:
+        if kw.get("bf16_inputs") and resolve_amp(c, device) != torch.bfloat16:
+            print(f"  {label}: skipped (no bf16 autocast on {device.type})")
+            continue
+        if len(tiles) < c.batch_size:
+            print(f"  {label}: skipped ({len(tiles)} tiles < batch {c.batch_size})")
+            continue
+        stats: dict = {}
+        try:
+            sps = time_ours(c, norm, tiles, device, state, args.steps, args.warmup, stats=stats, **kw)
+        except Exception as exc:  # a lever that fails here (a compiler error, out of memory) is a result too
+            print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            rows.append({"loop": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            continue
+        step_s = c.batch_size / sps
+        row = {
+            "loop": label,
+            "batch_size": c.batch_size,
+            "compile": c.compile,
+            "samples_per_s": sps,
+            "achieved_flops": sps * flops,
+            "warmup_s": stats["warmup_s"],
+            "compile_s": max(0.0, stats["warmup_s"] - args.warmup * step_s),
+            "peak_mem_gb": stats["peak_mem_gb"],
+        }
+        line = f"  {label:<48} {sps:9.2f} samples/s  {_fmt_flops(sps * flops)}FLOP/s"
+        if peak:
+            row["share_of_bf16_peak"] = sps * flops / (peak * 1e12)
+            line += f"  {100 * row['share_of_bf16_peak']:5.1f} %"
+        line += f"  warm-up {stats['warmup_s']:.1f} s"
+        if stats["peak_mem_gb"] is not None:
+            line += f"  peak {stats['peak_mem_gb']:.2f} GiB"
+        print(line, flush=True)
+        rows.append(row)
+    return rows
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
 def _fmt_flops(f: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
         if f >= scale:
@@ -243,6 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="time every loop this many times, interleaved; report the best round (least disturbed by other load)",
     )
+    p.add_argument(
+        "--levers",
+        action="store_true",
+        help="also time our step lever by lever (cudnn.benchmark, fused Adam, bf16 resident inputs, batch sizes, "
+        "torch.compile modes), each once, with its warm-up (compile) time and peak device memory",
+    )
+    p.add_argument("--lever-batches", default="32,64", help="batch sizes tried with --levers")
+    p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes tried with --levers")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -359,6 +484,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(row)
         speedup = results[1]["samples_per_s"] / results[0]["samples_per_s"]
         print(f"speed-up ours / baseline: {speedup:.2f}x")
+        levers = time_levers(args, cfg, norm, tiles, device, state, flops, peak) if args.levers else []
+        matmul = measured_matmul_tflops(device)
+        if matmul:
+            best = max([r["samples_per_s"] for r in results + levers])
+            print(
+                f"measured bf16 matmul ceiling (8192^3, median of 10): {matmul:.0f} TFLOP/s; best step "
+                f"{best * flops / 1e12:.0f} TFLOP/s = {100 * best * flops / (matmul * 1e12):.1f} % of it"
+            )
         if args.json:
             args.json.write_text(
                 json.dumps(
@@ -374,7 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "flops_per_sample": flops,
                         "peak_tflops": peak,
                         "speedup": speedup,
+                        "measured_matmul_tflops": matmul,
                         "runs": results,
+                        "levers": levers,
                     },
                     indent=2,
                 )

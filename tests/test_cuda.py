@@ -121,3 +121,74 @@ def test_no_host_sync_per_batch(tiles: dict[str, TileSet], data_mode: str) -> No
     many = _count_syncs(_cfg(batch_size=1, epochs=epochs, data_mode=data_mode), tiles)
     extra_steps = epochs * (n - 1)
     assert many - few < extra_steps, f"syncs: {few} with {epochs} steps, {many} with {n * epochs} steps"
+
+
+def test_memory_fit_is_measured_by_a_dry_step_on_cuda() -> None:
+    """The dry step's peak grows with the batch; a share too small for it is reported as infeasible."""
+    from tune_agb.engine.memory import check_memory_fit
+    from tune_agb.errors import InfeasibleError
+
+    small = check_memory_fit(_cfg(base_channels=32, depth=3, batch_size=2), (256, 256), torch.device("cuda"), 1.0)
+    large = check_memory_fit(_cfg(base_channels=32, depth=3, batch_size=16), (256, 256), torch.device("cuda"), 1.0)
+    assert small is not None and large is not None
+    assert 0 < small.step_peak < large.step_peak < 8 * 2**30
+    # 14 more samples hold at least 14 more bf16 outputs of the first convolution (32 x 256 x 256 each).
+    assert large.step_peak - small.step_peak > 14 * 32 * 256 * 256 * 2
+    with pytest.raises(InfeasibleError, match="infeasible: needs"):
+        check_memory_fit(
+            _cfg(base_channels=32, depth=3, batch_size=16),
+            (256, 256),
+            torch.device("cuda"),
+            1.0,
+            total_memory=large.required,
+        )
+
+
+def test_compiled_training_on_cuda_matches_eager(tiles: dict[str, TileSet]) -> None:
+    """torch.compile (default mode) of the training forward: same first-epoch loss as eager within bf16 noise, and
+    the model that is checkpointed is the plain one (no ``_orig_mod.`` keys)."""
+    states: list[dict] = []
+    eager = train(_cfg(epochs=1, augment=False), tiles, device="cuda", progress=False)
+    comp = train(
+        _cfg(epochs=1, augment=False, compile="default"),
+        tiles,
+        device="cuda",
+        progress=False,
+        on_epoch=lambda r: states.append(r.state()),
+    )
+    a, b = eager.history[0]["train_loss"], comp.history[0]["train_loss"]
+    assert math.isfinite(b) and abs(a - b) <= 0.05 * abs(a) + 0.05
+    assert all(not k.startswith("_orig_mod") for k in states[-1]["model"])
+
+
+@pytest.mark.parametrize("data_mode", ["resident", "stream"])
+def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], data_mode: str) -> None:
+    """The steps themselves, with train()'s CUDA settings (fused AdamW, cudnn.benchmark, bf16, channels_last), run
+    with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises."""
+    from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
+    from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
+
+    cfg, dev = _cfg(batch_size=2), torch.device("cuda")
+    tune_cuda(dev)
+    norm = compute_norm_stats(tiles["train"])
+    feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)
+    model = UNet.from_config(cfg).to(dev, memory_format=torch.channels_last)
+    opt = build_optimizer(cfg, model.parameters(), fused=True)
+    step = TrainStep(model, opt, build_scheduler(cfg, opt, 8), None, cfg, resolve_amp(cfg, dev), dev,
+                     compile_for_training(model, cfg))  # fmt: skip
+    n = len(feed)
+    order = [np.random.default_rng(i).permutation(n)[:2] for i in range(12)]
+    flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
+    batches = feed.batches(order)
+    for i in range(3):  # warm-up outside the check: cuDNN autotuning, the index copy of the pass
+        x, y = next(batches)
+        step(x, y, flags[2 * i : 2 * i + 2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (x, y) in enumerate(batches, start=3):
+            step(x, y, flags[2 * i : 2 * i + 2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    loss, _ = step.read()
+    assert math.isfinite(loss)

@@ -223,5 +223,20 @@ def test_quarter_gpu_trial_trains_on_cuda_with_bf16(tiny_data: Path, tmp_path: P
             Path(result.path) / _rows(tmp_path / "st" / "gpu")[-1]["checkpoint_dir_name"] / CHECKPOINT_FILE
         )
         assert state["rng"]["cuda"]  # CUDA RNG state is only saved when the run was on a GPU
+        # Each epoch's peak of the trial's allocator stays within its quarter of the card.
+        total_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+        peaks = [r["gpu_mem_peak_gb"] for r in _rows(tmp_path / "st" / "gpu")]
+        assert peaks and all(0 < p <= 0.25 * total_gb for p in peaks)
+
+        # A configuration that cannot fit its share (a 400 M-weight U-Net, 1.8 GB of weights, on 1 % of the card)
+        # ends at once as infeasible, with the reason, instead of failing with an out-of-memory error.
+        big = parse_search_space(
+            tiny_space(scheduler__max_t=2, resources={"cpu": 1, "gpu": 0.01}, fixed__base_channels=1024),
+            source="t",
+        )
+        result = _fit(make_trainable(big, tiles), {"lr": 0.003, "optimizer": "adamw"}, tmp_path / "st", "big")[0]
+        assert result.error is None
+        assert result.metrics["infeasible"].startswith("infeasible:") and "GPU share" in result.metrics["infeasible"]
+        assert result.metrics["val_rmse"] == math.inf
     finally:
         _ray.shutdown()

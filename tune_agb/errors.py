@@ -18,6 +18,15 @@ class DivergenceError(TuneAgbError):
         self.metrics = dict(metrics or {})
 
 
+class InfeasibleError(TuneAgbError):
+    """A configuration cannot run on its device share (it would run out of memory); ``reason`` says why, with the
+    bytes it needs (``required``, None when unknown) and those it may use (``available``)."""
+
+    def __init__(self, reason: str, required: int | None = None, available: int | None = None):
+        super().__init__(reason)
+        self.reason, self.required, self.available = reason, required, available
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a CLI ``main``; a :class:`TuneAgbError` becomes ``error: ...`` on stderr and exit code 2."""
     try:

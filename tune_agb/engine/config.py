@@ -21,6 +21,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("constant", "cosine", "onecycle", "cyclic", "wsd"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "data_mode": ("auto", "resident", "stream"),
+    # torch.compile of the training forward: none, or one of torch's modes (reduce-overhead adds CUDA graphs).
+    "compile": ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
 }
 
 # Other names accepted for a loss (the original training script's ``--loss_key`` values), by canonical name.
@@ -79,6 +81,10 @@ class TrainConfig:
     # How tiles reach the device: auto (CUDA: resident when they fit the trial's share, else streamed; CPU: streamed
     # from the store's memory map), resident, stream.
     data_mode: str = "auto"
+    # torch.compile of the model for training steps (compiled once per process; costs tens of seconds up front, so
+    # short search trials may not earn it back): none, default, reduce-overhead, max-autotune-no-cudagraphs,
+    # max-autotune.
+    compile: str = "none"
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:

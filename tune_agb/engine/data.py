@@ -282,12 +282,18 @@ RESIDENT_SHARE = 0.6
 
 
 def choose_mode(
-    mode: str, nbytes: int, device: torch.device, device_share: float = 1.0, total_memory: int | None = None
+    mode: str,
+    nbytes: int,
+    device: torch.device,
+    device_share: float = 1.0,
+    total_memory: int | None = None,
+    reserved: int = 0,
 ) -> str:
     """``resident`` or ``stream`` for a split of ``nbytes`` (inputs + labels as stored).
 
     ``auto``: on CUDA resident when the split takes at most :data:`RESIDENT_SHARE` of the trial's share of the card
-    (``device_share`` x its total memory; the rest is the model's working set), else streamed. On CPU streamed: the
+    (``device_share`` x its total memory; the rest is the model's working set) and, with the ``reserved`` bytes
+    (the measured working set, other resident splits), within the share; else streamed. On CPU streamed: the
     packed store's memory map *is* the resident copy there, held once per node in the page cache and shared by all
     trials, while a private copy would grow every process with the dataset. ``total_memory``: the card's bytes
     (None: asked from CUDA).
@@ -299,7 +305,8 @@ def choose_mode(
     if device.type != "cuda":
         return "stream"
     total = torch.cuda.get_device_properties(device).total_memory if total_memory is None else total_memory
-    return "resident" if nbytes <= RESIDENT_SHARE * device_share * total else "stream"
+    share = device_share * total
+    return "resident" if nbytes <= min(RESIDENT_SHARE * share, share - reserved) else "stream"
 
 
 class _Labelled:
@@ -348,13 +355,14 @@ class SplitFeed:
         device_share: float = 1.0,
         prefetch: int = 2,
         chunk: int = 64,
+        reserved: int = 0,
     ):
         self.split, self.names, self.device, self.norm = tiles.split, tiles.names, device, norm
         self.tiles = tiles
         n, c, h, w = tiles.inputs.shape
         self.shape = (n, c, h, w)
-        nbytes = tiles.inputs.nbytes + tiles.labels.nbytes
-        self.mode = choose_mode(mode, nbytes, device, device_share)
+        self.nbytes = tiles.inputs.nbytes + tiles.labels.nbytes
+        self.mode = choose_mode(mode, self.nbytes, device, device_share, reserved=reserved)
         self.prefetch = max(1, prefetch)
         self._mean = torch.tensor(norm.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self._std = torch.tensor(norm.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)

@@ -26,9 +26,17 @@ from tqdm.auto import tqdm
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import NormStats, SplitFeed, TileSet, compute_norm_stats, count_nonfinite
-from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
+from tune_agb.engine.device import (
+    autocast,
+    compile_for_training,
+    memory_format,
+    resolve_amp,
+    resolve_device,
+    tune_cuda,
+)
 from tune_agb.engine.inference import predict_target_units
 from tune_agb.engine.losses import LOSSES
+from tune_agb.engine.memory import MemoryFit, check_memory_fit
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.model import UNet
 from tune_agb.errors import DivergenceError, TuneAgbError
@@ -40,11 +48,13 @@ class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by an ``on_epoch`` callback to end the run after the current epoch."""
 
 
-def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, params: Any, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimiser of ``cfg``; ``fused``: Adam/AdamW's fused CUDA kernel (one launch for all the weights, used
+    on CUDA; same state dict, so checkpoints move between the two)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 # Warmup-stable-decay: linear warm-up over the first 5 % of the steps, the full lr until 80 % of the horizon, then a
@@ -162,8 +172,10 @@ class TrainStep:
         cfg: TrainConfig,
         amp: torch.dtype | None,
         device: torch.device,
+        forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ):
         self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
+        self.forward = model if forward is None else forward  # the model, or its compiled wrapper
         self.cfg, self.amp, self.device = cfg, amp, device
         self.fmt = memory_format(cfg, device)
         self.loss_fn = LOSSES[cfg.loss]
@@ -180,7 +192,7 @@ class TrainStep:
             x, y = augment(x, y, flags)
         x = x.contiguous(memory_format=self.fmt)
         with autocast(self.device, self.amp):
-            mu, logvar = self.model(x)
+            mu, logvar = self.forward(x)
         loss = self.loss_fn(mu.float(), logvar.float(), y)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -307,6 +319,7 @@ class TrainResult:
     stopped: str | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     amp: torch.dtype | None = None
+    memory: MemoryFit | None = None  # the measured working set (CUDA), see tune_agb.engine.memory
 
 
 # The keys that fix a model's weights: a checkpoint can only be resumed with the same ones.
@@ -335,10 +348,12 @@ def train(
             the horizon of ``cfg.epochs`` (which may extend the run).
         on_epoch: called after every epoch; may raise :class:`StopTraining`.
         progress: show a tqdm bar over epochs.
-        device_share: the share of the GPU this run may use (a trial's ``resources.gpu``), for deciding whether the
-            tiles may stay resident on it.
+        device_share: the share of the GPU this run may use (a trial's ``resources.gpu``): on CUDA, a dry step checks
+            that the configuration fits it before anything trains, and the tiles stay resident only where they fit.
 
     Raises:
+        InfeasibleError: on CUDA, when one training step at the batch size would not fit ``device_share`` of the card
+            (:func:`tune_agb.engine.memory.check_memory_fit`).
         DivergenceError: when the epoch's training loss or validation metrics are not finite.
     """
     dev = resolve_device(device)
@@ -422,15 +437,25 @@ class _Run:
         device_share: float = 1.0,
     ):
         self.cfg, self.norm, self.device = cfg, norm, dev
+        tune_cuda(dev)
+        n_train = len(tiles["train"])
+        self.batch_size = min(cfg.batch_size, n_train)
+        # Before anything is on the device: does one step at this batch size fit the share? (CUDA only.)
+        self.memory: MemoryFit | None = check_memory_fit(
+            cfg.replace(batch_size=self.batch_size), tuple(tiles["train"].inputs.shape[-2:]), dev, device_share
+        )
+        reserved = self.memory.required if self.memory is not None else 0
         torch.manual_seed(cfg.seed)
         self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and flip flags
         fmt = memory_format(cfg, dev)
-        self.train_t = SplitFeed(tiles["train"], norm, dev, cfg.data_mode, device_share)
-        self.val_t = SplitFeed(tiles["val"], norm, dev, cfg.data_mode, device_share)
+        self.train_t = SplitFeed(tiles["train"], norm, dev, cfg.data_mode, device_share, reserved=reserved)
+        if self.train_t.mode == "resident":
+            reserved += self.train_t.nbytes
+        self.val_t = SplitFeed(tiles["val"], norm, dev, cfg.data_mode, device_share, reserved=reserved)
         log.debug("train tiles %s, val tiles %s", self.train_t.mode, self.val_t.mode)
         self.model = UNet.from_config(cfg).to(dev, memory_format=fmt)
-        self.opt = build_optimizer(cfg, self.model.parameters())
-        self.batch_size = min(cfg.batch_size, len(self.train_t))
+        self.forward = compile_for_training(self.model, cfg)
+        self.opt = build_optimizer(cfg, self.model.parameters(), fused=dev.type == "cuda")
         self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
         self.steps = cfg.steps_per_epoch or len(self.starts)
         # The pass in progress: tile order, flip flags, and the next batch (None: a new pass starts when needed).
@@ -439,13 +464,15 @@ class _Run:
         self.pos = 0
         amp = resolve_amp(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-        self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp)
+        self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp, memory=self.memory)
         self.epochs_done = 0
         if resume is None:
             self.sched = build_scheduler(cfg, self.opt, self.steps)
         else:
             self.sched = self._restore(resume)
-        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev)
+        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev, self.forward)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)  # from here on the peak is training's own
 
     def _restore(self, ckpt: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
         """Continue from a checkpoint: weights, scaler, RNG states, the pass in progress, history, best epoch;
@@ -513,6 +540,8 @@ class _Run:
             "train_rmse": math.sqrt(train_mse) * self.norm.target_std if math.isfinite(train_mse) else math.inf,
             "lr": self.opt.param_groups[0]["lr"],
         }
+        if self.device.type == "cuda":  # the allocator's own counters: no device sync
+            metrics["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         metrics |= {f"val_{k}": v for k, v in val.metrics.items()}
         self.result.history.append(metrics)
         _raise_if_diverged(metrics, self.cfg)

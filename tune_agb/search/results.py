@@ -17,7 +17,7 @@ from tune_agb.search.experiment import location_of, read_trial_rows, write_best,
 from tune_agb.search.space import METRICS, SearchSpace
 
 # Columns kept from each reported result besides the metrics and the config.
-EXTRA_COLUMNS = ("lr", "node_id", "pid", "wall_time", "checkpoint_dir_name")
+EXTRA_COLUMNS = ("lr", "gpu_mem_peak_gb", "infeasible", "node_id", "pid", "wall_time", "checkpoint_dir_name")
 
 
 def results_frame(rows: list[dict[str, Any]], space: SearchSpace) -> pd.DataFrame:
@@ -129,4 +129,13 @@ def summary(df: pd.DataFrame, space: SearchSpace, top: int = 5) -> str:
     cols = ["trial_id", space.metric, "epoch", "epochs_run", *[f"config/{p.name}" for p in space.params]]
     table = best[cols].rename(columns=lambda c: c.removeprefix("config/"))
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
-        return table.to_string(index=False)
+        text = table.to_string(index=False)
+    return text + "".join(f"\n{line}" for line in infeasible_lines(df))
+
+
+def infeasible_lines(df: pd.DataFrame) -> list[str]:
+    """One line per trial that could not run on its device share (its reason), for the summary."""
+    if "infeasible" not in df or df.empty:
+        return []
+    bad = df[df["infeasible"].map(lambda v: isinstance(v, str) and bool(v))].drop_duplicates("trial_id")
+    return [f"trial {r.trial_id} {r.infeasible}" for r in bad.itertuples()]

@@ -22,9 +22,10 @@ from ray import tune
 
 from tune_agb.engine.config import config_from_dict
 from tune_agb.engine.train import EpochReport, train
-from tune_agb.errors import DivergenceError
+from tune_agb.errors import DivergenceError, InfeasibleError
 from tune_agb.search import experiment
 from tune_agb.search.experiment import write_checkpoint_folder
+from tune_agb.search.space import METRICS
 from tune_agb.store import DataSource
 
 
@@ -132,3 +133,18 @@ def search_trial(
         # Tell the searcher and scheduler (inf, never NaN), then fail so Tune retries from the last checkpoint.
         tune.report(finite_or_inf(exc.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()})
         raise
+    except (InfeasibleError, torch.OutOfMemoryError) as exc:
+        # Does not fit its GPU share: a retry would fail the same way. Report inf with the reason and end the trial
+        # (its memory is freed with its process; neighbours on the card never see an out-of-memory error).
+        if isinstance(exc, InfeasibleError):
+            reason = exc.reason
+        else:
+            reason = f"infeasible: out of memory while training ({str(exc).splitlines()[0]})"
+        where = {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
+        tune.report(infeasible_result(reason, len(log_rows)) | where)
+
+
+def infeasible_result(reason: str, epochs_done: int = 0) -> dict[str, Any]:
+    """The one result an infeasible trial reports: every metric ``inf``, the epoch after its last reported one,
+    and ``infeasible``: the reason (shown in results.parquet and the summary)."""
+    return {m: math.inf for m in METRICS} | {"epoch": epochs_done + 1, "infeasible": reason}
