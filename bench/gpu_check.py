@@ -6,12 +6,12 @@ Steps, each a subprocess with its log under ``--out``, each stopped at its share
 1. ``nvidia-smi`` and the software versions;
 2. the CUDA-marked tests (``pytest -m cuda``): bf16 autocast, channels_last, resident and streamed data, no per-batch
    host sync, the memory-fit check, torch.compile, a quarter-GPU trial within its cap, an infeasible trial;
-3. two searches on the demo data with every trial trained to max_t (FIFO): four trials at 0.25 GPU at once, and one
+4. two searches on the demo data with every trial trained to max_t (FIFO): four trials at 0.25 GPU at once, and one
    trial at a time on the whole GPU; from their ``results.parquet``: aggregate trial-epochs per minute, the most
    trials that ran at the same time and each trial's peak device memory against its share (target: >= 2.5x);
-4. a search at 0.25 GPU where one configuration cannot fit its share (a 2-billion-weight U-Net): it must be
+5. a search at 0.25 GPU where one configuration cannot fit its share (a 2-billion-weight U-Net): it must be
    reported as infeasible while its neighbours finish;
-5. ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the original-style
+3. ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the original-style
    loop, then lever by lever (targets: >= 2x the baseline, >= 35 % of the card's bf16 dense peak).
 
 ``--device cpu`` rehearses the plumbing on a machine without a GPU (small sizes, no GPU resources).
@@ -169,7 +169,24 @@ def main() -> int:
         )
         rows.append(("pytest -m cuda", f"exit {code} in {secs:.0f} s: {tail(out / 'pytest_cuda.log')}"))
 
-    # 3. packing trials on one card: demo search, FIFO, every trial to max_t
+    # 3. the training step, side by side with the original-style loop, then lever by lever
+    if left() > 40:
+        size = (
+            ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
+             "--steps", "30", "--repeats", "2", "--levers", "--lever-batches", "32,64",
+             "--compile-modes", "default,reduce-overhead"]
+            if gpu
+            else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
+                  "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
+        )  # fmt: skip
+        cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
+        cmd += ["--json", str(out / "throughput.json")]
+        code, secs = run(cmd, out / "throughput.log", cap(170), env)
+        rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
+        for line in (out / "throughput.log").read_text(errors="replace").splitlines():
+            if "samples/s" in line or "speed-up" in line or "ceiling" in line or "failed" in line:
+                rows.append(("  ", line.strip()))
+    # 4. packing trials on one card: demo search, FIFO, every trial to max_t
     space = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     space["scheduler"] = {"type": "fifo", "max_t": 6}
     space["experiment"]["time_budget_s"] = None
@@ -219,7 +236,7 @@ def main() -> int:
         rates["ratio"] = {"quarter_over_whole": ratio}
         rows.append(("0.25-GPU trials vs one at a time", f"{ratio:.2f}x aggregate trial-epochs/min (target >= 2.5x)"))
 
-    # 4. an infeasible configuration beside feasible ones, at 0.25 GPU
+    # 5. an infeasible configuration beside feasible ones, at 0.25 GPU
     if left() > 50:
         from tune_agb.demo import write_demo_dataset
 
@@ -272,23 +289,6 @@ def main() -> int:
         else:
             rows.append(("infeasible config", f"exit {code}: {tail(out / 'search_infeasible.log', 3)}"))
 
-    # 5. the training step, side by side with the original-style loop, then lever by lever
-    if left() > 40:
-        size = (
-            ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
-             "--steps", "30", "--repeats", "2", "--levers", "--lever-batches", "32,64",
-             "--compile-modes", "default,reduce-overhead"]
-            if gpu
-            else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
-                  "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
-        )  # fmt: skip
-        cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
-        cmd += ["--json", str(out / "throughput.json")]
-        code, secs = run(cmd, out / "throughput.log", cap(240), env)
-        rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
-        for line in (out / "throughput.log").read_text(errors="replace").splitlines():
-            if "samples/s" in line or "speed-up" in line or "ceiling" in line or "failed" in line:
-                rows.append(("  ", line.strip()))
     rows.append(("whole check", f"{time.perf_counter() - t0:.0f} s"))
     (out / "summary.json").write_text(json.dumps({"rows": rows, "rates": rates}, indent=1, default=float))
     print("\nGPU check summary")
