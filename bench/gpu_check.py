@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = ("tests", "throughput", "quarter", "whole", "infeasible")
 
 
 def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -119,7 +120,12 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
     p.add_argument("--budget-s", type=float, default=450, help="the whole check ends within this many seconds")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: rehearse without a GPU")
+    p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps among {', '.join(STEPS)}")
+    p.add_argument("--throughput-args", default="", help="replace the throughput step's size and lever arguments")
     a = p.parse_args()
+    steps = set(a.only.split(","))
+    if not steps <= set(STEPS):
+        p.error(f"--only: unknown step(s) {', '.join(sorted(steps - set(STEPS)))}")
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     gpu = a.device == "cuda"
@@ -148,7 +154,7 @@ def main() -> int:
     rows.append(("python, torch, CUDA, card, memory, cuDNN", tail(out / "versions.txt")))
 
     # 2. the CUDA tests
-    if gpu:
+    if gpu and "tests" in steps:
         code, secs = run(
             [
                 sys.executable,
@@ -162,15 +168,17 @@ def main() -> int:
                 "no:cacheprovider",
                 "tests/test_cuda.py",
                 "tests/test_trainable.py",
+                "--durations=0",
+                f"--junitxml={out / 'pytest_cuda.xml'}",
             ],
             out / "pytest_cuda.log",
             cap(170),
-            env,
+            env | {"TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile-worker pool left at exit
         )
         rows.append(("pytest -m cuda", f"exit {code} in {secs:.0f} s: {tail(out / 'pytest_cuda.log')}"))
 
     # 3. the training step, side by side with the original-style loop, then lever by lever
-    if left() > 40:
+    if left() > 40 and "throughput" in steps:
         size = (
             ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
              "--steps", "30", "--repeats", "2", "--levers", "--lever-batches", "32,64",
@@ -179,6 +187,7 @@ def main() -> int:
             else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
                   "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
         )  # fmt: skip
+        size = a.throughput_args.split() if a.throughput_args else size
         cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
         cmd += ["--json", str(out / "throughput.json")]
         code, secs = run(cmd, out / "throughput.log", cap(170), env)
@@ -195,6 +204,8 @@ def main() -> int:
     rates: dict[str, dict] = {}
     plans = (("quarter", "0.25", "4", "8"), ("whole", "1", "1", "3")) if gpu else (("quarter", "0", "2", "2"),)
     for name, frac, conc, n in plans:
+        if name not in steps:
+            continue
         if left() < 60:
             rows.append((f"search {name}", "skipped: out of time"))
             continue
@@ -237,7 +248,7 @@ def main() -> int:
         rows.append(("0.25-GPU trials vs one at a time", f"{ratio:.2f}x aggregate trial-epochs/min (target >= 2.5x)"))
 
     # 5. an infeasible configuration beside feasible ones, at 0.25 GPU
-    if left() > 50:
+    if left() > 50 and "infeasible" in steps:
         from tune_agb.demo import write_demo_dataset
 
         tile = 244 if gpu else 64

@@ -117,13 +117,21 @@ def time_ours(
     fused: bool | None = None,
     cudnn_benchmark: bool | None = None,
     bf16_inputs: bool = False,
+    pad_channels: int = 0,
     stats: dict | None = None,
+    profile: int = 0,
 ) -> float:
     """Samples/s of ``engine.train.TrainStep``, fed as ``train()`` feeds it (SplitFeed in ``cfg.data_mode``,
     per-pass shuffle and flip flags), with ``train()``'s CUDA choices (fused AdamW, ``cudnn.benchmark``, and
     ``cfg.compile``) unless ``fused`` / ``cudnn_benchmark`` say otherwise. ``bf16_inputs``: the split is normalised
     once and kept resident in bf16 (a lever under test; ``train()`` keeps the stored dtype and normalises per
-    batch). ``stats`` receives ``warmup_s`` (the warm-up steps, compilation included) and ``peak_mem_gb``."""
+    batch). ``pad_channels``: zero bands appended to the inputs (the model's ``in_channels``
+    grows to match): the tensor-core alignment of the first convolution, under test. ``stats`` receives
+    ``warmup_s`` (the warm-up steps, compilation included) and ``peak_mem_gb``; with ``profile`` > 0 also
+    ``profile``: torch.profiler's table of the kernels of that many steps after the timed ones."""
+    if pad_channels:
+        state = {**state, "inc.0.weight": torch.nn.functional.pad(state["inc.0.weight"], (0, 0, 0, 0, 0, pad_channels))}
+        cfg = cfg.replace(in_channels=cfg.in_channels + pad_channels)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     fmt = memory_format(cfg, device)
@@ -152,6 +160,8 @@ def time_ours(
         batches = ((xs[every[i * bs : (i + 1) * bs]], ys[every[i * bs : (i + 1) * bs]]) for i in range(len(order)))
     else:
         batches = feed.batches(order)
+    if pad_channels:
+        batches = ((torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad_channels)), y) for x, y in batches)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -168,7 +178,30 @@ def time_ours(
     if stats is not None:
         stats["warmup_s"] = t0 - t_start
         stats["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if profile and stats is not None:
+        prof_batches = feed.batches(order[:profile])
+        if pad_channels:
+            prof_batches = ((torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad_channels)), y) for x, y in prof_batches)
+        stats["profile"] = _profile_steps(step, prof_batches, flag_rows[:profile], device)
     return steps * bs / elapsed
+
+
+def _profile_steps(step: TrainStep, batches, flags: list, device: torch.device) -> str:
+    """torch.profiler's table of a few more steps' operators, by their own device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i, (x, y) in enumerate(batches):
+            step(x, y, flags[i])
+        _sync(device)
+    table = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            return table.table(sort_by=key, row_limit=30, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return table.table(row_limit=30)
 
 
 def measured_matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
@@ -289,6 +322,15 @@ def time_levers(
     ]
     runs += [(f"train() default, batch {b}", base.replace(batch_size=b), {}) for b in _ints(args.lever_batches)]
     runs += [(f"+ torch.compile {m}", base.replace(compile=m), {}) for m in args.compile_modes.split(",") if m]
+    if args.variants:  # other models (FLOPs counted for each) and the first convolution's alignment
+        runs += [
+            ("input bands zero-padded 14 -> 16", base, {"pad_channels": 2}),
+            ("upsampling transpose (other model)", base.replace(upsampling="transpose"), {}),
+            ("norm group (other model)", base.replace(norm="group"), {}),
+            ("norm none (other model)", base.replace(norm="none"), {}),
+        ]
+    if args.profile:
+        runs.insert(0, ("train() default, profiled", base, {"profile": args.profile}))
     rows = []
     print(f"levers (batch {cfg.batch_size} unless stated, resident data):")
     for label, c, kw in runs:
@@ -299,8 +341,11 @@ def time_levers(
             print(f"  {label}: skipped ({len(tiles)} tiles < batch {c.batch_size})")
             continue
         stats: dict = {}
+        other = c.upsampling != cfg.upsampling or c.norm != cfg.norm
+        st = UNet.from_config(c).state_dict() if other else state
+        f = count_flops_per_sample(c, tiles.inputs.shape[-1]) if other else flops
         try:
-            sps = time_ours(c, norm, tiles, device, state, args.steps, args.warmup, stats=stats, **kw)
+            sps = time_ours(c, norm, tiles, device, st, args.steps, args.warmup, stats=stats, **kw)
         except Exception as exc:  # a lever that fails here (a compiler error, out of memory) is a result too
             print(f"  {label}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             rows.append({"loop": label, "error": f"{type(exc).__name__}: {exc}"[:500]})
@@ -311,19 +356,22 @@ def time_levers(
             "batch_size": c.batch_size,
             "compile": c.compile,
             "samples_per_s": sps,
-            "achieved_flops": sps * flops,
+            "flops_per_sample": f,
+            "achieved_flops": sps * f,
             "warmup_s": stats["warmup_s"],
             "compile_s": max(0.0, stats["warmup_s"] - args.warmup * step_s),
             "peak_mem_gb": stats["peak_mem_gb"],
         }
-        line = f"  {label:<48} {sps:9.2f} samples/s  {_fmt_flops(sps * flops)}FLOP/s"
+        line = f"  {label:<48} {sps:9.2f} samples/s  {_fmt_flops(sps * f)}FLOP/s"
         if peak:
-            row["share_of_bf16_peak"] = sps * flops / (peak * 1e12)
+            row["share_of_bf16_peak"] = sps * f / (peak * 1e12)
             line += f"  {100 * row['share_of_bf16_peak']:5.1f} %"
         line += f"  warm-up {stats['warmup_s']:.1f} s"
         if stats["peak_mem_gb"] is not None:
             line += f"  peak {stats['peak_mem_gb']:.2f} GiB"
         print(line, flush=True)
+        if "profile" in stats:
+            print(stats["profile"], flush=True)
         rows.append(row)
     return rows
 
@@ -367,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch.compile modes), each once, with its warm-up (compile) time and peak device memory",
     )
     p.add_argument("--lever-batches", default="32,64", help="batch sizes tried with --levers")
+    p.add_argument("--variants", action="store_true", help="with --levers: other models and padded input bands")
+    p.add_argument("--profile", type=int, default=0, help="with --levers: print the operator table of N steps")
     p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes tried with --levers")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
