@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tune_agb.engine.calibration import CALIBRATION_FILE, load_calibration
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_split
 from tune_agb.engine.inference import load_predictor
@@ -52,10 +53,13 @@ def train_args(tmp_path: Path, data: Path, out: Path, *extra: str, **config: obj
 
 
 @pytest.mark.slow
-def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: Path) -> None:
+def test_outputs_metrics_predictions_and_tensorboard(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "run"
     argv = train_args(tmp_path, tiny_data, out, "--epochs", "3")
     assert run(argv) == 0
+    printed = capsys.readouterr().out
     for name in (
         "config.yaml",
         "best.pt",
@@ -65,6 +69,9 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
         "norm_stats.json",
         "plots/test_scatter.png",
         "plots/val_calibration.png",
+        "plots/val_reliability.png",
+        "plots/test_reliability.png",
+        CALIBRATION_FILE,
     ):
         assert (out / name).is_file(), name
     # the seam margin is stored with the model (predict reads it instead of measuring it again)
@@ -73,7 +80,7 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
     assert isinstance(margin, int) and margin % 2 ** best["config"]["depth"] == 0
     assert load_predictor(out, device="cpu").margin == margin
     for split in ("val", "test"):  # matplotlib PNGs with content (not one colour)
-        for kind in ("scatter", "calibration"):
+        for kind in ("scatter", "calibration", "reliability"):
             with Image.open(out / "plots" / f"{split}_{kind}.png") as img:
                 assert img.format == "PNG" and min(img.size) >= 300
                 lo, hi = img.convert("L").getextrema()
@@ -108,7 +115,7 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
 
     # One row per labelled val/test pixel, and the pooled metrics recomputed from the rows agree.
     table = pq.read_table(out / "predictions.parquet").to_pandas()
-    assert list(table.columns) == ["split", "tile", "row", "col", "label", "mean", "std"]
+    assert list(table.columns) == ["split", "tile", "row", "col", "label", "mean", "std", "std_uncalibrated"]
     for split in ("val", "test"):
         tiles = load_split(tiny_data / "inputs", tiny_data / "labels", split)
         rows = table[table.split == split]
@@ -118,6 +125,31 @@ def test_outputs_metrics_predictions_and_tensorboard(tiny_data: Path, tmp_path: 
         rmse = float(np.sqrt(np.mean((rows["mean"] - rows.label) ** 2)))
         assert rmse == pytest.approx(metrics[f"{split}_rmse"], rel=1e-4)
         assert (rows["std"] > 0).all()
+
+    # Calibration (default: one factor on sigma), fitted on the val pixels only, applied to val and test.
+    cal = load_calibration(out / CALIBRATION_FILE)
+    assert (cal.method, cal.split, cal.n) == ("scale", "val", metrics["val_n"])
+    assert metrics["calibration"] == cal.to_dict()
+    val = table[table.split == "val"]
+    z2 = ((val.label - val["mean"]) / val.std_uncalibrated) ** 2
+    assert cal.scale == pytest.approx(float(np.sqrt(z2.mean())), rel=1e-4)  # the closed form, on val
+    np.testing.assert_allclose(table["std"], table.std_uncalibrated * cal.scale, rtol=1e-5)
+    before = metrics["uncalibrated"]
+    for split in ("val", "test"):
+        rows = table[table.split == split]
+        r = rows.label - rows["mean"]
+        for m, std in ((metrics, rows["std"]), (before, rows.std_uncalibrated)):
+            nll = float(np.mean(0.5 * np.log(2 * np.pi * std**2) + 0.5 * (r / std) ** 2))
+            assert m[f"{split}_nll"] == pytest.approx(nll, rel=1e-4)
+            assert m[f"{split}_within_1sigma"] == pytest.approx(float(np.mean(np.abs(r) <= std)), abs=1.5 / len(r))
+        for key in ("rmse", "r2", "mae", "me", "n"):  # the mean is not touched
+            assert metrics[f"{split}_{key}"] == pytest.approx(before[f"{split}_{key}"], rel=1e-5)
+    assert metrics["val_nll"] <= before["val_nll"]  # the fitted factor minimises the val NLL
+    lines = printed.splitlines()
+    assert any(line.startswith(f"calibration: scale: sigma x {cal.scale:.4g}") for line in lines)
+    assert [line.split()[:2] for line in lines if line.startswith(("val ", "test "))] == [
+        ["val", "before"], ["val", "after"], ["test", "before"], ["test", "after"]
+    ]  # fmt: skip
 
     # test_maps.npz: the most labelled test tiles, whole, agreeing with the per-pixel rows.
     maps = np.load(out / "test_maps.npz")
@@ -285,6 +317,13 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
     extended = load_checkpoint(out2 / "last.pt")
     assert extended["epoch"] == 3 and [h["epoch"] for h in extended["history"]] == [1, 2, 3]
     assert extended["history"][:2] == resumed["history"]
+    # Laplacian loss: the calibration factor minimises the Laplacian NLL, mean(|r| / b) with b = std / sqrt(2).
+    cal = load_calibration(out2 / CALIBRATION_FILE)
+    table = pq.read_table(out2 / "predictions.parquet").to_pandas()
+    val = table[table.split == "val"]
+    b = val.std_uncalibrated / np.sqrt(2)
+    assert cal.loss == "laplacian_nll"
+    assert cal.scale == pytest.approx(float(np.mean(np.abs(val.label - val["mean"]) / b)), rel=1e-4)
 
     # Without --train_mode resume the same out dir is refused, and nothing in it changes.
     before = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()}
@@ -317,8 +356,14 @@ def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> No
     rows = table[table.split == "val"]
     ti = np.array([val.names.index(t) for t in rows.tile])
     np.testing.assert_allclose(rows["mean"], mean.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(rows["std"], std.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
-    # and load_predictor on the ensemble folder gives the same.
+    np.testing.assert_allclose(rows.std_uncalibrated, std.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
+    # The calibration is fitted on the ensemble's val prediction (total variance), not on a member's.
+    cal = load_calibration(out / CALIBRATION_FILE)
+    z2 = ((rows.label - rows["mean"]) / rows.std_uncalibrated) ** 2
+    assert cal.scale == pytest.approx(float(np.sqrt(z2.mean())), rel=1e-4)
+    np.testing.assert_allclose(rows["std"], rows.std_uncalibrated * cal.scale, rtol=1e-5)
+    assert metrics["val_nll"] <= metrics["uncalibrated"]["val_nll"]
+    # and load_predictor on the ensemble folder gives the same (uncalibrated; predict applies the calibration).
     ens_mean, ens_std = load_predictor(out, "cpu").predict(val.inputs)
     np.testing.assert_allclose(ens_std.numpy(), std.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(ens_mean.numpy(), mean.numpy(), rtol=1e-5, atol=1e-4)
@@ -370,3 +415,21 @@ def test_real_tiles_end_to_end(real_data: Path, tmp_path: Path) -> None:
     assert metrics["val_n"] == 116 and metrics["test_n"] == 70
     assert len(pq.read_table(out / "predictions.parquet")) == 116 + 70
     assert np.isfinite(metrics["val_rmse"]) and np.isfinite(metrics["test_r2"])
+
+
+@pytest.mark.slow
+def test_calibration_none_keeps_the_models_variance(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "raw"
+    assert run(train_args(tmp_path, tiny_data, out, "--epochs", "1", "--calibration", "none")) == 0
+    printed = capsys.readouterr().out
+    assert load_calibration(out / CALIBRATION_FILE).method == "none"
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    np.testing.assert_array_equal(table["std"], table.std_uncalibrated)
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("val_nll", "test_within_1sigma", "test_uce"):
+        assert metrics[key] == pytest.approx(metrics["uncalibrated"][key], rel=1e-6)
+    assert "calibration: none" in printed and " before " not in printed
+    assert (out / "plots" / "val_reliability.png").is_file()
+    assert run(train_args(tmp_path, tiny_data, tmp_path / "x", "--calibration", "platt")) == 2

@@ -9,6 +9,7 @@ import pytest
 import rasterio
 
 from tests.raster_helpers import CRS_UTM, grid_transform, known_logvar, known_unet_checkpoint, write_tif
+from tune_agb.engine.calibration import CALIBRATION_FILE, Calibration, save_calibration
 from tune_agb.errors import run_cli
 from tune_agb.predict import main
 
@@ -141,3 +142,79 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, problem):
     else:
         assert not out.exists()
     assert no_partials(tmp_path)
+
+
+def read_map(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    with rasterio.open(path) as ds:
+        mean, std = ds.read()
+        return mean, std, ds.tags()
+
+
+def test_the_models_calibration_is_applied_to_the_std_band(tmp_path, capsys):
+    """A final-train out dir's calibration.json scales the std band (out dir or its best.pt); a model saved without
+    one (older runs) keeps its std; --calibration none / FILE override it; the mean never changes."""
+    img = position_image(40, 50)
+    src = write_tif(tmp_path / "in.tif", img)
+    run_dir = tmp_path / "run"
+    known_unet_checkpoint(run_dir / "best.pt", C, scale=1.0, logvar_bias=0.5, target_std=2.0)
+    raw_sd = 2.0 * np.exp(known_logvar(0.5) / 2)
+
+    def predict(name: str, *extra: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        out = tmp_path / f"{name}.tif"
+        code, err = run(["--image", str(src), "--out", str(out), "--tile-size", "32", *extra], capsys)
+        assert code == 0, err
+        return read_map(out)
+
+    mean, std, tags = predict("old", "--model", str(run_dir))  # no calibration.json: the model's own std
+    np.testing.assert_allclose(std, raw_sd, rtol=1e-5)
+    assert tags["calibration"].startswith("none")
+    save_calibration(Calibration("scale", 3.0, split="val", n=50), run_dir / CALIBRATION_FILE)
+    for name, model in (("dir", run_dir), ("best", run_dir / "best.pt")):
+        m, std, tags = predict(name, "--model", str(model))
+        np.testing.assert_allclose(std, 3.0 * raw_sd, rtol=1e-5)
+        np.testing.assert_array_equal(m, mean)
+        assert tags["calibration"] == "scale: sigma x 3 (fitted on 50 val pixels)"
+    _, std, _ = predict("none", "--model", str(run_dir), "--calibration", "none")
+    np.testing.assert_allclose(std, raw_sd, rtol=1e-5)
+    iso = Calibration("isotonic", 1.0, (0.0, 1.0), (0.5, 2.0))  # raw_sd^2 is beyond the knots: ratio e^1
+    save_calibration(iso, tmp_path / "iso.json")
+    _, std, _ = predict("iso", "--model", str(run_dir), "--calibration", str(tmp_path / "iso.json"))
+    np.testing.assert_allclose(std, np.sqrt(iso.variance(np.float64(raw_sd) ** 2)), rtol=1e-5)
+    assert np.sqrt(iso.variance(np.float64(raw_sd) ** 2)) == pytest.approx(raw_sd * np.exp(0.5), rel=1e-9)
+
+
+def test_ensemble_calibration_scales_the_total_std(tmp_path, capsys):
+    img = position_image(40, 50)
+    img[0] /= 1000.0
+    src = write_tif(tmp_path / "in.tif", img)
+    ens = tmp_path / "ens"
+    known_unet_checkpoint(ens / "members" / "member_00" / "best.pt", C, scale=1.0)
+    known_unet_checkpoint(ens / "members" / "member_01" / "best.pt", C, scale=3.0)
+    save_calibration(Calibration("scale", 0.5), ens / CALIBRATION_FILE)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ens), "--image", str(src), "--out", str(out), "--tile-size", "32"], capsys)
+    assert code == 0, err
+    mean, std, _ = read_map(out)
+    np.testing.assert_allclose(mean, 2 * img[0], rtol=1e-5)
+    np.testing.assert_allclose(std, 0.5 * np.sqrt(1 + img[0].astype(np.float64) ** 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"format": "tune_agb.calibration/1", "method": "scale", "scale": -1}', "'scale' must be a finite number > 0"),
+        ('{"format": "tune_agb.calibration/1", "method": "platt"}', "'method' must be one of none, scale, isotonic"),
+        ("not json", "not a readable calibration JSON file"),
+    ],
+)
+def test_bad_calibration_file_is_one_line_naming_it(tmp_path, capsys, content, message):
+    src = write_tif(tmp_path / "in.tif", position_image(30, 30))
+    run_dir = tmp_path / "run"
+    known_unet_checkpoint(run_dir / "best.pt", C)
+    (run_dir / CALIBRATION_FILE).write_text(content)
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(run_dir), "--image", str(src), "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run_dir / CALIBRATION_FILE}: {message}"), err
+    assert not out.exists() and no_partials(tmp_path)

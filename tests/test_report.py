@@ -22,8 +22,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from tune_agb.engine.calibration import Calibration, coverage
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.report import coverage, load_test_maps, main, write_report
+from tune_agb.report import load_test_maps, main, write_report
 from tune_agb.search.experiment import Experiment, write_results_table
 from tune_agb.search.results import best_record, results_frame, write_best
 from tune_agb.search.space import load_search_space
@@ -82,9 +83,11 @@ def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: i
     return root
 
 
-def make_final_dir(out: Path, n: int = 4000, seed: int = 0, map_tiles: int = 0) -> Path:
+def make_final_dir(out: Path, n: int = 4000, seed: int = 0, map_tiles: int = 0, calibrated: bool = False) -> Path:
     """A final_train out dir: metrics.json and predictions.parquet with the columns final_train writes, and with
-    ``map_tiles`` > 0 test_maps.npz as final_train writes it (48 x 40 px tiles, 30 + 7k footprints in tile k)."""
+    ``map_tiles`` > 0 test_maps.npz as final_train writes it (48 x 40 px tiles, 30 + 7k footprints in tile k).
+    Without ``calibrated`` as written before calibration existed; with it, std scaled by 1.2 as final_train's
+    default calibration would (``std_uncalibrated``, metrics ``calibration`` and ``uncalibrated``)."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
     cols: dict[str, list] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
@@ -101,6 +104,13 @@ def make_final_dir(out: Path, n: int = 4000, seed: int = 0, map_tiles: int = 0) 
         cols["mean"] += list(mean)
         cols["std"] += list(std)
         metrics |= {f"{split}_rmse": float(np.sqrt(np.mean((mean - label) ** 2))), f"{split}_n": n}
+    if calibrated:
+        cal = Calibration("scale", 1.2, split="val", n=n)
+        cols["std_uncalibrated"] = cols["std"]
+        cols["std"] = list(cal.std(np.asarray(cols["std"])))
+        before = {k: v for k, v in metrics.items() if k.startswith(("val_", "test_"))}
+        metrics |= {"val_nll": 4.5, "test_nll": 4.75, "calibration": cal.to_dict(), "uncalibrated": before}
+        metrics["uncalibrated"] |= {"val_nll": 5.5, "test_nll": 5.75}
     pq.write_table(pa.table(cols), out / "predictions.parquet")
     (out / "metrics.json").write_text(json.dumps(metrics))
     if map_tiles:
@@ -221,6 +231,42 @@ def test_final_report_without_maps_notes_it(tmp_path: Path) -> None:
     maps = text[text.index('<section id="maps">') :]
     assert "No test_maps.npz in this folder" in maps and "<img" not in maps
     assert len(images(text)) == 4
+
+
+def metrics_rows(text: str) -> list[list[str]]:
+    """The cells of the metrics table (the first table of the metrics section)."""
+    section = text[text.index('<section id="metrics">') :]
+    table = section[: section.index("</table>")]
+    return [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]]
+
+
+def test_final_report_shows_metrics_before_and_after_calibration(tmp_path: Path) -> None:
+    out = make_final_dir(tmp_path / "final", n=300, calibrated=True)
+    text = write_report(out).read_text()
+    rows = metrics_rows(text)
+    assert [r[0] for r in rows] == ["val, before calibration", "val", "test, before calibration", "test"]
+    nll = [r[[h for h in re.findall(r"<th>([^<]*)</th>", text)].index("nll")] for r in rows]
+    assert nll == ["5.5", "4.5", "5.75", "4.75"]
+    assert "scale: sigma x 1.2 (fitted on 300 val pixels)" in text
+    # the reliability diagram: each split after (solid) and before (dashed) calibration, and the diagonal
+    from tune_agb.report import _reliability_figure
+
+    lines = _reliability_figure(pd.read_parquet(out / "predictions.parquet")).axes[0].get_lines()
+    assert [(ln.get_label(), ln.get_linestyle()) for ln in lines] == [
+        ("val, before calibration", "--"), ("val", "-"), ("test, before calibration", "--"), ("test", "-"),
+        ("ideal", ":"),
+    ]  # fmt: skip
+    # an out dir written before calibration existed: one row per split, no calibration setting
+    old = write_report(make_final_dir(tmp_path / "old", n=300)).read_text()
+    assert [r[0] for r in metrics_rows(old)] == ["val", "test"] and "sigma x" not in old
+    lines = _reliability_figure(pd.read_parquet(tmp_path / "old" / "predictions.parquet")).axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["val", "test", "ideal"]
+    # a malformed calibration record is one error naming the file and the field
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["calibration"]["scale"] = 0
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(TuneAgbError, match=re.escape(f"{out / 'metrics.json'}: 'calibration': 'scale' must be")):
+        write_report(out)
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,15 @@ the model, metrics, per-pixel predictions and TensorBoard logs.
 
     python -m tune_agb.final_train [--config FILE | --experiment STORAGE/NAME] [--input-dir D --label-dir D]
         [--out-dir OUT] [--epochs N] [--device auto|cpu|cuda] [--seed S] [--ensemble N] [--overwrite]
+        [--calibration scale|isotonic|none]
 
 The flags of the original training script are accepted with their meanings (``--train_input_data_dir``,
 ``--nb_epoch``, ``--base_learning_rate``, ``--train_mode resume --model_weights_path P``, ...); see ``--help``.
 Precedence: built-in defaults < the experiment's best config < ``--config`` file < command-line flags.
+
+After training, the predicted variance is recalibrated on the validation split (:mod:`tune_agb.engine.calibration`,
+saved as ``OUT/calibration.json``); predictions, maps, plots and the ``val_*``/``test_*`` metrics are calibrated,
+and ``metrics.json["uncalibrated"]`` holds the metrics before.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,14 @@ import numpy as np
 import torch
 
 from tune_agb.demo import data_dirs
+from tune_agb.engine.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_METHOD,
+    METHODS,
+    Calibration,
+    fit_calibration,
+    save_calibration,
+)
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.config import (
     CHOICES,
@@ -94,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="allow an out dir that already holds a run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--ensemble", type=int, default=1, help="train N members with seeds seed..seed+N-1")
+    g.add_argument(
+        "--calibration",
+        type=str.lower,
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="recalibrate the predicted variance on the validation split: one factor on sigma (scale, default), "
+        "a nondecreasing map of the variance (isotonic), or not at all (none)",
+    )
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
     g.add_argument("--wandb-project", default="tune_agb")
@@ -389,12 +410,15 @@ def map_tiles(feed: SplitFeed, k: int = MAP_TILES) -> tuple[int, ...]:
     return tuple(int(i) for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i))[:k])
 
 
-def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, Prediction]) -> None:
-    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std."""
+def write_predictions(
+    path: Path, tiles: dict[str, TileSet], preds: dict[str, Prediction], uncalibrated: dict[str, Prediction]
+) -> None:
+    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std (calibrated), std_uncalibrated."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("split", "tile", "row", "col", "label", "mean", "std")}
+    names = ("split", "tile", "row", "col", "label", "mean", "std", "std_uncalibrated")
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for split, pr in preds.items():
         w = tiles[split].labels.shape[-1]
         cols["split"].append(np.full(pr.tile.size, split))
@@ -404,6 +428,7 @@ def write_predictions(path: Path, tiles: dict[str, TileSet], preds: dict[str, Pr
         cols["label"].append(pr.y)
         cols["mean"].append(pr.mean)
         cols["std"].append(np.sqrt(pr.var))
+        cols["std_uncalibrated"].append(np.sqrt(uncalibrated[split].var))
     table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
     pq.write_table(table, path)
 
@@ -421,15 +446,21 @@ def write_test_maps(path: Path, tiles: TileSet, pred: Prediction) -> None:
     )
 
 
-def write_plots(folder: Path, preds: dict[str, Prediction]) -> None:
-    """``{split}_scatter.png`` (predicted vs label) and ``{split}_calibration.png`` (RMSE vs RMV) for val and test."""
-    from tune_agb.engine.plots import calibration_plot, scatter_plot
+def write_plots(
+    folder: Path, preds: dict[str, Prediction], uncalibrated: dict[str, Prediction], cal: Calibration
+) -> None:
+    """For val and test: ``{split}_scatter.png`` (predicted vs label), ``{split}_calibration.png`` (RMSE vs RMV,
+    calibrated) and ``{split}_reliability.png`` (expected vs observed coverage before and after calibration)."""
+    from tune_agb.engine.plots import calibration_plot, reliability_plot, scatter_plot
 
     folder.mkdir(exist_ok=True)
     for split, pr in preds.items():
         y, m, sd = pr.y, pr.mean, np.sqrt(pr.var)
         scatter_plot(y, m, folder / f"{split}_scatter.png", f"{split}: predicted vs label ({y.size} pixels)")
         calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
+        before = np.sqrt(uncalibrated[split].var)
+        title = f"{split}: reliability, calibration {cal.method}"
+        reliability_plot(y, m, before, None if cal.method == "none" else sd, folder / f"{split}_reliability.png", title)
 
 
 @dataclass
@@ -443,6 +474,15 @@ class Prediction:
     mean: np.ndarray
     var: np.ndarray
     maps: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    def calibrated(self, cal: Calibration) -> Prediction:
+        """The same prediction with every variance (pixels and maps) mapped by ``cal``."""
+        maps = {k: (m, cal.variance(v)) for k, (m, v) in self.maps.items()}
+        return replace(self, var=cal.variance(self.var), maps=maps)
+
+    def metrics(self, loss: str) -> dict[str, float]:
+        """:func:`labelled_metrics` of the labelled pixels (target units)."""
+        return labelled_metrics(*(torch.from_numpy(a) for a in (self.y, self.mean, self.var)), loss)
 
 
 def combined(evals: list[SplitEval]) -> Prediction:
@@ -496,15 +536,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wandb_project=args.wandb_project if args.wandb else None,
             )
         )
-    preds = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
+    uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
+    val = uncalibrated["val"]
+    cal = fit_calibration(args.calibration, val.y, val.mean, val.var, plan.cfg.loss, split="val")
+    save_calibration(cal, out / CALIBRATION_FILE)
+    preds = {split: pr.calibrated(cal) for split, pr in uncalibrated.items()}
+    metrics: dict[str, Any] = {}
     if args.ensemble == 1:
-        metrics = dict(members[0].metrics)
+        metrics["best_epoch"] = members[0].metrics["best_epoch"]
+        before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
     else:
         save_config(plan.cfg, out / "config.yaml")
-        metrics = {}
-        for split, pr in preds.items():
-            m = labelled_metrics(*(torch.from_numpy(a) for a in (pr.y, pr.mean, pr.var)), plan.cfg.loss)
-            metrics |= {f"{split}_{k}": v for k, v in m.items()}
+        before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(plan.cfg.loss).items()}
+    metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(plan.cfg.loss).items()}
+    metrics |= {"uncalibrated": before, "calibration": cal.to_dict()}
+    if args.ensemble > 1:
         metrics["members"] = [m.metrics for m in members]
     metrics |= {
         "epochs": plan.cfg.epochs,
@@ -512,19 +558,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input_dir": str(plan.input_dir),
         "label_dir": str(plan.label_dir),
     }
-    write_predictions(out / "predictions.parquet", tiles, preds)
-    write_plots(out / "plots", preds)
+    write_predictions(out / "predictions.parquet", tiles, preds, uncalibrated)
+    write_plots(out / "plots", preds, uncalibrated, cal)
     write_test_maps(out / "test_maps.npz", tiles["test"], preds["test"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
 
     page = write_report_or_warn(out)
-    keys = ("rmse", "r2", "mae", "me", "rmv", "within_1sigma", "uce", "n")
-    print("split " + " ".join(f"{k:>13}" for k in keys))
-    for split in ("val", "test"):
-        print(f"{split:5} " + " ".join(f"{metrics[f'{split}_{k}']:>13.4g}" for k in keys))
-    print(f"model, metrics and predictions written to {out}" + (f"; report: {page}" if page else ""))
+    print_summary(metrics, cal)
+    print(f"model, calibration, metrics and predictions written to {out}" + (f"; report: {page}" if page else ""))
     return 0
+
+
+SUMMARY_KEYS = ("rmse", "r2", "mae", "me", "nll", "rmv", "within_1sigma", "within_2sigma", "uce", "n")
+
+
+def print_summary(metrics: dict[str, Any], cal: Calibration) -> None:
+    """The val and test metrics, before and after calibration (after only when there is none)."""
+    print(f"calibration: {cal.describe()}")
+    print(f"{'split':12}" + " ".join(f"{k:>13}" for k in SUMMARY_KEYS))
+    for split in ("val", "test"):
+        rows = [("", metrics)] if cal.method == "none" else [(" before", metrics["uncalibrated"]), (" after", metrics)]
+        for tag, m in rows:
+            print(f"{split + tag:12}" + " ".join(f"{m[f'{split}_{k}']:>13.4g}" for k in SUMMARY_KEYS))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Rows of the map are written as soon as no later window touches them, so memory s
 raster's width whatever its height. The output is float32 with two bands, ``mean`` and ``std`` (label units,
 e.g. Mg/ha), on the input's CRS and transform, NaN where the input has no data in any band, tiled and
 DEFLATE-compressed (``--cog``: a Cloud-Optimised GeoTIFF).
+
+The ``std`` band is calibrated with the model's ``calibration.json`` (fitted by final_train on the validation split,
+see :mod:`tune_agb.engine.calibration`) when it has one; ``--calibration none`` writes the model's raw std,
+``--calibration FILE`` applies another file.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from tune_agb.bands import BAND_NAMES
+from tune_agb.engine.calibration import IDENTITY, Calibration, load_calibration, model_calibration
 from tune_agb.engine.inference import Predictor, load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.geo.raster import (
@@ -129,6 +134,7 @@ def predict_raster(
     batch_size: int = 8,
     s2_offset: float | None = None,
     progress: bool = True,
+    calibration: Calibration = IDENTITY,
 ) -> int:
     """Predict every window of ``stack`` and write mean/std into ``dst`` (same grid). Returns the window count.
 
@@ -141,6 +147,7 @@ def predict_raster(
         batch_size: windows per forward pass.
         s2_offset: when set, Sentinel-2 digital numbers are scaled to reflectance with this offset first.
         progress: show a progress bar.
+        calibration: applied to the predicted std (default: none).
     """
     h, w = stack.grid.height, stack.grid.width
     tile, overlap = resolve_windows(tile, overlap, predictor)
@@ -174,7 +181,8 @@ def predict_raster(
                     for xi in x:
                         dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
                 mean, std = predictor.predict(x)
-                out = np.stack([mean.float().cpu().numpy(), std.float().cpu().numpy()], axis=1)
+                std_cal = calibration.std(std.float().cpu().numpy())
+                out = np.stack([mean.float().cpu().numpy(), std_cal], axis=1)
                 out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
                 for i, (c0, _, kc0, kc1) in enumerate(batch):
                     strip[:, :, kc0:kc1] = out[i, :, kr0 - r0 : kr1 - r0, kc0 - c0 : kc1 - c0]
@@ -200,11 +208,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: the GPU if any)")
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        help="variance calibration applied to the std band: auto (the model's calibration.json, if any; default), "
+        "none, or a calibration.json file",
+    )
     add_stack_arguments(p)
     p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
+
+
+def resolve_calibration(model: str, option: str) -> Calibration:
+    """The calibration ``--calibration`` asks for: ``auto`` (the model's own, identity without one), ``none``, or a
+    file (checked; errors name it)."""
+    if option == "none":
+        return IDENTITY
+    if option != "auto":
+        cal = load_calibration(option)
+    else:
+        cal, path = model_calibration(model)
+        if path is None:
+            log.info("%s: no calibration.json with the model; the std band is the model's own", model)
+            return cal
+    log.info("calibration: %s", cal.describe())
+    return cal
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -219,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.exists() and not a.overwrite:
         raise TuneAgbError(f"--out {out}: exists (use --overwrite to replace it)")
     options = StackOptions.from_args(a)
+    calibration = resolve_calibration(a.model, a.calibration)
     with gdal_env(), options.open(a.image) as stack:
         predictor = load_predictor(a.model, device=a.device)
         if stack.count != predictor.in_channels:
@@ -237,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with rasterio.open(gtiff, "w", **output_profile(stack)) as dst:
                     for i, name in enumerate(OUTPUT_BANDS, start=1):
                         dst.set_band_description(i, name)
-                    dst.update_tags(model=str(a.model), members=str(len(predictor.members)))
+                    dst.update_tags(
+                        model=str(a.model), members=str(len(predictor.members)), calibration=calibration.describe()
+                    )
                     n = predict_raster(
                         predictor,
                         stack,
@@ -247,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         batch_size=a.batch_size,
                         s2_offset=options.s2_offset,
                         progress=a.progress,
+                        calibration=calibration,
                     )
                 if a.cog:
                     rasterio.shutil.copy(
@@ -256,7 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if gtiff != tmp and gtiff.exists():
                     gtiff.unlink()
     members = len(predictor.members)
-    print(f"{out}: mean and std from {n} windows ({members} model{'s' if members > 1 else ''}, {predictor.device})")
+    print(
+        f"{out}: mean and std from {n} windows ({members} model{'s' if members > 1 else ''}, {predictor.device}; "
+        f"calibration {calibration.method})"
+    )
     return 0
 
 

@@ -11,7 +11,8 @@ temporary folder). The page is written to ``PATH/report/index.html`` and opens o
   parameter importances on a study rebuilt from ``results.parquet``, slice plots of the three most important
   parameters and the best trials with their differences from the space's base config.
 - Final training: predicted vs observed and residuals vs observed (val and test), a reliability diagram of the
-  central intervals of the predicted Gaussians, RMSE vs predicted σ per equal-count bin, the metrics table, and
+  central intervals of the predicted Gaussians (after and, dashed, before the variance calibration),
+  RMSE vs predicted σ per equal-count bin, the metrics table (before and after calibration), and
   the predicted mean and σ maps of the test tiles in ``test_maps.npz`` with their GEDI footprints marked.
 """
 
@@ -23,7 +24,6 @@ import html
 import json
 import logging
 import math
-import statistics
 import sys
 import tempfile
 import zipfile
@@ -40,10 +40,12 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from tune_agb.engine.calibration import RELIABILITY_LEVELS, Calibration, calibration_from_dict
 from tune_agb.engine.metrics import METRIC_NAMES, equal_count_bins
 from tune_agb.engine.plots import (
     binned_rmse_vs_rmv,
     draw_pred_vs_obs,
+    draw_reliability,
     new_figure,
     png_bytes,
     with_unit,
@@ -56,7 +58,6 @@ REPORT_DIR = "report"
 INDEX = "index.html"
 TOP_TRIALS = 10
 SLICE_PARAMS = 3
-COVERAGE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 STATUS_COLORS = {"completed": "#1f5fbf", "stopped early": "#e08a1e", "errored": "#c43c1e"}
 SPLIT_COLORS = {"val": "#1f5fbf", "test": "#c43c1e"}
 TEST_MAPS_FILE = "test_maps.npz"  # written by tune_agb.final_train.write_test_maps
@@ -453,14 +454,6 @@ def search_report(path: Path, unit: str = "", source: str = "") -> str:
 
 
 # -- final training ------------------------------------------------------------------------------------------
-def coverage(label: np.ndarray, mean: np.ndarray, std: np.ndarray, levels: Sequence[float]) -> np.ndarray:
-    """Observed share of labels inside the central interval of each nominal ``level`` of N(mean, std²)."""
-    err = np.abs(np.asarray(label, float) - np.asarray(mean, float))
-    std = np.asarray(std, float)
-    z = [statistics.NormalDist().inv_cdf(0.5 + lvl / 2) for lvl in levels]
-    return np.array([float(np.mean(err <= k * std)) if err.size else math.nan for k in z])
-
-
 def _splits(pred: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return [(s, pred[pred["split"] == s]) for s in ("val", "test") if (pred["split"] == s).any()]
 
@@ -494,20 +487,17 @@ def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
 
 
 def _reliability_figure(pred: pd.DataFrame) -> Figure:
+    """Both splits' reliability curves: calibrated (solid) and, where predictions.parquet has ``std_uncalibrated``,
+    before calibration (dashed)."""
     fig = new_figure((5.4, 4.8))
-    ax = fig.add_subplot()
+    curves = []
     for split, d in _splits(pred):
-        obs = coverage(d["label"].to_numpy(), d["mean"].to_numpy(), d["std"].to_numpy(), COVERAGE_LEVELS)
-        ax.plot(COVERAGE_LEVELS, obs, "o-", color=SPLIT_COLORS[split], label=split, ms=4)
-    ax.plot([0, 1], [0, 1], color="0.45", lw=1, ls="--", label="ideal")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel("expected coverage (nominal level of the central interval)")
-    ax.set_ylabel("observed coverage (share of labels inside)")
-    ax.set_title("Reliability of the predicted Gaussian intervals", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
+        y, m = d["label"].to_numpy(), d["mean"].to_numpy()
+        if "std_uncalibrated" in d and not np.allclose(d["std_uncalibrated"], d["std"], rtol=1e-6):
+            style = {"color": SPLIT_COLORS[split], "ls": "--", "alpha": 0.6}
+            curves.append((f"{split}, before calibration", y, m, d["std_uncalibrated"].to_numpy(), style))
+        curves.append((split, y, m, d["std"].to_numpy(), {"color": SPLIT_COLORS[split]}))
+    draw_reliability(fig.add_subplot(), curves, "Reliability of the predicted Gaussian intervals", RELIABILITY_LEVELS)
     return fig
 
 
@@ -645,9 +635,17 @@ def final_report(path: Path, unit: str = "", source: str = "") -> str:
         raise TuneAgbError(f"{path / 'predictions.parquet'}: missing columns {', '.join(sorted(missing))}")
     pred = pred[np.isfinite(pred["label"]) & np.isfinite(pred["mean"]) & np.isfinite(pred["std"])]
     keys = [k for k in METRIC_NAMES if any(f"{s}_{k}" in metrics for s in ("val", "test"))]
-    rows = [[s, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)] for s in ("val", "test")]
+    cal = _calibration_of(metrics, path)
+    before = metrics.get("uncalibrated") if cal is not None and cal.method != "none" else None
+    rows = []
+    for s in ("val", "test"):
+        if isinstance(before, dict):
+            rows.append([f"{s}, before calibration", *(before.get(f"{s}_{k}", math.nan) for k in keys)])
+        rows.append([s, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)])
     table = html_table(["split", *keys], rows)
     run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
+    if cal is not None:
+        run["calibration"] = cal.describe()
     table += html_table(["setting", "value"], [[k, v] for k, v in run.items()])
     meta = html.escape(
         f"{source or path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else "")
@@ -664,12 +662,20 @@ def final_report(path: Path, unit: str = "", source: str = "") -> str:
             + img_tag(_sigma_figure(pred, unit), "RMSE vs predicted sigma")
             + "</div>"
             + '<p class="note">Left: share of labels inside the central interval mean ± z·σ of each nominal level '
-            "(on the diagonal: calibrated; below: σ too small). Right: RMSE against the predicted σ in bins of "
-            "equal pixel count (on the diagonal: calibrated).</p>",
+            "(on the diagonal: calibrated; below: σ too small); dashed, for a calibrated run: before the variance "
+            "calibration fitted on the validation split. Right: RMSE against the predicted σ in bins of equal "
+            "pixel count (on the diagonal: calibrated).</p>",
         ),
         ("maps", "Test tile maps", maps_section(maps, unit)),
     ]
     return page(f"Final training report: {path.name}", meta, sections)
+
+
+def _calibration_of(metrics: dict[str, Any], path: Path) -> Calibration | None:
+    """The calibration recorded in metrics.json (None for out dirs written before calibration existed)."""
+    if "calibration" not in metrics:
+        return None
+    return calibration_from_dict(metrics["calibration"], f"{path / 'metrics.json'}: 'calibration'")
 
 
 # -- entry points --------------------------------------------------------------------------------------------

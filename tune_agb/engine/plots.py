@@ -1,5 +1,6 @@
 """Diagnostic plots as PNG, drawn with matplotlib (its Agg renderer; no display and no pyplot state): predicted vs
-observed, and the calibration of the predicted uncertainty (RMSE against RMV per bin of predicted variance).
+observed, the calibration of the predicted uncertainty (RMSE against RMV per bin of predicted variance), and the
+reliability diagram (observed against expected coverage of the central intervals, before and after recalibration).
 
 The engine does not know the unit of the labels: functions take ``unit`` (e.g. ``"Mg/ha"``; ``""``: none shown).
 The figure builders (``*_figure``) are shared with :mod:`tune_agb.report`.
@@ -15,6 +16,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from tune_agb.engine.calibration import RELIABILITY_LEVELS, coverage
 from tune_agb.engine.metrics import equal_count_bins
 
 FIGSIZE = (5.2, 4.6)  # inches
@@ -121,6 +123,48 @@ def draw_calibration(
     ax.grid(alpha=0.3)
 
 
+def draw_reliability(
+    ax: Axes,
+    curves: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, dict]],
+    title: str,
+    levels: tuple[float, ...] = RELIABILITY_LEVELS,
+) -> None:
+    """Reliability diagram: for each nominal level, the share of labels inside the central interval
+    ``mean ± z sigma`` of N(mean, std²), against the level; on the diagonal: calibrated, below: sigma too small.
+
+    Args:
+        ax: the axes.
+        curves: ``(name, label, mean, std, line style)`` per curve (flat arrays in label units; the style is passed
+            to ``ax.plot``, e.g. ``{"color": "C0", "ls": "--"}``).
+        title: the axes' title.
+        levels: the nominal levels (0..1).
+    """
+    for name, label, mean, std, style in curves:
+        y, m, s = _finite(label, mean, std)
+        ax.plot(levels, coverage(y, m, s, levels), marker="o", ms=3.5, lw=1.5, label=name, **style)
+    ax.plot([0, 1], [0, 1], color=LINE_COLOR, lw=1, ls=":", label="ideal")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel("expected coverage (nominal level of the central interval)")
+    ax.set_ylabel("observed coverage (share of labels inside)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+
+
+def reliability_figure(
+    label: np.ndarray, mean: np.ndarray, std_before: np.ndarray, std_after: np.ndarray | None, title: str
+) -> Figure:
+    """:func:`draw_reliability` of one split before (dashed) and, unless ``std_after`` is None, after calibration."""
+    fig = new_figure()
+    curves = [("before calibration", label, mean, std_before, {"color": LINE_COLOR, "ls": "--"})]
+    if std_after is not None:
+        curves.append(("after calibration", label, mean, std_after, {"color": CAL_COLOR}))
+    draw_reliability(fig.add_subplot(), curves, title)
+    return fig
+
+
 def scatter_figure(label: np.ndarray, mean: np.ndarray, title: str, unit: str = "") -> Figure:
     fig = new_figure()
     draw_pred_vs_obs(fig.add_subplot(), label, mean, title, unit)
@@ -145,3 +189,15 @@ def calibration_plot(
 ) -> None:
     """RMSE against RMV (root mean predicted variance) in equal-count bins of predicted variance; ideal = 1:1."""
     save_png(calibration_figure(label, mean, std, title, bins, unit), path)
+
+
+def reliability_plot(
+    label: np.ndarray,
+    mean: np.ndarray,
+    std_before: np.ndarray,
+    std_after: np.ndarray | None,
+    path: Path,
+    title: str,
+) -> None:
+    """Expected against observed coverage of the central intervals, before and after calibration (a PNG)."""
+    save_png(reliability_figure(label, mean, std_before, std_after, title), path)

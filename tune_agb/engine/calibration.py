@@ -1,0 +1,273 @@
+"""Variance recalibration: a map from the model's predicted variance to a calibrated one, fitted on the validation
+split's labelled pixels after training, saved with the model (``calibration.json``) and applied to every later
+prediction.
+
+Methods (all fitted by minimising the negative log-likelihood of the validation labels; the mean is never changed,
+so RMSE, MAE, ME and R^2 are unaffected):
+
+- ``scale``: one factor ``s`` on sigma, ``var * s^2``. Gaussian NLL: ``s^2 = mean(r^2 / var)``; Laplacian NLL
+  (scale ``b = sqrt(var / 2)``): ``s = mean(|r| / b)``. Closed form; ``r`` = label - mean.
+- ``isotonic``: a nondecreasing map of the predicted variance, fitted by pool-adjacent-violators (PAV) on
+  equal-count bins of the predicted variance: each bin's calibrated parameter is the weighted mean of ``r^2`` (or
+  ``|r|`` for the Laplacian), which is the NLL-optimal nondecreasing solution (isotonic regression minimises every
+  Bregman loss at once, the Gaussian and Laplacian NLLs in their scale parameter included). The map is linear in
+  log variance between the bins' knots and keeps the end knots' ratio beyond them. It corrects a miscalibration
+  that changes with the predicted variance, which one scale cannot, at the price of more parameters: it needs
+  ``2 * ISOTONIC_MIN_BIN`` validation labels or falls back to ``scale``.
+- ``none``: the identity (also what a model saved before calibration existed gets).
+
+The file format (JSON, one object): ``format`` (:data:`CALIBRATION_FORMAT`), ``method``, ``scale`` (sigma factor,
+1 unless ``scale``), ``log_var`` and ``log_var_calibrated`` (the isotonic knots: natural log of the predicted and the
+calibrated variance in target units^2, ``[]`` unless ``isotonic``), ``loss``, ``split`` and ``n`` (the pixels it was
+fitted on). :func:`load_calibration` checks every field and names the file and the field in its one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+
+from tune_agb.errors import TuneAgbError
+
+CALIBRATION_FORMAT = "tune_agb.calibration/1"
+CALIBRATION_FILE = "calibration.json"
+METHODS = ("none", "scale", "isotonic")
+DEFAULT_METHOD = "scale"
+# Isotonic fits: labelled pixels per equal-count bin of predicted variance (at least), and the most bins.
+ISOTONIC_MIN_BIN = 50
+ISOTONIC_MAX_BINS = 20
+# Nominal levels of the central intervals in reliability diagrams and coverage tables.
+RELIABILITY_LEVELS: tuple[float, ...] = (*(round(0.05 * k, 2) for k in range(1, 20)), 0.99)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A variance map, fitted on ``n`` labelled pixels of ``split`` (see the module docstring for the methods)."""
+
+    method: str = "none"
+    scale: float = 1.0
+    log_var: tuple[float, ...] = ()
+    log_var_calibrated: tuple[float, ...] = ()
+    loss: str = "gaussian_nll"
+    split: str = ""
+    n: int = 0
+    format: str = field(default=CALIBRATION_FORMAT, repr=False)
+
+    def variance(self, var: np.ndarray) -> np.ndarray:
+        """Calibrated variance of predicted variances ``var`` (any shape, target units^2; NaN stays NaN)."""
+        var = np.asarray(var)
+        if self.method == "none":
+            return var
+        if self.method == "scale":
+            return var * np.asarray(self.scale**2, dtype=var.dtype)
+        x, y = np.asarray(self.log_var), np.asarray(self.log_var_calibrated)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lv = np.log(var.astype(np.float64))
+            out = np.interp(lv, x, y)
+            out = np.where(lv < x[0], y[0] + lv - x[0], out)  # beyond the knots: the end knot's ratio
+            out = np.where(lv > x[-1], y[-1] + lv - x[-1], out)
+            out = np.where(np.isnan(lv), np.nan, out)
+        return np.exp(out).astype(var.dtype if np.issubdtype(var.dtype, np.floating) else np.float64)
+
+    def std(self, std: np.ndarray) -> np.ndarray:
+        """Calibrated standard deviation of predicted standard deviations ``std`` (any shape, target units)."""
+        std = np.asarray(std)
+        if self.method == "scale":  # exact in float32, no square and root
+            return std * np.asarray(self.scale, dtype=std.dtype)
+        return np.sqrt(self.variance(std.astype(np.float64) ** 2)).astype(std.dtype)
+
+    def describe(self) -> str:
+        """One line for logs and GeoTIFF tags, e.g. ``scale: sigma x 1.31 (fitted on 116 val pixels)``."""
+        fitted = f" (fitted on {self.n} {self.split} pixels)" if self.n else ""
+        if self.method == "scale":
+            return f"scale: sigma x {self.scale:.4g}{fitted}"
+        if self.method == "isotonic":
+            ratios = np.exp(0.5 * (np.asarray(self.log_var_calibrated) - np.asarray(self.log_var)))
+            return f"isotonic: {len(self.log_var)} knots, sigma x {ratios.min():.3g} to {ratios.max():.3g}{fitted}"
+        return "none (the model's own variance)"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["log_var"], d["log_var_calibrated"] = list(self.log_var), list(self.log_var_calibrated)
+        return {"format": d.pop("format"), **d}
+
+
+IDENTITY = Calibration()
+FILE_KEYS = tuple(IDENTITY.to_dict())
+
+
+# -- fitting ------------------------------------------------------------------------------------------------
+def _labelled(y: np.ndarray, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Residuals and variances (float64, flat) of the pixels where label, mean and variance are all usable."""
+    y, mean, var = (np.asarray(a, dtype=np.float64).ravel() for a in (y, mean, var))
+    ok = np.isfinite(y) & np.isfinite(mean) & np.isfinite(var) & (var > 0)
+    return (y - mean)[ok], var[ok]
+
+
+def _laplacian(loss: str) -> bool:
+    return loss == "laplacian_nll"
+
+
+def fit_scale(y: np.ndarray, mean: np.ndarray, var: np.ndarray, loss: str = "gaussian_nll") -> float:
+    """The factor on sigma that minimises the NLL of labels ``y`` under (``mean``, ``var`` * s^2); flat arrays in
+    target units. Gaussian: ``sqrt(mean(r^2 / var))``; Laplacian: ``mean(|r| / b)`` with ``b = sqrt(var / 2)``."""
+    r, var = _labelled(y, mean, var)
+    if r.size == 0:
+        raise TuneAgbError("calibration: no labelled pixel with a finite prediction and a positive variance")
+    lap = _laplacian(loss)
+    s = float(np.mean(np.abs(r) / np.sqrt(var / 2))) if lap else math.sqrt(float(np.mean(r**2 / var)))
+    if not (math.isfinite(s) and s > 0):  # every residual exactly zero
+        raise TuneAgbError(f"calibration: the fitted sigma factor is {s} (are the labels equal to the predictions?)")
+    return s
+
+
+def pava(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Pool adjacent violators: the nondecreasing sequence closest to ``values`` in weighted least squares."""
+    blocks: list[list[float]] = []  # [weighted mean, weight, count]
+    for v, w in zip(np.asarray(values, float), np.asarray(weights, float), strict=True):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, c2 = blocks.pop()
+            v1, w1, c1 = blocks[-1]
+            blocks[-1] = [(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, c1 + c2]
+    return np.concatenate([np.full(int(c), v) for v, _, c in blocks]) if blocks else np.zeros(0)
+
+
+def fit_isotonic(
+    y: np.ndarray, mean: np.ndarray, var: np.ndarray, loss: str = "gaussian_nll"
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Knots ``(log_var, log_var_calibrated)`` of the NLL-optimal nondecreasing map of the predicted variance
+    (PAV over equal-count bins of it; see the module docstring). Needs ``2 * ISOTONIC_MIN_BIN`` usable pixels."""
+    r, var = _labelled(y, mean, var)
+    bins = min(ISOTONIC_MAX_BINS, r.size // ISOTONIC_MIN_BIN)
+    if bins < 2:
+        raise ValueError(f"isotonic calibration needs {2 * ISOTONIC_MIN_BIN} labelled pixels, got {r.size}")
+    lap = _laplacian(loss)
+    theta = np.sqrt(var / 2) if lap else var  # the distribution's scale parameter, fitted by the mean of t
+    t = np.abs(r) if lap else r**2
+    idx = np.array_split(np.argsort(var, kind="stable"), bins)
+    x = np.array([np.mean(np.log(theta[i])) for i in idx])  # each bin's knot: its geometric mean parameter
+    fitted = pava(np.array([t[i].mean() for i in idx]), np.array([i.size for i in idx], float))
+    fitted = np.maximum(fitted, fitted.max() * 1e-6)  # a bin of residuals all ~0 must not give zero variance
+    if np.any(np.diff(x) <= 0):  # bins of equal predicted variance: keep the first knot of each value
+        keep = np.concatenate([[True], np.diff(x) > 0])
+        x, fitted = x[keep], fitted[keep]
+    to_log_var = (lambda lt: math.log(2) + 2 * lt) if lap else (lambda lt: lt)
+    return tuple(float(v) for v in to_log_var(x)), tuple(float(v) for v in to_log_var(np.log(fitted)))
+
+
+def fit_calibration(
+    method: str,
+    y: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    loss: str = "gaussian_nll",
+    split: str = "val",
+) -> Calibration:
+    """Fit ``method`` (``none``, ``scale``, ``isotonic``) on the labelled pixels of one split: flat labels ``y``,
+    predicted ``mean`` and ``var`` in target units (NaN labels ignored). An isotonic fit on too few pixels falls
+    back to ``scale`` (the returned method says which)."""
+    if method not in METHODS:
+        raise TuneAgbError(f"calibration method {method!r}: allowed: {', '.join(METHODS)}")
+    n = int(_labelled(y, mean, var)[0].size)
+    if method == "none":
+        return Calibration(loss=loss, split=split, n=n)
+    if method == "isotonic":
+        try:
+            lv, lvc = fit_isotonic(y, mean, var, loss)
+            if len(lv) >= 2:
+                return Calibration("isotonic", 1.0, lv, lvc, loss, split, n)
+        except ValueError:
+            pass
+    return Calibration("scale", fit_scale(y, mean, var, loss), loss=loss, split=split, n=n)
+
+
+# -- coverage -----------------------------------------------------------------------------------------------
+def coverage(label: np.ndarray, mean: np.ndarray, std: np.ndarray, levels: tuple[float, ...]) -> np.ndarray:
+    """Observed share of labels inside the central interval of each nominal ``level`` of N(mean, std^2) (flat
+    arrays; NaN where there is no label)."""
+    err = np.abs(np.asarray(label, float) - np.asarray(mean, float))
+    std = np.asarray(std, float)
+    z = [NormalDist().inv_cdf(0.5 + lvl / 2) for lvl in levels]
+    return np.array([float(np.mean(err <= k * std)) if err.size else math.nan for k in z])
+
+
+# -- the file -----------------------------------------------------------------------------------------------
+def save_calibration(cal: Calibration, path: str | Path) -> None:
+    """Write ``cal`` as JSON (atomically: a temporary file renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(cal.to_dict(), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _number_list(d: dict[str, Any], key: str, source: str) -> tuple[float, ...]:
+    v = d.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
+        raise TuneAgbError(f"{source}: '{key}' must be a list of numbers, got {v!r}")
+    if not all(math.isfinite(a) for a in v):
+        raise TuneAgbError(f"{source}: '{key}' must hold finite numbers, got {v!r}")
+    return tuple(float(a) for a in v)
+
+
+def calibration_from_dict(d: Any, source: str) -> Calibration:
+    """A :class:`Calibration` from its dict, every field checked; ``source`` names it in the error."""
+    if not isinstance(d, dict):
+        raise TuneAgbError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    unknown = set(d) - set(FILE_KEYS)
+    if unknown:
+        raise TuneAgbError(f"{source}: unknown key {', '.join(sorted(unknown))} (valid: {', '.join(FILE_KEYS)})")
+    if d.get("format") != CALIBRATION_FORMAT:
+        raise TuneAgbError(f"{source}: 'format' must be {CALIBRATION_FORMAT!r}, got {d.get('format')!r}")
+    method = d.get("method")
+    if method not in METHODS:
+        raise TuneAgbError(f"{source}: 'method' must be one of {', '.join(METHODS)}, got {method!r}")
+    scale = d.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise TuneAgbError(f"{source}: 'scale' must be a finite number > 0, got {scale!r}")
+    lv, lvc = _number_list(d, "log_var", source), _number_list(d, "log_var_calibrated", source)
+    if method == "isotonic":
+        if len(lv) < 2 or len(lvc) != len(lv):
+            raise TuneAgbError(
+                f"{source}: 'log_var' and 'log_var_calibrated' must be two lists of the same length >= 2 (method "
+                f"isotonic), got {len(lv)} and {len(lvc)}"
+            )
+        if np.any(np.diff(lv) <= 0):
+            raise TuneAgbError(f"{source}: 'log_var' must be strictly increasing, got {list(lv)}")
+        if np.any(np.diff(lvc) < 0):
+            raise TuneAgbError(f"{source}: 'log_var_calibrated' must be nondecreasing, got {list(lvc)}")
+    loss, split, n = d.get("loss", "gaussian_nll"), d.get("split", ""), d.get("n", 0)
+    if not isinstance(loss, str) or not isinstance(split, str):
+        raise TuneAgbError(f"{source}: 'loss' and 'split' must be strings, got {loss!r} and {split!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TuneAgbError(f"{source}: 'n' must be an integer >= 0, got {n!r}")
+    return Calibration(method, float(scale), lv, lvc, loss, split, n)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read and check a ``calibration.json``; any problem is one :class:`TuneAgbError` naming the file and field."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TuneAgbError(f"{path}: calibration file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TuneAgbError(f"{path}: not a readable calibration JSON file ({exc})") from None
+    return calibration_from_dict(d, str(path))
+
+
+def model_calibration(model: str | Path) -> tuple[Calibration, Path | None]:
+    """The calibration saved with a model: ``calibration.json`` in a final-train out dir (single model or ensemble),
+    or beside a ``best.pt`` given as a file (the checkpoint it was fitted for). Identity, and None, for a model
+    without one (saved before calibration existed, a member of an ensemble, or another epoch's checkpoint)."""
+    model = Path(model)
+    folder = model if model.is_dir() else model.parent if model.name == "best.pt" else None
+    if folder is None or not (folder / CALIBRATION_FILE).is_file():
+        return IDENTITY, None
+    return load_calibration(folder / CALIBRATION_FILE), folder / CALIBRATION_FILE
