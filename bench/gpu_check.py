@@ -6,13 +6,13 @@ Steps, each a subprocess with its log under ``--out``, each stopped at its share
 1. ``nvidia-smi`` and the software versions;
 2. the CUDA-marked tests (``pytest -m cuda``): bf16 autocast, channels_last, resident and streamed data, no per-batch
    host sync, the memory-fit check, torch.compile, a quarter-GPU trial within its cap, an infeasible trial;
+3. ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the original-style
+   loop, then lever by lever (targets: >= 2x the baseline, >= 35 % of the card's bf16 dense peak);
 4. two searches on the demo data with every trial trained to max_t (FIFO): four trials at 0.25 GPU at once, and one
    trial at a time on the whole GPU; from their ``results.parquet``: aggregate trial-epochs per minute, the most
    trials that ran at the same time and each trial's peak device memory against its share (target: >= 2.5x);
 5. a search at 0.25 GPU where one configuration cannot fit its share (a 2-billion-weight U-Net): it must be
-   reported as infeasible while its neighbours finish;
-3. ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the original-style
-   loop, then lever by lever (targets: >= 2x the baseline, >= 35 % of the card's bf16 dense peak).
+   reported as infeasible while its neighbours finish.
 
 ``--device cpu`` rehearses the plumbing on a machine without a GPU (small sizes, no GPU resources).
 """

@@ -119,3 +119,24 @@ def test_from_config_uses_every_architecture_field() -> None:
     assert model.inc[0].in_channels == 7 and model.inc[0].out_channels == 6
     assert model.depth == 3 and (model.logvar_min, model.logvar_max) == (-4.0, 3.0)
     assert _count(model, torch.nn.ConvTranspose2d) == 3 and _count(model, torch.nn.Dropout2d) == 4
+
+
+def test_bilinear_up_convolves_before_upsampling_with_the_same_function() -> None:
+    """Up (bilinear) runs its 1x1 convolution at the coarse resolution, then upsamples: the same function as
+    upsampling first (the order of the Sequential ``up``, whose weights checkpoints keep), in float64."""
+    from tune_agb.engine.model import Up
+
+    torch.manual_seed(3)
+    up = Up(16, 8, 8, "bilinear", "batch", 0.0).double().eval()
+    with torch.no_grad():
+        up.conv[1].running_mean.uniform_(-0.5, 0.5)  # a non-trivial BatchNorm in eval mode
+        up.up[1].bias.uniform_(-1.0, 1.0)  # the bias commutes too: the bilinear weights sum to 1
+    x, skip = torch.randn(2, 16, 7, 9, dtype=torch.float64), torch.randn(2, 8, 14, 18, dtype=torch.float64)
+    reference = up.drop(up.conv(torch.cat([up.up(x), skip], dim=1)))  # upsample, then convolve
+    seen: list[tuple[int, ...]] = []
+    hook = up.up[1].register_forward_hook(lambda _m, inp, _out: seen.append(tuple(inp[0].shape[-2:])))
+    out = up(x, skip)
+    hook.remove()
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    assert seen == [(7, 9)]  # the 1x1 convolution ran at the coarse resolution
+    assert [k for k in up.state_dict() if k.startswith("up.")] == ["up.1.weight", "up.1.bias"]
