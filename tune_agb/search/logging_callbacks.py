@@ -280,6 +280,11 @@ class WandbCallback(Callback):
         self.end(trial, 1)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        import wandb
+
         for run in self.runs.values():
             run.finish()
         self.runs.clear()
+        # finish() can return before W&B's service has written a run's last records (seen: the exit record missing
+        # from the offline run file); teardown waits for the service to flush and stop.
+        wandb.teardown()
