@@ -122,6 +122,13 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: rehearse without a GPU")
     p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps among {', '.join(STEPS)}")
     p.add_argument("--throughput-args", default="", help="replace the throughput step's size and lever arguments")
+    p.add_argument(
+        "--packing-steps",
+        type=int,
+        default=0,
+        help="packing searches with base-32 U-Nets and this many batches per epoch (default: the demo space as is, "
+        "whose tiny trials leave the card mostly idle)",
+    )
     a = p.parse_args()
     steps = set(a.only.split(","))
     if not steps <= set(STEPS):
@@ -199,6 +206,12 @@ def main() -> int:
     space = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
     space["scheduler"] = {"type": "fifo", "max_t": 6}
     space["experiment"]["time_budget_s"] = None
+    if a.packing_steps:  # trials that keep the card busy: fixed base-32 U-Nets, many batches per epoch
+        space["params"].pop("base_channels", None)
+        for point in space["searcher"].get("points_to_evaluate", []):
+            point.pop("base_channels", None)
+        space["fixed"] |= {"base_channels": 32, "batch_size": 8, "steps_per_epoch": a.packing_steps}
+        space["scheduler"]["max_t"] = 3
     space_path = out / "gpu_space.yaml"
     space_path.write_text(yaml.safe_dump(space, sort_keys=False))
     rates: dict[str, dict] = {}
