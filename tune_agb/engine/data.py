@@ -14,7 +14,7 @@ import queue
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ class TileSet:
 
     split: str
     names: list[str]
-    inputs: np.ndarray
-    labels: np.ndarray
+    inputs: np.ndarray | StackedRows
+    labels: np.ndarray | StackedRows
     labelled: int | None = None
     nonfinite: int | None = None
 
@@ -54,6 +54,52 @@ class TileSet:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+class StackedRows:
+    """Chosen rows of several arrays, seen as one read-only array (N, ...) without copying them: a cross-validation
+    fold's tiles, drawn from the train and val splits' stores.
+
+    ``parts`` are ``(array, rows)`` pairs: the rows (int indices along the first axis) of each array, in order; all
+    arrays share their trailing shape. It has what the loaders use: ``shape``, ``dtype`` (the arrays' common type),
+    ``nbytes``, ``len`` and indexing by an int, a slice or an int array (which gathers those rows into a new array);
+    the streaming reader reads its rows from each part's memory map directly.
+    """
+
+    def __init__(self, parts: Sequence[tuple[np.ndarray, Sequence[int] | np.ndarray]]):
+        if not parts:
+            raise ValueError("StackedRows needs at least one part")
+        self.parts = [(arr, np.asarray(rows, dtype=np.int64).reshape(-1)) for arr, rows in parts]
+        trailing = {tuple(arr.shape[1:]) for arr, _ in self.parts}
+        if len(trailing) != 1:
+            raise ValueError(f"StackedRows: parts differ in shape {sorted(trailing)}")
+        self.dtype = np.result_type(*[arr.dtype for arr, _ in self.parts])
+        sizes = [len(rows) for _, rows in self.parts]
+        self.shape = (sum(sizes), *trailing.pop())
+        self.part_of = np.repeat(np.arange(len(self.parts)), sizes)  # per row: its part ...
+        self.row_of = np.concatenate([rows for _, rows in self.parts])  # ... and its row there
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return np.asarray(self[np.array([key])][0])
+        idx = np.arange(self.shape[0])[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        out = np.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        parts = self.part_of[idx]
+        for p in np.unique(parts):
+            sel = parts == p
+            out[sel] = self.parts[p][0][self.row_of[idx[sel]]]
+        return out
 
 
 @dataclass
@@ -416,17 +462,28 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 
 class _Reader:
     """Copies rows of an array into a buffer: positional reads (``os.preadv``, GIL released) from the file of a
-    C-contiguous memory map, else numpy's ``take``."""
+    C-contiguous memory map, else numpy's ``take``; for :class:`StackedRows`, each row from its part."""
 
-    def __init__(self, arr: np.ndarray):
+    def __init__(self, arr: np.ndarray | StackedRows):
         self.arr = arr
         self.fd = None
-        if isinstance(arr, np.memmap) and arr.filename and arr.flags.c_contiguous and hasattr(os, "preadv"):
+        self.parts: list[_Reader] = []
+        if isinstance(arr, StackedRows):
+            self.parts = [_Reader(a) for a, _ in arr.parts]
+        elif isinstance(arr, np.memmap) and arr.filename and arr.flags.c_contiguous and hasattr(os, "preadv"):
             self.fd = os.open(arr.filename, os.O_RDONLY)
             self.offset = arr.offset
             self.row = arr[0].nbytes if arr.shape[0] else 0
 
     def read(self, idx: np.ndarray, out: np.ndarray) -> None:
+        if isinstance(self.arr, StackedRows):
+            for j, i in enumerate(idx):
+                p = int(self.arr.part_of[i])
+                self.parts[p].read(self.arr.row_of[i : i + 1], out[j : j + 1])
+            return
+        if out.dtype != self.arr.dtype:  # a part of a StackedRows of mixed dtypes: numpy converts
+            out[...] = self.arr[np.asarray(idx)]
+            return
         if self.fd is None:
             np.take(self.arr, idx, axis=0, out=out)
             return
@@ -441,6 +498,8 @@ class _Reader:
                 done += got
 
     def close(self) -> None:
+        for part in self.parts:
+            part.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

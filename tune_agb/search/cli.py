@@ -5,12 +5,14 @@
 Everything the user gives is validated before Ray starts (space file, flags, data folders). The experiment folder
 ``STORAGE/NAME`` (:mod:`tune_agb.search.experiment`) holds Ray's state (``tuner.pkl``, trial folders with
 checkpoints) plus ``search.yaml`` (the space and settings it was started with), ``results.parquet`` and
-``best.yaml``; ``--resume`` continues it. Ray and the trainable are imported only once a search runs.
+``best.yaml``, and with a ``cv`` section ``cv_folds.json`` (the fold of every train/val tile, made before Ray starts
+and reused by ``--resume``); ``--resume`` continues it. Ray and the trainable are imported only once a search runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -20,21 +22,27 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune_agb.engine.config import read_yaml_or_json
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.experiment import (
     BEST_FILE,
     CHECKPOINT_FILE,
+    CV_FOLDS_FILE,
     OPTUNA_JOURNAL,
     RESULTS_FILE,
     TENSORBOARD_DIR,
     Experiment,
     is_uri,
+    read_folds,
+    write_folds,
 )
 from tune_agb.search.space import SearchSpace, parse_search_space
 from tune_agb.store import DataSource
+
+if TYPE_CHECKING:
+    from tune_agb.folds import FoldAssignment
 
 log = logging.getLogger(__name__)
 
@@ -148,13 +156,17 @@ def build_tuner_parts(space: SearchSpace, exp: Experiment, wandb: bool = False) 
     return tune_config, run_config, scheduler
 
 
-def make_trainable(space: SearchSpace, data: DataSource, experiment_uri: str | None = None) -> Any:
-    """The trainable with the data's location (not the tiles: each trial opens the packed store itself) and the
-    trial's resources attached."""
+def make_trainable(
+    space: SearchSpace, data: DataSource, experiment_uri: str | None = None, folds: FoldAssignment | None = None
+) -> Any:
+    """The trainable with the data's location (not the tiles: each trial opens the packed store itself), the fold
+    assignment of a cross-validated search (a few numbers per tile) and the trial's resources attached."""
     from ray import tune
 
     from tune_agb.search.trainable import search_trial  # Ray and torch: imported only to run a search
 
+    if space.cv is not None and folds is None:
+        raise TuneAgbError(f"{space.source}: cv: the search needs its fold assignment (see make_folds)")
     res = space.settings["resources"]
     fn = tune.with_parameters(
         search_trial,
@@ -163,8 +175,44 @@ def make_trainable(space: SearchSpace, data: DataSource, experiment_uri: str | N
         cpus=res["cpu"],
         gpu_fraction=res["gpu"],
         experiment_uri=experiment_uri,
+        folds=folds,
     )
     return tune.with_resources(fn, {"cpu": res["cpu"], "gpu": res["gpu"]})
+
+
+def cv_settings(space: SearchSpace) -> dict[str, Any]:
+    """The space's ``cv`` section with ``manifest`` made absolute (relative to the space file, like ``data``)."""
+    cv = dict(space.cv or {})
+    manifest = cv.get("manifest")
+    if manifest and "://" not in manifest and not Path(manifest).is_absolute():
+        cv["manifest"] = str((Path(space.source).parent / manifest).resolve())
+    return cv
+
+
+def make_folds(
+    space: SearchSpace, exp: Experiment, data: DataSource, input_dir: str, resume: bool
+) -> tuple[FoldAssignment | None, bool]:
+    """The fold assignment of a search with ``cv`` (None without): on ``--resume`` the one saved in the experiment
+    (its normalisation recomputed if the tiles' store changed), else made from the tiles (one pass over them).
+
+    Returns:
+        The assignment and whether it must be (re)written to ``cv_folds.json``.
+    """
+    if space.cv is None:
+        return None, False
+    from tune_agb.folds import build_assignment, with_stats
+
+    packed = data.open()
+    keys = {s: k for s, k in data.keys}
+    saved = read_folds(exp.uri) if resume else None
+    if saved is not None:
+        saved.check_tiles(packed.tiles, source=f"{exp.uri}/{CV_FOLDS_FILE}")
+        if saved.data_keys == keys:
+            return saved, False
+        print(f"cv: the tiles' store changed since the search started; fold normalisation recomputed ({exp.uri})")
+        return with_stats(dataclasses.replace(saved, data_keys=keys), packed.tiles), True
+    plan = build_assignment(cv_settings(space), packed.tiles, input_dir, keys, source=space.source)
+    return plan, True
 
 
 def check_cluster_resources(space: SearchSpace, cluster: dict[str, float]) -> None:
@@ -326,6 +374,8 @@ def run_search(args: argparse.Namespace) -> int:
     # Validated and packed here, before Ray starts: bad tiles are one error line, and trials on this node find the
     # store ready (a trial on another node packs its own copy once).
     data = DataSource(str(input_dir), str(label_dir), splits=("train", "val"), in_channels=base.in_channels).pinned()
+    # The folds too (cv): a bad cv section or too few blocks is one error line before Ray starts.
+    folds, write = make_folds(space, exp, data, input_dir, args.resume)
 
     import ray
     from ray import tune
@@ -334,12 +384,17 @@ def run_search(args: argparse.Namespace) -> int:
     init_ray(args.address)
     try:
         check_cluster_resources(space, ray.cluster_resources())
-        trainable = make_trainable(space, data, exp.uri)
+        trainable = make_trainable(space, data, exp.uri, folds)
         print(
             f"search: {exp.uri}  ({space.settings['experiment']['num_samples']} trials, metric {space.metric} "
             f"{space.mode}, data {input_dir})",
             flush=True,
         )
+        if folds is not None:
+            print(f"cv: {folds.k} folds of the train+val tiles, positions from {folds.positions} ({CV_FOLDS_FILE})")
+            print("\n".join(f"  {line}" for line in folds.describe()), flush=True)
+            if write:
+                write_folds(exp.uri, folds)
         if args.resume:
             if args.wandb:
                 print("note: --wandb has no effect on --resume: the search keeps the logging it was started with")

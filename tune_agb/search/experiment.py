@@ -3,10 +3,12 @@
 ``STORAGE`` is a local folder or an ``s3://``/``gs://`` URI (opened with pyarrow.fs); the folder holds::
 
     search.yaml                      the space, overrides and data folders the search was started with
+    cv_folds.json                    with a cv section: every train/val tile's block and fold (tune_agb.folds)
     results.parquet, best.yaml       one row per trial and epoch; the best (trial, epoch), read by final_train
     tuner.pkl, *_state-*.json/.pkl   Ray's experiment state (with NAME.bak copies, see tune_agb.search.state)
     TRIAL/result.json                Ray's per-trial results (JSON lines)
-    TRIAL/checkpoint_NNNNNN/         checkpoint.pt (the engine's state) + results.jsonl (every report up to it)
+    TRIAL/checkpoint_NNNNNN/         checkpoint.pt (the engine's state; with cv, ``folds``: one per fold) +
+                                     results.jsonl (every report up to it)
     optuna.journal                   the Optuna study (named NAME; local experiments), for optuna-dashboard
     tensorboard/                     HParams table and per-epoch curves, one run per trial (local experiments)
     wandb/                           W&B's files of the trials' runs, with --wandb (local experiments)
@@ -20,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -32,7 +35,11 @@ import yaml
 
 from tune_agb.errors import TuneAgbError
 
+if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
+    from tune_agb.folds import FoldAssignment
+
 SEARCH_FILE = "search.yaml"
+CV_FOLDS_FILE = "cv_folds.json"  # the fold of every train/val tile (tune_agb.folds.FoldAssignment.to_dict)
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"
 RAY_RESULT_FILE = "result.json"  # Ray's, in each trial folder
@@ -287,6 +294,118 @@ def read_best(experiment: str) -> dict[str, Any]:
     if not isinstance(best, dict) or not isinstance(best.get("config"), dict):
         raise TuneAgbError(f"{path}: expected a mapping with a 'config' mapping")
     return best
+
+
+def write_folds(experiment_uri: str, plan: FoldAssignment) -> None:
+    """Write ``cv_folds.json`` (atomically): the search's fold assignment, reused by ``--resume`` and final_train."""
+    write_file(experiment_uri, CV_FOLDS_FILE, json.dumps(plan.to_dict(), indent=1).encode())
+
+
+def read_folds(experiment_uri: str) -> FoldAssignment | None:
+    """The fold assignment saved in an experiment (a local path or a URI); None when it has none.
+
+    Raises:
+        TuneAgbError: one line when the file is there but is no fold assignment.
+    """
+    from tune_agb.folds import FoldAssignment
+
+    fs, root = open_storage(experiment_uri)
+    path = f"{root}/{CV_FOLDS_FILE}"
+    data = read_file(fs, path)
+    if data is None:
+        return None
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TuneAgbError(f"{experiment_uri}/{CV_FOLDS_FILE}: not valid JSON ({_first_line(exc)})") from None
+    return FoldAssignment.from_dict(raw, source=f"{experiment_uri}/{CV_FOLDS_FILE}")
+
+
+@dataclass(frozen=True)
+class CVBest:
+    """The best configuration of a cross-validated search, with what a final training needs to use its folds.
+
+    ``config``: the complete training config (``epochs`` = the search's ``max_t``); ``epoch``: the epoch of the best
+    mean over folds; ``value``/``value_sd``: the metric's mean and spread over folds there; ``checkpoint``: the folder
+    of that epoch's checkpoint (``checkpoint.pt`` holding the k fold models), None when Ray did not keep it;
+    ``folds``: the fold assignment; ``data``: the tile folders of the search.
+    """
+
+    experiment: str
+    trial_id: str
+    metric: str
+    value: float
+    value_sd: float | None
+    epoch: int
+    config: dict[str, Any]
+    checkpoint: str | None
+    folds: FoldAssignment
+    data: dict[str, Any]
+
+    def retrain_config(self) -> dict[str, Any]:
+        """The config to retrain on train + val (no tile left to validate on): the best config trained for the
+        ``epoch`` the mean over folds was best at."""
+        return {**self.config, "epochs": self.epoch}
+
+    def fold_states(self, map_location: Any = "cpu") -> list[dict[str, Any]]:
+        """The k fold models of the best (trial, epoch): one engine checkpoint dict per fold (model, config, norm,
+        ...: each usable as an ensemble member, e.g. ``tune_agb.engine.inference.member_from_state``).
+
+        Raises:
+            TuneAgbError: when the checkpoint is gone (Ray keeps the 2 best and the latest per trial) or is not the
+                best epoch's k-fold checkpoint.
+        """
+        from tune_agb.engine.checkpoint import load_checkpoint_bytes
+
+        if self.checkpoint is None:
+            raise TuneAgbError(
+                f"{self.experiment}/{BEST_FILE}: the checkpoint of trial {self.trial_id} epoch {self.epoch} was not "
+                "kept; retrain on train+val instead of keeping the fold models"
+            )
+        fs, folder = open_storage(self.checkpoint)
+        source = f"{self.checkpoint}/{CHECKPOINT_FILE}"
+        try:
+            data = read_file(fs, f"{folder}/{CHECKPOINT_FILE}")
+        except OSError as exc:
+            raise TuneAgbError(f"{source}: cannot read it ({_first_line(exc)})") from None
+        if data is None:
+            raise TuneAgbError(f"{source}: not found (was the experiment moved or its checkpoints deleted?)")
+        state = load_checkpoint_bytes(data, source=source, map_location=map_location)
+        folds = state.get("folds")
+        if not isinstance(folds, list) or len(folds) != self.folds.k:
+            raise TuneAgbError(f"{source}: not the checkpoint of a {self.folds.k}-fold cross-validation")
+        if int(state["epoch"]) != self.epoch or any(int(f["epoch"]) != self.epoch for f in folds):
+            raise TuneAgbError(f"{source}: holds epoch {state['epoch']}, best.yaml says {self.epoch}")
+        return folds
+
+
+def read_cv_best(experiment: str) -> CVBest | None:
+    """The best configuration of a cross-validated search and its folds (what ``final_train --experiment`` needs to
+    retrain on train+val or keep the fold models); None for a search without ``cv``.
+
+    Raises:
+        TuneAgbError: one line when best.yaml or cv_folds.json cannot be read.
+    """
+    best = read_best(experiment)
+    cv = best.get("cv")
+    if not isinstance(cv, dict):
+        return None
+    folds = read_folds(experiment.rstrip("/"))
+    if folds is None:
+        raise TuneAgbError(f"{experiment.rstrip('/')}/{CV_FOLDS_FILE}: not found, but best.yaml names a cv search")
+    sd = cv.get("value_sd")
+    return CVBest(
+        experiment=experiment.rstrip("/"),
+        trial_id=str(best.get("trial_id")),
+        metric=str(best.get("metric")),
+        value=float(best.get("value", math.nan)),
+        value_sd=None if sd is None else float(sd),
+        epoch=int(best["epoch"]),
+        config=dict(best["config"]),
+        checkpoint=best.get("checkpoint"),
+        folds=folds,
+        data=dict(best.get("data") or {}),
+    )
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,15 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from tune_agb.search.experiment import location_of, read_trial_rows, write_best, write_results_table
-from tune_agb.search.space import METRICS, SearchSpace
+from tune_agb.search.experiment import (
+    CV_FOLDS_FILE,
+    location_of,
+    open_storage,
+    read_trial_rows,
+    write_best,
+    write_results_table,
+)
+from tune_agb.search.space import SearchSpace
 
 # Columns kept from each reported result besides the metrics and the config.
 EXTRA_COLUMNS = ("lr", "gpu_mem_peak_gb", "infeasible", "node_id", "pid", "wall_time", "checkpoint_dir_name")
@@ -23,17 +30,19 @@ EXTRA_COLUMNS = ("lr", "gpu_mem_peak_gb", "infeasible", "node_id", "pid", "wall_
 def results_frame(rows: list[dict[str, Any]], space: SearchSpace) -> pd.DataFrame:
     """One row per (trial, epoch); an epoch reported twice (re-run after a resume) keeps its latest report.
 
-    Columns: ``trial_id``, ``epoch``, every metric, ``lr``, ``node_id``, ``pid``, ``wall_time`` (s since the epoch),
-    ``checkpoint_dir_name``, ``trial_path`` and ``config/<name>`` for each searched hyperparameter (empty where a
-    conditional one was not active).
+    Columns: ``trial_id``, ``epoch``, every metric (with ``cv``: the means over folds, then ``val_rmse_sd``,
+    ``val_r2_sd`` and the per-fold ``val_rmse_fold0`` ...), ``lr``, ``node_id``, ``pid``, ``wall_time`` (s since the
+    epoch), ``checkpoint_dir_name``, ``trial_path`` and ``config/<name>`` for each searched hyperparameter (empty
+    where a conditional one was not active).
     """
     names = [p.name for p in space.params]
+    metrics = space.reported
     out = []
     for r in rows:
         if "epoch" not in r:
             continue
         rec: dict[str, Any] = {"trial_id": r["trial_id"], "epoch": int(r["epoch"])}
-        for m in METRICS:
+        for m in metrics:
             v = r.get(m)
             rec[m] = float(v) if isinstance(v, (int, float)) else math.nan
         for k in EXTRA_COLUMNS:
@@ -43,7 +52,7 @@ def results_frame(rows: list[dict[str, Any]], space: SearchSpace) -> pd.DataFram
         for n in names:
             rec[f"config/{n}"] = cfg.get(n)
         out.append(rec)
-    cols = ["trial_id", "epoch", *METRICS, *EXTRA_COLUMNS, "trial_path", *[f"config/{n}" for n in names]]
+    cols = ["trial_id", "epoch", *metrics, *EXTRA_COLUMNS, "trial_path", *[f"config/{n}" for n in names]]
     df = pd.DataFrame(out, columns=cols)
     if df.empty:
         return df
@@ -74,7 +83,7 @@ def best_record(
     ckpt = None
     if isinstance(row["checkpoint_dir_name"], str) and isinstance(row["trial_path"], str):
         ckpt = location_of(experiment_uri, f"{row['trial_path']}/{row['checkpoint_dir_name']}")
-    return {
+    best = {
         "trial_id": str(row["trial_id"]),
         "metric": space.metric,
         "mode": space.mode,
@@ -83,6 +92,24 @@ def best_record(
         "config": cfg.to_dict(),
         "checkpoint": ckpt,
         "data": {"input_dir": input_dir, "label_dir": label_dir},
+    }
+    if space.cv is not None:
+        best["cv"] = cv_record(row, space, experiment_uri)
+    return best
+
+
+def cv_record(row: pd.Series, space: SearchSpace, experiment_uri: str) -> dict[str, Any]:
+    """best.yaml's ``cv``: ``k``, the metric's spread over folds (``value_sd``, when reported) and per-fold values
+    (``fold_values``) at the best epoch, and where the fold assignment is (``folds_file``). ``value`` is the mean."""
+    k = int(space.cv["k"])
+    sd = row.get(f"{space.metric}_sd")
+    per_fold = [row.get(f"{space.metric}_fold{j}") for j in range(k)]
+    _, root = open_storage(experiment_uri)
+    return {
+        "k": k,
+        "value_sd": float(sd) if _present(sd) else None,
+        "fold_values": [float(v) for v in per_fold] if all(_present(v) for v in per_fold) else None,
+        "folds_file": location_of(experiment_uri, f"{root}/{CV_FOLDS_FILE}"),
     }
 
 
@@ -126,7 +153,8 @@ def summary(df: pd.DataFrame, space: SearchSpace, top: int = 5) -> str:
         .merge(df.groupby("trial_id")["epoch"].max().rename("epochs_run"), on="trial_id")
         .head(top)
     )
-    cols = ["trial_id", space.metric, "epoch", "epochs_run", *[f"config/{p.name}" for p in space.params]]
+    spread = [f"{space.metric}_sd"] if f"{space.metric}_sd" in df else []  # cv: the spread over folds
+    cols = ["trial_id", space.metric, *spread, "epoch", "epochs_run", *[f"config/{p.name}" for p in space.params]]
     table = best[cols].rename(columns=lambda c: c.removeprefix("config/"))
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
         text = table.to_string(index=False)

@@ -1,6 +1,6 @@
 """The search-space file: YAML schema, validation (before Ray starts) and conversion to an Optuna define-by-run space.
 
-A space file has seven sections; only ``params`` is required::
+A space file has seven sections, and an optional eighth (``cv``); only ``params`` is required::
 
     experiment: {metric: val_rmse, mode: min, num_samples: 16, max_concurrent: 2, time_budget_s: null,
                  max_failures: 2}
@@ -14,9 +14,13 @@ A space file has seven sections; only ``params`` is required::
       lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
       optimizer: {type: categorical, choices: [adamw, sgd]}
       momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
+    cv:         {k: 3, block_size: 2, block_m: null, seed: 0, positions: auto, manifest: null}
 
-Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.engine.config.TrainConfig` field. Errors name the file and
-the key (``demo.yaml: params.lr.low: ...``) and are raised as :class:`~tune_agb.errors.TuneAgbError`.
+``cv`` turns on spatial k-fold cross-validation (:mod:`tune_agb.folds`): every trial trains k models and reports the
+mean over folds (what ASHA and Optuna act on) and the spread.
+
+Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.engine.config.TrainConfig` field. Errors name the file
+and the key (``demo.yaml: params.lr.low: ...``) and are raised as :class:`~tune_agb.errors.TuneAgbError`.
 """
 
 from __future__ import annotations
@@ -38,11 +42,31 @@ from tune_agb.engine.config import (
     read_yaml_or_json,
 )
 from tune_agb.engine.metrics import METRIC_NAMES
+from tune_agb.engine.train import fold_metric_names
 from tune_agb.errors import TuneAgbError
+from tune_agb.folds import POSITION_SOURCES
 
 # Figures every trial reports (see tune_agb.engine.train): the engine's validation metrics (the pixel count ``n``
-# is no figure to optimise) and the training loss and RMSE. The ones a search may optimise.
+# is no figure to optimise) and the training loss and RMSE. The ones a search may optimise; with ``cv`` each is the
+# mean over folds.
 METRICS: tuple[str, ...] = (*(f"val_{m}" for m in METRIC_NAMES if m != "n"), "train_loss", "train_rmse")
+
+
+def cv_metrics(k: int) -> tuple[str, ...]:
+    """What a k-fold search reports besides :data:`METRICS` (never optimised): the spread over folds
+    (``val_rmse_sd``, ``val_r2_sd``) and each fold's value (``val_rmse_fold0`` ... ``val_r2_fold{k-1}``)."""
+    return fold_metric_names(k)
+
+
+# The ``cv`` section (spatial k-fold cross-validation), when given: ``k`` is required.
+CV_DEFAULTS: dict[str, Any] = {
+    "k": None,  # folds, >= 2
+    "block_size": 2,  # block side in tile steps
+    "block_m": None,  # or in map units (metres for UTM): needs prepare's manifest
+    "seed": 0,  # seed of the block-to-fold draw
+    "positions": "auto",  # auto | manifest | names | tiles
+    "manifest": None,  # prepare's manifest.parquet (relative to the space file); default: next to the inputs
+}
 
 SECTIONS: dict[str, dict[str, Any]] = {
     "experiment": {
@@ -116,6 +140,7 @@ class SearchSpace:
     settings: dict[str, dict[str, Any]]
     fixed: dict[str, Any]
     params: list[ParamSpec]
+    cv: dict[str, Any] | None = None  # the cv section with defaults filled in; None: no cross-validation
 
     # -- convenient views of the settings ------------------------------------------------------------------
     @property
@@ -129,6 +154,11 @@ class SearchSpace:
     @property
     def max_t(self) -> int:
         return self.settings["scheduler"]["max_t"]
+
+    @property
+    def reported(self) -> tuple[str, ...]:
+        """Every figure a trial reports per epoch: :data:`METRICS`, then with ``cv`` :func:`cv_metrics`."""
+        return (*METRICS, *(cv_metrics(self.cv["k"]) if self.cv else ()))
 
     def sampler(self) -> Any:
         """The Optuna sampler of ``searcher``: RandomSampler(seed) for ``type: random``, else TPESampler with the
@@ -181,7 +211,10 @@ class SearchSpace:
             if p.when:
                 d["when"] = {k: list(v) for k, v in p.when.items()}
             params[p.name] = d
-        return {**copy.deepcopy(self.settings), "fixed": dict(self.fixed), "params": params}
+        out = {**copy.deepcopy(self.settings), "fixed": dict(self.fixed), "params": params}
+        if self.cv is not None:
+            out["cv"] = dict(self.cv)
+        return out
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -277,6 +310,37 @@ def _validate_settings(source: str, raw: dict[str, Any]) -> dict[str, dict[str, 
     return out
 
 
+def _validate_cv(source: str, raw: Any) -> dict[str, Any] | None:
+    """The ``cv`` section with its defaults, or None when it is absent (errors name the field and what is allowed)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _fail(source, "cv", f"must be a mapping {{k: ..., block_size: ...}}, got {type(raw).__name__}")
+    _check_keys(source, "cv", raw, CV_DEFAULTS)
+    cv = {**CV_DEFAULTS, **raw}
+    if cv["k"] is None:
+        raise _fail(source, "cv.k", "is required: the number of folds, an integer >= 2")
+    if _number(source, "cv.k", cv["k"], integer=True) < 2:
+        raise _fail(source, "cv.k", f"must be an integer >= 2 (folds), got {cv['k']}")
+    if _number(source, "cv.block_size", cv["block_size"], integer=True) < 1:
+        raise _fail(source, "cv.block_size", f"must be an integer >= 1 (tiles per block side), got {cv['block_size']}")
+    if cv["block_m"] is not None:
+        if "block_size" in raw:
+            raise _fail(source, "cv.block_m", "give the block size once: block_size (tiles) or block_m (map units)")
+        if _number(source, "cv.block_m", cv["block_m"]) <= 0:
+            raise _fail(source, "cv.block_m", f"must be > 0 (map units, metres for UTM), got {cv['block_m']}")
+    _number(source, "cv.seed", cv["seed"], integer=True)
+    if cv["positions"] not in POSITION_SOURCES:
+        raise _fail(source, "cv.positions", f"must be one of {', '.join(POSITION_SOURCES)}, got {cv['positions']!r}")
+    if cv["block_m"] is not None and cv["positions"] in ("names", "tiles"):
+        raise _fail(
+            source, "cv.block_m", f"needs map coordinates (prepare's manifest), not positions: {cv['positions']}"
+        )
+    if cv["manifest"] is not None and not isinstance(cv["manifest"], str):
+        raise _fail(source, "cv.manifest", f"must be the path of prepare's manifest.parquet, got {cv['manifest']!r}")
+    return cv
+
+
 def _validate_param(source: str, name: str, raw: Any, earlier: dict[str, ParamSpec]) -> ParamSpec:
     key = f"params.{name}"
     if name not in field_types():
@@ -343,9 +407,12 @@ def _validate_param(source: str, name: str, raw: Any, earlier: dict[str, ParamSp
 def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
     """Validate a search space given as plain data (a parsed YAML document)."""
     if not isinstance(raw, dict):
-        raise TuneAgbError(f"{source}: expected a mapping with sections {', '.join([*SECTIONS, 'fixed', 'params'])}")
-    _check_keys(source, "", raw, [*SECTIONS, "fixed", "params"])
+        raise TuneAgbError(
+            f"{source}: expected a mapping with sections {', '.join([*SECTIONS, 'fixed', 'params', 'cv'])}"
+        )
+    _check_keys(source, "", raw, [*SECTIONS, "fixed", "params", "cv"])
     settings = _validate_settings(source, raw)
+    cv = _validate_cv(source, raw.get("cv"))
 
     fixed_raw = raw.get("fixed") or {}
     if not isinstance(fixed_raw, dict):
@@ -374,7 +441,7 @@ def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
             raise _fail(source, "params.epochs", "the epoch budget is scheduler.max_t (ASHA decides who gets it)")
         params[name] = _validate_param(source, name, spec, params)
 
-    space = SearchSpace(source=source, settings=settings, fixed=fixed, params=list(params.values()))
+    space = SearchSpace(source=source, settings=settings, fixed=fixed, params=list(params.values()), cv=cv)
     space.base_config()  # fixed values that only clash together (logvar_min >= logvar_max) fail here
     for i, point in enumerate(settings["searcher"]["points_to_evaluate"]):
         _validate_point(space, point, f"searcher.points_to_evaluate[{i}]")

@@ -5,6 +5,11 @@ and the trial opens the node's packed store (memory maps shared through the page
 that has none. Each epoch it reports the engine's metrics with a checkpoint directory holding
 ``checkpoint.pt`` (the engine's full state) and the report log (the layout is :mod:`tune_agb.search.experiment`'s),
 and it resumes from the newest stored checkpoint when Tune restores it.
+
+With a fold assignment (the space's ``cv`` section) the trial trains the k fold models in step
+(:func:`tune_agb.engine.train.train_folds`) and reports, each epoch, the mean over folds under the usual names (what
+ASHA and Optuna act on), the spread (``val_rmse_sd``, ``val_r2_sd``) and every fold's value; its checkpoint holds
+the k fold states.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import torch
 from ray import tune
 
 from tune_agb.engine.config import config_from_dict
-from tune_agb.engine.train import EpochReport, train
+from tune_agb.engine.train import EpochReport, FoldsReport, train, train_folds
 from tune_agb.errors import DivergenceError, InfeasibleError
+from tune_agb.folds import FoldAssignment, fold_tiles
 from tune_agb.search import experiment
 from tune_agb.search.experiment import write_checkpoint_folder
-from tune_agb.search.space import METRICS
+from tune_agb.search.space import METRICS, cv_metrics
 from tune_agb.store import DataSource
 
 
@@ -80,6 +86,7 @@ def search_trial(
     cpus: float = 1,
     gpu_fraction: float = 0,
     experiment_uri: str | None = None,
+    folds: FoldAssignment | None = None,
 ) -> None:
     """Train one trial's configuration, reporting to Tune after every epoch.
 
@@ -91,6 +98,7 @@ def search_trial(
         gpu_fraction: GPUs reserved for the trial (0.25 = a quarter of one card).
         experiment_uri: ``STORAGE/NAME`` of the search; the trial looks there for checkpoints newer than the one
             Ray hands back after an interruption (None: only Ray's checkpoint's own folder is looked at).
+        folds: the cross-validation's fold assignment (None: train on ``train``, validate on ``val``).
     """
     cfg = config_from_dict({**base, **config}, source="trial config")
     # The store's memory maps are read-only; the engine only reads them (it normalises into new tensors).
@@ -109,7 +117,7 @@ def search_trial(
         tune.report({k: v for k, v in log_rows[-1].items() if k not in ("trial_id", "config")})
         return
 
-    def on_epoch(report: EpochReport) -> None:
+    def on_epoch(report: EpochReport | FoldsReport) -> None:
         metrics = finite_or_inf(report.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
         log_rows.append({**metrics, "trial_id": trial_id, "config": dict(config)})
         with tempfile.TemporaryDirectory(prefix="tune_agb_ckpt_") as tmp:
@@ -118,17 +126,22 @@ def search_trial(
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     packed = data.open()
+    share = gpu_fraction if device != "cpu" else 1.0
     try:
-        train(
-            cfg,
-            packed.tiles,
-            norm=packed.norm(cfg.standardize_target),
-            device=device,
-            resume=resume,
-            on_epoch=on_epoch,
-            progress=False,
-            device_share=gpu_fraction if device != "cpu" else 1.0,
-        )
+        if folds is None:
+            train(cfg, packed.tiles, norm=packed.norm(cfg.standardize_target), device=device, resume=resume,
+                  on_epoch=on_epoch, progress=False, device_share=share)  # fmt: skip
+        else:
+            train_folds(
+                cfg,
+                [fold_tiles(packed.tiles, folds, j) for j in range(folds.k)],
+                norms=[folds.train_norm(j, cfg.standardize_target) for j in range(folds.k)],
+                device=device,
+                resume=resume,
+                on_epoch=on_epoch,
+                progress=False,
+                device_share=share,
+            )
     except DivergenceError as exc:
         # Tell the searcher and scheduler (inf, never NaN), then fail so Tune retries from the last checkpoint.
         tune.report(finite_or_inf(exc.metrics) | {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()})
@@ -141,10 +154,12 @@ def search_trial(
         else:
             reason = f"infeasible: out of memory while training ({str(exc).splitlines()[0]})"
         where = {"node_id": node_id, "pid": os.getpid(), "wall_time": time.time()}
-        tune.report(infeasible_result(reason, len(log_rows)) | where)
+        tune.report(infeasible_result(reason, len(log_rows), folds.k if folds else 0) | where)
 
 
-def infeasible_result(reason: str, epochs_done: int = 0) -> dict[str, Any]:
-    """The one result an infeasible trial reports: every metric ``inf``, the epoch after its last reported one,
-    and ``infeasible``: the reason (shown in results.parquet and the summary)."""
-    return {m: math.inf for m in METRICS} | {"epoch": epochs_done + 1, "infeasible": reason}
+def infeasible_result(reason: str, epochs_done: int = 0, k: int = 0) -> dict[str, Any]:
+    """The one result an infeasible trial reports: every metric ``inf`` (with ``k`` folds, the fold figures too),
+    the epoch after its last reported one, and ``infeasible``: the reason (shown in results.parquet and the
+    summary)."""
+    names = (*METRICS, *(cv_metrics(k) if k else ()))
+    return {m: math.inf for m in names} | {"epoch": epochs_done + 1, "infeasible": reason}

@@ -1,0 +1,205 @@
+"""A spatially cross-validated search on a real local Ray, through the CLI: each epoch every trial reports the mean
+over folds (what Optuna and ASHA act on), the spread and each fold's value; the folds are saved and survive an
+interrupted search; the helpers final_train uses read the best configuration and its k fold models back."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
+from tests.test_search_resume import Search, _wait_until
+from tune_agb.engine.inference import member_from_state
+from tune_agb.folds import build_assignment, out_of_fold
+from tune_agb.search.asha import ResumableASHA
+from tune_agb.search.cli import main
+from tune_agb.search.experiment import read_cv_best, read_folds, read_trial_rows
+from tune_agb.store import DataSource
+
+pytestmark = pytest.mark.slow  # real searches
+
+K = 3
+MAX_T = 4
+
+
+@pytest.fixture(scope="module")
+def cv_search(
+    ray_local: None,  # noqa: F811
+    tiny_data: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> SimpleNamespace:
+    """5 trials, one at a time (ASHA's decisions then follow the report order exactly), 3 folds of the 12 train+val
+    tiles (blocks of one tile), ASHA rungs at 1 and 2 of 4 epochs."""
+    tmp = tmp_path_factory.mktemp("cv_search")
+    space = tiny_space(experiment__num_samples=5, experiment__max_concurrent=1, cv={"k": K, "block_size": 1})
+    path = write_space(tmp / "cv.yaml", space)
+    argv = ["--space", str(path), "--input-dir", str(tiny_data / "inputs"), "--label-dir", str(tiny_data / "labels")]
+    argv += ["--storage", str(tmp / "st"), "--name", "cv"]
+    code = main(argv)
+    return SimpleNamespace(code=code, exp=tmp / "st" / "cv", data=tiny_data, space=space, argv=argv)
+
+
+def test_every_trial_reports_the_mean_and_spread_over_folds_each_epoch(cv_search: SimpleNamespace) -> None:
+    assert cv_search.code == 0
+    df = pd.read_parquet(cv_search.exp / "results.parquet")
+    assert df["trial_id"].nunique() == 5
+    for _, g in df.groupby("trial_id"):
+        assert list(g["epoch"]) == list(range(1, len(g) + 1))  # one row per epoch
+    for m in ("val_rmse", "val_r2"):
+        folds = df[[f"{m}_fold{j}" for j in range(K)]].to_numpy()
+        assert np.isfinite(folds).all()
+        np.testing.assert_allclose(df[m], folds.mean(axis=1), rtol=1e-12)
+        np.testing.assert_allclose(df[f"{m}_sd"], folds.std(axis=1, ddof=1), rtol=1e-9)
+        assert (df[f"{m}_sd"] > 0).all()  # the folds differ
+    # the other metrics are means over folds too: val_mae lies between the folds' RMSE-bounded values
+    assert (df["val_mae"] <= df["val_rmse"]).all()
+
+
+def test_optuna_and_asha_act_on_the_mean(cv_search: SimpleNamespace) -> None:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    df = pd.read_parquet(cv_search.exp / "results.parquet")
+    last = df.sort_values("epoch").groupby("trial_id").last()
+    study = optuna.load_study(
+        study_name="cv", storage=JournalStorage(JournalFileBackend(str(cv_search.exp / "optuna.journal")))
+    )
+    told = {t.user_attrs["ray_trial_id"]: t.value for t in study.get_trials() if t.value is not None}
+    assert len(told) == 5
+    for trial_id, value in told.items():
+        assert value == pytest.approx(last.loc[trial_id, "val_rmse"])  # the mean at the trial's last epoch
+        assert value != pytest.approx(last.loc[trial_id, "val_rmse_fold0"])
+    # ASHA cut some trials; replaying the reported means in order gives exactly the cuts the live scheduler made
+    cut = set(last.index[last["epoch"] < MAX_T])
+    assert cut
+    asha = ResumableASHA(str(cv_search.exp), max_t=MAX_T, grace_period=1, reduction_factor=2)
+    asha.set_search_properties("val_rmse", "min")
+    asha.rebuilt = True
+    rows = [r for r in read_trial_rows(str(cv_search.exp)) if "epoch" in r]
+    assert asha.rebuild(rows) == len(df)
+    assert set(asha.stopped_at) == cut
+    assert {t: int(last.loc[t, "epoch"]) for t in cut} == {t: int(e) for t, e in asha.stopped_at.items()}
+
+
+def test_folds_are_saved_reproducible_and_what_the_fold_models_trained_on(cv_search: SimpleNamespace) -> None:
+    data = cv_search.data
+    saved = read_folds(str(cv_search.exp))
+    assert saved is not None and saved.k == K
+    source = DataSource(str(data / "inputs"), str(data / "labels"), splits=("train", "val")).pinned()
+    tiles = source.open().tiles
+    again = build_assignment(saved.settings, tiles, str(data / "inputs"), dict(source.keys))
+    assert again == saved  # the same tiles and settings give the same folds
+    on_disk = json.loads((cv_search.exp / "cv_folds.json").read_text())
+    assert [t["fold"] for t in on_disk["tiles"]] == list(saved.folds)
+
+    best = read_cv_best(str(cv_search.exp))
+    assert best is not None and best.folds == saved
+    df = pd.read_parquet(cv_search.exp / "results.parquet")
+    row = df.loc[df["val_rmse"].idxmin()]
+    assert (best.trial_id, best.epoch) == (row["trial_id"], row["epoch"])
+    assert best.value == pytest.approx(row["val_rmse"]) and best.value_sd == pytest.approx(row["val_rmse_sd"])
+    raw = yaml.safe_load((cv_search.exp / "best.yaml").read_text())
+    assert raw["cv"]["k"] == K and raw["cv"]["fold_values"] == pytest.approx(
+        [row[f"val_rmse_fold{j}"] for j in range(K)]
+    )
+    assert best.retrain_config() == {**best.config, "epochs": best.epoch}
+    assert best.config["epochs"] == MAX_T
+
+    # The k fold models of the best (trial, epoch): each, evaluated on its fold's tiles (out_of_fold), gives that
+    # fold's reported RMSE and R^2; each was normalised with its own training tiles' stats.
+    states = best.fold_states()
+    assert len(states) == K
+    for j, state in enumerate(states):
+        assert state["epoch"] == best.epoch and state["config"] == best.config
+        assert state["norm"] == saved.train_norm(j).to_dict()
+    oof = out_of_fold(states, tiles, saved)
+    assert sorted(set(oof.tile)) == sorted(saved.names)  # every tile (each has labels here), once
+    assert oof.y.size == sum(saved.labelled)
+    for j in range(K):
+        sel = oof.fold == j
+        assert set(oof.tile[sel]) == set(saved.val_names(j))
+        y, m = oof.y[sel], oof.mean[sel]
+        rmse = math.sqrt(np.mean((y - m) ** 2))
+        r2 = 1 - np.sum((y - m) ** 2) / np.sum((y - y.mean()) ** 2)
+        assert rmse == pytest.approx(row[f"val_rmse_fold{j}"], rel=1e-5)
+        assert r2 == pytest.approx(row[f"val_r2_fold{j}"], rel=1e-4, abs=1e-6)
+    member = member_from_state(states[0], torch.device("cpu"))  # a fold model is an ensemble member as it is
+    assert member.config.to_dict() == best.config
+
+
+def test_a_search_without_cv_has_no_cv_best(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    exp = tmp_path / "plain"
+    exp.mkdir()
+    best = yaml.safe_load((cv_search.exp / "best.yaml").read_text())
+    best.pop("cv")
+    (exp / "best.yaml").write_text(yaml.safe_dump(best))
+    assert read_cv_best(str(exp)) is None
+
+
+# -- interrupted and resumed -------------------------------------------------------------------------------------
+def _mid_run_at_2(exp: Path) -> Any:
+    def cond() -> Any:
+        rows = [r for r in read_trial_rows(str(exp)) if "epoch" in r]
+        return rows if any(r["epoch"] == 2 for r in rows) else None
+
+    return cond
+
+
+def test_resume_after_an_interruption_keeps_the_folds(tiny_data: Path, tmp_path: Path) -> None:
+    """SIGINT in the middle of a 3-fold trial, then --resume: the saved folds are reused as saved (not made again),
+    the interrupted trial goes on from its k-fold checkpoint, and the search ends complete."""
+    space = tiny_space(
+        experiment__num_samples=2,
+        experiment__max_failures=1,
+        scheduler__max_t=5,
+        scheduler__grace_period=3,  # no rung before epoch 3: a trial at epoch 2 is running
+        cv={"k": K, "block_size": 1, "seed": 4},
+    )
+    path = write_space(tmp_path / "space.yaml", space)
+    exp = tmp_path / "st" / "exp"
+    first = Search(tmp_path, tiny_data, path, resume=False, tag="cv_a")
+    try:
+        _wait_until(_mid_run_at_2(exp), first)
+        first.proc.send_signal(signal.SIGINT)
+        assert first.wait() == 130, first.output()[-3000:]
+    finally:
+        first.cleanup()
+    rows_before = read_trial_rows(str(exp))
+    latest: dict[str, int] = {}
+    for r in rows_before:
+        latest[r["trial_id"]] = max(latest.get(r["trial_id"], 0), r["epoch"])
+    running = [t for t, e in latest.items() if e < 3]  # before the first rung: certainly not finished
+    assert running
+    # Mark the saved folds (a field that changes no fold): a resume that made them again would lose the mark.
+    folds_file = exp / "cv_folds.json"
+    saved = json.loads(folds_file.read_text())
+    saved["positions"] += " [saved]"
+    folds_file.write_text(json.dumps(saved, indent=1))
+    before = folds_file.read_bytes()
+
+    second = Search(tmp_path, tiny_data, path, resume=True, tag="cv_b")
+    assert second.wait(timeout=400) == 0, second.output()[-3000:]
+    out = second.output()
+    assert f"cv: {K} folds of the train+val tiles, positions from tile names (tile_ROW_COL) [saved]" in out
+    assert folds_file.read_bytes() == before  # reused as saved, not made again
+    df = pd.read_parquet(exp / "results.parquet")
+    assert df["trial_id"].nunique() == 2
+    for _, g in df.groupby("trial_id"):
+        assert list(g["epoch"]) == list(range(1, len(g) + 1))
+    rows = read_trial_rows(str(exp))
+    for t in running:  # continued from its checkpoint, never restarted at epoch 1
+        after = sorted(r["epoch"] for r in rows if r["trial_id"] == t and r["wall_time"] > second.started)
+        assert after and 1 < after[0] <= latest[t] + 1
+    assert np.isfinite(df[[f"val_rmse_fold{j}" for j in range(K)]].to_numpy()).all()
+    assert not math.isnan(df["val_rmse_sd"].max())
