@@ -88,8 +88,9 @@ def test_optuna_and_asha_act_on_the_mean(cv_search: SimpleNamespace) -> None:
     asha.rebuilt = True
     rows = [r for r in read_trial_rows(str(cv_search.exp)) if "epoch" in r]
     assert asha.rebuild(rows) == len(df)
-    assert set(asha.stopped_at) == cut
-    assert {t: int(last.loc[t, "epoch"]) for t in cut} == {t: int(e) for t, e in asha.stopped_at.items()}
+    # (ASHA also has a rung at max_t, where every trial ends anyway: only the cuts before it are decisions)
+    replayed = {t: int(e) for t, e in asha.stopped_at.items() if e < MAX_T}
+    assert replayed == {t: int(last.loc[t, "epoch"]) for t in cut}
 
 
 def test_folds_are_saved_reproducible_and_what_the_fold_models_trained_on(cv_search: SimpleNamespace) -> None:
