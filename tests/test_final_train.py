@@ -1,24 +1,35 @@
-"""final_train end to end on generated tiles: outputs, TensorBoard read back, legacy flags, resume, ensemble."""
+"""final_train end to end on generated tiles: outputs, TensorBoard read back, legacy flags, resume, ensembles of seeds
+and of a real search's best distinct configurations (--ensemble-top)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import rasterio
 import torch
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.raster_helpers import write_tif
+from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
 from tune_agb.engine.calibration import CALIBRATION_FILE, load_calibration
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_split
 from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.final_train import LEGACY_FLAGS, build_parser, config_overrides, main
+from tune_agb.final_train import LEGACY_FLAGS, build_parser, config_overrides, main, top_trials
+from tune_agb.predict import main as predict_main
+from tune_agb.search.experiment import Experiment, write_results_table
+from tune_agb.search.results import results_frame
+from tune_agb.search.space import parse_search_space
 
 SMALL = {"base_channels": 4, "depth": 2, "batch_size": 4, "lr": 3e-3}
 
@@ -433,3 +444,203 @@ def test_calibration_none_keeps_the_models_variance(
     assert "calibration: none" in printed and " before " not in printed
     assert (out / "plots" / "val_reliability.png").is_file()
     assert run(train_args(tmp_path, tiny_data, tmp_path / "x", "--calibration", "platt")) == 2
+
+
+# -- ensembles of the best distinct configurations of a search (--ensemble-top K) -------------------------------
+def hand_made_search(storage: Path, rows: list[dict], metric: str = "val_rmse", mode: str = "min") -> Path:
+    """An experiment folder with the files --ensemble-top reads (search.yaml, results.parquet in the search's
+    columns), from ``rows`` of ``trial_id``, ``values`` (the metric per epoch) and ``config`` (searched values)."""
+    space = parse_search_space(tiny_space(experiment__metric=metric, experiment__mode=mode))
+    exp = Experiment.at(str(storage), "exp")
+    exp.write_search({"space": space.to_dict(), "overrides": {}, "data": {}})
+    records = []
+    for r in rows:
+        for epoch, v in enumerate(r["values"], start=1):
+            records.append({"trial_id": r["trial_id"], "epoch": epoch, metric: v, "config": r["config"]})
+    write_results_table(exp.uri, pa.Table.from_pandas(results_frame(records, space), preserve_index=False))
+    return Path(exp.uri)
+
+
+SEARCH_ROWS = [
+    {"trial_id": "a", "values": [5.0, 3.0, 4.0], "config": {"lr": 3e-3, "optimizer": "adamw"}},
+    {"trial_id": "b", "values": [4.0, 2.5], "config": {"lr": 3e-3, "optimizer": "adamw"}},  # the same as a
+    {"trial_id": "c", "values": [2.8], "config": {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.9}},
+    {"trial_id": "d", "values": [math.inf, math.nan], "config": {"lr": 5e-3, "optimizer": "adamw"}},  # diverged
+    {"trial_id": "e", "values": [3.6, 3.5], "config": {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.85}},
+]
+
+
+def test_top_trials_ranks_best_epochs_and_counts_a_configuration_once(tmp_path: Path) -> None:
+    exp = hand_made_search(tmp_path / "st", SEARCH_ROWS)
+    space, top, _ = top_trials(str(exp), 3)
+    assert space.metric == "val_rmse"
+    # b (2.5 at epoch 2) and a (3.0) sampled the same configuration: it counts once, as b; d has no finite value.
+    assert [(t.trial_id, t.value, t.epoch) for t in top] == [("b", 2.5, 2), ("c", 2.8, 1), ("e", 3.5, 2)]
+    assert top[0].duplicates == ("a",) and top[1].duplicates == ()
+    assert top[0].params == {"lr": 3e-3, "optimizer": "adamw"}  # momentum is inactive for adamw: left out
+    assert top[2].params == {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.85}
+    assert [t.trial_id for t in top_trials(str(exp), 1)[1]] == ["b"]
+    # mode max (e.g. val_r2): the highest value of each trial, the highest first
+    exp_max = hand_made_search(tmp_path / "st2", SEARCH_ROWS, metric="val_r2", mode="max")
+    assert [(t.trial_id, t.value) for t in top_trials(str(exp_max), 3)[1]] == [("a", 5.0), ("e", 3.6), ("c", 2.8)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ensemble-top", "0"], "--ensemble-top: must be >= 1 (the number of configurations), got 0"),
+        (["--ensemble-top", "-2"], "--ensemble-top: must be >= 1"),
+        (["--ensemble-top", "4"], "--ensemble-top 4: {exp} has 3 distinct configurations with a finite val_rmse "
+                                  "(4 trials); allowed: 1 to 3"),
+        (["--ensemble-top", "2", "--ensemble", "3"], "--ensemble-top: give either --ensemble N"),
+        (["--ensemble-top", "2", "--train_mode", "resume"], "--ensemble-top: --train_mode resume"),
+        (["--ensemble-top", "two"], "argument --ensemble-top: invalid int value: 'two'"),
+    ],
+)  # fmt: skip
+def test_ensemble_top_bad_values_are_one_line_and_keep_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    exp = hand_made_search(tmp_path / "st", SEARCH_ROWS)
+    out = tmp_path / "run"
+    (out / "members" / "member_00").mkdir(parents=True)
+    (out / "members" / "member_00" / "best.pt").write_bytes(b"an earlier run")
+    (out / "metrics.json").write_text("{}")
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert run(["--experiment", str(exp), *flags, "--out-dir", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message.format(exp=exp) in err[0], err
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def test_ensemble_top_needs_an_experiment_with_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert run(["--ensemble-top", "2", "--out-dir", str(out)]) == 2
+    assert "error: --ensemble-top: needs --experiment STORAGE/NAME" in capsys.readouterr().err
+    exp = hand_made_search(tmp_path / "st", SEARCH_ROWS)
+    (exp / "results.parquet").unlink()  # a search that has not reported yet
+    assert run(["--experiment", str(exp), "--ensemble-top", "2", "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --ensemble-top 2: {exp}/results.parquet: no results (no trial has reported an epoch yet); "
+                   "allowed: a search folder whose results.parquet has rows"]  # fmt: skip
+    assert run(["--experiment", str(tmp_path / "nowhere"), "--ensemble-top", "2", "--out-dir", str(out)]) == 2
+    assert "search.yaml not found; --experiment must be a search's folder" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def small_search(
+    ray_local: None,  # noqa: F811
+    tiny_data: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A real search on the tiny data (3 trials, ASHA rungs at 1 and 2 of 4 epochs), its first two trials the same
+    point: two distinct configurations, one of them sampled twice."""
+    from tune_agb.search.cli import main as search_main
+
+    tmp = tmp_path_factory.mktemp("ens_search")
+    point = {"lr": 3.0e-3, "optimizer": "adamw"}
+    space = write_space(
+        tmp / "tiny.yaml", tiny_space(experiment__num_samples=3, searcher__points_to_evaluate=[point, point])
+    )
+    argv = ["--space", str(space), "--input-dir", str(tiny_data / "inputs"), "--label-dir", str(tiny_data / "labels")]
+    assert search_main([*argv, "--storage", str(tmp / "st"), "--name", "exp"]) == 0
+    return tmp / "st" / "exp"
+
+
+def expected_top(exp: Path, k: int) -> pd.DataFrame:
+    """The k best trials by their best epoch's val_rmse, one per set of searched values, straight from pandas."""
+    df = pd.read_parquet(exp / "results.parquet")
+    best = df.loc[df.groupby("trial_id")["val_rmse"].idxmin()].sort_values(["val_rmse", "trial_id"])
+    return best.drop_duplicates(["config/lr", "config/optimizer", "config/momentum"]).head(k)
+
+
+@pytest.mark.slow
+def test_ensemble_top_trains_the_best_distinct_configurations(
+    small_search: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = small_search
+    df = pd.read_parquet(exp / "results.parquet")
+    first_two = df.sort_values("wall_time").drop_duplicates("trial_id")["trial_id"].head(2)
+    params = df[df.trial_id.isin(first_two)].drop_duplicates("trial_id")[["config/lr", "config/optimizer"]]
+    assert len(params.drop_duplicates()) == 1  # the same point twice: one configuration, two trials
+    assert df.trial_id.nunique() == 3
+    # Three trials, two distinct configurations: a third member is refused, naming the flag and what is allowed.
+    assert run(["--experiment", str(exp), "--ensemble-top", "3", "--out-dir", str(tmp_path / "x")]) == 2
+    assert (
+        f"--ensemble-top 3: {exp} has 2 distinct configurations with a finite val_rmse (3 trials); allowed: 1 to 2"
+        in (capsys.readouterr().err)
+    )
+    want = expected_top(exp, 2)
+    out = tmp_path / "ens"
+    # An earlier, larger ensemble in the out dir: --overwrite replaces it whole (no third member left behind).
+    (out / "members" / "member_02").mkdir(parents=True)
+    (out / "members" / "member_02" / "best.pt").write_bytes(b"stale")
+    (out / "best.pt").write_bytes(b"stale")
+    argv = ["--experiment", str(exp), "--ensemble-top", "2", "--epochs", "2", "--out-dir", str(out), "--overwrite"]
+    assert run([*argv, "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in (out / "members").iterdir()) == ["member_00", "member_01"]
+    assert not (out / "best.pt").exists()
+
+    # Each member has its trial's own complete config (the search's, with --epochs applied) ...
+    space = parse_search_space(yaml.safe_load((exp / "search.yaml").read_text())["space"])
+    ens = yaml.safe_load((out / "ensemble.yaml").read_text())
+    assert (ens["format"], ens["kind"], ens["metric"]) == ("tune_agb.ensemble/1", "configs", "val_rmse")
+    assert [m["trial_id"] for m in ens["members"]] == list(want["trial_id"])
+    for k, (member, (_, row)) in enumerate(zip(ens["members"], want.iterrows(), strict=True)):
+        cfg = yaml.safe_load((out / "members" / f"member_{k:02d}" / "config.yaml").read_text())
+        assert member["folder"] == f"members/member_{k:02d}"
+        assert member["value"] == pytest.approx(row["val_rmse"]) and member["epoch"] == row["epoch"]
+        assert cfg["lr"] == pytest.approx(row["config/lr"]) and cfg["optimizer"] == row["config/optimizer"]
+        if row["config/optimizer"] == "sgd":
+            assert cfg["momentum"] == pytest.approx(row["config/momentum"])
+        assert (cfg["epochs"], cfg["base_channels"], cfg["depth"], cfg["schedule"]) == (2, 4, 2, "constant")
+        # ... the config the trial itself trained with (its checkpoint's), apart from the epoch budget.
+        ckpt = sorted(Path(row["trial_path"]).glob("checkpoint_*/checkpoint.pt"))[-1]
+        assert load_checkpoint(ckpt)["config"] | {"epochs": 2} == cfg
+        assert space.trial_config(member["params"]).replace(epochs=2).to_dict() == cfg
+    assert ens["members"][0]["params"] != ens["members"][1]["params"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["ensemble"], metrics["ensemble_of"]) == (2, "configs")
+    assert [m["trial_id"] for m in metrics["members"]] == list(want["trial_id"])
+    assert metrics["search"] == {"experiment": str(exp), "metric": "val_rmse", "mode": "min"}
+    for tid in want["trial_id"]:
+        assert tid in printed.split("params")[1]
+
+    # The ensemble in predictions.parquet combines the members' own predictions: mean of the means, mean of the
+    # variances + variance of the means (before calibration), for val and test.
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    members = [load_predictor(out / "members" / f"member_{k:02d}", "cpu") for k in range(2)]
+    assert [m.members[0].config.lr for m in members] == pytest.approx(list(want["config/lr"]))
+    for split in ("val", "test"):
+        tiles = load_split(tiny_data / "inputs", tiny_data / "labels", split)
+        outs = [m.predict(tiles.inputs) for m in members]
+        means = np.stack([o[0].numpy() for o in outs]).astype(np.float64)
+        varis = np.stack([o[1].numpy() for o in outs]).astype(np.float64) ** 2
+        rows = table[table.split == split]
+        ti = np.array([tiles.names.index(t) for t in rows.tile])
+        at = (slice(None), ti, rows.row.to_numpy(), rows.col.to_numpy())
+        m, v = means[at], varis[at]
+        assert not np.allclose(m[0], m[1])  # two different models
+        np.testing.assert_allclose(rows["mean"], m.mean(0), rtol=1e-4, atol=1e-3)
+        np.testing.assert_allclose(rows.std_uncalibrated**2, v.mean(0) + m.var(0), rtol=1e-3, atol=1e-3)
+        rmse = float(np.sqrt(np.mean((m.mean(0) - rows.label) ** 2)))
+        assert metrics[f"{split}_rmse"] == pytest.approx(rmse, rel=1e-4)
+        assert [r[f"{split}_rmse"] for r in metrics["members"]] == pytest.approx(
+            [float(np.sqrt(np.mean((mk - rows.label) ** 2))) for mk in m], rel=1e-4
+        )
+    # predict loads the ensemble: both members, each with its own config; the map is the combination, calibrated.
+    ens_pred = load_predictor(out, "cpu")
+    assert [mb.config.to_dict() for mb in ens_pred.members] == [mb.members[0].config.to_dict() for mb in members]
+    val = load_split(tiny_data / "inputs", tiny_data / "labels", "val")
+    src = write_tif(tmp_path / "tile.tif", np.asarray(val.inputs[0], dtype=np.float32))
+    assert run_cli(predict_main, ["--model", str(out), "--image", str(src), "--out", str(tmp_path / "map.tif"),
+                                  "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    with rasterio.open(tmp_path / "map.tif") as ds:
+        mean_map, std_map = ds.read()
+    outs = [mb.predict(val.inputs[:1]) for mb in members]
+    mean = np.mean([o[0][0].numpy() for o in outs], axis=0)
+    var = np.mean([o[1][0].numpy() ** 2 for o in outs], axis=0) + np.var([o[0][0].numpy() for o in outs], axis=0)
+    cal = load_calibration(out / CALIBRATION_FILE)
+    np.testing.assert_allclose(mean_map, mean, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(std_map, np.sqrt(cal.variance(var)), rtol=1e-3, atol=1e-3)

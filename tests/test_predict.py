@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 import rasterio
 
-from tests.raster_helpers import CRS_UTM, grid_transform, known_logvar, known_unet_checkpoint, write_tif
+from tests.raster_helpers import (
+    CRS_UTM,
+    grid_transform,
+    known_logvar,
+    known_unet_checkpoint,
+    random_unet_checkpoint,
+    write_tif,
+)
 from tune_agb.engine.calibration import CALIBRATION_FILE, Calibration, save_calibration
+from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import run_cli
 from tune_agb.predict import main
 
@@ -218,3 +226,30 @@ def test_bad_calibration_file_is_one_line_naming_it(tmp_path, capsys, content, m
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run_dir / CALIBRATION_FILE}: {message}"), err
     assert not out.exists() and no_partials(tmp_path)
+
+
+def test_ensemble_of_different_configurations(tmp_path, capsys):
+    """Members with their own configs (depth, width: an ensemble of a search's best trials): each runs as it was
+    trained, and the map is their mean and total std; the window grid is the coarsest member's."""
+    img = position_image(48, 56)
+    img[0] /= 1000.0
+    src = write_tif(tmp_path / "in.tif", img)
+    ens = tmp_path / "ens"
+    shapes = [(2, 4), (3, 8)]  # (depth, base_channels)
+    for k, (depth, base) in enumerate(shapes):
+        random_unet_checkpoint(
+            ens / "members" / f"member_{k:02d}" / "best.pt", C, depth=depth, base_channels=base, seed=k
+        )
+    predictor = load_predictor(ens, device="cpu")
+    assert [(m.config.depth, m.config.base_channels) for m in predictor.members] == shapes
+    assert predictor.step == 2**3
+    alone = [load_predictor(ens / "members" / f"member_{k:02d}", device="cpu").predict(img[None]) for k in range(2)]
+    means = np.stack([a[0][0].numpy() for a in alone]).astype(np.float64)
+    varis = np.stack([a[1][0].numpy() for a in alone]).astype(np.float64) ** 2
+    assert np.abs(means[0] - means[1]).mean() > 0.1  # two different models
+    out = tmp_path / "map.tif"
+    code, err = run(["--model", str(ens), "--image", str(src), "--out", str(out)], capsys)
+    assert code == 0, err
+    mean, std, _ = read_map(out)
+    np.testing.assert_allclose(mean, means.mean(0), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(std, np.sqrt(varis.mean(0) + means.var(0)), rtol=1e-5, atol=1e-3)

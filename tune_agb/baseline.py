@@ -1,9 +1,23 @@
-"""Per-pixel ridge regression on the input bands: the no-spatial-context baseline a U-Net has to beat.
+"""Per-pixel baselines on the input bands, the no-spatial-context models a U-Net has to beat: ridge regression and a
+random forest.
 
-    python -m tune_agb.baseline [--input-dir D --label-dir D] [--alpha 1.0]
+    python -m tune_agb.baseline [--input-dir D --label-dir D] [--model ridge rf] [--alpha 1.0]
+        [--trees 300] [--min-samples-leaf 5] [--max-features 0.33] [--seed 0] [--jobs 1]
+        [--calibration scale|isotonic|none] [--out-dir DIR] [--overwrite]
 
-Fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean), scored on
-the labelled pixels of val and test with the same metrics as the U-Net.
+Each model is fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean)
+and scored on the labelled pixels of val and test with the U-Net's metrics. Their predicted variance is recalibrated
+on val as final_train's is (same methods, same default), so the coverages compare. The uncertainty of each:
+
+- ridge: one variance for every pixel, the mean squared residual of the train pixels;
+- random forest (scikit-learn, ``pip install 'tune_agb[baselines]'``): the forest read as an equal mixture of its
+  trees, each tree predicting the mean and variance of the train labels in the pixel's leaf (in-bag, bootstrap
+  weights): variance = mean over trees of the leaf variances + variance over trees of the leaf means. The same
+  formula as the U-Net ensembles' total variance; the tree spread alone (the second term) leaves out the label
+  noise within a leaf and is far too narrow.
+
+Memory: the tiles are read through the packed store's memory map a few tiles at a time; only the labelled pixels'
+features (P x bands, float64) are held.
 """
 
 from __future__ import annotations
@@ -11,23 +25,73 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tune_agb.demo import data_dirs
-from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats, load_dataset
+from tune_agb.engine.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_METHOD,
+    METHODS,
+    Calibration,
+    fit_calibration,
+    save_calibration,
+)
+from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
-from tune_agb.errors import run_cli
+from tune_agb.errors import TuneAgbError, run_cli
+
+if TYPE_CHECKING:
+    from tune_agb.final_train import Prediction
+
+MODELS = ("ridge", "rf")
+LOSS = "gaussian_nll"  # how the baselines' predictive distributions are scored (NLL) and calibrated
+# Tiles normalised at once while the labelled pixels are gathered (memory: CHUNK x bands x H x W float32).
+CHUNK = 16
+
+
+@dataclass
+class Pixels:
+    """The labelled pixels of a split: normalised band values ``x`` (P, bands) float64, labels ``y`` (P,), and where
+    they are: ``tile`` (index in the split), ``flat`` (row * W + col)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    tile: np.ndarray
+    flat: np.ndarray
+
+
+def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK) -> Pixels:
+    """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk)."""
+    xs, ys, ts, fs = [], [], [], []
+    w = tiles.labels.shape[-1]
+    for i in range(0, len(tiles), chunk):
+        lab = np.asarray(tiles.labels[i : i + chunk], dtype=np.float32)
+        mask = np.isfinite(lab)
+        if not mask.any():
+            continue
+        x = norm.normalize(torch.from_numpy(np.asarray(tiles.inputs[i : i + chunk], dtype=np.float32))).numpy()
+        t, r, c = np.nonzero(mask)
+        xs.append(x.transpose(0, 2, 3, 1)[mask].astype(np.float64))
+        ys.append(lab[mask].astype(np.float64))
+        ts.append(t + i)
+        fs.append(r * w + c)
+    if not xs:
+        raise TuneAgbError(f"split '{tiles.split}': no labelled pixel")
+    return Pixels(np.concatenate(xs), np.concatenate(ys), np.concatenate(ts), np.concatenate(fs))
 
 
 def pixel_features(tiles: TileSet, norm: NormStats) -> tuple[np.ndarray, np.ndarray]:
     """(labelled pixels, bands) normalised features and their labels."""
-    x = norm.normalize(torch.from_numpy(np.ascontiguousarray(tiles.inputs))).numpy()
-    mask = np.isfinite(tiles.labels)
-    return x.transpose(0, 2, 3, 1)[mask].astype(np.float64), tiles.labels[mask].astype(np.float64)
+    px = labelled_pixels(tiles, norm)
+    return px.x, px.y
 
 
+# -- the models: fit on the train pixels, then (mean, variance) per pixel -------------------------------------
 def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     """Weights (bands + 1) of ridge regression with an unpenalised intercept (last weight)."""
     a = np.c_[x, np.ones(len(x))]
@@ -36,32 +100,220 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> np.ndarray:
     return np.linalg.solve(a.T @ a + reg, a.T @ y)
 
 
-def ridge_baseline(tiles: dict[str, TileSet], alpha: float = 1.0) -> dict[str, float]:
-    """``{split}_{metric}`` for val and test (variance: the train residual variance, constant)."""
-    norm = compute_norm_stats(tiles["train"], standardize_target=False)
-    xtr, ytr = pixel_features(tiles["train"], norm)
-    w = fit_ridge(xtr, ytr, alpha)
-    resid_var = float(np.mean((np.c_[xtr, np.ones(len(xtr))] @ w - ytr) ** 2))
-    out: dict[str, float] = {}
+class Ridge:
+    """Ridge regression; its variance is the train pixels' mean squared residual, the same for every pixel."""
+
+    name = "ridge"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> Ridge:
+        self.w = fit_ridge(x, y, self.alpha)
+        self.resid_var = float(np.mean((self._mean(x) - y) ** 2))
+        return self
+
+    def _mean(self, x: np.ndarray) -> np.ndarray:
+        return np.c_[x, np.ones(len(x))] @ self.w
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._mean(x), np.full(len(x), self.resid_var)
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha}
+
+
+class RandomForest:
+    """scikit-learn's random forest regressor, with the variance of the forest as a mixture of its trees' leaves."""
+
+    name = "rf"
+
+    def __init__(
+        self, trees: int = 300, min_samples_leaf: int = 5, max_features: float = 0.33, seed: int = 0, jobs: int = 1
+    ):
+        try:
+            from sklearn.ensemble import RandomForestRegressor
+        except ImportError:
+            raise TuneAgbError(
+                "--model rf: scikit-learn is not installed (pip install 'tune_agb[baselines]' or scikit-learn)"
+            ) from None
+        self.forest = RandomForestRegressor(
+            n_estimators=trees,
+            min_samples_leaf=min_samples_leaf,
+            max_features=max_features,
+            bootstrap=True,
+            random_state=seed,
+            n_jobs=jobs,
+        )
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> RandomForest:
+        self.forest.fit(x, y)
+        return self
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (= the forest's prediction) and total variance: mean of the leaf variances + variance of the leaf
+        means over the trees."""
+        means = np.empty((len(self.forest.estimators_), len(x)))
+        varis = np.empty_like(means)
+        for k, tree in enumerate(self.forest.estimators_):
+            leaf = tree.apply(x.astype(np.float32))
+            means[k] = tree.tree_.value[leaf, 0, 0]
+            varis[k] = tree.tree_.impurity[leaf]  # squared error: the (weighted) variance of the leaf's labels
+        return means.mean(0), varis.mean(0) + means.var(0)
+
+    def params(self) -> dict[str, Any]:
+        p = self.forest.get_params()
+        return {k: p[k] for k in ("n_estimators", "min_samples_leaf", "max_features", "bootstrap", "random_state")}
+
+
+# -- fitting and scoring -----------------------------------------------------------------------------------
+@dataclass
+class BaselineResult:
+    """One fitted model's scores: ``metrics`` (``{split}_{name}``, calibrated), ``uncalibrated`` (the same before
+    calibration), the calibration, and the per-pixel predictions (:class:`tune_agb.final_train.Prediction`)."""
+
+    model: str
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    uncalibrated: dict[str, float]
+    calibration: Calibration
+    preds: dict[str, Prediction]
+    raw: dict[str, Prediction]
+    n_train: int
+
+
+def _metrics(y: np.ndarray, mean: np.ndarray, var: np.ndarray) -> dict[str, float]:
+    return regression_metrics(*(torch.from_numpy(np.asarray(a, np.float64)) for a in (y, mean, var)), LOSS)
+
+
+def fit_baseline(
+    model: Ridge | RandomForest,
+    tiles: dict[str, TileSet],
+    norm: NormStats | None = None,
+    calibration: str = DEFAULT_METHOD,
+) -> BaselineResult:
+    """Fit ``model`` on the labelled train pixels and predict those of val and test; the variance calibration
+    (``calibration``: a method of :mod:`tune_agb.engine.calibration`) is fitted on val and applied to both."""
+    from tune_agb.final_train import Prediction  # the per-pixel prediction final_train writes as predictions.parquet
+
+    norm = norm or compute_norm_stats(tiles["train"], standardize_target=False)
+    train = labelled_pixels(tiles["train"], norm)
+    model.fit(train.x, train.y)
+    raw: dict[str, Prediction] = {}
     for split in ("val", "test"):
-        if split not in tiles:
-            continue
-        x, y = pixel_features(tiles[split], norm)
-        pred = np.c_[x, np.ones(len(x))] @ w
-        m = regression_metrics(torch.from_numpy(y), torch.from_numpy(pred), torch.full((len(y),), resid_var))
-        out |= {f"{split}_{k}": v for k, v in m.items()}
-    return out
+        px = labelled_pixels(tiles[split], norm)
+        mean, var = model.predict(px.x)
+        raw[split] = Prediction(px.tile, px.flat, px.y, mean, var, {})
+    val = raw["val"]
+    cal = fit_calibration(calibration, val.y, val.mean, val.var, LOSS, split="val")
+    preds = {split: pr.calibrated(cal) for split, pr in raw.items()}
+
+    def scores(prs: dict[str, Prediction]) -> dict[str, float]:
+        return {f"{s}_{k}": v for s, pr in prs.items() for k, v in _metrics(pr.y, pr.mean, pr.var).items()}
+
+    return BaselineResult(model.name, model.params(), scores(preds), scores(raw), cal, preds, raw, len(train.y))
+
+
+def ridge_baseline(tiles: dict[str, TileSet], alpha: float = 1.0) -> dict[str, float]:
+    """``{split}_{metric}`` of ridge regression for val and test (variance: the train residual variance, constant,
+    uncalibrated)."""
+    return fit_baseline(Ridge(alpha), tiles, calibration="none").metrics
+
+
+def rf_baseline(tiles: dict[str, TileSet], **options: Any) -> dict[str, float]:
+    """``{split}_{metric}`` of the random forest (``options``: :class:`RandomForest`'s) for val and test, variance
+    uncalibrated (the forest's mixture variance)."""
+    return fit_baseline(RandomForest(**options), tiles, calibration="none").metrics
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def write_result(folder: Path, res: BaselineResult, tiles: dict[str, TileSet], info: dict[str, Any]) -> None:
+    """``metrics.json`` (as final_train's: ``val_*``/``test_*`` calibrated, ``uncalibrated``, ``calibration``; plus
+    ``model``, ``params``, ``n_train``), ``predictions.parquet`` (final_train's columns) and ``calibration.json``."""
+    from tune_agb.final_train import write_predictions
+
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"model": res.model, "params": res.params, "n_train": res.n_train} | res.metrics
+    doc |= {"uncalibrated": res.uncalibrated, "calibration": res.calibration.to_dict()} | info
+    write_predictions(folder / "predictions.parquet", tiles, res.preds, res.raw)
+    save_calibration(res.calibration, folder / CALIBRATION_FILE)
+    (folder / "metrics.json").write_text(json.dumps(doc, indent=1))
+
+
+SUMMARY_KEYS = ("rmse", "r2", "mae", "me", "nll", "rmv", "within_1sigma", "within_2sigma", "n")
+
+
+def print_summary(results: list[BaselineResult]) -> None:
+    print(f"{'model':8}{'split':12}" + " ".join(f"{k:>13}" for k in SUMMARY_KEYS))
+    for res in results:
+        print(f"{res.model:8}calibration: {res.calibration.describe()}")
+        for split in ("val", "test"):
+            rows = [("", res.metrics)] if res.calibration.method == "none" else [
+                (" before", res.uncalibrated), (" after", res.metrics)
+            ]  # fmt: skip
+            for tag, m in rows:
+                if f"{split}_n" in m:
+                    print(f"{'':8}{split + tag:12}" + " ".join(f"{m[f'{split}_{k}']:>13.4g}" for k in SUMMARY_KEYS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tune_agb.baseline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input-dir", help="INPUT_DIR holding {train,val,test}/NAME.npy (default: the demo data)")
+    p.add_argument("--label-dir", help="LABEL_DIR, same layout")
+    p.add_argument("--model", nargs="+", choices=MODELS, default=["ridge"], help="ridge (default), rf, or both")
+    p.add_argument("--alpha", type=float, default=1.0, help="ridge: L2 penalty on the normalised bands")
+    p.add_argument("--trees", type=int, default=300, help="rf: number of trees")
+    p.add_argument("--min-samples-leaf", type=int, default=5, help="rf: train pixels per leaf at least")
+    p.add_argument("--max-features", type=float, default=0.33, help="rf: share of the bands tried at each split")
+    p.add_argument("--seed", type=int, default=0, help="rf: random state (bootstrap samples and split features)")
+    p.add_argument("--jobs", type=int, default=1, help="rf: parallel jobs (trees) while fitting and predicting")
+    p.add_argument("--calibration", type=str.lower, choices=METHODS, default=DEFAULT_METHOD,
+                   help="variance recalibration fitted on val, as in final_train (default scale)")  # fmt: skip
+    p.add_argument("--out-dir", help="write OUT/MODEL/metrics.json, predictions.parquet and calibration.json")
+    p.add_argument("--overwrite", action="store_true", help="allow an --out-dir that already holds these files")
+    return p
+
+
+def _check(a: argparse.Namespace) -> None:
+    for flag, value, ok, allowed in (
+        ("--alpha", a.alpha, a.alpha >= 0, ">= 0"),
+        ("--trees", a.trees, a.trees >= 1, ">= 1"),
+        ("--min-samples-leaf", a.min_samples_leaf, a.min_samples_leaf >= 1, ">= 1"),
+        ("--max-features", a.max_features, 0 < a.max_features <= 1, "in (0, 1]"),
+        ("--jobs", a.jobs, a.jobs >= 1 or a.jobs == -1, ">= 1, or -1 for every core"),
+    ):
+        if not ok:
+            raise TuneAgbError(f"{flag}: must be {allowed}, got {value}")
+    if a.out_dir and not a.overwrite:
+        for m in a.model:
+            if (Path(a.out_dir) / m / "metrics.json").exists():
+                raise TuneAgbError(
+                    f"{Path(a.out_dir) / m}: already holds a baseline's results; use --overwrite or another --out-dir"
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tune_agb.baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input-dir")
-    p.add_argument("--label-dir")
-    p.add_argument("--alpha", type=float, default=1.0)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
+    _check(a)
+    from tune_agb.store import DataSource
+
     idir, ldir = data_dirs(a.input_dir, a.label_dir)
-    res = ridge_baseline(load_dataset(idir, ldir), a.alpha)
-    print(json.dumps({k: round(v, 4) for k, v in res.items()}, indent=1))
+    data = DataSource(str(idir), str(ldir)).open()  # memory maps of the packed store
+    tiles, norm = data.tiles, data.norm(standardize_target=False)
+    models = {
+        "ridge": lambda: Ridge(a.alpha),
+        "rf": lambda: RandomForest(a.trees, a.min_samples_leaf, a.max_features, a.seed, a.jobs),
+    }
+    results = []
+    for name in dict.fromkeys(a.model):
+        res = fit_baseline(models[name](), tiles, norm, a.calibration)
+        results.append(res)
+        if a.out_dir:
+            write_result(Path(a.out_dir) / name, res, tiles, {"input_dir": str(idir), "label_dir": str(ldir)})
+    print_summary(results)
+    if a.out_dir:
+        folders = ", ".join(str(Path(a.out_dir) / r.model) for r in results)
+        print(f"metrics, predictions and calibration written to {folders}")
     return 0
 
 

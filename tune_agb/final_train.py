@@ -2,12 +2,18 @@
 the model, metrics, per-pixel predictions and TensorBoard logs.
 
     python -m tune_agb.final_train [--config FILE | --experiment STORAGE/NAME] [--input-dir D --label-dir D]
-        [--out-dir OUT] [--epochs N] [--device auto|cpu|cuda] [--seed S] [--ensemble N] [--overwrite]
-        [--calibration scale|isotonic|none]
+        [--out-dir OUT] [--epochs N] [--device auto|cpu|cuda] [--seed S] [--ensemble N | --ensemble-top K]
+        [--overwrite] [--calibration scale|isotonic|none]
 
 The flags of the original training script are accepted with their meanings (``--train_input_data_dir``,
 ``--nb_epoch``, ``--base_learning_rate``, ``--train_mode resume --model_weights_path P``, ...); see ``--help``.
 Precedence: built-in defaults < the experiment's best config < ``--config`` file < command-line flags.
+
+Ensembles: ``--ensemble N`` trains one configuration with N seeds; ``--ensemble-top K`` (with ``--experiment``) trains
+the K best distinct configurations of the search, each with its own config (the ``--config`` file and flags apply to
+every member). Either way members go to ``OUT/members/member_KK/``, ``OUT/ensemble.yaml`` says where each came from,
+and the ensemble predicts the mean of the members' means with the mean of their variances plus the variance of their
+means as its variance.
 
 After training, the predicted variance is recalibrated on the validation split (:mod:`tune_agb.engine.calibration`,
 saved as ``OUT/calibration.json``); predictions, maps, plots and the ``val_*``/``test_*`` metrics are calibrated,
@@ -17,6 +23,7 @@ and ``metrics.json["uncalibrated"]`` holds the metrics before.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -29,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from tune_agb.demo import data_dirs
 from tune_agb.engine.calibration import (
@@ -55,13 +63,36 @@ from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, train
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import read_best  # STORAGE/NAME/best.yaml of a search
+from tune_agb.search.experiment import (  # the search's experiment folder STORAGE/NAME
+    BEST_FILE,
+    RESULTS_FILE,
+    SEARCH_FILE,
+    open_storage,
+    read_best,
+    read_file,
+    resolve_storage,
+)
+from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
 from tune_agb.store import DataSource
 
 log = logging.getLogger("tune_agb.final_train")
 
 # Files that mark a folder as holding a run.
 RUN_MARKERS = ("config.yaml", "metrics.json", "best.pt", "last.pt", "members")
+# What says where an ensemble's members came from (seeds, or trials of a search).
+ENSEMBLE_FILE = "ensemble.yaml"
+ENSEMBLE_FORMAT = "tune_agb.ensemble/1"
+# A previous run's files that would otherwise be read with the new one's (predict loads every members/member_*):
+# removed from an out dir before a run replaces it (--overwrite).
+REPLACED_ON_OVERWRITE = (
+    "members",
+    "best.pt",
+    "last.pt",
+    "config.yaml",
+    "metrics.json",
+    ENSEMBLE_FILE,
+    CALIBRATION_FILE,
+)
 # The original training script's hyperparameter flags and the TrainConfig key each one sets (the flag's argparse
 # dest; each also has a newer spelling, see build_parser). Their values are converted by config_overrides.
 LEGACY_FLAGS: dict[str, str] = {
@@ -107,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="allow an out dir that already holds a run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--ensemble", type=int, default=1, help="train N members with seeds seed..seed+N-1")
+    g.add_argument(
+        "--ensemble-top",
+        dest="ensemble_top",
+        type=int,
+        metavar="K",
+        help="with --experiment: train the K best distinct configurations of the search (by its metric at each "
+        "trial's best epoch) as an ensemble, each with its own config",
+    )
     g.add_argument(
         "--calibration",
         type=str.lower,
@@ -215,14 +254,45 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class SearchTrial:
+    """One configuration of a search at its trial's best epoch: ``value`` of the search's metric at ``epoch``, the
+    searched hyperparameters ``params`` (inactive conditional ones left out), and ``duplicates``: the other trials
+    that sampled the same ``params`` (as good or worse)."""
+
+    trial_id: str
+    value: float
+    epoch: int
+    params: dict[str, Any]
+    duplicates: tuple[str, ...] = ()
+
+
+@dataclass
+class MemberPlan:
+    """One model to train: its config, its folder, and the search trial it comes from (None: not from a search)."""
+
+    cfg: TrainConfig
+    out: Path
+    trial: SearchTrial | None = None
+
+
 @dataclass
 class Plan:
-    cfg: TrainConfig
+    cfg: TrainConfig  # the config of the run (of the first member for --ensemble-top)
     input_dir: Path
     label_dir: Path
     out: Path
     resume: dict[str, Any] | None
     source: str
+    members: list[MemberPlan]
+    experiment: dict[str, Any] | None = None  # --ensemble-top: the search's location, metric and mode
+
+    @property
+    def kind(self) -> str:
+        """``single``, ``seeds`` (--ensemble N) or ``configs`` (--ensemble-top K)."""
+        if self.experiment is not None:
+            return "configs"
+        return "seeds" if len(self.members) > 1 else "single"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -230,37 +300,196 @@ def make_plan(args: argparse.Namespace) -> Plan:
     values: dict[str, Any] = {}
     source = "defaults"
     data: dict[str, Any] = {}
-    if args.experiment:
+    check_ensemble_flags(args)
+    top: list[SearchTrial] = []
+    space: SearchSpace | None = None
+    if args.ensemble_top is not None:
+        space, top, data = top_trials(args.experiment, args.ensemble_top)
+        source = f"the {len(top)} best distinct configurations of {args.experiment}"
+    elif args.experiment:
         best = read_best(args.experiment)
         values |= best["config"]
         data = best.get("data") or {}
         source = f"best trial {best.get('trial_id', '?')} of {args.experiment}"
+    layers: dict[str, Any] = {}  # what the --config file and the flags set: applied over every member's config
     if args.config:
-        values |= _raw_yaml(args.config)
+        layers |= _raw_yaml(args.config)
         source = args.config if source == "defaults" else f"{source} + {args.config}"
     resume = None
     if args.train_mode == "resume":
         ckpt = Path(args.model_weights_path) if args.model_weights_path else Path(args.out_dir) / "last.pt"
         resume = load_checkpoint(ckpt)
-        values = resume["config"] | {k: v for k, v in values.items() if k == "epochs"}
+        values = resume["config"] | {k: v for k, v in (values | layers).items() if k == "epochs"}
+        layers = {}
         source = f"checkpoint {ckpt}"
     elif args.model_weights_path:
         raise TuneAgbError("--model_weights_path: only used with --train_mode resume")
-    values |= config_overrides(args)
-    cfg = config_from_dict(values, source="config")
-    if args.ensemble < 1:
-        raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
-    if resume is not None and args.ensemble != 1:
-        raise TuneAgbError("--train_mode resume continues one model; it cannot be combined with --ensemble")
+    layers |= config_overrides(args)
+    out = Path(args.out_dir)
+    if space is not None:
+        members = [
+            MemberPlan(
+                config_from_dict(
+                    space.trial_config(t.params).to_dict() | layers,
+                    source=f"config of trial {t.trial_id} of {args.experiment}",
+                ),
+                out / "members" / f"member_{k:02d}",
+                t,
+            )
+            for k, t in enumerate(top)
+        ]
+        _warn_identical(members)
+        cfg = members[0].cfg
+    else:
+        cfg = config_from_dict(values | layers, source="config")
+        if args.ensemble == 1:
+            members = [MemberPlan(cfg, out)]
+        else:
+            members = [
+                MemberPlan(cfg.replace(seed=cfg.seed + k), out / "members" / f"member_{k:02d}")
+                for k in range(args.ensemble)
+            ]
+    chans = {m.cfg.in_channels for m in members}
+    if len(chans) > 1:
+        raise TuneAgbError(f"--ensemble-top: the members' in_channels differ ({sorted(chans)}); they must share it")
     stored = (data["input_dir"], data["label_dir"]) if data.get("input_dir") and data.get("label_dir") else None
     input_dir, label_dir = data_dirs(args.input_dir or None, args.label_dir or None, stored)
-    out = Path(args.out_dir)
-    if resume is None and out.is_dir() and any((out / m).exists() for m in RUN_MARKERS) and not args.overwrite:
+    if resume is None and holds_run(out) and not args.overwrite:
         raise TuneAgbError(
             f"{out}: already holds a run (config.yaml/best.pt/...); use --overwrite to replace it, "
             f"--train_mode resume to continue it, or another --out-dir"
         )
-    return Plan(cfg, input_dir, label_dir, out, resume, source)
+    experiment = None
+    if space is not None:
+        where = resolve_storage(args.experiment)  # a local path made absolute, a URI as given
+        experiment = {"experiment": where, "metric": space.metric, "mode": space.mode}
+    return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment)
+
+
+def holds_run(out: Path) -> bool:
+    return out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+
+
+def check_ensemble_flags(args: argparse.Namespace) -> None:
+    """--ensemble and --ensemble-top: their values and the flags they go (or do not go) with."""
+    if args.ensemble < 1:
+        raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
+    if args.train_mode == "resume" and args.ensemble != 1:
+        raise TuneAgbError("--train_mode resume continues one model; it cannot be combined with --ensemble")
+    k = args.ensemble_top
+    if k is None:
+        return
+    if k < 1:
+        raise TuneAgbError(f"--ensemble-top: must be >= 1 (the number of configurations), got {k}")
+    if not args.experiment:
+        raise TuneAgbError(
+            "--ensemble-top: needs --experiment STORAGE/NAME, the search whose best configurations it trains"
+        )
+    if args.ensemble != 1:
+        raise TuneAgbError(
+            "--ensemble-top: give either --ensemble N (one configuration, N seeds) or --ensemble-top K "
+            "(the K best configurations of the search), not both"
+        )
+    if args.train_mode == "resume":
+        raise TuneAgbError("--ensemble-top: --train_mode resume continues one model; it cannot train an ensemble")
+
+
+def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial], dict[str, Any]]:
+    """The ``k`` best distinct configurations of a search, best first, with the search space and data folders.
+
+    Each trial is ranked by the search's metric (``experiment.metric`` / ``mode`` of its ``search.yaml``) at its best
+    epoch in ``results.parquet``; epochs whose value is not finite do not count. Trials that sampled the same
+    searched hyperparameters count once (the best of them; ties: the lower trial id).
+
+    Raises:
+        TuneAgbError: one line naming ``--ensemble-top`` when the folder is not a search with results, or when it has
+            fewer than ``k`` distinct configurations with a finite value.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    flag = f"--ensemble-top {k}"
+    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
+    raw = read_file(fs, f"{root}/{SEARCH_FILE}")
+    if raw is None:
+        raise TuneAgbError(f"{flag}: {experiment}/{SEARCH_FILE} not found; --experiment must be a search's folder")
+    try:
+        record = yaml.safe_load(raw.decode())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
+        raise TuneAgbError(f"{flag}: {experiment}/{SEARCH_FILE}: expected a mapping with a 'space' mapping")
+    space = parse_search_space(record["space"], source=f"{experiment}/{SEARCH_FILE}")
+    table = read_file(fs, f"{root}/{RESULTS_FILE}")
+    df = pq.read_table(io.BytesIO(table)).to_pandas() if table is not None else pd.DataFrame()
+    metric, mode = space.metric, space.mode
+    if df.empty or metric not in df or "trial_id" not in df:
+        raise TuneAgbError(
+            f"{flag}: {experiment}/{RESULTS_FILE}: no results (no trial has reported an epoch yet); "
+            "allowed: a search folder whose results.parquet has rows"
+        )
+    value = pd.to_numeric(df[metric], errors="coerce")
+    df = df.assign(_value=value)[np.isfinite(value)]
+    ranked: list[SearchTrial] = []
+    for tid, g in df.groupby("trial_id", sort=False):
+        g = g.sort_values("epoch")
+        i = g["_value"].idxmin() if mode == "min" else g["_value"].idxmax()
+        row = g.loc[i]
+        params = {p.name: _param_value(p, row.get(f"config/{p.name}"), experiment, str(tid)) for p in space.params}
+        params = {n: v for n, v in params.items() if v is not None}
+        ranked.append(SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params))
+    ranked.sort(key=lambda t: (t.value if mode == "min" else -t.value, t.trial_id))
+    distinct: dict[tuple, SearchTrial] = {}
+    for t in ranked:
+        key = tuple(sorted((n, repr(v)) for n, v in t.params.items()))
+        if key in distinct:
+            first = distinct[key]
+            distinct[key] = replace(first, duplicates=(*first.duplicates, t.trial_id))
+        else:
+            distinct[key] = t
+    found = list(distinct.values())
+    if k > len(found):
+        raise TuneAgbError(
+            f"{flag}: {experiment} has {len(found)} distinct configuration{'s' if len(found) != 1 else ''} with a "
+            f"finite {metric} ({len(ranked)} trials); allowed: 1 to {len(found)}"
+        )
+    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    if not data:
+        best_raw = read_file(fs, f"{root}/{BEST_FILE}")
+        best = yaml.safe_load(best_raw.decode()) if best_raw is not None else None
+        data = (best.get("data") or {}) if isinstance(best, dict) else {}
+    return space, found[:k], data
+
+
+def _param_value(spec: ParamSpec, raw: Any, experiment: str, trial_id: str) -> Any:
+    """A searched value as stored in results.parquet (None, NaN: inactive) as the parameter's type."""
+    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
+        return None
+    raw = raw.item() if hasattr(raw, "item") else raw
+    try:
+        if spec.kind == "categorical":
+            for c in spec.choices:
+                if c == raw or str(c) == str(raw):
+                    return c
+            raise ValueError
+        value = int(float(raw)) if spec.kind == "int" else float(raw)
+    except (TypeError, ValueError):
+        raise TuneAgbError(
+            f"--ensemble-top: {experiment}/{RESULTS_FILE}: trial {trial_id}: config/{spec.name} = {raw!r} is not a "
+            "value of the searched parameter"
+        ) from None
+    return value
+
+
+def _warn_identical(members: list[MemberPlan]) -> None:
+    """Members that the --config file or flags made identical add nothing but cost: say so."""
+    seen: dict[str, str] = {}
+    for m in members:
+        key = json.dumps(m.cfg.to_dict(), sort_keys=True)
+        tid = m.trial.trial_id if m.trial else "?"
+        if key in seen:
+            log.warning("trials %s and %s train the same configuration once --config/flags apply", seen[key], tid)
+        seen.setdefault(key, tid)
 
 
 def _raw_yaml(path: str) -> dict[str, Any]:
@@ -492,6 +721,9 @@ def combined(evals: list[SplitEval]) -> Prediction:
     def host(t: torch.Tensor) -> np.ndarray:
         return t.float().cpu().numpy()
 
+    for e in evals[1:]:
+        if not (np.array_equal(e.tile, evals[0].tile) and np.array_equal(e.flat, evals[0].flat)):
+            raise RuntimeError("ensemble members predicted different pixels; they cannot be combined")
     mean, var = combine_members(torch.stack([e.mean for e in evals]), torch.stack([e.var for e in evals]))
     maps = {}
     for k in evals[0].maps:
@@ -517,47 +749,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = DataSource(str(plan.input_dir), str(plan.label_dir), in_channels=plan.cfg.in_channels).open()
     tiles = data.tiles
     out = plan.out
+    if plan.resume is None and args.overwrite and holds_run(out):
+        clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
     members: list[MemberOutput] = []
-    for k in range(args.ensemble):
-        mcfg = plan.cfg.replace(seed=plan.cfg.seed + k)
-        mout = out if args.ensemble == 1 else out / "members" / f"member_{k:02d}"
+    for k, mp in enumerate(plan.members):
+        if len(plan.members) > 1:
+            came = f"trial {mp.trial.trial_id}" if mp.trial else f"seed {mp.cfg.seed}"
+            print(f"member {k + 1}/{len(plan.members)} ({came}) -> {mp.out}", file=sys.stderr)
         members.append(
             train_member(
-                mcfg,
+                mp.cfg,
                 tiles,
-                mout,
-                norm=data.norm(mcfg.standardize_target),
+                mp.out,
+                norm=data.norm(mp.cfg.standardize_target),
                 resume=plan.resume,
                 device=args.device,
                 progress=not args.no_progress,
-                epoch_checkpoints=_epoch_checkpoint_dir(args, mout),
+                epoch_checkpoints=_epoch_checkpoint_dir(args, mp.out),
                 wandb_project=args.wandb_project if args.wandb else None,
             )
         )
+    loss = ensemble_loss([mp.cfg for mp in plan.members])
     uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     val = uncalibrated["val"]
-    cal = fit_calibration(args.calibration, val.y, val.mean, val.var, plan.cfg.loss, split="val")
+    cal = fit_calibration(args.calibration, val.y, val.mean, val.var, loss, split="val")
     save_calibration(cal, out / CALIBRATION_FILE)
     preds = {split: pr.calibrated(cal) for split, pr in uncalibrated.items()}
     metrics: dict[str, Any] = {}
-    if args.ensemble == 1:
+    if plan.kind == "single":
         metrics["best_epoch"] = members[0].metrics["best_epoch"]
         before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
     else:
-        save_config(plan.cfg, out / "config.yaml")
-        before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(plan.cfg.loss).items()}
-    metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(plan.cfg.loss).items()}
+        if plan.kind == "seeds":
+            save_config(plan.cfg, out / "config.yaml")
+        write_ensemble_file(out / ENSEMBLE_FILE, plan)
+        before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
+    metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(loss).items()}
     metrics |= {"uncalibrated": before, "calibration": cal.to_dict()}
-    if args.ensemble > 1:
-        metrics["members"] = [m.metrics for m in members]
+    if plan.kind != "single":
+        metrics["ensemble_of"] = plan.kind
+        metrics["members"] = [member_record(mp, m) for mp, m in zip(plan.members, members, strict=True)]
     metrics |= {
-        "epochs": plan.cfg.epochs,
-        "ensemble": args.ensemble,
+        "epochs": max(mp.cfg.epochs for mp in plan.members),
+        "ensemble": len(plan.members),
         "input_dir": str(plan.input_dir),
         "label_dir": str(plan.label_dir),
     }
+    if plan.experiment is not None:
+        metrics["search"] = plan.experiment
     write_predictions(out / "predictions.parquet", tiles, preds, uncalibrated)
     write_plots(out / "plots", preds, uncalibrated, cal)
     write_test_maps(out / "test_maps.npz", tiles["test"], preds["test"])
@@ -565,9 +806,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
 
     page = write_report_or_warn(out)
+    if plan.kind == "configs":
+        print_members(plan, metrics["members"])
     print_summary(metrics, cal)
     print(f"model, calibration, metrics and predictions written to {out}" + (f"; report: {page}" if page else ""))
     return 0
+
+
+def clear_run(out: Path) -> None:
+    """Remove the model files of the run that ``--overwrite`` replaces, so that none of them is read with the new
+    one (a third member left from an older three-member ensemble would join a new two-member one in predict)."""
+    import shutil
+
+    for name in REPLACED_ON_OVERWRITE:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def ensemble_loss(cfgs: list[TrainConfig]) -> str:
+    """The loss under which an ensemble's predictive distribution is scored and calibrated: the members' loss when
+    they share one, else Gaussian (the total variance is a mixture's, whatever each member's distribution)."""
+    losses = {c.loss for c in cfgs}
+    if len(losses) == 1:
+        return losses.pop()
+    log.info("members were trained with different losses (%s): the ensemble is scored as Gaussian", sorted(losses))
+    return "gaussian_nll"
+
+
+def member_record(mp: MemberPlan, m: MemberOutput) -> dict[str, Any]:
+    """A member's entry in ``metrics.json["members"]``: its folder, where it came from, its own (uncalibrated)
+    metrics."""
+    rec: dict[str, Any] = {"folder": mp.out.name}
+    if mp.trial is not None:
+        rec |= {"trial_id": mp.trial.trial_id, "search_value": mp.trial.value}
+    else:
+        rec["seed"] = mp.cfg.seed
+    return rec | m.metrics
+
+
+def write_ensemble_file(path: Path, plan: Plan) -> None:
+    """``ensemble.yaml``: where the members came from. ``kind`` is ``seeds`` (one config, ``members[].seed``) or
+    ``configs`` (the best distinct configurations of ``experiment``: per member its ``trial_id``, the search's
+    ``value`` of ``metric`` at that trial's best ``epoch``, the searched ``params`` and the trials that sampled the
+    same ones, ``same_params_as``). Each member's full config is ``members/member_KK/config.yaml``."""
+    doc: dict[str, Any] = {"format": ENSEMBLE_FORMAT, "kind": plan.kind}
+    if plan.experiment is not None:
+        doc |= plan.experiment
+    members = []
+    for mp in plan.members:
+        rec: dict[str, Any] = {"folder": f"members/{mp.out.name}"}
+        if mp.trial is not None:
+            t = mp.trial
+            rec |= {"trial_id": t.trial_id, "value": t.value, "epoch": t.epoch, "params": dict(t.params)}
+            rec["same_params_as"] = list(t.duplicates)
+        else:
+            rec["seed"] = mp.cfg.seed
+        members.append(rec)
+    doc["members"] = members
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def print_members(plan: Plan, records: list[dict[str, Any]]) -> None:
+    """The members of an ensemble of search trials: the trial, its search value, its own val/test RMSE."""
+    metric = plan.experiment["metric"] if plan.experiment else "value"
+    print(f"{'member':10} {'trial':>14} {'search ' + metric:>18} {'val_rmse':>10} {'test_rmse':>10}  params")
+    for mp, r in zip(plan.members, records, strict=True):
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in mp.trial.params.items())
+        print(
+            f"{mp.out.name:10} {r['trial_id']:>14} {r['search_value']:>18.4g} {r['val_rmse']:>10.4g} "
+            f"{r['test_rmse']:>10.4g}  {params}"
+        )
 
 
 SUMMARY_KEYS = ("rmse", "r2", "mae", "me", "nll", "rmv", "within_1sigma", "within_2sigma", "uce", "n")
