@@ -467,18 +467,12 @@ def _param_value(spec: ParamSpec, raw: Any, experiment: str, trial_id: str) -> A
         return None
     raw = raw.item() if hasattr(raw, "item") else raw
     try:
-        if spec.kind == "categorical":
-            for c in spec.choices:
-                if c == raw or str(c) == str(raw):
-                    return c
-            raise ValueError
-        value = int(float(raw)) if spec.kind == "int" else float(raw)
-    except (TypeError, ValueError):
+        return spec.from_stored(raw)
+    except ValueError:
         raise TuneAgbError(
             f"--ensemble-top: {experiment}/{RESULTS_FILE}: trial {trial_id}: config/{spec.name} = {raw!r} is not a "
             "value of the searched parameter"
         ) from None
-    return value
 
 
 def _warn_identical(members: list[MemberPlan]) -> None:

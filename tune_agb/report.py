@@ -197,15 +197,10 @@ def load_trials(df: pd.DataFrame, space: SearchSpace) -> list[Trial]:
 def param_value(spec: ParamSpec, value: Any) -> Any:
     """A stored value as the parameter's type (results.parquet may hold it as text); None if not in the domain."""
     try:
-        if spec.kind == "categorical":
-            for c in spec.choices:
-                if c == value or str(c) == str(value):
-                    return c
-            return None
-        v = int(float(value)) if spec.kind == "int" else float(value)
-    except (TypeError, ValueError):
+        v = spec.from_stored(value)
+    except ValueError:
         return None
-    return v if spec.low <= v <= spec.high else None
+    return v if spec.kind == "categorical" or spec.low <= v <= spec.high else None
 
 
 def rebuild_study(trials: list[Trial], space: SearchSpace) -> Any:

@@ -127,6 +127,19 @@ class ParamSpec:
             return False
         return self.low <= value <= self.high
 
+    def from_stored(self, value: Any) -> Any:
+        """A value as stored in results.parquet (possibly as text) turned into this parameter's type: the matching
+        choice, or an int / float. Raises ``ValueError`` when it cannot be one (no check of the bounds)."""
+        if self.kind == "categorical":
+            for c in self.choices:
+                if c == value or str(c) == str(value):
+                    return c
+            raise ValueError(f"{value!r} is not one of {self.name}'s choices")
+        try:
+            return int(float(value)) if self.kind == "int" else float(value)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+
     def active(self, values: dict[str, Any]) -> bool:
         """Whether the conditions in ``when`` hold for the values sampled so far."""
         return all(values.get(k) in allowed for k, allowed in self.when.items())
