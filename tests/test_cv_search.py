@@ -204,3 +204,129 @@ def test_resume_after_an_interruption_keeps_the_folds(tiny_data: Path, tmp_path:
         assert after and 1 < after[0] <= latest[t] + 1
     assert np.isfinite(df[[f"val_rmse_fold{j}" for j in range(K)]].to_numpy()).all()
     assert not math.isnan(df["val_rmse_sd"].max())
+
+
+# -- final_train of a cross-validated search ----------------------------------------------------------------------
+def _final(cv_search: SimpleNamespace, out: Path, *flags: str) -> dict[str, Any]:
+    from tune_agb.final_train import main as final_main
+
+    code = final_main(["--experiment", str(cv_search.exp), "--out-dir", str(out), "--no-progress", *flags])
+    assert code == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _oof(cv_search: SimpleNamespace) -> Any:
+    data = cv_search.data
+    tiles = DataSource(str(data / "inputs"), str(data / "labels"), splits=("train", "val")).open().tiles
+    best = read_cv_best(str(cv_search.exp))
+    return best, out_of_fold(best.fold_states(), tiles, best.folds)
+
+
+def test_final_train_retrains_the_best_cv_config_on_train_and_val(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    """Default for a cv search: the best config, for the epoch count the fold mean was best at, trained on train+val
+    (normalised with their stats), the last epoch kept, the calibration fitted on the out-of-fold predictions."""
+    from tune_agb.engine.calibration import fit_scale
+    from tune_agb.engine.checkpoint import load_checkpoint
+    from tune_agb.engine.data import compute_norm_stats
+    from tune_agb.folds import merge_train_val
+
+    out = tmp_path / "retrain"
+    m = _final(cv_search, out)
+    best, oof = _oof(cv_search)
+    assert m["cv"] | {"calibration_fit_on": None} == {
+        "final": "retrain",
+        "k": K,
+        "trial_id": best.trial_id,
+        "epoch": best.epoch,
+        "value": best.value,
+        "value_sd": best.value_sd,
+        "val_in_sample": True,
+        "calibration_fit_on": None,
+    }
+    assert m["epochs"] == best.epoch and yaml.safe_load((out / "config.yaml").read_text())["epochs"] == best.epoch
+    kept = load_checkpoint(out / "best.pt")
+    assert kept["epoch"] == best.epoch == m["best_epoch"]  # the last epoch, whatever the (in-sample) val said
+    data = cv_search.data
+    tiles = DataSource(str(data / "inputs"), str(data / "labels")).open().tiles
+    merged = merge_train_val(tiles)["train"]
+    assert len(merged.names) == len(tiles["train"].names) + len(tiles["val"].names)
+    assert kept["norm"] == compute_norm_stats(merged).to_dict() != compute_norm_stats(tiles["train"]).to_dict()
+    cal = m["calibration"]
+    assert (cal["split"], cal["n"]) == ("out-of-fold", oof.y.size)
+    assert cal["scale"] == pytest.approx(fit_scale(oof.y, oof.mean, oof.var, best.config["loss"]), rel=1e-6)
+
+
+def test_final_train_keeps_the_fold_models_as_an_ensemble(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    """--cv-final folds: no training; the k fold models are the members (predict loads them), the test prediction is
+    their combination, calibrated on the out-of-fold predictions."""
+    from tune_agb.engine.checkpoint import load_checkpoint
+    from tune_agb.engine.inference import member_checkpoints
+
+    out = tmp_path / "folds"
+    m = _final(cv_search, out, "--cv-final", "folds")
+    best, oof = _oof(cv_search)
+    states = best.fold_states()
+    assert m["ensemble_of"] == "folds" and m["ensemble"] == K and m["epochs"] == best.epoch
+    assert [r["fold"] for r in m["members"]] == list(range(K))
+    doc = yaml.safe_load((out / "ensemble.yaml").read_text())
+    assert (doc["kind"], doc["trial_id"], doc["epoch"]) == ("folds", best.trial_id, best.epoch)
+    paths = member_checkpoints(out)
+    assert len(paths) == K
+    for path, state in zip(paths, states, strict=True):
+        kept = load_checkpoint(path)
+        assert kept["norm"] == state["norm"] and "seam_margin" in kept
+        assert all(torch.equal(kept["model"][k], v) for k, v in state["model"].items())
+    cal = m["calibration"]
+    assert (cal["split"], cal["n"]) == ("out-of-fold", oof.y.size)
+    pred = pd.read_parquet(out / "predictions.parquet")
+    test = pred[pred["split"] == "test"]
+    members = [r["test_rmse"] for r in m["members"]]
+    assert m["test_n"] == len(test) > 0
+    # the ensemble mean is the members' mean: no worse than the average member in squared error (convexity)
+    assert m["test_rmse"] ** 2 <= np.mean(np.square(members)) + 1e-6
+
+
+def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    from tune_agb.errors import TuneAgbError
+    from tune_agb.final_train import main as final_main
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    best = yaml.safe_load((cv_search.exp / "best.yaml").read_text())
+    best.pop("cv")
+    (plain / "best.yaml").write_text(yaml.safe_dump(best))
+    cases = [
+        (["--experiment", str(plain), "--cv-final", "folds"], "has no cv: section"),
+        (["--experiment", str(cv_search.exp), "--cv-final", "folds", "--lr", "0.1"], "cannot change them"),
+        (["--experiment", str(cv_search.exp), "--ensemble-top", "2"], "spatial k-fold search"),
+        (["--cv-final", "retrain"], "needs --experiment"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(TuneAgbError, match=expected):
+            final_main([*argv, "--out-dir", str(tmp_path / "never")])
+        assert not (tmp_path / "never").exists()  # nothing written
+
+
+def test_search_report_shows_the_spread_over_folds(cv_search: SimpleNamespace) -> None:
+    """The report page of a cv search: the best-trials table has each trial's sd over folds at its best epoch, and a
+    section gives the best trial's per-fold values with each fold's tiles and labelled pixels (cv_folds.json)."""
+    import re
+
+    from tune_agb.report import write_report
+
+    text = write_report(cv_search.exp).read_text()
+    df = pd.read_parquet(cv_search.exp / "results.parquet")
+    row = df.loc[df["val_rmse"].idxmin()]
+    table = text[text.index('<section id="best">') :]
+    first = re.search(r'<tr class="best">(.*?)</tr>', table, re.S).group(1)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", first)
+    assert cells[1:4] == [str(row["trial_id"]), f"{row['val_rmse']:.4g}", f"{row['val_rmse_sd']:.4g}"]
+    folds = text[text.index('<section id="folds">') :]
+    saved = read_folds(str(cv_search.exp))
+    for j in range(K):
+        labelled = sum(n for n, f in zip(saved.labelled, saved.folds, strict=True) if f == j)
+        fold_row = re.search(rf"<tr><td class=\"num\">{j}</td>(.*?)</tr>", folds, re.S).group(1)
+        assert re.findall(r"<td[^>]*>(.*?)</td>", fold_row)[1:3] == [
+            f"{labelled}",
+            f"{row[f'val_rmse_fold{j}']:.4g}",
+        ]

@@ -58,17 +58,20 @@ from tune_agb.engine.config import (
     save_config,
 )
 from tune_agb.engine.data import NormStats, SplitFeed, TileSet
-from tune_agb.engine.device import resolve_device
+from tune_agb.engine.device import resolve_amp, resolve_device
 from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, train
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.folds import merge_train_val, out_of_fold
 from tune_agb.search.experiment import (  # the search's experiment folder STORAGE/NAME
     BEST_FILE,
     RESULTS_FILE,
     SEARCH_FILE,
+    CVBest,
     open_storage,
     read_best,
+    read_cv_best,
     read_file,
     resolve_storage,
 )
@@ -81,6 +84,8 @@ log = logging.getLogger("tune_agb.final_train")
 RUN_MARKERS = ("config.yaml", "metrics.json", "best.pt", "last.pt", "members")
 # What says where an ensemble's members came from (seeds, or trials of a search).
 ENSEMBLE_FILE = "ensemble.yaml"
+# What final_train does with a spatial k-fold search: retrain on train+val, or keep the fold models.
+CV_FINAL = ("retrain", "folds")
 ENSEMBLE_FORMAT = "tune_agb.ensemble/1"
 # A previous run's files that would otherwise be read with the new one's (predict loads every members/member_*):
 # removed from an out dir before a run replaces it (--overwrite).
@@ -145,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="with --experiment: train the K best distinct configurations of the search (by its metric at each "
         "trial's best epoch) as an ensemble, each with its own config",
+    )
+    g.add_argument(
+        "--cv-final",
+        dest="cv_final",
+        choices=CV_FINAL,
+        help="with --experiment of a spatial k-fold search (a cv: section): retrain the best configuration on "
+        "train+val for the epoch count the fold mean was best at (retrain, default), or keep the best trial's k fold "
+        "models as an ensemble (folds, no training); either way the variance calibration is fitted on the fold "
+        "models' out-of-fold predictions",
     )
     g.add_argument(
         "--calibration",
@@ -285,12 +299,16 @@ class Plan:
     resume: dict[str, Any] | None
     source: str
     members: list[MemberPlan]
-    experiment: dict[str, Any] | None = None  # --ensemble-top: the search's location, metric and mode
+    experiment: dict[str, Any] | None = None  # --ensemble-top / a cv search: the search's location, metric, mode
+    cv: CVBest | None = None  # --experiment of a spatial k-fold search
+    cv_final: str | None = None  # then: retrain (on train+val) or folds (keep the k fold models)
 
     @property
     def kind(self) -> str:
-        """``single``, ``seeds`` (--ensemble N) or ``configs`` (--ensemble-top K)."""
-        if self.experiment is not None:
+        """``single``, ``seeds`` (--ensemble N), ``configs`` (--ensemble-top K) or ``folds`` (--cv-final folds)."""
+        if self.cv_final == "folds":
+            return "folds"
+        if self.experiment is not None and self.cv is None:
             return "configs"
         return "seeds" if len(self.members) > 1 else "single"
 
@@ -303,7 +321,14 @@ def make_plan(args: argparse.Namespace) -> Plan:
     check_ensemble_flags(args)
     top: list[SearchTrial] = []
     space: SearchSpace | None = None
+    cv: CVBest | None = None
+    cv_final: str | None = None
     if args.ensemble_top is not None:
+        if read_cv_best(args.experiment) is not None:
+            raise TuneAgbError(
+                f"--ensemble-top: {args.experiment} is a spatial k-fold search; its configurations are not retrained "
+                "as an ensemble yet: use --cv-final folds (the best trial's fold models) or --cv-final retrain"
+            )
         space, top, data = top_trials(args.experiment, args.ensemble_top)
         source = f"the {len(top)} best distinct configurations of {args.experiment}"
     elif args.experiment:
@@ -311,6 +336,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
         values |= best["config"]
         data = best.get("data") or {}
         source = f"best trial {best.get('trial_id', '?')} of {args.experiment}"
+        cv = read_cv_best(args.experiment)
+        if cv is None and args.cv_final is not None:
+            raise TuneAgbError(
+                f"--cv-final: {args.experiment} has no cv: section (its best.yaml names no folds); drop --cv-final"
+            )
+        if cv is not None:
+            cv_final = args.cv_final or "retrain"
+            if cv_final == "retrain":
+                values |= cv.retrain_config()
+                source += f" ({cv.folds.k}-fold cv), retrained on train+val for {cv.epoch} epochs"
+            else:
+                source += f" ({cv.folds.k}-fold cv): its {cv.folds.k} fold models at epoch {cv.epoch}"
     layers: dict[str, Any] = {}  # what the --config file and the flags set: applied over every member's config
     if args.config:
         layers |= _raw_yaml(args.config)
@@ -326,6 +363,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise TuneAgbError("--model_weights_path: only used with --train_mode resume")
     layers |= config_overrides(args)
     out = Path(args.out_dir)
+    if cv_final == "folds" and (layers or resume is not None):
+        given = ", ".join(sorted(layers)) or "--train_mode resume"
+        raise TuneAgbError(
+            f"--cv-final folds keeps the search's trained fold models; {given} cannot change them "
+            "(use --cv-final retrain to train the configuration again)"
+        )
     if space is not None:
         members = [
             MemberPlan(
@@ -363,7 +406,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if space is not None:
         where = resolve_storage(args.experiment)  # a local path made absolute, a URI as given
         experiment = {"experiment": where, "metric": space.metric, "mode": space.mode}
-    return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment)
+    if cv is not None:
+        experiment = {"experiment": resolve_storage(args.experiment), "metric": cv.metric, "mode": best.get("mode")}
+        if cv_final == "folds":
+            members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}") for j in range(cv.folds.k)]
+    return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final)
 
 
 def holds_run(out: Path) -> bool:
@@ -376,9 +423,18 @@ def check_ensemble_flags(args: argparse.Namespace) -> None:
         raise TuneAgbError(f"--ensemble: must be >= 1, got {args.ensemble}")
     if args.train_mode == "resume" and args.ensemble != 1:
         raise TuneAgbError("--train_mode resume continues one model; it cannot be combined with --ensemble")
+    if args.cv_final is not None and not args.experiment:
+        raise TuneAgbError("--cv-final: needs --experiment STORAGE/NAME, a search with a cv: section")
+    if args.cv_final is not None and args.ensemble != 1:
+        raise TuneAgbError("--cv-final: cannot be combined with --ensemble N (folds is already an ensemble)")
     k = args.ensemble_top
     if k is None:
         return
+    if args.cv_final is not None:
+        raise TuneAgbError(
+            "--ensemble-top: cannot be combined with --cv-final (give one: the K best configurations, or what to do "
+            "with the best cross-validated one)"
+        )
     if k < 1:
         raise TuneAgbError(f"--ensemble-top: must be >= 1 (the number of configurations), got {k}")
     if not args.experiment:
@@ -497,10 +553,13 @@ def _raw_yaml(path: str) -> dict[str, Any]:
 class EpochLogger:
     """Writes best.pt / last.pt / optional per-epoch checkpoints, TensorBoard scalars and images, wandb."""
 
-    def __init__(self, out: Path, tb_dir: Path, keep_dir: Path | None, wandb_run: Any = None):
+    def __init__(
+        self, out: Path, tb_dir: Path, keep_dir: Path | None, wandb_run: Any = None, last_is_best: bool = False
+    ):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out = out
+        self.last_is_best = last_is_best  # best.pt = the last epoch (no held-out split to pick an epoch on)
         self.keep_dir = keep_dir
         self.writer = SummaryWriter(log_dir=str(tb_dir))
         self.wandb = wandb_run
@@ -508,7 +567,7 @@ class EpochLogger:
     def __call__(self, rep: EpochReport) -> None:
         state = rep.state()
         save_checkpoint(state, self.out / "last.pt")
-        if rep.is_best:
+        if rep.is_best or self.last_is_best:
             save_checkpoint(state, self.out / "best.pt")
         if self.keep_dir is not None:
             save_checkpoint(state, self.keep_dir / f"epoch_{rep.epoch:04d}.pt")
@@ -555,7 +614,7 @@ def _start_wandb(project: str | None, cfg: TrainConfig, out: Path) -> Any:
 
 @dataclass
 class MemberOutput:
-    result: TrainResult
+    result: TrainResult | None  # None: a model kept from a search (--cv-final folds), not trained here
     preds: dict[str, SplitEval]  # split -> labelled pixels' predictions (and the maps of the tiles kept)
     metrics: dict[str, float]
 
@@ -571,6 +630,7 @@ def train_member(
     progress: bool = True,
     epoch_checkpoints: Path | None = None,
     wandb_project: str | None = None,
+    last_is_best: bool = False,
 ) -> MemberOutput:
     """Train one model into ``out`` (config.yaml, best.pt, last.pt, tensorboard/, norm_stats.json) and predict val
     and test with its best epoch.
@@ -585,11 +645,13 @@ def train_member(
         progress: show a progress bar.
         epoch_checkpoints: a folder to keep every epoch's checkpoint in (None: not kept).
         wandb_project: log to Weights & Biases under this project (None: no W&B).
+        last_is_best: keep the last epoch as best.pt, not the one with the lowest val RMSE (a retrain on train+val,
+            whose val tiles are training tiles: the epoch count was chosen by cross-validation).
     """
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     wb = _start_wandb(wandb_project, cfg, out)
-    logger = EpochLogger(out, out / "tensorboard", epoch_checkpoints, wb)
+    logger = EpochLogger(out, out / "tensorboard", epoch_checkpoints, wb, last_is_best=last_is_best)
     try:
         result = train(
             cfg,
@@ -612,15 +674,43 @@ def train_member(
     if best.get("seam_margin", -1) != member.margin:  # stored with the model for tiled prediction without seams
         save_checkpoint({**best, "seam_margin": member.margin}, out / "best.pt")
     log.info("%s: seam margin %s px", out / "best.pt", member.margin)
-    preds, metrics = {}, {"best_epoch": int(best["epoch"])}
+    preds, metrics = predict_splits(member.model, cfg, result.norm, tiles, result.device, result.amp)
+    (out / "norm_stats.json").write_text(json.dumps(result.norm.to_dict(), indent=1))
+    return MemberOutput(result, preds, {"best_epoch": int(best["epoch"])} | metrics)
+
+
+def predict_splits(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    norm: NormStats,
+    tiles: dict[str, TileSet],
+    device: torch.device,
+    amp: torch.dtype | None,
+) -> tuple[dict[str, SplitEval], dict[str, float]]:
+    """A model's predictions of val and test (the test maps of a few tiles kept) and their metrics."""
+    preds, metrics = {}, {}
     for split in ("val", "test"):
-        feed = SplitFeed(tiles[split], result.norm, result.device, cfg.data_mode)
+        feed = SplitFeed(tiles[split], norm, device, cfg.data_mode)
         keep = map_tiles(feed) if split == "test" else ()
-        ev = evaluate_split(member.model, feed, cfg, result.norm, cfg.batch_size, result.amp, keep=keep)
+        ev = evaluate_split(model, feed, cfg, norm, cfg.batch_size, amp, keep=keep)
         preds[split] = ev
         metrics |= {f"{split}_{k}": v for k, v in ev.metrics.items()}
-    (out / "norm_stats.json").write_text(json.dumps(result.norm.to_dict(), indent=1))
-    return MemberOutput(result, preds, metrics)
+    return preds, metrics
+
+
+def keep_fold_model(state: dict[str, Any], tiles: dict[str, TileSet], out: Path, device: str) -> MemberOutput:
+    """One fold model of a cross-validated search kept as an ensemble member: written to ``out`` like a trained
+    member (best.pt with its seam margin, config.yaml, norm_stats.json) and predicting val and test."""
+    dev = resolve_device(device)
+    member = member_from_state(state, dev, source=f"{out.name} (fold model)")
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({**state, "seam_margin": member.margin}, out / "best.pt")
+    save_config(member.config, out / "config.yaml")
+    (out / "norm_stats.json").write_text(json.dumps(member.norm.to_dict(), indent=1))
+    preds, metrics = predict_splits(
+        member.model, member.config, member.norm, tiles, dev, resolve_amp(member.config, dev)
+    )
+    return MemberOutput(None, preds, {"best_epoch": int(state["epoch"])} | metrics)
 
 
 # How many test tiles final_train keeps whole (mean, std and label maps) for the report: the most labelled ones.
@@ -747,28 +837,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
+    fold_states = cv_fold_states(plan)
     members: list[MemberOutput] = []
-    for k, mp in enumerate(plan.members):
+    if plan.kind == "folds":
+        members = [
+            keep_fold_model(st, tiles, mp.out, args.device) for st, mp in zip(fold_states, plan.members, strict=True)
+        ]
+    fit_tiles = merge_train_val(tiles) if plan.cv_final == "retrain" else tiles
+    for k, mp in enumerate(plan.members if plan.kind != "folds" else []):
         if len(plan.members) > 1:
             came = f"trial {mp.trial.trial_id}" if mp.trial else f"seed {mp.cfg.seed}"
             print(f"member {k + 1}/{len(plan.members)} ({came}) -> {mp.out}", file=sys.stderr)
         members.append(
             train_member(
                 mp.cfg,
-                tiles,
+                fit_tiles,
                 mp.out,
-                norm=data.norm(mp.cfg.standardize_target),
+                # a retrain on train+val: normalised with the stats of the tiles it trains on (computed by train)
+                norm=None if plan.cv_final == "retrain" else data.norm(mp.cfg.standardize_target),
                 resume=plan.resume,
                 device=args.device,
                 progress=not args.no_progress,
                 epoch_checkpoints=_epoch_checkpoint_dir(args, mp.out),
                 wandb_project=args.wandb_project if args.wandb else None,
+                last_is_best=plan.cv_final == "retrain",
             )
         )
     loss = ensemble_loss([mp.cfg for mp in plan.members])
     uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     val = uncalibrated["val"]
-    cal = fit_calibration(args.calibration, val.y, val.mean, val.var, loss, split="val")
+    if fold_states is not None:  # val is training data here: the out-of-fold predictions are the honest sample
+        oof = out_of_fold(fold_states, tiles, plan.cv.folds, device=args.device)
+        cal = fit_calibration(args.calibration, oof.y, oof.mean, oof.var, loss, split="out-of-fold")
+        fit_on = f"out-of-fold predictions of the {plan.cv.folds.k} fold models ({oof.y.size} pixels)"
+    else:
+        if plan.cv is not None:
+            log.warning("calibration: fitted on val, which this retrain trained on (the fold models are gone)")
+        cal = fit_calibration(args.calibration, val.y, val.mean, val.var, loss, split="val")
+        fit_on = "val" + (" (in-sample: trained on)" if plan.cv is not None else "")
     save_calibration(cal, out / CALIBRATION_FILE)
     preds = {split: pr.calibrated(cal) for split, pr in uncalibrated.items()}
     metrics: dict[str, Any] = {}
@@ -782,11 +888,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
     metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(loss).items()}
     metrics |= {"uncalibrated": before, "calibration": cal.to_dict()}
+    if plan.cv is not None:
+        metrics["cv"] = {
+            "final": plan.cv_final,
+            "k": plan.cv.folds.k,
+            "trial_id": plan.cv.trial_id,
+            "epoch": plan.cv.epoch,
+            "value": plan.cv.value,
+            "value_sd": plan.cv.value_sd,
+            "val_in_sample": True,  # every val tile was a training tile (retrain: of the model; folds: of k-1)
+            "calibration_fit_on": fit_on,
+        }
     if plan.kind != "single":
         metrics["ensemble_of"] = plan.kind
         metrics["members"] = [member_record(mp, m) for mp, m in zip(plan.members, members, strict=True)]
     metrics |= {
-        "epochs": max(mp.cfg.epochs for mp in plan.members),
+        "epochs": plan.cv.epoch if plan.kind == "folds" else max(mp.cfg.epochs for mp in plan.members),
         "ensemble": len(plan.members),
         "input_dir": str(plan.input_dir),
         "label_dir": str(plan.label_dir),
@@ -805,6 +922,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_summary(metrics, cal)
     print(f"model, calibration, metrics and predictions written to {out}" + (f"; report: {page}" if page else ""))
     return 0
+
+
+def cv_fold_states(plan: Plan) -> list[dict[str, Any]] | None:
+    """The k fold models of a cross-validated search's best trial and epoch (None: not a cv search, or a retrain
+    whose fold models Ray did not keep, which then calibrates on val with a warning)."""
+    if plan.cv is None:
+        return None
+    try:
+        return plan.cv.fold_states()
+    except TuneAgbError:
+        if plan.cv_final == "folds":
+            raise
+        return None
 
 
 def clear_run(out: Path) -> None:
@@ -836,6 +966,8 @@ def member_record(mp: MemberPlan, m: MemberOutput) -> dict[str, Any]:
     rec: dict[str, Any] = {"folder": mp.out.name}
     if mp.trial is not None:
         rec |= {"trial_id": mp.trial.trial_id, "search_value": mp.trial.value}
+    elif m.result is None:  # a fold model of a cv search
+        rec["fold"] = int(mp.out.name.rsplit("_", 1)[-1])
     else:
         rec["seed"] = mp.cfg.seed
     return rec | m.metrics
@@ -845,14 +977,20 @@ def write_ensemble_file(path: Path, plan: Plan) -> None:
     """``ensemble.yaml``: where the members came from. ``kind`` is ``seeds`` (one config, ``members[].seed``) or
     ``configs`` (the best distinct configurations of ``experiment``: per member its ``trial_id``, the search's
     ``value`` of ``metric`` at that trial's best ``epoch``, the searched ``params`` and the trials that sampled the
-    same ones, ``same_params_as``). Each member's full config is ``members/member_KK/config.yaml``."""
+    same ones, ``same_params_as``) or ``folds`` (the k fold models of a cross-validated ``experiment``'s best
+    ``trial_id`` at ``epoch``: per member its ``fold``). Each member's full config is
+    ``members/member_KK/config.yaml``."""
     doc: dict[str, Any] = {"format": ENSEMBLE_FORMAT, "kind": plan.kind}
     if plan.experiment is not None:
         doc |= plan.experiment
+    if plan.kind == "folds":
+        doc |= {"trial_id": plan.cv.trial_id, "epoch": plan.cv.epoch, "k": plan.cv.folds.k}
     members = []
-    for mp in plan.members:
+    for j, mp in enumerate(plan.members):
         rec: dict[str, Any] = {"folder": f"members/{mp.out.name}"}
-        if mp.trial is not None:
+        if plan.kind == "folds":
+            rec["fold"] = j
+        elif mp.trial is not None:
             t = mp.trial
             rec |= {"trial_id": t.trial_id, "value": t.value, "epoch": t.epoch, "params": dict(t.params)}
             rec["same_params_as"] = list(t.duplicates)

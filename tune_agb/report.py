@@ -51,7 +51,15 @@ from tune_agb.engine.plots import (
     with_unit,
 )
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, SEARCH_FILE, open_storage, read_file, write_atomic
+from tune_agb.search.experiment import (
+    BEST_FILE,
+    CV_FOLDS_FILE,
+    RESULTS_FILE,
+    SEARCH_FILE,
+    open_storage,
+    read_file,
+    write_atomic,
+)
 from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
 
 REPORT_DIR = "report"
@@ -433,19 +441,62 @@ def search_report(path: Path, unit: str = "", source: str = "") -> str:
         )
     )
     base = space.base_config().to_dict()
+    sd = _fold_spread(df, space.metric)  # a cv search: the metric's spread over folds at (trial, epoch)
     rows = [
-        [i + 1, t.trial_id, t.best_value, t.best_epoch, t.last_epoch, t.status, _differences(t, space, base)]
+        [i + 1, t.trial_id, t.best_value]
+        + ([sd.get((t.trial_id, t.best_epoch), math.nan)] if sd else [])
+        + [t.best_epoch, t.last_epoch, t.status, _differences(t, space, base)]
         for i, t in enumerate(ranked[:TOP_TRIALS])
     ]
     table = html_table(
-        ["rank", "trial", space.metric, "best epoch", "epochs run", "status", "differences from the base config"],
+        ["rank", "trial", space.metric + (" (mean over folds)" if sd else "")]
+        + (["sd over folds"] if sd else [])
+        + ["best epoch", "epochs run", "status", "differences from the base config"],
         rows,
         ["best" if t.trial_id == best_id else "" for t in ranked[:TOP_TRIALS]],
     )
     if isinstance(best, dict):
         table += f"<h3>best.yaml</h3><pre>{html.escape(yaml.safe_dump(best, sort_keys=False))}</pre>"
     sections.append(("best", "Best trials", table))
+    if sd and best_id is not None:
+        best_trial = next((t for t in trials if t.trial_id == best_id), None)
+        if best_trial is not None:
+            sections.append(("folds", "Spatial cross-validation", _folds_html(path, df, best_trial)))
     return page(f"Search report: {path.name}", meta, sections)
+
+
+def _fold_spread(df: pd.DataFrame, metric: str) -> dict[tuple[str, int], float]:
+    """``{(trial_id, epoch): sd over folds}`` of ``metric`` in a cv search's results (empty: not a cv search, or a
+    metric without a per-fold spread)."""
+    col = f"{metric}_sd"
+    if col not in df.columns:
+        return {}
+    rows = df[["trial_id", "epoch", col]].itertuples(index=False)
+    return {(str(t), int(e)): float(v) for t, e, v in rows}
+
+
+def _folds_html(path: Path, df: pd.DataFrame, best: Any) -> str:
+    """The best trial's per-fold validation at its best epoch, with each fold's tiles and labels (cv_folds.json)."""
+    row = df[(df["trial_id"].astype(str) == best.trial_id) & (df["epoch"] == best.best_epoch)].iloc[-1]
+    k = sum(c.startswith("val_rmse_fold") for c in df.columns)
+    folds: dict[int, list[int]] = {}
+    file = path / CV_FOLDS_FILE
+    if file.is_file():
+        for t in json.loads(file.read_text()).get("tiles", []):
+            folds.setdefault(int(t["fold"]), []).append(int(t.get("labelled", 0)))
+    rows = [
+        [j, len(folds.get(j, [])), sum(folds.get(j, []))]
+        + [float(row.get(f"{m}_fold{j}", math.nan)) for m in ("val_rmse", "val_r2")]
+        for j in range(k)
+    ]
+    rows.append(["mean ± sd", "", ""] + [f"{row[m]:.4g} ± {row[f'{m}_sd']:.3g}" for m in ("val_rmse", "val_r2")])
+    note = (
+        f"Trial {best.trial_id} at epoch {best.best_epoch}: fold j's model trained on the other folds' tiles and was "
+        "validated on its own (whole spatial blocks). The search acted on the mean; a large spread says the ranking "
+        "of close trials is within the noise of the blocks."
+    )
+    header = ["fold", "validation tiles", "labelled pixels", "val_rmse", "val_r2"]
+    return html_table(header, rows) + f'<p class="note">{html.escape(note)}</p>'
 
 
 # -- final training ------------------------------------------------------------------------------------------
