@@ -324,12 +324,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     cv: CVBest | None = None
     cv_final: str | None = None
     if args.ensemble_top is not None:
-        if read_cv_best(args.experiment) is not None:
+        space, top, data = top_trials(args.experiment, args.ensemble_top)
+        if space.cv is not None:
             raise TuneAgbError(
                 f"--ensemble-top: {args.experiment} is a spatial k-fold search; its configurations are not retrained "
                 "as an ensemble yet: use --cv-final folds (the best trial's fold models) or --cv-final retrain"
             )
-        space, top, data = top_trials(args.experiment, args.ensemble_top)
         source = f"the {len(top)} best distinct configurations of {args.experiment}"
     elif args.experiment:
         best = read_best(args.experiment)
