@@ -254,6 +254,8 @@ def test_final_train_retrains_the_best_cv_config_on_train_and_val(cv_search: Sim
     cal = m["calibration"]
     assert (cal["split"], cal["n"]) == ("out-of-fold", oof.y.size)
     assert cal["scale"] == pytest.approx(fit_scale(oof.y, oof.mean, oof.var, best.config["loss"]), rel=1e-6)
+    page = (out / "report" / "index.html").read_text()  # the report says val is not a held-out score here
+    assert "val (in-sample: trained on)" in page and f"best trial {best.trial_id} at epoch {best.epoch}" in page
 
 
 def test_final_train_keeps_the_fold_models_as_an_ensemble(cv_search: SimpleNamespace, tmp_path: Path) -> None:

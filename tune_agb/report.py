@@ -684,14 +684,22 @@ def final_report(path: Path, unit: str = "", source: str = "") -> str:
     cal = _calibration_of(metrics, path)
     before = metrics.get("uncalibrated") if cal is not None and cal.method != "none" else None
     rows = []
+    cv = metrics.get("cv") if isinstance(metrics.get("cv"), dict) else None
     for s in ("val", "test"):
+        name = f"{s} (in-sample: trained on)" if s == "val" and cv and cv.get("val_in_sample") else s
         if isinstance(before, dict):
-            rows.append([f"{s}, before calibration", *(before.get(f"{s}_{k}", math.nan) for k in keys)])
-        rows.append([s, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)])
+            rows.append([f"{name}, before calibration", *(before.get(f"{s}_{k}", math.nan) for k in keys)])
+        rows.append([name, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)])
     table = html_table(["split", *keys], rows)
     run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
     if cal is not None:
         run["calibration"] = cal.describe()
+    if cv:
+        kept = "its k fold models kept as an ensemble" if cv.get("final") == "folds" else "retrained on train+val"
+        run["cross-validated search"] = (
+            f"{cv.get('k')}-fold, best trial {cv.get('trial_id')} at epoch {cv.get('epoch')} "
+            f"(fold mean {_fmt(cv.get('value'))} ± {_fmt(cv.get('value_sd'))}): {kept}"
+        )
     table += html_table(["setting", "value"], [[k, v] for k, v in run.items()])
     meta = html.escape(
         f"{source or path} — {len(pred)} labelled val/test pixels" + (f"; values in {unit}" if unit else "")
