@@ -300,7 +300,7 @@ def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) 
     cases = [
         (["--experiment", str(plain), "--cv-final", "folds"], "has no cv: section"),
         (["--experiment", str(cv_search.exp), "--cv-final", "folds", "--lr", "0.1"], "cannot change them"),
-        (["--experiment", str(cv_search.exp), "--ensemble-top", "2"], "spatial k-fold search"),
+        (["--experiment", str(cv_search.exp), "--ensemble-top", "2", "--cv-final", "folds"], "--cv-final folds alone"),
         (["--cv-final", "retrain"], "needs --experiment"),
     ]
     for argv, expected in cases:
@@ -332,3 +332,33 @@ def test_search_report_shows_the_spread_over_folds(cv_search: SimpleNamespace) -
             f"{labelled}",
             f"{row[f'val_rmse_fold{j}']:.4g}",
         ]
+
+
+def test_final_train_ensemble_top_of_a_cv_search(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    """--ensemble-top K on a cv search: each of the K best configurations (by the fold mean) retrained on train+val
+    for the epoch its fold mean was best at; the calibration fitted on the out-of-fold prediction of the ensemble
+    (per pixel, the K trials' fold models that validated on it, combined like the members)."""
+    from tune_agb.engine.calibration import fit_scale
+    from tune_agb.engine.checkpoint import load_checkpoint
+    from tune_agb.engine.inference import combine_members
+
+    out = tmp_path / "top2"
+    m = _final(cv_search, out, "--ensemble-top", "2")
+    df = pd.read_parquet(cv_search.exp / "results.parquet")
+    per_trial = df.loc[df.groupby("trial_id")["val_rmse"].idxmin()].sort_values("val_rmse").head(2)
+    assert [r["trial_id"] for r in m["members"]] == list(per_trial["trial_id"])
+    data = cv_search.data
+    tiles = DataSource(str(data / "inputs"), str(data / "labels"), splits=("train", "val")).open().tiles
+    best = read_cv_best(str(cv_search.exp))
+    oofs = []
+    for k, (_, row) in enumerate(per_trial.iterrows()):
+        kept = load_checkpoint(out / "members" / f"member_{k:02d}" / "best.pt")
+        assert kept["epoch"] == row["epoch"]  # trained for the epoch count its fold mean was best at
+        ckpt = Path(row["trial_path"]) / row["checkpoint_dir_name"]
+        states = load_checkpoint(ckpt / "checkpoint.pt")["folds"]
+        oofs.append(out_of_fold(states, tiles, best.folds))
+    mean, var = combine_members(*(torch.from_numpy(np.stack([getattr(o, a) for o in oofs])) for a in ("mean", "var")))
+    cal = m["calibration"]
+    assert (cal["split"], cal["n"]) == ("out-of-fold", oofs[0].y.size)
+    assert cal["scale"] == pytest.approx(fit_scale(oofs[0].y, mean.numpy(), var.numpy()), rel=1e-6)
+    assert m["cv"]["final"] == "retrain" and "of each of 2 trials" in m["cv"]["calibration_fit_on"]

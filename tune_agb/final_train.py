@@ -69,6 +69,7 @@ from tune_agb.search.experiment import (  # the search's experiment folder STORA
     RESULTS_FILE,
     SEARCH_FILE,
     CVBest,
+    location_of,
     open_storage,
     read_best,
     read_cv_best,
@@ -279,6 +280,7 @@ class SearchTrial:
     epoch: int
     params: dict[str, Any]
     duplicates: tuple[str, ...] = ()
+    checkpoint: str | None = None  # the folder of that epoch's checkpoint (None: not recorded)
 
 
 @dataclass
@@ -308,7 +310,7 @@ class Plan:
         """``single``, ``seeds`` (--ensemble N), ``configs`` (--ensemble-top K) or ``folds`` (--cv-final folds)."""
         if self.cv_final == "folds":
             return "folds"
-        if self.experiment is not None and self.cv is None:
+        if any(mp.trial is not None for mp in self.members):
             return "configs"
         return "seeds" if len(self.members) > 1 else "single"
 
@@ -325,11 +327,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
     cv_final: str | None = None
     if args.ensemble_top is not None:
         space, top, data = top_trials(args.experiment, args.ensemble_top)
-        if space.cv is not None:
-            raise TuneAgbError(
-                f"--ensemble-top: {args.experiment} is a spatial k-fold search; its configurations are not retrained "
-                "as an ensemble yet: use --cv-final folds (the best trial's fold models) or --cv-final retrain"
-            )
+        if space.cv is None and args.cv_final is not None:
+            raise TuneAgbError(f"--cv-final: {args.experiment} has no cv: section; drop --cv-final")
+        if space.cv is not None:  # each of the K retrained on train+val for the epoch its fold mean was best at
+            cv, cv_final = read_cv_best(args.experiment), "retrain"
+            if cv is None:
+                raise TuneAgbError(f"--ensemble-top: {args.experiment} is a cv search without its best.yaml cv entry")
         source = f"the {len(top)} best distinct configurations of {args.experiment}"
     elif args.experiment:
         best = read_best(args.experiment)
@@ -373,7 +376,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         members = [
             MemberPlan(
                 config_from_dict(
-                    space.trial_config(t.params).to_dict() | layers,
+                    space.trial_config(t.params).to_dict() | ({"epochs": t.epoch} if cv is not None else {}) | layers,
                     source=f"config of trial {t.trial_id} of {args.experiment}",
                 ),
                 out / "members" / f"member_{k:02d}",
@@ -406,7 +409,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if space is not None:
         where = resolve_storage(args.experiment)  # a local path made absolute, a URI as given
         experiment = {"experiment": where, "metric": space.metric, "mode": space.mode}
-    if cv is not None:
+    if cv is not None and space is None:
         experiment = {"experiment": resolve_storage(args.experiment), "metric": cv.metric, "mode": best.get("mode")}
         if cv_final == "folds":
             members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}") for j in range(cv.folds.k)]
@@ -430,10 +433,10 @@ def check_ensemble_flags(args: argparse.Namespace) -> None:
     k = args.ensemble_top
     if k is None:
         return
-    if args.cv_final is not None:
+    if args.cv_final == "folds":
         raise TuneAgbError(
-            "--ensemble-top: cannot be combined with --cv-final (give one: the K best configurations, or what to do "
-            "with the best cross-validated one)"
+            "--ensemble-top with --cv-final folds: the K best configurations of a cv search are retrained on "
+            "train+val (--cv-final retrain, the default); keep the fold models with --cv-final folds alone"
         )
     if k < 1:
         raise TuneAgbError(f"--ensemble-top: must be >= 1 (the number of configurations), got {k}")
@@ -493,7 +496,10 @@ def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial],
         row = g.loc[i]
         params = {p.name: _param_value(p, row.get(f"config/{p.name}"), experiment, str(tid)) for p in space.params}
         params = {n: v for n, v in params.items() if v is not None}
-        ranked.append(SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params))
+        ckpt = None
+        if isinstance(row.get("checkpoint_dir_name"), str) and isinstance(row.get("trial_path"), str):
+            ckpt = location_of(resolve_storage(experiment), f"{row['trial_path']}/{row['checkpoint_dir_name']}")
+        ranked.append(SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params, checkpoint=ckpt))
     ranked.sort(key=lambda t: (t.value if mode == "min" else -t.value, t.trial_id))
     distinct: dict[tuple, SearchTrial] = {}
     for t in ranked:
@@ -841,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     members: list[MemberOutput] = []
     if plan.kind == "folds":
         members = [
-            keep_fold_model(st, tiles, mp.out, args.device) for st, mp in zip(fold_states, plan.members, strict=True)
+            keep_fold_model(st, tiles, mp.out, args.device) for st, mp in zip(fold_states[0], plan.members, strict=True)
         ]
     fit_tiles = merge_train_val(tiles) if plan.cv_final == "retrain" else tiles
     for k, mp in enumerate(plan.members if plan.kind != "folds" else []):
@@ -867,9 +873,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     val = uncalibrated["val"]
     if fold_states is not None:  # val is training data here: the out-of-fold predictions are the honest sample
-        oof = out_of_fold(fold_states, tiles, plan.cv.folds, device=args.device)
-        cal = fit_calibration(args.calibration, oof.y, oof.mean, oof.var, loss, split="out-of-fold")
-        fit_on = f"out-of-fold predictions of the {plan.cv.folds.k} fold models ({oof.y.size} pixels)"
+        y, mean, var = ensemble_out_of_fold(fold_states, tiles, plan, args.device)
+        cal = fit_calibration(args.calibration, y, mean, var, loss, split="out-of-fold")
+        models = f"{plan.cv.folds.k} fold models" + (f" of each of {len(fold_states)} trials" * (len(fold_states) > 1))
+        fit_on = f"out-of-fold predictions of the {models} ({y.size} pixels)"
     else:
         if plan.cv is not None:
             log.warning("calibration: fitted on val, which this retrain trained on (the fold models are gone)")
@@ -924,17 +931,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def cv_fold_states(plan: Plan) -> list[dict[str, Any]] | None:
-    """The k fold models of a cross-validated search's best trial and epoch (None: not a cv search, or a retrain
-    whose fold models Ray did not keep, which then calibrates on val with a warning)."""
+def cv_fold_states(plan: Plan) -> list[list[dict[str, Any]]] | None:
+    """The k fold models behind a run from a cross-validated search, per configuration: of the best trial and epoch,
+    or (``--ensemble-top``) of each member's trial at its best epoch. None: not a cv search, or a retrain whose fold
+    models Ray did not keep (it then calibrates on val, with a warning)."""
     if plan.cv is None:
         return None
+    sources = [plan.cv]
+    if plan.kind == "configs":
+        sources = [
+            replace(plan.cv, trial_id=mp.trial.trial_id, epoch=mp.trial.epoch, checkpoint=mp.trial.checkpoint)
+            for mp in plan.members
+        ]
     try:
-        return plan.cv.fold_states()
-    except TuneAgbError:
+        return [src.fold_states() for src in sources]
+    except TuneAgbError as exc:
         if plan.cv_final == "folds":
             raise
+        log.warning("%s", exc)
         return None
+
+
+def ensemble_out_of_fold(
+    per_config: list[list[dict[str, Any]]], tiles: dict[str, TileSet], plan: Plan, device: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The out-of-fold prediction of the run: each labelled train/val pixel predicted by the fold model(s) that
+    validated on it, combined over the configurations like the members (mean of means; mean of variances +
+    variance of means). Returns ``(y, mean, var)`` (float64 host arrays)."""
+    oofs = [out_of_fold(states, tiles, plan.cv.folds, device=device) for states in per_config]
+    first = oofs[0]
+    if any(not (np.array_equal(o.tile, first.tile) and np.array_equal(o.flat, first.flat)) for o in oofs[1:]):
+        raise RuntimeError("out-of-fold predictions of the configurations cover different pixels")
+    means, varis = (torch.from_numpy(np.stack([getattr(o, a) for o in oofs])) for a in ("mean", "var"))
+    mean, var = combine_members(means, varis)
+    return first.y, mean.numpy(), var.numpy()
 
 
 def clear_run(out: Path) -> None:
