@@ -342,18 +342,21 @@ def test_final_train_ensemble_top_of_a_cv_search(cv_search: SimpleNamespace, tmp
     from tune_agb.engine.checkpoint import load_checkpoint
     from tune_agb.engine.inference import combine_members
 
-    out = tmp_path / "top2"
-    m = _final(cv_search, out, "--ensemble-top", "2")
+    out = tmp_path / "top"
+    m = _final(cv_search, out, "--ensemble-top", "5")  # every trial: some ran all MAX_T epochs, ASHA stopped some
     df = pd.read_parquet(cv_search.exp / "results.parquet")
-    per_trial = df.loc[df.groupby("trial_id")["val_rmse"].idxmin()].sort_values("val_rmse").head(2)
+    per_trial = df.loc[df.groupby("trial_id")["val_rmse"].idxmin()].sort_values("val_rmse").head(5)
     assert [r["trial_id"] for r in m["members"]] == list(per_trial["trial_id"])
     data = cv_search.data
     tiles = DataSource(str(data / "inputs"), str(data / "labels"), splits=("train", "val")).open().tiles
     best = read_cv_best(str(cv_search.exp))
     oofs = []
+    last = df.groupby("trial_id")["epoch"].max()
+    assert (last[per_trial["trial_id"]] < MAX_T).any()  # a trial ASHA stopped is among them (what the rule is for)
     for k, (_, row) in enumerate(per_trial.iterrows()):
         kept = load_checkpoint(out / "members" / f"member_{k:02d}" / "best.pt")
-        assert kept["epoch"] == row["epoch"]  # trained for the epoch count its fold mean was best at
+        # the epoch count its fold mean was best at if it ran the whole budget; else the budget (stopped early)
+        assert kept["epoch"] == (row["epoch"] if last[row["trial_id"]] == MAX_T else MAX_T)
         ckpt = Path(row["trial_path"]) / row["checkpoint_dir_name"]
         states = load_checkpoint(ckpt / "checkpoint.pt")["folds"]
         oofs.append(out_of_fold(states, tiles, best.folds))
@@ -361,4 +364,6 @@ def test_final_train_ensemble_top_of_a_cv_search(cv_search: SimpleNamespace, tmp
     cal = m["calibration"]
     assert (cal["split"], cal["n"]) == ("out-of-fold", oofs[0].y.size)
     assert cal["scale"] == pytest.approx(fit_scale(oofs[0].y, mean.numpy(), var.numpy()), rel=1e-6)
-    assert m["cv"]["final"] == "retrain" and "of each of 2 trials" in m["cv"]["calibration_fit_on"]
+    assert m["cv"]["final"] == "retrain" and "of each of 5 trials" in m["cv"]["calibration_fit_on"]
+    doc = yaml.safe_load((out / "ensemble.yaml").read_text())
+    assert [mb["same_params_as"] for mb in doc["members"]] == [[]] * 5

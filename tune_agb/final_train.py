@@ -281,6 +281,7 @@ class SearchTrial:
     params: dict[str, Any]
     duplicates: tuple[str, ...] = ()
     checkpoint: str | None = None  # the folder of that epoch's checkpoint (None: not recorded)
+    last_epoch: int = 0  # the last epoch the trial ran (< max_t: the scheduler stopped it)
 
 
 @dataclass
@@ -347,8 +348,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if cv is not None:
             cv_final = args.cv_final or "retrain"
             if cv_final == "retrain":
-                values |= cv.retrain_config()
-                source += f" ({cv.folds.k}-fold cv), retrained on train+val for {cv.epoch} epochs"
+                values |= {
+                    "epochs": cv_epochs(cv.epoch, _last_epoch(args.experiment, cv.trial_id), cv.config["epochs"])
+                }
+                source += f" ({cv.folds.k}-fold cv), retrained on train+val for {values['epochs']} epochs"
             else:
                 source += f" ({cv.folds.k}-fold cv): its {cv.folds.k} fold models at epoch {cv.epoch}"
     layers: dict[str, Any] = {}  # what the --config file and the flags set: applied over every member's config
@@ -376,7 +379,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         members = [
             MemberPlan(
                 config_from_dict(
-                    space.trial_config(t.params).to_dict() | ({"epochs": t.epoch} if cv is not None else {}) | layers,
+                    space.trial_config(t.params).to_dict()
+                    | ({"epochs": cv_epochs(t.epoch, t.last_epoch, space.max_t)} if cv is not None else {})
+                    | layers,
                     source=f"config of trial {t.trial_id} of {args.experiment}",
                 ),
                 out / "members" / f"member_{k:02d}",
@@ -499,7 +504,10 @@ def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial],
         ckpt = None
         if isinstance(row.get("checkpoint_dir_name"), str) and isinstance(row.get("trial_path"), str):
             ckpt = location_of(resolve_storage(experiment), f"{row['trial_path']}/{row['checkpoint_dir_name']}")
-        ranked.append(SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params, checkpoint=ckpt))
+        last = int(g["epoch"].max())
+        ranked.append(
+            SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params, checkpoint=ckpt, last_epoch=last)
+        )
     ranked.sort(key=lambda t: (t.value if mode == "min" else -t.value, t.trial_id))
     distinct: dict[tuple, SearchTrial] = {}
     for t in ranked:
@@ -521,6 +529,26 @@ def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial],
         best = yaml.safe_load(best_raw.decode()) if best_raw is not None else None
         data = (best.get("data") or {}) if isinstance(best, dict) else {}
     return space, found[:k], data
+
+
+def cv_epochs(best_epoch: int, last_epoch: int, max_t: int) -> int:
+    """The epochs of a retrain on train+val after a cv search: the epoch the trial's fold mean was best at when the
+    trial ran its whole budget (its curve turned there), else ``max_t`` (a trial the scheduler stopped was best at
+    its last epochs only because it stopped: it gets the budget, as ``--ensemble-top`` gives a single-split trial)."""
+    return best_epoch if last_epoch >= max_t else max_t
+
+
+def _last_epoch(experiment: str, trial_id: str) -> int:
+    """The last epoch ``trial_id`` ran in ``experiment``'s results.parquet (0 when it is not there)."""
+    import pyarrow.parquet as pq
+
+    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
+    table = read_file(fs, f"{root}/{RESULTS_FILE}")
+    if table is None:
+        return 0
+    df = pq.read_table(io.BytesIO(table), columns=["trial_id", "epoch"]).to_pandas()
+    epochs = df.loc[df["trial_id"].astype(str) == trial_id, "epoch"]
+    return int(epochs.max()) if len(epochs) else 0
 
 
 def _param_value(spec: ParamSpec, raw: Any, experiment: str, trial_id: str) -> Any:
