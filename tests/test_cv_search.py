@@ -139,13 +139,17 @@ def test_folds_are_saved_reproducible_and_what_the_fold_models_trained_on(cv_sea
     assert member.config.to_dict() == best.config
 
 
-def test_a_search_without_cv_has_no_cv_best(cv_search: SimpleNamespace, tmp_path: Path) -> None:
-    exp = tmp_path / "plain"
+def _without_cv(cv_search: SimpleNamespace, exp: Path) -> Path:
+    """A folder holding the cv search's best.yaml without its cv entry: what a search without cv leaves."""
     exp.mkdir()
     best = yaml.safe_load((cv_search.exp / "best.yaml").read_text())
     best.pop("cv")
     (exp / "best.yaml").write_text(yaml.safe_dump(best))
-    assert read_cv_best(str(exp)) is None
+    return exp
+
+
+def test_a_search_without_cv_has_no_cv_best(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    assert read_cv_best(str(_without_cv(cv_search, tmp_path / "plain"))) is None
 
 
 # -- interrupted and resumed -------------------------------------------------------------------------------------
@@ -292,11 +296,7 @@ def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) 
     from tune_agb.errors import TuneAgbError
     from tune_agb.final_train import main as final_main
 
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    best = yaml.safe_load((cv_search.exp / "best.yaml").read_text())
-    best.pop("cv")
-    (plain / "best.yaml").write_text(yaml.safe_dump(best))
+    plain = _without_cv(cv_search, tmp_path / "plain")
     cases = [
         (["--experiment", str(plain), "--cv-final", "folds"], "has no cv: section"),
         (["--experiment", str(cv_search.exp), "--cv-final", "folds", "--lr", "0.1"], "cannot change them"),

@@ -286,11 +286,13 @@ class SearchTrial:
 
 @dataclass
 class MemberPlan:
-    """One model to train: its config, its folder, and the search trial it comes from (None: not from a search)."""
+    """One model of the run: its config, its folder, and the search trial it comes from (None: not from a search) or
+    the fold of a cv search whose trained model it keeps (--cv-final folds)."""
 
     cfg: TrainConfig
     out: Path
     trial: SearchTrial | None = None
+    fold: int | None = None
 
 
 @dataclass
@@ -417,7 +419,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if cv is not None and space is None:
         experiment = {"experiment": resolve_storage(args.experiment), "metric": cv.metric, "mode": best.get("mode")}
         if cv_final == "folds":
-            members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}") for j in range(cv.folds.k)]
+            members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}", fold=j) for j in range(cv.folds.k)]
     return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final)
 
 
@@ -470,7 +472,6 @@ def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial],
             fewer than ``k`` distinct configurations with a finite value.
     """
     import pandas as pd
-    import pyarrow.parquet as pq
 
     flag = f"--ensemble-top {k}"
     fs, root = open_storage(experiment, label=f"--experiment {experiment}")
@@ -484,8 +485,7 @@ def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial],
     if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
         raise TuneAgbError(f"{flag}: {experiment}/{SEARCH_FILE}: expected a mapping with a 'space' mapping")
     space = parse_search_space(record["space"], source=f"{experiment}/{SEARCH_FILE}")
-    table = read_file(fs, f"{root}/{RESULTS_FILE}")
-    df = pq.read_table(io.BytesIO(table)).to_pandas() if table is not None else pd.DataFrame()
+    df = _results_frame(fs, root)
     metric, mode = space.metric, space.mode
     if df.empty or metric not in df or "trial_id" not in df:
         raise TuneAgbError(
@@ -538,16 +538,20 @@ def cv_epochs(best_epoch: int, last_epoch: int, max_t: int) -> int:
     return best_epoch if last_epoch >= max_t else max_t
 
 
-def _last_epoch(experiment: str, trial_id: str) -> int:
-    """The last epoch ``trial_id`` ran in ``experiment``'s results.parquet (0 when it is not there)."""
+def _results_frame(fs: Any, root: str, columns: list[str] | None = None) -> Any:
+    """The search's results.parquet as a DataFrame (empty when the file is not there)."""
+    import pandas as pd
     import pyarrow.parquet as pq
 
-    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
     table = read_file(fs, f"{root}/{RESULTS_FILE}")
-    if table is None:
-        return 0
-    df = pq.read_table(io.BytesIO(table), columns=["trial_id", "epoch"]).to_pandas()
-    epochs = df.loc[df["trial_id"].astype(str) == trial_id, "epoch"]
+    return pq.read_table(io.BytesIO(table), columns=columns).to_pandas() if table is not None else pd.DataFrame()
+
+
+def _last_epoch(experiment: str, trial_id: str) -> int:
+    """The last epoch ``trial_id`` ran in ``experiment``'s results.parquet (0 when it is not there)."""
+    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
+    df = _results_frame(fs, root, columns=["trial_id", "epoch"])
+    epochs = df.loc[df["trial_id"].astype(str) == trial_id, "epoch"] if not df.empty else []
     return int(epochs.max()) if len(epochs) else 0
 
 
@@ -1024,8 +1028,8 @@ def member_record(mp: MemberPlan, m: MemberOutput) -> dict[str, Any]:
     rec: dict[str, Any] = {"folder": mp.out.name}
     if mp.trial is not None:
         rec |= {"trial_id": mp.trial.trial_id, "search_value": mp.trial.value}
-    elif m.result is None:  # a fold model of a cv search
-        rec["fold"] = int(mp.out.name.rsplit("_", 1)[-1])
+    elif mp.fold is not None:  # a fold model of a cv search
+        rec["fold"] = mp.fold
     else:
         rec["seed"] = mp.cfg.seed
     return rec | m.metrics
@@ -1044,10 +1048,10 @@ def write_ensemble_file(path: Path, plan: Plan) -> None:
     if plan.kind == "folds":
         doc |= {"trial_id": plan.cv.trial_id, "epoch": plan.cv.epoch, "k": plan.cv.folds.k}
     members = []
-    for j, mp in enumerate(plan.members):
+    for mp in plan.members:
         rec: dict[str, Any] = {"folder": f"members/{mp.out.name}"}
-        if plan.kind == "folds":
-            rec["fold"] = j
+        if mp.fold is not None:
+            rec["fold"] = mp.fold
         elif mp.trial is not None:
             t = mp.trial
             rec |= {"trial_id": t.trial_id, "value": t.value, "epoch": t.epoch, "params": dict(t.params)}
