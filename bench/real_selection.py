@@ -23,6 +23,16 @@ the fold models' out-of-fold predictions):
   mean, each retrained on train+val for its own best epoch count (calibration on the ensemble's out-of-fold
   prediction).
 
+**Outer spatial cross-validation** (``--outer-k K``): the 2 test tiles of the real data hold 70 labels, too few to
+tell methods apart or to check coverage to +-5 points. With ``--outer-k K`` every tile is a test tile once: the
+tiles (named ``tile_ROW_COL``) are ordered along the grid by column, then row, and cut into K contiguous strips
+holding about as many labels each. Outer fold j tests on strip j; its val is the tiles that follow the strip in
+that order (wrapping round) until they hold ``--outer-val-share`` of the labels, and its train is the rest. Each
+outer fold is a folder of links under ``--out`` in the dataset layout, and every method runs on each fold as above.
+A method's row for a seed then pools the test predictions of all K folds (every labelled pixel of the data once),
+and a third table lists each fold's test RMSE, the calibration factor the method shipped and the factor that would
+have been right on that fold's test (``fit_scale`` of its uncalibrated sigma on the test labels).
+
 The time budget of the space is switched off (every search runs all its trials, so results do not depend on the
 machine's speed); ``--set experiment.num_samples=N`` sizes the searches. Everything is kept under ``--out``: a rerun
 with the same ``--out`` reads back every finished search and run, so an interrupted run continues where it stopped.
@@ -38,7 +48,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -70,13 +82,13 @@ def timed(run: Path, fn, *args) -> dict[str, Any]:
     """Run ``fn(*args)`` unless ``run`` already finished; the metrics with the seconds it took."""
     if (got := done(run)) is not None:
         print(f"{run}: reusing", flush=True)
-        return got
+        return got | {"run": str(run)}
     start = time.perf_counter()
     code = fn(*args)
     if code not in (0, None):
         raise SystemExit(f"{run}: exited with {code}")
     (run / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
-    return done(run)
+    return done(run) | {"run": str(run)}
 
 
 def baseline(model: str, seed: int, out: Path, data: list[str]) -> dict[str, Any]:
@@ -126,6 +138,7 @@ def row(method: str, seed: int, m: dict[str, Any], search_s: float = 0.0) -> dic
     r |= {f"test_{k}": m[f"test_{k}"] for k in KEYS}
     r |= {f"raw_{k}": m["uncalibrated"][f"test_{k}"] for k in KEYS[2:]}
     r["test_n"] = m.get("test_n")
+    r["run"] = m["run"]
     return r
 
 
@@ -156,6 +169,113 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
             flags = ["--experiment", exp, "--ensemble-top", str(a.top_k)]
             rows.append(row("cv_top_k", seed, final(runs / f"cv_top_k_s{seed}", flags, data), secs))
     return rows
+
+
+TILE = re.compile(r"^tile_(\d+)_(\d+)$")
+
+
+def outer_splits(labels: dict[str, int], k: int, val_share: float) -> list[dict[str, list[str]]]:
+    """K outer folds of ``labels`` (tile name -> labelled pixels): contiguous strips of the grid, see the docstring.
+
+    Raises:
+        SystemExit: a name that is not ``tile_ROW_COL``, or more folds than tiles.
+    """
+    if bad := [n for n in labels if not TILE.match(n)]:
+        raise SystemExit(f"--outer-k: tile names must be tile_ROW_COL to be placed on the grid; got {bad[0]!r}")
+    if not 2 <= k <= len(labels):
+        raise SystemExit(f"--outer-k: must be 2 to {len(labels)} (the tiles); got {k}")
+    order = sorted(labels, key=lambda n: tuple(int(v) for v in TILE.match(n).groups())[::-1])  # column, then row
+    total = sum(labels.values())
+    strips: list[list[str]] = [[] for _ in range(k)]
+    seen = 0
+    for i, name in enumerate(order):
+        # the strip whose share of the labels this tile's middle falls in, never leaving a later strip empty
+        j = min(int((seen + labels[name] / 2) / total * k), k - 1)
+        j = max(j, k - (len(order) - i))
+        j = min(j, max((x for x, s in enumerate(strips) if s), default=-1) + 1)
+        strips[j].append(name)
+        seen += labels[name]
+    folds = []
+    for test in strips:
+        rest = order[order.index(test[-1]) + 1 :] + order[: order.index(test[0])]
+        val: list[str] = []
+        for name in rest:
+            if sum(labels[n] for n in val) >= val_share * total:
+                break
+            val.append(name)
+        folds.append({"test": test, "val": val, "train": [n for n in rest if n not in val]})
+    return folds
+
+
+def outer_data(data_dir: Path, fold: dict[str, list[str]], where: Path) -> list[str]:
+    """The dataset layout of one outer fold under ``where``, as links to ``data_dir``'s files; final_train's flags."""
+    source = {p.stem: p for p in data_dir.glob("inputs/*/*.npy")}
+    for side in ("inputs", "labels"):
+        for split, names in fold.items():
+            folder = where / side / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in names:
+                link = folder / f"{name}.npy"
+                if not link.exists():
+                    os.symlink(data_dir / side / source[name].parent.name / f"{name}.npy", link)
+    return ["--input-dir", str(where / "inputs"), "--label-dir", str(where / "labels")]
+
+
+def tile_labels(data_dir: Path) -> dict[str, int]:
+    import numpy as np
+
+    return {p.stem: int(np.isfinite(np.load(p)).sum()) for p in sorted(data_dir.glob("labels/*/*.npy"))}
+
+
+def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One row for a method and seed over all outer folds (their test predictions pooled), and one row per fold."""
+    import numpy as np
+    import pandas as pd
+
+    from tune_agb.engine.calibration import fit_scale
+
+    tests, per_fold = [], []
+    for j, r in enumerate(fold_rows):
+        d = pd.read_parquet(Path(r["run"]) / "predictions.parquet")
+        d = d[d["split"] == "test"]
+        tests.append(d)
+        cal = json.loads((Path(r["run"]) / "calibration.json").read_text())
+        y, mu, raw = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std_uncalibrated"))
+        per_fold.append(
+            {
+                "method": method,
+                "seed": seed,
+                "fold": j,
+                "test_n": len(d),
+                "test_rmse": r["test_rmse"],
+                "scale": cal.get("scale", math.nan),
+                "calibrated_on": cal.get("split", "?"),
+                "test_scale": fit_scale(y, mu, raw**2),
+            }
+        )
+    d = pd.concat(tests)
+    y, mu = d["label"].to_numpy(np.float64), d["mean"].to_numpy(np.float64)
+    err = np.abs(y - mu)
+    row = {"method": method, "seed": seed, "seconds": sum(r["seconds"] for r in fold_rows), "test_n": len(d)}
+    row["test_rmse"] = float(np.sqrt(np.mean(err**2)))
+    row["test_r2"] = float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2))
+    for prefix, col in (("test", "std"), ("raw", "std_uncalibrated")):
+        sd = d[col].to_numpy(np.float64)
+        row[f"{prefix}_within_1sigma"] = float(np.mean(err <= sd))
+        row[f"{prefix}_within_2sigma"] = float(np.mean(err <= 2 * sd))
+    return row, per_fold
+
+
+def fold_markdown(per_fold: list[dict[str, Any]]) -> list[str]:
+    head = "| seed | method | fold | test labels | test RMSE | factor shipped (fitted on) | factor right for test |"
+    lines = ["", head]
+    lines.append("|---|---|---|---|---|---|---|")
+    for f in per_fold:
+        lines.append(
+            f"| {f['seed']} | {f['method']} | {f['fold']} | {f['test_n']} | {f['test_rmse']:.2f} | "
+            f"{f['scale']:.2f} ({f['calibrated_on']}) | {f['test_scale']:.2f} |"
+        )
+    return lines
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -242,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv-block", type=int, default=2, help="cv block side in tile steps")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--outer-k", type=int, default=0, help="outer spatial folds over all the tiles (0: --data's split)")
+    p.add_argument("--outer-val-share", type=float, default=0.15, help="share of the labels in an outer fold's val")
     p.add_argument("--out", help="folder for searches and runs (default: a temporary one)")
     p.add_argument("--json", help="also write the rows and the summary to this JSON file")
     a = p.parse_args(argv)
@@ -266,10 +388,25 @@ def main(argv: list[str] | None = None) -> None:
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows: list[dict[str, Any]] = []
+    per_fold: list[dict[str, Any]] = []
+    folds = outer_splits(tile_labels(data_dir), a.outer_k, a.outer_val_share) if a.outer_k else []
+    for j, fold in enumerate(folds):
+        print(f"outer fold {j}: " + "; ".join(f"{s} {' '.join(n[5:] for n in fold[s])}" for s in fold), flush=True)
     start = time.perf_counter()
     try:
         for i, seed in enumerate(seeds):
-            rows += run_seed(seed, a, base, out, data)
+            if not folds:
+                rows += run_seed(seed, a, base, out, data)
+            else:
+                got = []
+                for j, fold in enumerate(folds):
+                    where = out / f"outer{j}"
+                    (where / "runs").mkdir(parents=True, exist_ok=True)
+                    got.append(run_seed(seed, a, base, where, outer_data(data_dir, fold, where / "data")))
+                for m in a.methods:
+                    r, f = pooled(m, seed, [next(r for r in g if r["method"] == m) for g in got])
+                    rows.append(r)
+                    per_fold += f
             el = time.perf_counter() - start
             print(
                 f"[{el / 60:.1f} min after {i + 1} of {len(seeds)} seeds; about {el / (i + 1) * len(seeds) / 60:.0f}"
@@ -283,15 +420,24 @@ def main(argv: list[str] | None = None) -> None:
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads. Data "
         f"{data_dir}. Space {a.space} ({ex['num_samples']} trials, no time budget), cv k={a.cv_k} blocks of "
-        f"{a.cv_block}x{a.cv_block} tiles, top-K K={a.top_k}. Seeds {a.seeds}. Wall time of this run: "
+        f"{a.cv_block}x{a.cv_block} tiles, top-K K={a.top_k}. Seeds {a.seeds}. "
+        + (
+            f"Outer spatial folds: {a.outer_k} (val share {a.outer_val_share}); every row pools their test "
+            "predictions. "
+            if folds
+            else ""
+        )
+        + f"Wall time of this run: "
         f"{(time.perf_counter() - start) / 60:.1f} min (reused results included; the minutes column counts the search "
         f"in every method that uses it).\nCommand: `python bench/real_selection.py "
         f"{' '.join(sys.argv[1:] if argv is None else argv)}`"
     )
-    print("\n" + markdown(rows, summary, header))
+    text = markdown(rows, summary, header) + ("\n".join(fold_markdown(per_fold)) if per_fold else "")
+    print("\n" + text)
     print(f"\nsearches and runs in {out}")
     if a.json:
-        Path(a.json).write_text(json.dumps({"header": header, "rows": rows, "summary": summary}, indent=1))
+        got = {"header": header, "rows": rows, "summary": summary, "folds": per_fold}
+        Path(a.json).write_text(json.dumps(got, indent=1))
 
 
 if __name__ == "__main__":
