@@ -1,0 +1,93 @@
+"""bench/real_selection.py's outer spatial cross-validation: the strips, the fold folders, the pooled metrics."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tune_agb.engine.calibration import fit_scale
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import real_selection as rs
+
+
+def grid_labels(rows: int = 2, cols: int = 7) -> dict[str, int]:
+    rng = np.random.default_rng(3)
+    return {f"tile_{10 + r}_{c}": int(rng.integers(20, 60)) for r in range(rows) for c in range(cols)}
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_outer_splits_test_every_tile_once_in_contiguous_balanced_strips(k):
+    labels = grid_labels()
+    folds = rs.outer_splits(labels, k, val_share=0.15)
+    order = sorted(labels, key=lambda n: (int(n.split("_")[2]), int(n.split("_")[1])))
+    assert sorted(n for f in folds for n in f["test"]) == sorted(labels)  # each tile tested exactly once
+    total, biggest = sum(labels.values()), max(labels.values())
+    for f in folds:
+        assert sorted(f["train"] + f["val"] + f["test"]) == sorted(labels)  # disjoint, and nothing left out
+        first = order.index(f["test"][0])
+        assert f["test"] == order[first : first + len(f["test"])]  # a contiguous strip along the grid
+        assert abs(sum(labels[n] for n in f["test"]) - total / k) <= biggest  # about a k-th of the labels
+        val = [labels[n] for n in f["val"]]
+        assert sum(val) >= 0.15 * total > sum(val[:-1])  # just enough tiles for the val share
+        after = (order[first + len(f["test"]) :] + order[:first])[: len(f["val"])]
+        assert f["val"] == after  # the tiles that follow the strip
+
+
+def test_outer_splits_errors():
+    with pytest.raises(SystemExit, match=r"tile_ROW_COL.*'scene_a'"):
+        rs.outer_splits({"tile_1_1": 3, "scene_a": 4}, 2, 0.15)
+    with pytest.raises(SystemExit, match=r"must be 2 to 2 .*got 3"):
+        rs.outer_splits({"tile_1_1": 3, "tile_1_2": 4}, 3, 0.15)
+
+
+def test_outer_data_links_each_tile_into_its_split(tmp_path):
+    data = tmp_path / "data"
+    for side in ("inputs", "labels"):
+        for split, name in (("train", "tile_1_1"), ("test", "tile_1_2")):
+            (data / side / split).mkdir(parents=True, exist_ok=True)
+            np.save(data / side / split / f"{name}.npy", np.full(2, 1.0 if side == "inputs" else 2.0))
+    fold = {"test": ["tile_1_1"], "val": [], "train": ["tile_1_2"]}
+    flags = rs.outer_data(data, fold, tmp_path / "f0")
+    assert flags == ["--input-dir", str(tmp_path / "f0" / "inputs"), "--label-dir", str(tmp_path / "f0" / "labels")]
+    assert (tmp_path / "f0/inputs/test/tile_1_1.npy").resolve() == (data / "inputs/train/tile_1_1.npy").resolve()
+    assert np.load(tmp_path / "f0/labels/train/tile_1_2.npy")[0] == 2.0
+    assert rs.outer_data(data, fold, tmp_path / "f0") == flags  # a rerun keeps the links
+
+
+def test_pooled_metrics_pool_the_folds_test_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    fold_rows, frames = [], []
+    for j, n in enumerate((30, 90)):  # unequal folds: pooling is not the mean of the fold figures
+        run = tmp_path / f"run{j}"
+        run.mkdir()
+        y = rng.normal(20, 5, n)
+        mu = y + rng.normal(0, 2 + 3 * j, n)
+        raw = np.full(n, 3.0)
+        d = pd.DataFrame({"split": "test", "label": y, "mean": mu, "std": raw * 1.2, "std_uncalibrated": raw})
+        val = d.iloc[:5].assign(split="val", mean=0.0)  # never counted
+        pd.concat([d, val]).to_parquet(run / "predictions.parquet")
+        (run / "calibration.json").write_text(json.dumps({"scale": 1.2, "split": "val"}))
+        rmse = float(np.sqrt(np.mean((y - mu) ** 2)))
+        fold_rows.append({"run": str(run), "seconds": 10.0, "test_rmse": rmse})
+        frames.append(d)
+    row, per_fold = rs.pooled("search", 1, fold_rows)
+    d = pd.concat(frames)
+    err = (d["label"] - d["mean"]).abs()
+    assert row["test_n"] == 120 and row["seconds"] == 20.0
+    assert row["test_rmse"] == pytest.approx(float(np.sqrt(np.mean(err**2))))
+    assert row["test_rmse"] != pytest.approx(np.mean([r["test_rmse"] for r in fold_rows]))
+    assert row["test_r2"] == pytest.approx(1 - np.sum(err**2) / np.sum((d["label"] - d["label"].mean()) ** 2))
+    assert row["test_within_1sigma"] == pytest.approx(float(np.mean(err <= d["std"])))
+    assert row["raw_within_2sigma"] == pytest.approx(float(np.mean(err <= 2 * d["std_uncalibrated"])))
+    assert [f["fold"] for f in per_fold] == [0, 1] and per_fold[1]["calibrated_on"] == "val"
+    f1 = frames[1]
+    assert per_fold[1]["test_scale"] == pytest.approx(
+        fit_scale(f1["label"].to_numpy(), f1["mean"].to_numpy(), f1["std_uncalibrated"].to_numpy() ** 2)
+    )
+    assert per_fold[1]["test_scale"] > per_fold[0]["test_scale"]  # the noisier fold needs the wider sigma
