@@ -250,7 +250,7 @@ def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dic
                 "test_rmse": r["test_rmse"],
                 "scale": cal.get("scale", math.nan),
                 "calibrated_on": cal.get("split", "?"),
-                "test_scale": fit_scale(y, mu, raw**2),
+                "test_scale": fit_scale(y, mu, raw**2, cal.get("loss", "gaussian_nll")),
             }
         )
     d = pd.concat(tests)

@@ -72,7 +72,8 @@ def test_pooled_metrics_pool_the_folds_test_pixels(tmp_path):
         d = pd.DataFrame({"split": "test", "label": y, "mean": mu, "std": raw * 1.2, "std_uncalibrated": raw})
         val = d.iloc[:5].assign(split="val", mean=0.0)  # never counted
         pd.concat([d, val]).to_parquet(run / "predictions.parquet")
-        (run / "calibration.json").write_text(json.dumps({"scale": 1.2, "split": "val"}))
+        loss = ("gaussian_nll", "laplacian_nll")[j]
+        (run / "calibration.json").write_text(json.dumps({"scale": 1.2, "split": "val", "loss": loss}))
         rmse = float(np.sqrt(np.mean((y - mu) ** 2)))
         fold_rows.append({"run": str(run), "seconds": 10.0, "test_rmse": rmse})
         frames.append(d)
@@ -88,6 +89,10 @@ def test_pooled_metrics_pool_the_folds_test_pixels(tmp_path):
     assert [f["fold"] for f in per_fold] == [0, 1] and per_fold[1]["calibrated_on"] == "val"
     f1 = frames[1]
     assert per_fold[1]["test_scale"] == pytest.approx(
-        fit_scale(f1["label"].to_numpy(), f1["mean"].to_numpy(), f1["std_uncalibrated"].to_numpy() ** 2)
+        fit_scale(
+            f1["label"].to_numpy(), f1["mean"].to_numpy(), f1["std_uncalibrated"].to_numpy() ** 2, "laplacian_nll"
+        )
     )
     assert per_fold[1]["test_scale"] > per_fold[0]["test_scale"]  # the noisier fold needs the wider sigma
+    f1_gauss = fit_scale(f1["label"].to_numpy(), f1["mean"].to_numpy(), f1["std_uncalibrated"].to_numpy() ** 2)
+    assert per_fold[1]["test_scale"] != pytest.approx(f1_gauss)  # fitted under the run's own loss
