@@ -232,14 +232,15 @@ def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dic
     import numpy as np
     import pandas as pd
 
-    from tune_agb.engine.calibration import fit_scale
+    from tune_agb.engine.calibration import fit_scale, sigma_halfwidth
 
-    tests, per_fold = [], []
+    tests, losses, per_fold = [], [], []
     for j, r in enumerate(fold_rows):
         d = pd.read_parquet(Path(r["run"]) / "predictions.parquet")
         d = d[d["split"] == "test"]
-        tests.append(d)
         cal = json.loads((Path(r["run"]) / "calibration.json").read_text())
+        tests.append(d)
+        losses.append(np.full(len(d), cal.get("loss", "gaussian_nll")))
         y, mu, raw = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std_uncalibrated"))
         per_fold.append(
             {
@@ -259,10 +260,12 @@ def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dic
     row = {"method": method, "seed": seed, "seconds": sum(r["seconds"] for r in fold_rows), "test_n": len(d)}
     row["test_rmse"] = float(np.sqrt(np.mean(err**2)))
     row["test_r2"] = float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2))
+    loss = np.concatenate(losses)  # each fold's run scores its intervals under its own distribution
     for prefix, col in (("test", "std"), ("raw", "std_uncalibrated")):
         sd = d[col].to_numpy(np.float64)
-        row[f"{prefix}_within_1sigma"] = float(np.mean(err <= sd))
-        row[f"{prefix}_within_2sigma"] = float(np.mean(err <= 2 * sd))
+        for k in (1, 2):
+            half = np.where(loss == "laplacian_nll", sigma_halfwidth(k, "laplacian_nll"), float(k))
+            row[f"{prefix}_within_{k}sigma"] = float(np.mean(err <= half * sd))
     return row, per_fold
 
 

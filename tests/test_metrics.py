@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tune_agb.engine.calibration import RELIABILITY_LEVELS, coverage
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import SplitFeed, compute_norm_stats, load_dataset
 from tune_agb.engine.metrics import METRIC_NAMES, UCE_BINS, regression_metrics
@@ -21,11 +22,10 @@ def numpy_metrics(y: np.ndarray, mean: np.ndarray, var: np.ndarray, loss: str = 
     y, mean, var = (np.asarray(a, dtype=np.float64) for a in (y, mean, var))
     err = mean - y
     sigma = np.sqrt(var)
-    if loss == "laplacian_nll":
-        b = np.sqrt(var / 2)
-        nll = np.mean(np.log(2 * b) + np.abs(err) / b)
-    else:
-        nll = np.mean(0.5 * (np.log(2 * np.pi * var) + err**2 / var))
+    b = np.sqrt(var / 2)
+    lap = loss == "laplacian_nll"
+    gauss_nll = 0.5 * (np.log(2 * np.pi * var) + err**2 / var)
+    nll = np.mean(np.log(2 * b) + np.abs(err) / b) if lap else np.mean(gauss_nll)
     order = np.argsort(var, kind="stable")
     uce = sum(
         len(e) / len(y) * abs(np.mean(e) - np.mean(v))
@@ -39,8 +39,10 @@ def numpy_metrics(y: np.ndarray, mean: np.ndarray, var: np.ndarray, loss: str = 
         "r2": float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2)),
         "nll": float(nll),
         "rmv": float(np.sqrt(np.mean(var))),
-        "within_1sigma": float(np.mean(np.abs(err) <= sigma)),
-        "within_2sigma": float(np.mean(np.abs(err) <= 2 * sigma)),
+        # the central intervals holding 68.27 % / 95.45 %: +-1 / 2 sigma (Gaussian), +-b ln(1 / 0.3173) and
+        # +-b ln(1 / 0.0455) with b = sigma / sqrt(2) (Laplacian)
+        "within_1sigma": float(np.mean(np.abs(err) <= (b * np.log(1 / (1 - 0.682689)) if lap else sigma))),
+        "within_2sigma": float(np.mean(np.abs(err) <= (b * np.log(1 / (1 - 0.954500)) if lap else 2 * sigma))),
         "uce": float(uce),
         "n": len(y),
     }
@@ -78,6 +80,23 @@ def test_calibrated_gaussian_gives_textbook_coverage() -> None:
     assert m["within_2sigma"] == pytest.approx(0.9545, abs=0.003)
     assert m["uce"] < 0.1
     assert m["rmv"] == pytest.approx(math.sqrt(5.5), rel=0.01)
+
+
+def test_calibrated_laplacian_gives_the_same_coverage() -> None:
+    """Residuals drawn from the predicted Laplacian (sigma = sqrt(2) b): its 68.27 % and 95.45 % central intervals
+    hold that share; counting |r| <= sigma would give 75.7 % and 94.1 % for a calibrated model."""
+    g = np.random.default_rng(2)
+    n = 200_000
+    var = g.uniform(1, 10, n)
+    mean = g.normal(0, 50, n)
+    y = mean + g.laplace(0, np.sqrt(var / 2))
+    m = regression_metrics(*(torch.from_numpy(a) for a in (y, mean, var)), "laplacian_nll")
+    assert m["within_1sigma"] == pytest.approx(0.6827, abs=0.005)
+    assert m["within_2sigma"] == pytest.approx(0.9545, abs=0.003)
+    assert float(np.mean(np.abs(y - mean) <= np.sqrt(var))) == pytest.approx(0.757, abs=0.005)
+    lv = coverage(y, mean, np.sqrt(var), RELIABILITY_LEVELS, "laplacian_nll")
+    assert np.allclose(lv, RELIABILITY_LEVELS, atol=0.006)  # the reliability diagram's diagonal
+    assert not np.allclose(coverage(y, mean, np.sqrt(var), RELIABILITY_LEVELS), RELIABILITY_LEVELS, atol=0.02)
 
 
 def test_empty_and_single_pixel() -> None:

@@ -811,7 +811,8 @@ def write_plots(
         calibration_plot(y, m, sd, folder / f"{split}_calibration.png", f"{split}: uncertainty calibration")
         before = np.sqrt(uncalibrated[split].var)
         title = f"{split}: reliability, calibration {cal.method}"
-        reliability_plot(y, m, before, None if cal.method == "none" else sd, folder / f"{split}_reliability.png", title)
+        after = None if cal.method == "none" else sd
+        reliability_plot(y, m, before, after, folder / f"{split}_reliability.png", title, cal.loss)
 
 
 @dataclass

@@ -11,7 +11,8 @@ temporary folder). The page is written to ``PATH/report/index.html`` and opens o
   parameter importances on a study rebuilt from ``results.parquet``, slice plots of the three most important
   parameters and the best trials with their differences from the space's base config.
 - Final training: predicted vs observed and residuals vs observed (val and test), a reliability diagram of the
-  central intervals of the predicted Gaussians (after and, dashed, before the variance calibration),
+  central intervals of the predicted distributions (Gaussian, or Laplacian for ``laplacian_nll``; after and, dashed,
+  before the variance calibration),
   RMSE vs predicted σ per equal-count bin, the metrics table (before and after calibration), and
   the predicted mean and σ maps of the test tiles in ``test_maps.npz`` with their GEDI footprints marked.
 """
@@ -532,9 +533,9 @@ def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
     return fig
 
 
-def _reliability_figure(pred: pd.DataFrame) -> Figure:
+def _reliability_figure(pred: pd.DataFrame, loss: str) -> Figure:
     """Both splits' reliability curves: calibrated (solid) and, where predictions.parquet has ``std_uncalibrated``,
-    before calibration (dashed)."""
+    before calibration (dashed); the intervals of the run's predictive distribution (``loss``)."""
     fig = new_figure((5.4, 4.8))
     curves = []
     for split, d in _splits(pred):
@@ -543,7 +544,10 @@ def _reliability_figure(pred: pd.DataFrame) -> Figure:
             style = {"color": SPLIT_COLORS[split], "ls": "--", "alpha": 0.6}
             curves.append((f"{split}, before calibration", y, m, d["std_uncalibrated"].to_numpy(), style))
         curves.append((split, y, m, d["std"].to_numpy(), {"color": SPLIT_COLORS[split]}))
-    draw_reliability(fig.add_subplot(), curves, "Reliability of the predicted Gaussian intervals", RELIABILITY_LEVELS)
+    shape = "Laplacian" if loss == "laplacian_nll" else "Gaussian"
+    draw_reliability(
+        fig.add_subplot(), curves, f"Reliability of the predicted {shape} intervals", RELIABILITY_LEVELS, loss
+    )
     return fig
 
 
@@ -712,12 +716,12 @@ def final_report(path: Path, unit: str = "", source: str = "") -> str:
             "calibration",
             "Uncertainty calibration",
             '<div class="figs">'
-            + img_tag(_reliability_figure(pred), "reliability diagram")
+            + img_tag(_reliability_figure(pred, cal.loss if cal else "gaussian_nll"), "reliability diagram")
             + img_tag(_sigma_figure(pred, unit), "RMSE vs predicted sigma")
             + "</div>"
-            + '<p class="note">Left: share of labels inside the central interval mean ± z·σ of each nominal level '
-            "(on the diagonal: calibrated; below: σ too small); dashed, for a calibrated run: before the variance "
-            "calibration fitted on the validation split. Right: RMSE against the predicted σ in bins of equal "
+            + '<p class="note">Left: share of labels inside the central interval of each nominal level of the '
+            "predicted distribution (on the diagonal: calibrated; below: σ too small); dashed, for a calibrated run: "
+            "before the variance calibration. Right: RMSE against the predicted σ in bins of equal "
             "pixel count (on the diagonal: calibrated).</p>",
         ),
         ("maps", "Test tile maps", maps_section(maps, unit)),

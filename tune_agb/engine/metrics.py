@@ -2,7 +2,9 @@
 
 Names (prefixed by the split, e.g. ``val_rmse``): rmse, mae, me (mean of prediction - label), r2, nll (mean
 negative log-likelihood of the labels under the predicted distribution, constants included), rmv (sqrt of the mean
-predicted variance), within_1sigma / within_2sigma (share of |label - mean| <= k sigma), uce (sum over variance bins
+predicted variance), within_1sigma / within_2sigma (share of labels inside the central interval of the predicted
+distribution that holds 68.27 % / 95.45 % of it: mean +- 1 / 2 sigma for a Gaussian, mean +- 0.81 / 2.18 sigma for a
+Laplacian, see :func:`tune_agb.engine.calibration.sigma_halfwidth`), uce (sum over variance bins
 of N_b/N |MSE_b - MV_b|), n (labelled pixels).
 """
 
@@ -12,6 +14,8 @@ import math
 
 import torch
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
+
+from tune_agb.engine.calibration import sigma_halfwidth
 
 METRIC_NAMES: tuple[str, ...] = ("rmse", "mae", "me", "r2", "nll", "rmv", "within_1sigma", "within_2sigma", "uce", "n")
 UCE_BINS = 10
@@ -45,8 +49,8 @@ def regression_metrics(
         "r2": r2_score(mean, y) if n > 1 else torch.tensor(float("nan")),
         "nll": nll,
         "rmv": var.mean().sqrt(),
-        "within_1sigma": (err.abs() <= sigma).double().mean(),
-        "within_2sigma": (err.abs() <= 2 * sigma).double().mean(),
+        "within_1sigma": (err.abs() <= sigma_halfwidth(1, loss) * sigma).double().mean(),
+        "within_2sigma": (err.abs() <= sigma_halfwidth(2, loss) * sigma).double().mean(),
         "uce": uncertainty_calibration_error(err, var),
     }
     values = torch.stack([v.to(y.device, torch.float64) for v in out.values()]).cpu().tolist()

@@ -128,9 +128,11 @@ def draw_reliability(
     curves: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, dict]],
     title: str,
     levels: tuple[float, ...] = RELIABILITY_LEVELS,
+    loss: str = "gaussian_nll",
 ) -> None:
-    """Reliability diagram: for each nominal level, the share of labels inside the central interval
-    ``mean ± z sigma`` of N(mean, std²), against the level; on the diagonal: calibrated, below: sigma too small.
+    """Reliability diagram: for each nominal level, the share of labels inside the central interval of that level
+    of the predictive distribution (Gaussian, or Laplacian for ``laplacian_nll``), against the level; on the
+    diagonal: calibrated, below: sigma too small.
 
     Args:
         ax: the axes.
@@ -138,10 +140,11 @@ def draw_reliability(
             to ``ax.plot``, e.g. ``{"color": "C0", "ls": "--"}``).
         title: the axes' title.
         levels: the nominal levels (0..1).
+        loss: the model's loss, which names its predictive distribution.
     """
     for name, label, mean, std, style in curves:
         y, m, s = _finite(label, mean, std)
-        ax.plot(levels, coverage(y, m, s, levels), marker="o", ms=3.5, lw=1.5, label=name, **style)
+        ax.plot(levels, coverage(y, m, s, levels, loss), marker="o", ms=3.5, lw=1.5, label=name, **style)
     ax.plot([0, 1], [0, 1], color=LINE_COLOR, lw=1, ls=":", label="ideal")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -154,14 +157,19 @@ def draw_reliability(
 
 
 def reliability_figure(
-    label: np.ndarray, mean: np.ndarray, std_before: np.ndarray, std_after: np.ndarray | None, title: str
+    label: np.ndarray,
+    mean: np.ndarray,
+    std_before: np.ndarray,
+    std_after: np.ndarray | None,
+    title: str,
+    loss: str = "gaussian_nll",
 ) -> Figure:
     """:func:`draw_reliability` of one split before (dashed) and, unless ``std_after`` is None, after calibration."""
     fig = new_figure()
     curves = [("before calibration", label, mean, std_before, {"color": LINE_COLOR, "ls": "--"})]
     if std_after is not None:
         curves.append(("after calibration", label, mean, std_after, {"color": CAL_COLOR}))
-    draw_reliability(fig.add_subplot(), curves, title)
+    draw_reliability(fig.add_subplot(), curves, title, loss=loss)
     return fig
 
 
@@ -198,6 +206,7 @@ def reliability_plot(
     std_after: np.ndarray | None,
     path: Path,
     title: str,
+    loss: str = "gaussian_nll",
 ) -> None:
     """Expected against observed coverage of the central intervals, before and after calibration (a PNG)."""
-    save_png(reliability_figure(label, mean, std_before, std_after, title), path)
+    save_png(reliability_figure(label, mean, std_before, std_after, title, loss), path)
