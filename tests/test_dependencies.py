@@ -57,12 +57,16 @@ def _distributions() -> dict[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 
+# this repository's own modules: the package, the tests, and the bench scripts (tests import them from bench/)
+FIRST_PARTY = {"tune_agb", "tests", "__future__", *(p.stem for p in (REPO / "bench").glob("*.py"))}
+
+
 def undeclared(source: str, allowed_top: set[str], allowed_nested: set[str]) -> list[str]:
     """The imports of ``source`` whose distribution is not in the allowed sets (first-party and stdlib excepted)."""
     dists = _distributions()
     bad = []
     for mod, top in imports(source):
-        if mod in sys.stdlib_module_names or mod in ("tune_agb", "tests", "__future__"):
+        if mod in sys.stdlib_module_names or mod in FIRST_PARTY:
             continue
         owners = {_norm(d) for d in dists.get(mod, [mod])}
         allowed = allowed_top if top else allowed_top | allowed_nested

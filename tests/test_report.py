@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import optuna
@@ -251,15 +252,25 @@ def test_final_report_shows_metrics_before_and_after_calibration(tmp_path: Path)
     # the reliability diagram: each split after (solid) and before (dashed) calibration, and the diagonal
     from tune_agb.report import _reliability_figure
 
-    lines = _reliability_figure(pd.read_parquet(out / "predictions.parquet")).axes[0].get_lines()
+    pred = pd.read_parquet(out / "predictions.parquet")
+    lines = _reliability_figure(pred, "gaussian_nll").axes[0].get_lines()
     assert [(ln.get_label(), ln.get_linestyle()) for ln in lines] == [
         ("val, before calibration", "--"), ("val", "-"), ("test, before calibration", "--"), ("test", "-"),
         ("ideal", ":"),
     ]  # fmt: skip
+    val = pred[pred.split == "val"]
+    err, sd = (val.label - val["mean"]).abs().to_numpy(), val["std"].to_numpy()
+    assert lines[1].get_ydata()[13] == pytest.approx(
+        np.mean(err <= NormalDist().inv_cdf(0.85) * sd)
+    )  # 70 %: +-1.036 sigma
+    lap = _reliability_figure(pred, "laplacian_nll").axes[0]  # a Laplacian run's own 70 % interval: +-0.851 sigma
+    assert lap.get_lines()[1].get_ydata()[13] == pytest.approx(np.mean(err <= -math.log(0.3) / math.sqrt(2) * sd))
+    assert "Laplacian" in lap.get_title()
     # an out dir written before calibration existed: one row per split, no calibration setting
     old = write_report(make_final_dir(tmp_path / "old", n=300)).read_text()
     assert [r[0] for r in metrics_rows(old)] == ["val", "test"] and "sigma x" not in old
-    lines = _reliability_figure(pd.read_parquet(tmp_path / "old" / "predictions.parquet")).axes[0].get_lines()
+    lines = _reliability_figure(pd.read_parquet(tmp_path / "old" / "predictions.parquet"), "gaussian_nll")
+    lines = lines.axes[0].get_lines()
     assert [ln.get_label() for ln in lines] == ["val", "test", "ideal"]
     # a malformed calibration record is one error naming the file and the field
     metrics = json.loads((out / "metrics.json").read_text())
