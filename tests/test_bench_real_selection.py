@@ -99,3 +99,18 @@ def test_pooled_metrics_pool_the_folds_test_pixels(tmp_path):
     assert per_fold[1]["test_scale"] > per_fold[0]["test_scale"]  # the noisier fold needs the wider sigma
     f1_gauss = fit_scale(f1["label"].to_numpy(), f1["mean"].to_numpy(), f1["std_uncalibrated"].to_numpy() ** 2)
     assert per_fold[1]["test_scale"] != pytest.approx(f1_gauss)  # fitted under the run's own loss
+
+
+@pytest.mark.parametrize("loss", ["gaussian_nll", "laplacian_nll"])
+def test_coverage_scale_recovers_the_factor_sigma_is_off_by(loss):
+    import calibration_transfer as ct
+
+    rng = np.random.default_rng(5)
+    sd = rng.uniform(1, 4, 50_000)
+    true = 1.7 * sd  # the residuals' real standard deviation: sigma is 1.7 times too small
+    r = rng.normal(0, true) if loss == "gaussian_nll" else rng.laplace(0, true / np.sqrt(2))
+    assert ct.coverage_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
+    # heavy tails: one wild residual moves the NLL factor (an RMS), not the coverage factor (a quantile match)
+    r[0], sd[0] = 1e4, 1.0
+    assert ct.coverage_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
+    assert fit_scale(r, np.zeros_like(r), sd**2, loss) > 1.7 * 1.1
