@@ -33,6 +33,9 @@ import pandas as pd
 
 from tune_agb.engine.calibration import RELIABILITY_LEVELS, fit_scale, interval_halfwidth, sigma_halfwidth
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_selection import right_scale_on_test, run_test  # same folder: one reader of a run's test rows
+
 METHODS = ["ridge", "rf", "default", "search", "top_k", "cv_search", "cv_folds"]
 FACTORS = ["raw", "nll", "coverage", "test"]
 
@@ -73,18 +76,15 @@ def transfer(out: Path, method: str, seed: int) -> dict[str, Any] | None:
         run = fold / "runs" / f"{method}_s{seed}"
         if not (run / "metrics.json").exists():
             return None
-        cal = json.loads((run / "calibration.json").read_text())
-        loss = cal.get("loss", "gaussian_nll")
+        t, _, loss = run_test(run)
         y, mean, var = sample(method, seed, fold, run)
-        d = pd.read_parquet(run / "predictions.parquet")
-        t = d[d["split"] == "test"]
         err = np.abs(t["label"].to_numpy(float) - t["mean"].to_numpy(float))
         sd = t["std_uncalibrated"].to_numpy(float)
         got = {
             "raw": 1.0,
             "nll": fit_scale(y, mean, var, loss),
             "coverage": coverage_scale(y - mean, np.sqrt(var), loss),
-            "test": fit_scale(t["label"].to_numpy(float), t["mean"].to_numpy(float), sd**2, loss),
+            "test": right_scale_on_test(t, loss),
         }
         halves = np.array([sigma_halfwidth(1, loss), sigma_halfwidth(2, loss)])
         for name, s in got.items():

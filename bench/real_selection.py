@@ -227,21 +227,36 @@ def tile_labels(data_dir: Path) -> dict[str, int]:
     return {p.stem: int(np.isfinite(np.load(p)).sum()) for p in sorted(data_dir.glob("labels/*/*.npy"))}
 
 
+def run_test(run: str | Path) -> tuple[Any, dict[str, Any], str]:
+    """A finished run's test rows of ``predictions.parquet`` (a DataFrame), its ``calibration.json`` and its loss."""
+    import pandas as pd
+
+    d = pd.read_parquet(Path(run) / "predictions.parquet")
+    cal = json.loads((Path(run) / "calibration.json").read_text())
+    return d[d["split"] == "test"], cal, cal.get("loss", "gaussian_nll")
+
+
+def right_scale_on_test(test: Any, loss: str) -> float:
+    """The NLL sigma factor fitted on the test rows themselves (uncalibrated sigma): what would have been right."""
+    from tune_agb.engine.calibration import fit_scale
+
+    y, mu, raw = (test[c].to_numpy(float) for c in ("label", "mean", "std_uncalibrated"))
+    return fit_scale(y, mu, raw**2, loss)
+
+
 def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One row for a method and seed over all outer folds (their test predictions pooled), and one row per fold."""
     import numpy as np
     import pandas as pd
 
-    from tune_agb.engine.calibration import fit_scale, sigma_halfwidth
+    from tune_agb.engine.calibration import sigma_halfwidth
 
-    tests, losses, per_fold = [], [], []
+    tests, halves, per_fold = [], [], []
     for j, r in enumerate(fold_rows):
-        d = pd.read_parquet(Path(r["run"]) / "predictions.parquet")
-        d = d[d["split"] == "test"]
-        cal = json.loads((Path(r["run"]) / "calibration.json").read_text())
+        d, cal, loss = run_test(r["run"])
         tests.append(d)
-        losses.append(np.full(len(d), cal.get("loss", "gaussian_nll")))
-        y, mu, raw = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std_uncalibrated"))
+        # each fold's run scores its intervals under its own distribution: (pixels, k = 1, 2) half-widths in sigma
+        halves.append(np.tile([sigma_halfwidth(1, loss), sigma_halfwidth(2, loss)], (len(d), 1)))
         per_fold.append(
             {
                 "method": method,
@@ -251,7 +266,7 @@ def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dic
                 "test_rmse": r["test_rmse"],
                 "scale": cal.get("scale", math.nan),
                 "calibrated_on": cal.get("split", "?"),
-                "test_scale": fit_scale(y, mu, raw**2, cal.get("loss", "gaussian_nll")),
+                "test_scale": right_scale_on_test(d, loss),
             }
         )
     d = pd.concat(tests)
@@ -260,12 +275,10 @@ def pooled(method: str, seed: int, fold_rows: list[dict[str, Any]]) -> tuple[dic
     row = {"method": method, "seed": seed, "seconds": sum(r["seconds"] for r in fold_rows), "test_n": len(d)}
     row["test_rmse"] = float(np.sqrt(np.mean(err**2)))
     row["test_r2"] = float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2))
-    loss = np.concatenate(losses)  # each fold's run scores its intervals under its own distribution
+    half = np.concatenate(halves)
     for prefix, col in (("test", "std"), ("raw", "std_uncalibrated")):
-        sd = d[col].to_numpy(np.float64)
-        for k in (1, 2):
-            half = np.where(loss == "laplacian_nll", sigma_halfwidth(k, "laplacian_nll"), float(k))
-            row[f"{prefix}_within_{k}sigma"] = float(np.mean(err <= half * sd))
+        inside = err[:, None] <= half * d[col].to_numpy(np.float64)[:, None]
+        row[f"{prefix}_within_1sigma"], row[f"{prefix}_within_2sigma"] = (float(c) for c in inside.mean(0))
     return row, per_fold
 
 
