@@ -384,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", help="also write the rows and the summary to this JSON file")
     a = p.parse_args(argv)
     a.methods = [m for m in a.methods.split(",") if m]
+    if not 0 < a.outer_val_share < 1:
+        p.error(f"--outer-val-share: must be between 0 and 1 (a share of the labels); got {a.outer_val_share}")
     if bad := [m for m in a.methods if m not in METHODS]:
         p.error(f"--methods: unknown {', '.join(bad)}; known: {', '.join(METHODS)}")
     return a

@@ -114,3 +114,10 @@ def test_coverage_scale_recovers_the_factor_sigma_is_off_by(loss):
     r[0], sd[0] = 1e4, 1.0
     assert ct.coverage_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
     assert fit_scale(r, np.zeros_like(r), sd**2, loss) > 1.7 * 1.1
+
+
+def test_outer_val_share_must_be_a_share(capsys):
+    with pytest.raises(SystemExit) as exc:
+        rs.parse_args(["--outer-k", "3", "--outer-val-share", "1.5"])
+    assert exc.value.code == 2
+    assert "--outer-val-share: must be between 0 and 1 (a share of the labels); got 1.5" in capsys.readouterr().err
