@@ -121,6 +121,7 @@ def test_bad_dataset_one_line_and_earlier_outputs_intact(
         ({"lr": "1e-3"}, "'lr' must be a number"),
         ({"optimizer": "rmsprop"}, "'optimizer' must be one of adam, adamw, sgd"),
         ({"dropout": 1.5}, "'dropout' must be in [0, 1)"),
+        ({"nll_beta": 1.5}, "'nll_beta' must be in [0, 1]"),
     ],
 )
 def test_bad_config_names_the_key(

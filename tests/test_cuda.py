@@ -168,7 +168,8 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
     from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 
-    cfg, dev = _cfg(batch_size=2), torch.device("cuda")
+    # beta-NLL on, so its weight is inside the check too
+    cfg, dev = _cfg(batch_size=2, nll_beta=0.5), torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])
     feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)

@@ -265,3 +265,14 @@ def test_sgd_momentum_is_the_configured_one_under_cycling_schedules(schedule: st
 def test_tiles_too_small_for_the_depth_are_a_clear_error(tiles: dict[str, TileSet]) -> None:
     with pytest.raises(TuneAgbError, match=r"depth=5 needs tiles larger than 32 px.*32 x 32"):
         train(_cfg(depth=5, epochs=1), tiles, device="cpu", progress=False)
+
+
+
+def test_beta_nll_changes_the_fit_but_not_what_is_measured(tiles: dict[str, TileSet]) -> None:
+    """nll_beta reweights the labelled pixels' loss: the fit changes, the metrics still count each labelled pixel
+    once."""
+    base = train(_cfg(epochs=2), tiles, device="cpu", progress=False).history
+    h = train(_cfg(epochs=2, nll_beta=1.0), tiles, device="cpu", progress=False).history
+    assert [m["val_n"] for m in h] == [m["val_n"] for m in base] == [tiles["val"].num_labelled] * 2
+    assert h[-1]["val_rmse"] != base[-1]["val_rmse"]
+    assert all(math.isfinite(m["train_rmse"]) for m in h)

@@ -60,6 +60,9 @@ class TrainConfig:
     logvar_max: float = 10.0
     # loss / target
     loss: str = "gaussian_nll"
+    # beta-NLL (Seitzer et al. 2022): weight each labelled pixel's NLL by its predicted spread^beta, held constant in
+    # the backward pass. 0 is the plain NLL; 1 fits the mean as mse / mae would while still training the variance.
+    nll_beta: float = 0.0
     standardize_target: bool = True
     # optimisation
     optimizer: str = "adamw"
@@ -135,6 +138,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:
         raise TuneAgbError(f"{source}: '{name}' must be >= 0, got {value!r}")
+    if name == "nll_beta" and not 0.0 <= value <= 1.0:
+        raise TuneAgbError(f"{source}: 'nll_beta' must be in [0, 1], got {value!r}")
     if name == "dropout" and not 0.0 <= value < 1.0:
         raise TuneAgbError(f"{source}: 'dropout' must be in [0, 1), got {value!r}")
 

@@ -20,7 +20,7 @@ import torch
 
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.device import autocast, memory_format, resolve_amp
-from tune_agb.engine.losses import LOSSES
+from tune_agb.engine.losses import make_loss
 from tune_agb.engine.model import UNet
 from tune_agb.errors import InfeasibleError
 
@@ -77,7 +77,7 @@ def measure_step_peak(cfg: TrainConfig, tile_hw: tuple[int, int], device: torch.
         y = torch.randn(cfg.batch_size, h, w, device=device)
         with autocast(device, resolve_amp(cfg, device)):
             mu, logvar = model(x)
-        LOSSES[cfg.loss](mu.float(), logvar.float(), y).backward()
+        make_loss(cfg.loss, cfg.nll_beta)(mu.float(), logvar.float(), y).backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     finally:

@@ -38,7 +38,7 @@ from tune_agb.engine.device import (
     tune_cuda,
 )
 from tune_agb.engine.inference import predict_target_units
-from tune_agb.engine.losses import LOSSES
+from tune_agb.engine.losses import make_loss
 from tune_agb.engine.memory import MemoryFit, check_memory_fit
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.model import UNet
@@ -181,7 +181,7 @@ class TrainStep:
         self.forward = model if forward is None else forward  # the model, or its compiled wrapper
         self.cfg, self.amp, self.device = cfg, amp, device
         self.fmt = memory_format(cfg, device)
-        self.loss_fn = LOSSES[cfg.loss]
+        self.loss_fn = make_loss(cfg.loss, cfg.nll_beta)
         self.reset()
 
     def reset(self) -> None:
