@@ -267,7 +267,6 @@ def test_tiles_too_small_for_the_depth_are_a_clear_error(tiles: dict[str, TileSe
         train(_cfg(depth=5, epochs=1), tiles, device="cpu", progress=False)
 
 
-
 def test_beta_nll_changes_the_fit_but_not_what_is_measured(tiles: dict[str, TileSet]) -> None:
     """nll_beta reweights the labelled pixels' loss: the fit changes, the metrics still count each labelled pixel
     once."""
