@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         summary.append(line)
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {a.workers} runs at a time, 1 torch thread each. "
-        f"Data {data_dir}, {a.outer_k} outer folds pooled ({sum(r['test_n'] for r in rows[:1])} test labels), seeds "
+        f"Data {data_dir}, {a.outer_k} outer folds pooled ({rows[0]['test_n']} test labels), seeds "
         f"{a.seeds}. Base: {json.dumps(base)}. Wall time {(time.perf_counter() - start) / 60:.1f} min (reused runs "
         f"included).\nCommand: `python bench/config_screen.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
     )

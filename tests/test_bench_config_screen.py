@@ -19,9 +19,8 @@ def test_base_config_is_the_spaces_first_point_for_max_t_epochs() -> None:
     base = cs.base_config(space)
     assert base["epochs"] == space["scheduler"]["max_t"]
     assert {k: base[k] for k in space["fixed"]} == space["fixed"]
-    assert {k: base[k] for k in space["searcher"]["points_to_evaluate"][0]} == space["searcher"]["points_to_evaluate"][
-        0
-    ]
+    point = space["searcher"]["points_to_evaluate"][0]
+    assert {k: base[k] for k in point} == point
     assert cs.parse_variant("b:nll_beta=0.5,loss=laplacian_nll") == ("b", {"nll_beta": 0.5, "loss": "laplacian_nll"})
     for bad in ("nocolon", ":lr=1", "x:lr"):
         with pytest.raises(SystemExit, match="--variant"):
