@@ -166,17 +166,19 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     """The steps themselves, with train()'s CUDA settings (fused AdamW, cudnn.benchmark, bf16, channels_last), run
     with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises."""
     from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
+    from tune_agb.engine.ema import WeightAverage
     from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 
-    # beta-NLL on, so its weight is inside the check too
-    cfg, dev = _cfg(batch_size=2, nll_beta=0.5), torch.device("cuda")
+    # beta-NLL, a mean bound and a weight average on, so their ops are inside the check too
+    cfg, dev = _cfg(batch_size=2, nll_beta=0.5, mean_bound=4.0, ema_decay=0.9), torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])
     feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)
     model = UNet.from_config(cfg).to(dev, memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model.parameters(), fused=True)
+    ema = WeightAverage(model, cfg.ema_decay)
     step = TrainStep(model, opt, build_scheduler(cfg, opt, 8), None, cfg, resolve_amp(cfg, dev), dev,
-                     compile_for_training(model, cfg))  # fmt: skip
+                     compile_for_training(model, cfg), ema)  # fmt: skip
     n = len(feed)
     order = [np.random.default_rng(i).permutation(n)[:2] for i in range(12)]
     flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
@@ -193,3 +195,4 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
         torch.cuda.set_sync_debug_mode("default")
     loss, _ = step.read()
     assert math.isfinite(loss)
+    assert ema.steps == 12 and not torch.equal(next(ema.model.parameters()), next(model.parameters()))

@@ -84,6 +84,8 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
         # 8 train tiles in batches of 2: 4 batches a pass, 3 an epoch; epoch 2 ends in the middle of pass 2.
         {"optimizer": "adam", "schedule": "cosine", "steps_per_epoch": 3, "batch_size": 2},
         {"optimizer": "adamw", "schedule": "wsd"},
+        # a weight average: the checkpoint carries the trained weights and the step count beside the average
+        {"optimizer": "adamw", "schedule": "onecycle", "ema_decay": 0.8},
     ],
 )
 def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet], tmp_path: Path, extra: dict) -> None:

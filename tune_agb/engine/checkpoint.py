@@ -3,6 +3,8 @@
 Keys: ``format``, ``epoch`` (epochs completed), ``config`` (TrainConfig as a dict), ``norm`` (NormStats as a
 dict), ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``rng`` (``torch``, ``cuda``,
 ``shuffle`` generator states), ``history`` (per-epoch metric dicts), ``best`` (``epoch``, ``val_rmse``).
+With a weight average (``ema_decay`` > 0), ``model`` holds the averaged weights (the ones that predict), and
+``train_model`` / ``ema_steps`` the trained weights and the number of steps averaged, for resuming.
 """
 
 from __future__ import annotations

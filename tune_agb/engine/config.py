@@ -58,6 +58,9 @@ class TrainConfig:
     norm: str = "batch"
     logvar_min: float = -10.0
     logvar_max: float = 10.0
+    # A soft bound on the mean head: mean = b * tanh(raw / b), in standardised target units (target units when
+    # standardize_target is false). 0: unbounded. Keeps a small-data model from extrapolating to absurd heights.
+    mean_bound: float = 0.0
     # loss / target
     loss: str = "gaussian_nll"
     # beta-NLL (Seitzer et al. 2022): weight each labelled pixel's NLL by its predicted spread^beta, held constant in
@@ -77,6 +80,10 @@ class TrainConfig:
     steps_per_epoch: int = 0
     batch_size: int = 8
     grad_clip: float = 1.0
+    # An exponential moving average of the weights (0: off). After every step the average moves towards the trained
+    # weights by max(1 - ema_decay, 1 / steps so far): a plain mean at first, then a window of ~1 / (1 - ema_decay)
+    # steps. The average is what is validated, checkpointed as the model and predicts.
+    ema_decay: float = 0.0
     # execution
     amp: str = "auto"
     channels_last: bool = True
@@ -133,13 +140,15 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
-    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch"}
+    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch", "mean_bound"}
     if name in positive and value <= 0:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:
         raise TuneAgbError(f"{source}: '{name}' must be >= 0, got {value!r}")
     if name == "nll_beta" and not 0.0 <= value <= 1.0:
         raise TuneAgbError(f"{source}: 'nll_beta' must be in [0, 1], got {value!r}")
+    if name == "ema_decay" and not 0.0 <= value < 1.0:
+        raise TuneAgbError(f"{source}: 'ema_decay' must be in [0, 1) (0: no weight average), got {value!r}")
     if name == "dropout" and not 0.0 <= value < 1.0:
         raise TuneAgbError(f"{source}: 'dropout' must be in [0, 1), got {value!r}")
 

@@ -39,7 +39,7 @@ class MemoryFit:
     """A configuration's measured working set on its device share, in bytes."""
 
     step_peak: int  # weights, gradients, activations and workspaces of one training step
-    optimizer_state: int
+    optimizer_state: int  # the optimiser's state, and the weight average's copy when there is one
     batches: int  # the batches in flight (prefetched inputs and labels)
     available: int  # the share: device_share x the card's memory
 
@@ -107,7 +107,8 @@ def check_memory_fit(
     available = int(min(1.0, device_share) * total)
     with torch.device("meta"):  # shapes only: nothing allocated or initialised
         n_params = sum(p.numel() for p in UNet.from_config(cfg).parameters())
-    opt_state = OPTIMIZER_COPIES.get(cfg.optimizer, 2) * 4 * n_params
+    # the optimiser's copies of the weights, plus the weight average's (ema_decay > 0)
+    opt_state = (OPTIMIZER_COPIES.get(cfg.optimizer, 2) + (cfg.ema_decay > 0)) * 4 * n_params
     h, w = tile_hw
     batches = (prefetch + 1) * cfg.batch_size * (cfg.in_channels + 1) * h * w * 4
     try:

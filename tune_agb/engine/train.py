@@ -37,6 +37,7 @@ from tune_agb.engine.device import (
     resolve_device,
     tune_cuda,
 )
+from tune_agb.engine.ema import WeightAverage
 from tune_agb.engine.inference import predict_target_units
 from tune_agb.engine.losses import make_loss
 from tune_agb.engine.memory import MemoryFit, check_memory_fit
@@ -176,8 +177,9 @@ class TrainStep:
         amp: torch.dtype | None,
         device: torch.device,
         forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ema: WeightAverage | None = None,
     ):
-        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
+        self.model, self.opt, self.sched, self.scaler, self.ema = model, opt, sched, scaler, ema
         self.forward = model if forward is None else forward  # the model, or its compiled wrapper
         self.cfg, self.amp, self.device = cfg, amp, device
         self.fmt = memory_format(cfg, device)
@@ -211,6 +213,8 @@ class TrainStep:
         else:
             self.opt.step()
         self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         with torch.no_grad():
             mask = torch.isfinite(y)
             npix = mask.sum()
@@ -649,6 +653,9 @@ class _Run:
         log.debug("train tiles %s, val tiles %s", self.train_t.mode, self.val_t.mode)
         self.model = UNet.from_config(cfg).to(dev, memory_format=fmt)
         self.forward = compile_for_training(self.model, cfg)
+        # The weight average (ema_decay > 0) is the model that is validated, checkpointed as "model" and predicts.
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.eval_model = self.ema.model if self.ema is not None else self.model
         self.opt = build_optimizer(cfg, self.model.parameters(), fused=dev.type == "cuda")
         self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
         self.steps = cfg.steps_per_epoch or len(self.starts)
@@ -658,20 +665,24 @@ class _Run:
         self.pos = 0
         amp = resolve_amp(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-        self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp, memory=self.memory)
+        self.result = TrainResult(self.eval_model, norm, cfg, [], device=dev, amp=amp, memory=self.memory)
         self.epochs_done = 0
         if resume is None:
             self.sched = build_scheduler(cfg, self.opt, self.steps)
         else:
             self.sched = self._restore(resume)
-        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev, self.forward)
+        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev, self.forward, self.ema)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)  # from here on the peak is training's own
 
     def _restore(self, ckpt: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
         """Continue from a checkpoint: weights, scaler, RNG states, the pass in progress, history, best epoch;
-        optimiser and schedule."""
-        self.model.load_state_dict(ckpt["model"])
+        optimiser and schedule. With a weight average, "model" holds the average and "train_model" the trained
+        weights; a checkpoint without a weight average starts one from its weights (and one with it, resumed without,
+        goes on from its trained weights)."""
+        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
+        if self.ema is not None:
+            self.ema.load(ckpt["model"], ckpt.get("ema_steps", 0))
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -720,7 +731,7 @@ class _Run:
         for i, (x, y) in zip(idx, self.train_t.batches(idx), strict=True):
             self.step(x, y, flags[at : at + len(i)] if flags is not None else None)
             at += len(i)
-        val = evaluate_split(self.model, self.val_t, cfg, self.norm, max(self.batch_size, 1), self.result.amp)
+        val = evaluate_split(self.eval_model, self.val_t, cfg, self.norm, max(self.batch_size, 1), self.result.amp)
         return self._record(val)
 
     def _record(self, val: SplitEval) -> EpochReport:
@@ -755,7 +766,8 @@ class _Run:
             "epoch": epoch,
             "config": self.cfg.to_dict(),
             "norm": self.norm.to_dict(),
-            "model": self.model.state_dict(),
+            "model": self.eval_model.state_dict(),
+            **({"train_model": self.model.state_dict(), "ema_steps": self.ema.steps} if self.ema is not None else {}),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
