@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -43,16 +45,21 @@ def base_config(space: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``NAME:KEY=VALUE,KEY=VALUE`` (values parsed as YAML) -> (NAME, changes)."""
+    """``NAME:KEY=VALUE,KEY=VALUE`` (values parsed as YAML) -> (NAME, changes). A comma starts a new item only
+    before ``KEY=``, so a value may hold commas: ``tex:texture_windows=3,7,15,lr=0.001``."""
     name, sep, rest = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"--variant: expected NAME:KEY=VALUE[,KEY=VALUE], got {text!r}")
     changes = {}
-    for item in (i for i in rest.split(",") if i.strip()):
+    for item in (i for i in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", rest) if i.strip()):
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise SystemExit(f"--variant {text}: expected KEY=VALUE, got {item!r}")
-        changes[key.strip()] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        changes[key.strip()] = parsed
     return name, changes
 
 

@@ -22,6 +22,8 @@ def test_base_config_is_the_spaces_first_point_for_max_t_epochs() -> None:
     point = space["searcher"]["points_to_evaluate"][0]
     assert {k: base[k] for k in point} == point
     assert cs.parse_variant("b:nll_beta=0.5,loss=laplacian_nll") == ("b", {"nll_beta": 0.5, "loss": "laplacian_nll"})
+    # a value may hold commas (a new item starts only before KEY=); 1e-3 is a number, not YAML 1.1's string
+    assert cs.parse_variant("t:texture_windows=3,7,15,lr=1e-3") == ("t", {"texture_windows": "3,7,15", "lr": 0.001})
     for bad in ("nocolon", ":lr=1", "x:lr"):
         with pytest.raises(SystemExit, match="--variant"):
             cs.parse_variant(bad)

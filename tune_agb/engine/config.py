@@ -51,6 +51,9 @@ class TrainConfig:
 
     # model
     in_channels: int = 14
+    # Canopy texture as extra input channels: the local standard deviation of every input band over square windows
+    # of these sizes (comma-separated odd px, e.g. "3,7,15"; "" = none), computed in the model from its input.
+    texture_windows: str = ""
     base_channels: int = 32
     depth: int = 4
     upsampling: str = "bilinear"
@@ -112,9 +115,33 @@ def field_types() -> dict[str, type]:
     return {f.name: type(getattr(TrainConfig(), f.name)) for f in dataclasses.fields(TrainConfig)}
 
 
+def parse_windows(value: Any, source: str = "config") -> tuple[int, ...]:
+    """``texture_windows`` as a tuple of window sizes: from "3,7,15", 7, or "" (none). Each must be an odd integer
+    >= 3, given once."""
+    text = str(value).strip()
+    parts = [p.strip() for p in text.split(",")] if text else []
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        sizes = ()
+    if (
+        len(sizes) != len(parts)
+        or isinstance(value, (bool, float))
+        or any(w < 3 or w % 2 == 0 for w in sizes)
+        or len(set(sizes)) != len(sizes)
+    ):
+        raise TuneAgbError(
+            f"{source}: 'texture_windows' must be distinct odd window sizes >= 3, comma-separated (e.g. \"3,7,15\"), "
+            f'or "" for none; got {value!r}'
+        )
+    return sizes
+
+
 def coerce_value(name: str, value: Any, source: str = "config") -> Any:
     """Check one hyperparameter's type and allowed values; return it with ints widened to float where needed."""
     types = field_types()
+    if name == "texture_windows":  # a string of sizes; a single size may come as a YAML integer
+        return ",".join(str(w) for w in parse_windows(value, source))
     if name not in types:
         raise TuneAgbError(f"{source}: unknown key '{name}'; valid keys: {', '.join(field_names())}")
     want = types[name]

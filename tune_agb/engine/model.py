@@ -4,6 +4,7 @@ Input (B, C, H, W) of any H, W: it is padded (replicate) to a multiple of 2**dep
 Output (B, 2, H, W): channel 0 the mean, channel 1 the log-variance, squashed smoothly into
 [logvar_min, logvar_max] (default [-10, 10] in standardised target units: sigma from 0.007 to 148 target stds).
 With ``mean_bound`` b > 0 the mean is squashed as well, to b * tanh(mean / b): within b target stds of the train mean.
+With ``texture_windows``, each band's local standard deviation over those windows joins the input (:class:`Texture`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.config import TrainConfig, parse_windows
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -68,6 +69,30 @@ class Up(nn.Module):
         return self.drop(self.conv(torch.cat([up, skip], dim=1)))
 
 
+class Texture(nn.Module):
+    """The input bands, followed by each band's local standard deviation over square windows (reflect-padded at the
+    edges), window by window: (B, C, H, W) -> (B, C * (1 + len(windows)), H, W). No weights; computed in float32
+    (a variance from E[x^2] - E[x]^2 loses too much in bf16)."""
+
+    def __init__(self, windows: tuple[int, ...]):
+        super().__init__()
+        self.windows = tuple(windows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.windows:
+            return x
+        xf = x.float()
+        sq = xf * xf
+        out = [x]
+        for w in self.windows:
+            r = w // 2
+            pad = (r, r, r, r)
+            m = F.avg_pool2d(F.pad(xf, pad, mode="reflect"), w, stride=1)
+            m2 = F.avg_pool2d(F.pad(sq, pad, mode="reflect"), w, stride=1)
+            out.append((m2 - m * m).clamp_min(0).sqrt().to(x.dtype))
+        return torch.cat(out, 1)
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -80,13 +105,15 @@ class UNet(nn.Module):
         logvar_min: float = -10.0,
         logvar_max: float = 10.0,
         mean_bound: float = 0.0,
+        texture_windows: tuple[int, ...] = (),
     ):
         super().__init__()
         self.depth = depth
+        self.texture = Texture(texture_windows)
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
         self.mean_bound = mean_bound
         widths = [base_channels * 2**i for i in range(depth + 1)]
-        self.inc = DoubleConv(in_channels, widths[0], norm)
+        self.inc = DoubleConv(in_channels * (1 + len(self.texture.windows)), widths[0], norm)
         self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))
         self.mid_drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.ups = nn.ModuleList(
@@ -106,11 +133,13 @@ class UNet(nn.Module):
             cfg.logvar_min,
             cfg.logvar_max,
             cfg.mean_bound,
+            parse_windows(cfg.texture_windows),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, C, H, W) -> (mean (B, H, W), log-variance (B, H, W))."""
         h, w = x.shape[-2:]
+        x = self.texture(x)
         m = 2**self.depth
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:

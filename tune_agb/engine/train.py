@@ -330,7 +330,7 @@ class TrainResult:
 
 
 # The keys that fix a model's weights: a checkpoint can only be resumed with the same ones.
-ARCHITECTURE_KEYS = ("in_channels", "base_channels", "depth", "upsampling", "norm")
+ARCHITECTURE_KEYS = ("in_channels", "texture_windows", "base_channels", "depth", "upsampling", "norm")
 
 
 def train(
