@@ -10,6 +10,8 @@ the fold models' out-of-fold predictions):
 
 - ``ridge``: ``tune_agb.baseline --model ridge`` (deterministic: its seeds agree);
 - ``rf``: ``tune_agb.baseline --model rf --seed s``;
+- ``rf_texture``: the same forest with ``--texture-windows 3,7,15`` (each band's local standard deviation over 3, 7
+  and 15 px windows as features: the strongest baseline without a network, not in the default ``--methods``);
 - ``default``: ``tune_agb.final_train --seed s``, the engine's default configuration;
 - ``search``: ``tune_agb.search`` of ``--space`` on one validation split (searcher seed and ``fixed.seed`` = s),
   then ``final_train --experiment`` (the best configuration retrained on train, selected on val);
@@ -65,7 +67,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_efficiency import apply_changes, parse_change  # same folder: one space editor
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["ridge", "rf", "default", "search", "top_k", "cv_search", "cv_folds", "cv_top_k"]
+METHODS = ["ridge", "rf", "rf_texture", "default", "search", "top_k", "cv_search", "cv_folds", "cv_top_k"]
+DEFAULT_METHODS = [m for m in METHODS if m != "rf_texture"]
+TEXTURE = "3,7,15"  # rf_texture's windows (px)
 TUNED = ["search", "top_k", "cv_search", "cv_folds", "cv_top_k"]
 KEYS = ["rmse", "r2", "within_1sigma", "within_2sigma"]
 
@@ -91,13 +95,15 @@ def timed(run: Path, fn, *args) -> dict[str, Any]:
     return done(run) | {"run": str(run)}
 
 
-def baseline(model: str, seed: int, out: Path, data: list[str]) -> dict[str, Any]:
+def baseline(method: str, seed: int, out: Path, data: list[str]) -> dict[str, Any]:
     from tune_agb.baseline import main as baseline_main
 
-    run = out / "runs" / f"{model}_s{seed}"
+    run = out / "runs" / f"{method}_s{seed}"
+    model, extra = ("rf", ["--texture-windows", TEXTURE]) if method == "rf_texture" else (method, [])
 
     def go() -> int:
-        code = baseline_main([*data, "--model", model, "--seed", str(seed), "--out-dir", str(run), "--overwrite"])
+        argv = [*data, "--model", model, "--seed", str(seed), *extra, "--out-dir", str(run), "--overwrite"]
+        code = baseline_main(argv)
         for name in ("metrics.json", "predictions.parquet", "calibration.json"):  # OUT/MODEL/* -> OUT/*
             (run / model / name).replace(run / name)
         return code
@@ -145,7 +151,7 @@ def row(method: str, seed: int, m: dict[str, Any], search_s: float = 0.0) -> dic
 def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, data: list[str]) -> list[dict]:
     rows = []
     runs = out / "runs"
-    for model in ("ridge", "rf"):
+    for model in ("ridge", "rf", "rf_texture"):
         if model in a.methods:
             rows.append(row(model, seed, baseline(model, seed, out, data)))
     if "default" in a.methods:
@@ -377,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv-k", type=int, default=3)
     p.add_argument("--cv-block", type=int, default=2, help="cv block side in tile steps")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--outer-k", type=int, default=0, help="outer spatial folds over all the tiles (0: --data's split)")
     p.add_argument("--outer-val-share", type=float, default=0.15, help="share of the labels in an outer fold's val")
     p.add_argument("--out", help="folder for searches and runs (default: a temporary one)")

@@ -106,12 +106,46 @@ def test_forest_variance_is_the_mixture_of_its_trees_leaves(tiny_data: Path) -> 
     assert not np.array_equal(other[0], mean)
 
 
+def test_texture_features_follow_the_bands(tiny_data: Path, tmp_path: Path) -> None:
+    """--texture-windows: each labelled pixel's features are its bands, then each band's local standard deviation
+    per window (as the U-Net's Texture input computes it); the run records the windows and scores differently."""
+    import torch
+
+    from tune_agb.engine.model import Texture
+
+    tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels")
+    norm = compute_norm_stats(tiles["train"], standardize_target=False)
+    plain, tex = labelled_pixels(tiles["val"], norm), labelled_pixels(tiles["val"], norm, windows=(3, 7))
+    c = plain.x.shape[1]
+    assert tex.x.shape == (len(plain.y), 3 * c)
+    np.testing.assert_array_equal(tex.x[:, :c], plain.x)
+    np.testing.assert_array_equal(tex.tile, plain.tile)
+    t, f = int(tex.tile[0]), int(tex.flat[0])
+    w = tiles["val"].labels.shape[-1]
+    x = norm.normalize(torch.from_numpy(np.asarray(tiles["val"].inputs[t : t + 1], dtype=np.float32)))
+    want = Texture((3, 7))(x)[0, :, f // w, f % w].numpy()
+    np.testing.assert_allclose(tex.x[0], want, rtol=1e-6)
+    assert (tex.x[:, c:] >= 0).all() and tex.x[:, c:].std() > 0
+    out = tmp_path / "bl"
+    for sub, extra in (("plain", []), ("tex", ["--texture-windows", "3,7"])):
+        argv = [*data_args(tiny_data), "--model", "rf", "--trees", "20", "--out-dir", str(out / sub), *extra]
+        assert run_cli(main, argv) == 0
+    a, b = (json.loads((out / sub / "rf" / "metrics.json").read_text()) for sub in ("plain", "tex"))
+    assert (a["params"]["texture_windows"], b["params"]["texture_windows"]) == ("", "3,7")
+    assert a["test_rmse"] != b["test_rmse"]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--trees", "0"], "--trees: must be >= 1, got 0"),
         (["--max-features", "1.5"], "--max-features: must be in (0, 1], got 1.5"),
         (["--min-samples-leaf", "0"], "--min-samples-leaf: must be >= 1, got 0"),
+        (
+            ["--texture-windows", "4"],
+            "--texture-windows: 'texture_windows' must be distinct odd window sizes >= 3, "
+            'comma-separated (e.g. "3,7,15"), or "" for none; got \'4\'',
+        ),
     ],
 )
 def test_bad_options_are_one_line(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

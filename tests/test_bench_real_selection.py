@@ -121,3 +121,13 @@ def test_outer_val_share_must_be_a_share(capsys):
         rs.parse_args(["--outer-k", "3", "--outer-val-share", "1.5"])
     assert exc.value.code == 2
     assert "--outer-val-share: must be between 0 and 1 (a share of the labels); got 1.5" in capsys.readouterr().err
+
+
+def test_rf_texture_runs_the_forest_with_texture_features(tiny_data, tmp_path):
+    """rf_texture is the baseline forest with --texture-windows: its run records the windows and differs from rf's;
+    it is asked for by name, not run by default."""
+    assert "rf_texture" in rs.METHODS and "rf_texture" not in rs.parse_args([]).methods
+    data = ["--input-dir", str(tiny_data / "inputs"), "--label-dir", str(tiny_data / "labels")]
+    a, b = (rs.baseline(m, 0, tmp_path, data) for m in ("rf", "rf_texture"))
+    assert (a["params"]["texture_windows"], b["params"]["texture_windows"]) == ("", rs.TEXTURE)
+    assert b["run"].endswith("rf_texture_s0") and a["test_rmse"] != b["test_rmse"]

@@ -151,6 +151,8 @@ def test_resume_refuses_another_architecture(tiles: dict[str, TileSet], tmp_path
     train(_cfg(epochs=1), tiles, device="cpu", progress=False, on_epoch=lambda r: states.append(r.state()))
     with pytest.raises(TuneAgbError, match="base_channels"):
         train(_cfg(epochs=2, base_channels=8), tiles, device="cpu", progress=False, resume=states[0])
+    with pytest.raises(TuneAgbError, match=r"texture_windows=''.*'3,5'"):
+        train(_cfg(epochs=2, texture_windows="3,5"), tiles, device="cpu", progress=False, resume=states[0])
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@ random forest.
 
     python -m tune_agb.baseline [--input-dir D --label-dir D] [--model ridge rf] [--alpha 1.0]
         [--trees 300] [--min-samples-leaf 5] [--max-features 0.33] [--seed 0] [--jobs 1]
-        [--calibration scale|isotonic|none] [--out-dir DIR] [--overwrite]
+        [--texture-windows 3,7,15] [--calibration scale|isotonic|none] [--out-dir DIR] [--overwrite]
 
 Each model is fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean)
-and scored on the labelled pixels of val and test with the U-Net's metrics. Their predicted variance is recalibrated
+and scored on the labelled pixels of val and test with the U-Net's metrics. With ``--texture-windows`` each pixel
+also gets each band's local standard deviation over those windows (the U-Net's ``texture_windows`` input, computed by
+the same code): the strongest baseline without a network. Their predicted variance is recalibrated
 on val as final_train's is (same methods, same default), so the coverages compare. The uncertainty of each:
 
 - ridge: one variance for every pixel, the mean squared residual of the train pixels;
@@ -41,6 +43,7 @@ from tune_agb.engine.calibration import (
     fit_calibration,
     save_calibration,
 )
+from tune_agb.engine.config import parse_windows
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
 from tune_agb.errors import TuneAgbError, run_cli
@@ -65,8 +68,13 @@ class Pixels:
     flat: np.ndarray
 
 
-def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK) -> Pixels:
-    """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk)."""
+def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK, windows: tuple[int, ...] = ()) -> Pixels:
+    """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk);
+    ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.engine.model.Texture`)
+    as features, after the bands."""
+    from tune_agb.engine.model import Texture
+
+    texture = Texture(windows)
     xs, ys, ts, fs = [], [], [], []
     w = tiles.labels.shape[-1]
     for i in range(0, len(tiles), chunk):
@@ -74,7 +82,8 @@ def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK) -> Pixe
         mask = np.isfinite(lab)
         if not mask.any():
             continue
-        x = norm.normalize(torch.from_numpy(np.asarray(tiles.inputs[i : i + chunk], dtype=np.float32))).numpy()
+        x = norm.normalize(torch.from_numpy(np.asarray(tiles.inputs[i : i + chunk], dtype=np.float32)))
+        x = texture(x).numpy()
         t, r, c = np.nonzero(mask)
         xs.append(x.transpose(0, 2, 3, 1)[mask].astype(np.float64))
         ys.append(lab[mask].astype(np.float64))
@@ -191,17 +200,19 @@ def fit_baseline(
     tiles: dict[str, TileSet],
     norm: NormStats | None = None,
     calibration: str = DEFAULT_METHOD,
+    windows: tuple[int, ...] = (),
 ) -> BaselineResult:
     """Fit ``model`` on the labelled train pixels and predict those of val and test; the variance calibration
-    (``calibration``: a method of :mod:`tune_agb.engine.calibration`) is fitted on val and applied to both."""
+    (``calibration``: a method of :mod:`tune_agb.engine.calibration`) is fitted on val and applied to both.
+    ``windows``: texture features (:func:`labelled_pixels`)."""
     from tune_agb.final_train import Prediction  # the per-pixel prediction final_train writes as predictions.parquet
 
     norm = norm or compute_norm_stats(tiles["train"], standardize_target=False)
-    train = labelled_pixels(tiles["train"], norm)
+    train = labelled_pixels(tiles["train"], norm, windows=windows)
     model.fit(train.x, train.y)
     raw: dict[str, Prediction] = {}
     for split in ("val", "test"):
-        px = labelled_pixels(tiles[split], norm)
+        px = labelled_pixels(tiles[split], norm, windows=windows)
         mean, var = model.predict(px.x)
         raw[split] = Prediction(px.tile, px.flat, px.y, mean, var, {})
     val = raw["val"]
@@ -211,7 +222,8 @@ def fit_baseline(
     def scores(prs: dict[str, Prediction]) -> dict[str, float]:
         return {f"{s}_{k}": v for s, pr in prs.items() for k, v in _metrics(pr.y, pr.mean, pr.var).items()}
 
-    return BaselineResult(model.name, model.params(), scores(preds), scores(raw), cal, preds, raw, len(train.y))
+    params = model.params() | {"texture_windows": ",".join(map(str, windows))}
+    return BaselineResult(model.name, params, scores(preds), scores(raw), cal, preds, raw, len(train.y))
 
 
 def ridge_baseline(tiles: dict[str, TileSet], alpha: float = 1.0) -> dict[str, float]:
@@ -267,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-features", type=float, default=0.33, help="rf: share of the bands tried at each split")
     p.add_argument("--seed", type=int, default=0, help="rf: random state (bootstrap samples and split features)")
     p.add_argument("--jobs", type=int, default=1, help="rf: parallel jobs (trees) while fitting and predicting")
+    p.add_argument("--texture-windows", default="", metavar="W1,W2,...",
+                   help="add each band's local standard deviation over these odd windows (px) as features, e.g. "
+                   "3,7,15 (default: none, the bands alone)")  # fmt: skip
     p.add_argument("--calibration", type=str.lower, choices=METHODS, default=DEFAULT_METHOD,
                    help="variance recalibration fitted on val, as in final_train (default scale)")  # fmt: skip
     p.add_argument("--out-dir", help="write OUT/MODEL/metrics.json, predictions.parquet and calibration.json")
@@ -295,6 +310,7 @@ def _check(a: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _check(a)
+    windows = parse_windows(a.texture_windows, source="--texture-windows")
     from tune_agb.store import DataSource
 
     idir, ldir = data_dirs(a.input_dir, a.label_dir)
@@ -306,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results = []
     for name in dict.fromkeys(a.model):
-        res = fit_baseline(models[name](), tiles, norm, a.calibration)
+        res = fit_baseline(models[name](), tiles, norm, a.calibration, windows)
         results.append(res)
         if a.out_dir:
             write_result(Path(a.out_dir) / name, res, tiles, {"input_dir": str(idir), "label_dir": str(ldir)})
