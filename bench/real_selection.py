@@ -320,6 +320,7 @@ def goal_lines(summary: list[dict[str, Any]]) -> list[str]:
     by = {s["method"]: s for s in summary}
     lines = []
     rf = by.get("rf", {}).get("test_rmse", (math.nan,))[0]
+    tex = by.get("rf_texture", {}).get("test_rmse", (math.nan,))[0]
     default_sd = by.get("default", {}).get("test_rmse", (math.nan, math.nan))[1]
     for m in TUNED:
         if m not in by:
@@ -329,7 +330,8 @@ def goal_lines(summary: list[dict[str, Any]]) -> list[str]:
         c1, c2 = s["test_within_1sigma"][0] * 100, s["test_within_2sigma"][0] * 100
         verdict = [
             f"test RMSE {mean:.2f} vs rf {rf:.2f} ({(mean / rf - 1) * 100:+.1f} %; goal <= -10 %): "
-            + ("met" if mean <= 0.9 * rf else "MISSED"),
+            + ("met" if mean <= 0.9 * rf else "MISSED")
+            + (f" (vs rf_texture {tex:.2f}: {(mean / tex - 1) * 100:+.1f} %)" if not math.isnan(tex) else ""),
             f"seed sd {sd:.2f} vs default's {default_sd:.2f} (goal <= half): "
             + ("met" if sd <= default_sd / 2 else "MISSED"),
             f"1-sigma {c1:.1f} % (68 +- 5): " + ("met" if abs(c1 - 68) <= 5 else "MISSED"),

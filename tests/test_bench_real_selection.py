@@ -131,3 +131,16 @@ def test_rf_texture_runs_the_forest_with_texture_features(tiny_data, tmp_path):
     a, b = (rs.baseline(m, 0, tmp_path, data) for m in ("rf", "rf_texture"))
     assert (a["params"]["texture_windows"], b["params"]["texture_windows"]) == ("", rs.TEXTURE)
     assert b["run"].endswith("rf_texture_s0") and a["test_rmse"] != b["test_rmse"]
+
+
+def test_goal_lines_judge_against_rf_and_name_the_texture_forest():
+    def s(method, rmse, sd=0.1, c1=0.68, c2=0.95):
+        return {"method": method, "test_rmse": (rmse, sd), "test_within_1sigma": (c1, 0), "test_within_2sigma": (c2, 0)}
+
+    base = [s("rf", 8.3), s("default", 9.0, sd=1.0)]
+    (line,) = rs.goal_lines([*base, s("cv_top_k", 7.4, sd=0.3, c1=0.75)])
+    assert line.startswith("- cv_top_k: test RMSE 7.40 vs rf 8.30 (-10.8 %; goal <= -10 %): met;")
+    assert "seed sd 0.30 vs default's 1.00 (goal <= half): met" in line and "1-sigma 75.0 % (68 +- 5): MISSED" in line
+    assert "rf_texture" not in line
+    (line,) = rs.goal_lines([*base, s("rf_texture", 7.6), s("cv_top_k", 8.1)])
+    assert "(-2.4 %; goal <= -10 %): MISSED (vs rf_texture 7.60: +6.6 %)" in line

@@ -169,8 +169,8 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     from tune_agb.engine.ema import WeightAverage
     from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
 
-    # beta-NLL, a mean bound and a weight average on, so their ops are inside the check too
-    cfg, dev = _cfg(batch_size=2, nll_beta=0.5, mean_bound=4.0, ema_decay=0.9), torch.device("cuda")
+    # beta-NLL, texture inputs and a weight average on, so their ops are inside the check too
+    cfg, dev = _cfg(batch_size=2, nll_beta=0.5, texture_windows="3,7", ema_decay=0.9), torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])
     feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)

@@ -90,24 +90,6 @@ def test_logvar_stays_inside_its_range(lo_hi: tuple[float, float]) -> None:
     assert lo < seen[1].mean() < hi
 
 
-def test_mean_bound_squashes_the_mean_and_zero_leaves_it_alone() -> None:
-    torch.manual_seed(0)
-    free = UNet(in_channels=3, base_channels=4, depth=2, norm="none").eval()
-    bounded = UNet(in_channels=3, base_channels=4, depth=2, norm="none", mean_bound=3.0).eval()
-    bounded.load_state_dict(free.state_dict())
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        raw, lv = free(x)
-        mu, lv_b = bounded(x)
-        torch.testing.assert_close(mu, 3.0 * torch.tanh(raw / 3.0))
-        torch.testing.assert_close(lv_b, lv)  # the variance head is untouched
-        for push in (-1e4, 1e4):  # far into both tails: held inside the bound, and reaching it
-            free.head.bias[0] = bounded.head.bias[0] = push
-            far, _ = free(x)
-            mu, _ = bounded(x)
-            assert far.abs().min() > 1e3 and mu.abs().max() <= 3.0 and mu.abs().min() > 3.0 - 1e-3
-
-
 def test_texture_is_each_bands_local_standard_deviation() -> None:
     """Against a direct loop: the population sd of the w x w window around each pixel of the reflect-padded band."""
     g = torch.Generator().manual_seed(0)
@@ -174,10 +156,10 @@ def test_channels_last_gives_the_same_result(upsampling: str) -> None:
 
 def test_from_config_uses_every_architecture_field() -> None:
     cfg = TrainConfig(in_channels=7, base_channels=6, depth=3, upsampling="transpose", dropout=0.1, norm="group")
-    cfg = cfg.replace(logvar_min=-4.0, logvar_max=3.0, mean_bound=2.5)
+    cfg = cfg.replace(logvar_min=-4.0, logvar_max=3.0, texture_windows="3")
     model = UNet.from_config(cfg)
-    assert model.inc[0].in_channels == 7 and model.inc[0].out_channels == 6
-    assert model.depth == 3 and (model.logvar_min, model.logvar_max, model.mean_bound) == (-4.0, 3.0, 2.5)
+    assert model.inc[0].in_channels == 7 * 2 and model.inc[0].out_channels == 6
+    assert model.depth == 3 and (model.logvar_min, model.logvar_max, model.texture.windows) == (-4.0, 3.0, (3,))
     assert _count(model, torch.nn.ConvTranspose2d) == 3 and _count(model, torch.nn.Dropout2d) == 4
 
 

@@ -61,9 +61,6 @@ class TrainConfig:
     norm: str = "batch"
     logvar_min: float = -10.0
     logvar_max: float = 10.0
-    # A soft bound on the mean head: mean = b * tanh(raw / b), in standardised target units (target units when
-    # standardize_target is false). 0: unbounded. Keeps a small-data model from extrapolating to absurd heights.
-    mean_bound: float = 0.0
     # loss / target
     loss: str = "gaussian_nll"
     # beta-NLL (Seitzer et al. 2022): weight each labelled pixel's NLL by its predicted spread^beta, held constant in
@@ -167,7 +164,7 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
-    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch", "mean_bound"}
+    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch"}
     if name in positive and value <= 0:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:

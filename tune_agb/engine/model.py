@@ -3,7 +3,6 @@
 Input (B, C, H, W) of any H, W: it is padded (replicate) to a multiple of 2**depth and the output cropped back.
 Output (B, 2, H, W): channel 0 the mean, channel 1 the log-variance, squashed smoothly into
 [logvar_min, logvar_max] (default [-10, 10] in standardised target units: sigma from 0.007 to 148 target stds).
-With ``mean_bound`` b > 0 the mean is squashed as well, to b * tanh(mean / b): within b target stds of the train mean.
 With ``texture_windows``, each band's local standard deviation over those windows joins the input (:class:`Texture`).
 """
 
@@ -104,14 +103,12 @@ class UNet(nn.Module):
         norm: str = "batch",
         logvar_min: float = -10.0,
         logvar_max: float = 10.0,
-        mean_bound: float = 0.0,
         texture_windows: tuple[int, ...] = (),
     ):
         super().__init__()
         self.depth = depth
         self.texture = Texture(texture_windows)
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
-        self.mean_bound = mean_bound
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels * (1 + len(self.texture.windows)), widths[0], norm)
         self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))
@@ -132,7 +129,6 @@ class UNet(nn.Module):
             cfg.norm,
             cfg.logvar_min,
             cfg.logvar_max,
-            cfg.mean_bound,
             parse_windows(cfg.texture_windows),
         )
 
@@ -152,7 +148,5 @@ class UNet(nn.Module):
             y = up(y, skips.pop())
         out = self.head(y)[..., :h, :w].float()
         mean = out[:, 0]
-        if self.mean_bound > 0:
-            mean = self.mean_bound * torch.tanh(mean / self.mean_bound)
         logvar = self.logvar_min + (self.logvar_max - self.logvar_min) * torch.sigmoid(out[:, 1])
         return mean, logvar
