@@ -117,7 +117,7 @@ def test_bad_dataset_one_line_and_earlier_outputs_intact(
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        ({"base_channel": 8}, "unknown key 'base_channel'; valid keys: in_channels, base_channels"),
+        ({"base_channel": 8}, "unknown key 'base_channel'; valid keys: in_channels, texture_windows, base_channels"),
         ({"lr": "1e-3"}, "'lr' must be a number"),
         ({"optimizer": "rmsprop"}, "'optimizer' must be one of adam, adamw, sgd"),
         ({"dropout": 1.5}, "'dropout' must be in [0, 1)"),
