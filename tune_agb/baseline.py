@@ -46,6 +46,7 @@ from tune_agb.engine.calibration import (
 from tune_agb.engine.config import parse_windows
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
+from tune_agb.engine.model import Texture
 from tune_agb.errors import TuneAgbError, run_cli
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK, windows
     """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk);
     ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.engine.model.Texture`)
     as features, after the bands."""
-    from tune_agb.engine.model import Texture
-
     texture = Texture(windows)
     xs, ys, ts, fs = [], [], [], []
     w = tiles.labels.shape[-1]

@@ -33,6 +33,8 @@ class WeightAverage:
         self.decay = decay
         self.steps = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        # The average's own tensors, listed once (loading weights copies into them in place).
+        self._floats, self._ints = self._split(self.model)
 
     @staticmethod
     def _split(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -43,14 +45,10 @@ class WeightAverage:
     def update(self, model: nn.Module) -> None:
         """One step: move the average towards ``model`` (same architecture, same device)."""
         self.steps += 1
-        floats, ints = self._split(self.model)
         now_floats, now_ints = self._split(model)
-        lerp_all(floats, now_floats, max(1.0 - self.decay, 1.0 / self.steps))
-        for a, b in zip(ints, now_ints, strict=True):
+        lerp_all(self._floats, now_floats, max(1.0 - self.decay, 1.0 / self.steps))
+        for a, b in zip(self._ints, now_ints, strict=True):
             a.copy_(b)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
 
     def load(self, weights: dict[str, Any], steps: int) -> None:
         self.model.load_state_dict(weights)
