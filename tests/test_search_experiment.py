@@ -36,6 +36,7 @@ from tune_agb.search.experiment import (
     write_best,
     write_checkpoint_folder,
 )
+from tune_agb.search.state import PLACEHOLDER_FILE, fill_pruned_checkpoints
 
 LOCAL = pafs.LocalFileSystem()
 
@@ -208,6 +209,27 @@ def test_newest_stored_checkpoint_is_chosen_by_content_skipping_incomplete_ones(
     # with the cut one repaired it wins: the choice is by epoch, not by folder name
     (cut / CHECKPOINT_FILE).write_bytes(data)
     assert newest_stored_checkpoint(LOCAL, str(trial))[0]["epoch"] == 4
+
+
+def test_pruned_checkpoints_get_placeholders_that_restore_passes_over(tmp_path: Path) -> None:
+    """A kill between Ray pruning a checkpoint (num_to_keep) and its next state save leaves the saved state naming
+    a folder that is gone; Ray's restore then fails the trial on every try. Before a resume, each pruned folder below
+    a trial's newest gets a placeholder; the trial still restores from its newest intact checkpoint."""
+    exp = tmp_path / "exp"
+    trial = exp / "search_trial_a"
+    _checkpoint(trial, "checkpoint_000001", 2)
+    _checkpoint(trial, "checkpoint_000003", 4)  # 000000 and 000002 were pruned
+    _checkpoint(exp / "search_trial_b", "checkpoint_000000", 1)  # nothing pruned
+    (exp / "tensorboard" / "run").mkdir(parents=True)
+    assert fill_pruned_checkpoints(str(exp)) == 2
+    for k in (0, 2):
+        assert (trial / f"checkpoint_00000{k}" / PLACEHOLDER_FILE).is_file()
+    assert sorted(p.name for p in (exp / "search_trial_b").iterdir()) == ["checkpoint_000000"]
+    assert sorted(p.name for p in (exp / "tensorboard").iterdir()) == ["run"]
+    state, _, path = newest_stored_checkpoint(LOCAL, str(trial))
+    assert (state["epoch"], path) == (4, str(trial / "checkpoint_000003"))
+    assert restore_point([(LOCAL, str(trial / "nothing")), (LOCAL, str(trial))])[0]["epoch"] == 4
+    assert fill_pruned_checkpoints(str(exp)) == 0  # a second resume writes nothing more
 
 
 def test_restore_point_takes_the_first_folder_with_an_intact_checkpoint(tmp_path: Path) -> None:

@@ -297,10 +297,11 @@ def prepare(args: argparse.Namespace) -> tuple[SearchSpace, Experiment, str, str
                     "(settings cannot change on resume)"
                 )
         overrides = dict(stored["overrides"])
-        from tune_agb.search.state import repair_experiment_state
+        from tune_agb.search.state import fill_pruned_checkpoints, repair_experiment_state
 
         for name in repair_experiment_state(exp.uri):
             print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
+        fill_pruned_checkpoints(exp.uri)
     elif exp.has_search() and _ray_state_exists(exp):
         raise TuneAgbError(f"{exp.uri}: a search already exists there (use --resume, or another --name)")
     for k, v in overrides.items():

@@ -5,7 +5,8 @@ A process killed during that copy leaves a truncated file there, and ``Tuner.res
 run state (it starts over with a single trial). :class:`StateBackupCallback` keeps, for each state file, a copy of
 its latest intact version (``NAME.bak``, written atomically, outside Ray's file patterns);
 :func:`repair_experiment_state` puts the intact copy back before a resume and reports a state file it cannot
-repair in one line.
+repair in one line. :func:`fill_pruned_checkpoints` gives a checkpoint that the saved state names but that Ray
+pruned after the save an empty placeholder folder, so that Ray's restore does not fail the trial.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import open_storage, read_file, write_atomic
+from tune_agb.search.experiment import CHECKPOINT_PREFIX, open_storage, read_file, write_atomic
 
 BACKUP_SUFFIX = ".bak"
 # (prefix, suffix, format); search_gen_state-*.json is a pickle despite its name.
@@ -138,3 +139,37 @@ def repair_experiment_state(experiment_uri: str) -> list[str]:
                 "backup; it cannot be resumed (start a new search with another --name)"
             )
     return repaired
+
+
+PLACEHOLDER_FILE = "pruned-checkpoint-placeholder.txt"
+
+
+def fill_pruned_checkpoints(experiment_uri: str) -> int:
+    """Give every pruned ``checkpoint_NNNNNN`` of a trial, below its newest stored one, an empty placeholder folder.
+
+    Ray prunes a trial's checkpoints beyond ``num_to_keep`` as soon as a newer one is stored, but saves the
+    experiment state only every few seconds. A hard kill in between leaves the saved state naming a pruned
+    checkpoint as the trial's latest, and Ray's restore then fails that trial on every try ("does not exist on
+    storage anymore"). With the folder there, Ray's existence check passes; the trainable restores from the newest
+    intact checkpoint of the trial folder, found by content (a placeholder holds none). Before a resume only.
+
+    Returns:
+        The number of placeholders written.
+    """
+    fs, root = open_storage(experiment_uri)
+    made = 0
+    for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if trial.type != pafs.FileType.Directory:
+            continue
+        have = set()
+        for info in fs.get_file_info(pafs.FileSelector(trial.path, allow_not_found=True)):
+            name, is_dir = info.base_name, info.type == pafs.FileType.Directory
+            if is_dir and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+                have.add(int(name[len(CHECKPOINT_PREFIX) :]))
+        for k in sorted(set(range(max(have, default=0))) - have):
+            folder = f"{trial.path}/{CHECKPOINT_PREFIX}{k:06d}"
+            fs.create_dir(folder, recursive=True)
+            with fs.open_output_stream(f"{folder}/{PLACEHOLDER_FILE}") as f:  # object stores have no empty folders
+                f.write(b"pruned by Ray after its last saved state; written by tune_agb before a resume\n")
+            made += 1
+    return made
