@@ -174,7 +174,7 @@ def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
             if "trial_id" in r and "epoch" in r:
                 found[(r["epoch"], r.get("wall_time"))] = r
         ckpt_of_epoch: dict[int, str] = {}
-        for sub in sorted(_checkpoint_folders(fs, entry.path), key=lambda i: i.base_name):
+        for sub in sorted(checkpoint_folders(fs, entry.path), key=lambda i: i.base_name):
             log = read_json_lines(fs, f"{sub.path}/{RESULTS_LOG}")
             if log:
                 ckpt_of_epoch[log[-1]["epoch"]] = sub.base_name
@@ -188,7 +188,8 @@ def read_trial_rows(experiment_uri: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _checkpoint_folders(fs: pafs.FileSystem, trial_path: str) -> list[pafs.FileInfo]:
+def checkpoint_folders(fs: pafs.FileSystem, trial_path: str) -> list[pafs.FileInfo]:
+    """The ``checkpoint_*`` folders directly in a trial folder ([] when it is not there)."""
     infos = fs.get_file_info(pafs.FileSelector(trial_path, allow_not_found=True, recursive=False))
     return [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
 
@@ -213,7 +214,7 @@ def newest_stored_checkpoint(
     from tune_agb.engine.checkpoint import load_checkpoint_bytes  # torch: only where a checkpoint is loaded
 
     try:
-        folders = _checkpoint_folders(fs, trial_path)
+        folders = checkpoint_folders(fs, trial_path)
     except OSError:
         return None
     candidates = []

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import CHECKPOINT_PREFIX, open_storage, read_file, write_atomic
+from tune_agb.search.experiment import CHECKPOINT_PREFIX, checkpoint_folders, open_storage, read_file, write_atomic
 
 BACKUP_SUFFIX = ".bak"
 # (prefix, suffix, format); search_gen_state-*.json is a pickle despite its name.
@@ -161,11 +161,8 @@ def fill_pruned_checkpoints(experiment_uri: str) -> int:
     for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if trial.type != pafs.FileType.Directory:
             continue
-        have = set()
-        for info in fs.get_file_info(pafs.FileSelector(trial.path, allow_not_found=True)):
-            name, is_dir = info.base_name, info.type == pafs.FileType.Directory
-            if is_dir and name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
-                have.add(int(name[len(CHECKPOINT_PREFIX) :]))
+        numbers = (i.base_name[len(CHECKPOINT_PREFIX) :] for i in checkpoint_folders(fs, trial.path))
+        have = {int(n) for n in numbers if n.isdigit()}
         for k in sorted(set(range(max(have, default=0))) - have):
             folder = f"{trial.path}/{CHECKPOINT_PREFIX}{k:06d}"
             fs.create_dir(folder, recursive=True)
