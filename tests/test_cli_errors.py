@@ -122,6 +122,8 @@ def test_bad_dataset_one_line_and_earlier_outputs_intact(
         ({"optimizer": "rmsprop"}, "'optimizer' must be one of adam, adamw, sgd"),
         ({"dropout": 1.5}, "'dropout' must be in [0, 1)"),
         ({"nll_beta": 1.5}, "'nll_beta' must be in [0, 1]"),
+        ({"band_dropout": 1.0}, "'band_dropout' must be in [0, 1)"),
+        ({"aug_offset": -0.1}, "'aug_offset' must be >= 0"),
     ],
 )
 def test_bad_config_names_the_key(

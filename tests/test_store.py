@@ -237,8 +237,8 @@ def test_steps_per_epoch_sees_every_tile_once_per_pass(tiny_data: Path) -> None:
     run = _Run(cfg, tiles, compute_norm_stats(tiles["train"]), torch.device("cpu"), None)
     seen, flags = [], []
     for _ in range(4):  # 12 batches of 2 = 3 passes over 8 tiles
-        idx, fl = run._batches()
-        assert len(idx) == 3 and fl is not None and fl.shape == (6, 3)
+        idx, fl, radio = run._batches()
+        assert len(idx) == 3 and fl is not None and fl.shape == (6, 3) and radio is None
         seen += [int(i) for b in idx for i in b]
         flags.append(fl)
     assert n == 8 and len(seen) == 3 * n

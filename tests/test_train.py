@@ -75,6 +75,17 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
     assert a[-1]["val_rmse"] != c[-1]["val_rmse"]
 
 
+def test_radiometric_augmentation_reaches_the_training_step(tiles: dict[str, TileSet]) -> None:
+    """Same seed, same tile order and flips: the augmented run trains on other inputs (its train loss differs from
+    the first epoch on), and repeats exactly. Validation inputs are never augmented."""
+    cfg = _cfg(epochs=2, augment=True)
+    plain = train(cfg, tiles, device="cpu", progress=False).history
+    aug = cfg.replace(aug_gain=0.3, aug_offset=0.5, band_dropout=0.3)
+    a = train(aug, tiles, device="cpu", progress=False).history
+    _assert_same_history(a, train(aug, tiles, device="cpu", progress=False).history)
+    assert a[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], rel=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
@@ -86,6 +97,16 @@ def test_seeded_runs_repeat_and_seeds_differ(tiles: dict[str, TileSet]) -> None:
         {"optimizer": "adamw", "schedule": "wsd"},
         # a weight average: the checkpoint carries the trained weights and the step count beside the average
         {"optimizer": "adamw", "schedule": "onecycle", "ema_decay": 0.8},
+        # radiometric augmentation, resumed in the middle of a pass: its draws are part of the pass in progress
+        {
+            "optimizer": "adam",
+            "schedule": "cosine",
+            "steps_per_epoch": 3,
+            "batch_size": 2,
+            "aug_gain": 0.2,
+            "aug_offset": 0.5,
+            "band_dropout": 0.2,
+        },
     ],
 )
 def test_resume_after_epoch_k_matches_uninterrupted_run(tiles: dict[str, TileSet], tmp_path: Path, extra: dict) -> None:

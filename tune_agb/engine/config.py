@@ -88,6 +88,13 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     augment: bool = True
+    # Radiometric augmentation of the train tiles (0: off), drawn per tile and band, in the units of the normalised
+    # inputs (band standard deviations): x * exp(gain) + offset with gain ~ N(0, aug_gain), offset ~ N(0, aug_offset),
+    # and each band replaced by its mean (0) with probability band_dropout. Scenes differ by haze, season and sensor
+    # drift; this asks the model not to lean on one band's absolute level.
+    aug_gain: float = 0.0
+    aug_offset: float = 0.0
+    band_dropout: float = 0.0
     # How tiles reach the device: auto (CUDA: resident when they fit the trial's share, else streamed; CPU: streamed
     # from the store's memory map), resident, stream.
     data_mode: str = "auto"
@@ -164,7 +171,7 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
-    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch"}
+    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch", "aug_gain", "aug_offset"}
     if name in positive and value <= 0:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:
@@ -173,6 +180,8 @@ def _check_range(name: str, value: Any, source: str) -> None:
         raise TuneAgbError(f"{source}: 'nll_beta' must be in [0, 1], got {value!r}")
     if name == "ema_decay" and not 0.0 <= value < 1.0:
         raise TuneAgbError(f"{source}: 'ema_decay' must be in [0, 1) (0: no weight average), got {value!r}")
+    if name == "band_dropout" and not 0.0 <= value < 1.0:
+        raise TuneAgbError(f"{source}: 'band_dropout' must be in [0, 1) (0: off), got {value!r}")
     if name == "dropout" and not 0.0 <= value < 1.0:
         raise TuneAgbError(f"{source}: 'dropout' must be in [0, 1), got {value!r}")
 

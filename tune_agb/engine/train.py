@@ -163,6 +163,24 @@ def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torc
     return x, y
 
 
+def radiometric_draws(n: int, channels: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor | None:
+    """Per tile and band, the gain and offset of the radiometric augmentation (``aug_gain``, ``aug_offset``,
+    ``band_dropout``) as an (n, channels, 2) tensor, drawn from ``gen``; None when all three are off (then ``gen``
+    is not touched, so runs without them draw as before). A dropped band gets gain 0 and offset 0: its mean."""
+    if cfg.aug_gain == 0 and cfg.aug_offset == 0 and cfg.band_dropout == 0:
+        return None
+    gain = torch.exp(torch.randn((n, channels), generator=gen) * cfg.aug_gain)
+    offset = torch.randn((n, channels), generator=gen) * cfg.aug_offset
+    keep = torch.rand((n, channels), generator=gen).ge(cfg.band_dropout).float()
+    return torch.stack([gain * keep, offset * keep], dim=-1)
+
+
+def apply_radiometry(x: torch.Tensor, radio: torch.Tensor) -> torch.Tensor:
+    """``x * gain + offset`` per sample and band: x (B, C, H, W) normalised, radio (B, C, 2) on the device."""
+    gain, offset = radio[..., 0, None, None], radio[..., 1, None, None]
+    return torch.addcmul(offset.to(x.dtype), x, gain.to(x.dtype))
+
+
 class TrainStep:
     """One optimisation step on a batch (augment, forward, masked loss, backward, clip, step, schedule), with the
     epoch's loss and squared-error sums kept on the device: calling it never syncs with the host."""
@@ -191,10 +209,15 @@ class TrainStep:
         self.sq_sum = torch.zeros((), device=self.device)
         self.pix = torch.zeros((), device=self.device)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None) -> None:
-        """x (B, C, H, W) normalised, y (B, H, W) standardised with NaN, flags (B, 3) bool or None."""
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None, radio: torch.Tensor | None = None
+    ) -> None:
+        """x (B, C, H, W) normalised, y (B, H, W) standardised with NaN, flags (B, 3) bool or None, radio (B, C, 2)
+        (:func:`radiometric_draws`) or None."""
         if flags is not None:
             x, y = augment(x, y, flags)
+        if radio is not None:
+            x = apply_radiometry(x, radio)
         x = x.contiguous(memory_format=self.fmt)
         with autocast(self.device, self.amp):
             mu, logvar = self.forward(x)
@@ -644,7 +667,7 @@ class _Run:
         )
         reserved = self.memory.required if self.memory is not None else 0
         torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling and flip flags
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, flip flags, radiometric draws
         fmt = memory_format(cfg, dev)
         self.train_t = SplitFeed(tiles["train"], norm, dev, cfg.data_mode, device_share, reserved=reserved)
         if self.train_t.mode == "resident":
@@ -659,9 +682,11 @@ class _Run:
         self.opt = build_optimizer(cfg, self.model.parameters(), fused=dev.type == "cuda")
         self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
         self.steps = cfg.steps_per_epoch or len(self.starts)
-        # The pass in progress: tile order, flip flags, and the next batch (None: a new pass starts when needed).
+        # The pass in progress: tile order, flip flags, radiometric draws, and the next batch (None: a new pass starts
+        # when needed).
         self.perm: torch.Tensor | None = None
         self.flags: torch.Tensor | None = None
+        self.radio: torch.Tensor | None = None
         self.pos = 0
         amp = resolve_amp(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
@@ -692,6 +717,7 @@ class _Run:
         ongoing = ckpt.get("pass")
         if ongoing is not None and len(ongoing["perm"]) == len(self.train_t):
             self.perm, self.flags, self.pos = ongoing["perm"], ongoing["flags"], int(ongoing["pos"])
+            self.radio = ongoing.get("radio")
         self.result.history = [dict(h) for h in ckpt["history"]]
         self.result.best_epoch, self.result.best_val_rmse = int(ckpt["best"]["epoch"]), float(ckpt["best"]["val_rmse"])
         self.epochs_done = int(ckpt["epoch"])
@@ -701,35 +727,41 @@ class _Run:
         horizon = saved.replace(epochs=max(self.cfg.epochs, self.epochs_done))
         return resume_scheduler(horizon, self.opt, self.steps, ckpt["scheduler"], ckpt["optimizer"])
 
-    def _batches(self) -> tuple[list[np.ndarray], torch.Tensor | None]:
-        """The epoch's batches (tile indices) and flip flags, taken from the pass in progress, starting new passes
-        (new order, new flips) as needed."""
+    def _batches(self) -> tuple[list[np.ndarray], torch.Tensor | None, torch.Tensor | None]:
+        """The epoch's batches (tile indices), flip flags and radiometric draws, taken from the pass in progress,
+        starting new passes (new order, new flips, new draws) as needed. Flags and draws reach the device once."""
         n, bs = len(self.train_t), self.batch_size
         idx: list[np.ndarray] = []
         flags: list[torch.Tensor] = []
+        radio: list[torch.Tensor] = []
         while len(idx) < self.steps:
             if self.perm is None:
                 self.perm = torch.randperm(n, generator=self.gen)
                 self.flags = torch.rand((n, 3), generator=self.gen).lt(0.5) if self.cfg.augment else None
+                self.radio = radiometric_draws(n, self.train_t.shape[1], self.cfg, self.gen)
                 self.pos = 0
             s = self.starts[self.pos]
             idx.append(self.perm[s : s + bs].numpy())
             if self.flags is not None:
                 flags.append(self.flags[s : s + bs])
+            if self.radio is not None:
+                radio.append(self.radio[s : s + bs])
             self.pos += 1
             if self.pos == len(self.starts):
-                self.perm, self.flags = None, None
-        return idx, (torch.cat(flags).to(self.device) if flags else None)
+                self.perm, self.flags, self.radio = None, None, None
+        on_device = [torch.cat(t).to(self.device) if t else None for t in (flags, radio)]
+        return idx, on_device[0], on_device[1]
 
     def one_epoch(self) -> EpochReport:
         """Train ``steps`` batches (one pass, or ``steps_per_epoch`` batches of the passes), validate, record."""
         cfg = self.cfg
         self.model.train()
-        idx, flags = self._batches()
+        idx, flags, radio = self._batches()
         self.step.reset()
         at = 0
         for i, (x, y) in zip(idx, self.train_t.batches(idx), strict=True):
-            self.step(x, y, flags[at : at + len(i)] if flags is not None else None)
+            part = slice(at, at + len(i))
+            self.step(x, y, flags[part] if flags is not None else None, radio[part] if radio is not None else None)
             at += len(i)
         val = evaluate_split(self.eval_model, self.val_t, cfg, self.norm, max(self.batch_size, 1), self.result.amp)
         return self._record(val)
@@ -760,7 +792,7 @@ class _Run:
         ongoing = None
         if self.perm is not None:
             ongoing = {"perm": self.perm.clone(), "flags": None if self.flags is None else self.flags.clone(),
-                       "pos": self.pos}  # fmt: skip
+                       "radio": None if self.radio is None else self.radio.clone(), "pos": self.pos}  # fmt: skip
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
