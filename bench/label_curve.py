@@ -21,6 +21,11 @@ row pools the folds' test predictions, so every fraction is tested on all 667 la
 Output: per method and fraction, mean +- sd over seeds of the pooled test RMSE; the U-Net's RMSE as a share of the
 forest's at each fraction, and a least-squares line of that share on log2(labels) with the label count where it would
 reach 0.9 (an extrapolation, printed as one).
+
+It also prints the labels' own semivariogram (pairs of labels in the same tile, by distance): half the mean squared
+difference of two labels that far apart. Fitted with a nugget plus an exponential, the nugget is the part of a label
+that no map at this resolution can predict (GEDI's own error, geolocation, what varies inside a footprint), so its
+square root is a floor under any method's test RMSE on these labels.
 """
 
 from __future__ import annotations
@@ -74,13 +79,57 @@ def fold_folders(data_dir: Path, folds: list[dict[str, list[str]]], fraction: fl
     return got
 
 
+def label_variogram(data_dir: Path, edges: tuple[int, ...] = (4, 8, 16, 32, 64, 128)) -> dict[str, Any]:
+    """The semivariogram of the labels, from pairs in the same tile, in distance bins ``[edges[i], edges[i+1])`` px
+    (below the first edge: pixels of one footprint or shots closer than GEDI's 60 m along-track spacing), and a
+    nugget + exponential model fitted to it by least squares weighted by the pairs (range on a log grid)."""
+    sums, pairs, lags = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1), np.zeros(len(edges) - 1)
+    values = []
+    for path in sorted(data_dir.glob("labels/*/*.npy")):
+        y = np.load(path)
+        r, c = np.nonzero(np.isfinite(y))
+        v = y[r, c].astype(np.float64)
+        values.append(v)
+        i, j = np.triu_indices(len(v), 1)
+        d = np.hypot(r[i] - r[j], c[i] - c[j])
+        b = np.searchsorted(edges, d, side="right") - 1
+        ok = (b >= 0) & (b < len(edges) - 1)
+        np.add.at(sums, b[ok], 0.5 * (v[i] - v[j])[ok] ** 2)
+        np.add.at(pairs, b[ok], 1)
+        np.add.at(lags, b[ok], d[ok])
+    gamma, lag = sums / np.maximum(pairs, 1), lags / np.maximum(pairs, 1)
+    best = None
+    # gamma = nugget + partial * (1 - exp(-lag / range)); a range below the first edge could not be told from nugget
+    for rng in np.geomspace(edges[0], 4 * edges[-1], 200):
+        a = np.stack([np.ones_like(lag), 1 - np.exp(-lag / rng)], 1) * np.sqrt(pairs)[:, None]
+        coef, *_ = np.linalg.lstsq(a, gamma * np.sqrt(pairs), rcond=None)
+        coef = np.maximum(coef, 0)
+        err = float(np.sum(pairs * (gamma - coef[0] - coef[1] * (1 - np.exp(-lag / rng))) ** 2))
+        if best is None or err < best[0]:
+            best = (err, float(coef[0]), float(coef[1]), float(rng))
+    _, nugget, partial, rng = best
+    bins = [{"from_px": int(edges[k]), "to_px": int(edges[k + 1]), "pairs": int(pairs[k]), "gamma": float(gamma[k])}
+            for k in range(len(edges) - 1)]  # fmt: skip
+    return {"bins": bins, "nugget": nugget, "sill": nugget + partial, "range_px": rng,
+            "label_var": float(np.var(np.concatenate(values)))}  # fmt: skip
+
+
 def share_line(labels: list[float], share: list[float]) -> dict[str, float]:
-    """Least squares ``share = a + b * log2(labels)``, and the labels where the line reaches 0.9 (inf when it does
-    not fall)."""
+    """Least squares ``share = a + b * log2(labels)``; the labels where the line reaches 0.9 (inf when it does not
+    fall), and, with 4 or more points, the slope's standard error and the labels at 0.9 for the slope one standard
+    error steeper about the points' centre (the optimistic end)."""
     x, y = np.log2(np.asarray(labels, float)), np.asarray(share, float)
     b, a = np.polyfit(x, y, 1)
-    at = 2 ** ((0.9 - a) / b) if b < 0 else math.inf
-    return {"intercept": float(a), "slope_per_doubling": float(b), "labels_at_0.9": float(at)}
+
+    def at(slope: float) -> float:  # the line through the points' centre with this slope
+        return float(2 ** (x.mean() + (0.9 - y.mean()) / slope)) if slope < 0 else math.inf
+
+    got = {"intercept": float(a), "slope_per_doubling": float(b), "labels_at_0.9": at(b)}
+    if len(x) >= 4:
+        resid = y - (a + b * x)
+        se = math.sqrt(float(resid @ resid) / (len(x) - 2) / float(((x - x.mean()) ** 2).sum()))
+        got |= {"slope_se": se, "labels_at_0.9_steep": at(b - se)}
+    return got
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -176,13 +225,24 @@ def main(argv: list[str] | None = None) -> None:
     if line is not None:
         lines += [
             "",
-            f"U-Net / rf = {line['intercept']:.3f} {line['slope_per_doubling']:+.3f} x log2(train labels per fold); "
-            f"extrapolated to 0.9 at {line['labels_at_0.9']:.0f} labels per fold (an extrapolation, not a "
-            "measurement).",
+            f"U-Net / rf = {line['intercept']:.3f} {line['slope_per_doubling']:+.3f} x log2(train labels per fold)"
+            + (f" (slope +- {line['slope_se']:.3f})" if "slope_se" in line else "")
+            + f"; extrapolated to 0.9 at {line['labels_at_0.9']:.0f} labels per fold"
+            + (f" ({line['labels_at_0.9_steep']:.0f} with the slope one s.e. steeper)" if "slope_se" in line else "")
+            + " (an extrapolation, not a measurement).",
         ]
+    vg = label_variogram(data_dir)
+    lines += [
+        "",
+        "Labels' semivariogram (pairs in the same tile): "
+        + ", ".join(f"{b['from_px']}-{b['to_px']} px {b['gamma']:.1f} m2 ({b['pairs']} pairs)" for b in vg["bins"])
+        + f". Nugget + exponential fit: nugget {vg['nugget']:.1f} m2 (a floor of {math.sqrt(vg['nugget']):.2f} m "
+        f"RMSE; without a model, the first bin bounds it: at most {math.sqrt(vg['bins'][0]['gamma']):.2f} m), sill "
+        f"{vg['sill']:.1f} m2, range {vg['range_px']:.0f} px; variance of all labels {vg['label_var']:.1f} m2.",
+    ]
     print(header + "\n".join(lines))
     if a.json:
-        report = {"header": header, "rows": rows, "summary": summary, "line": line}
+        report = {"header": header, "rows": rows, "summary": summary, "line": line, "variogram": vg}
         Path(a.json).write_text(json.dumps(report, indent=1))
 
 

@@ -68,6 +68,10 @@ def test_share_line_finds_where_the_share_reaches_0_9() -> None:
     assert line["slope_per_doubling"] == pytest.approx(-0.02)
     assert line["labels_at_0.9"] == pytest.approx(100 * 2**10)
     assert math.isinf(lc.share_line(labels, [1.0, 1.01, 1.0, 1.02])["labels_at_0.9"])  # not falling: never
+    assert line["slope_se"] == pytest.approx(0, abs=1e-9)  # an exact line
+    noisy = lc.share_line(labels, [1.1, 1.06, 1.08, 1.02])
+    assert noisy["slope_se"] > 0 and noisy["labels_at_0.9_steep"] < noisy["labels_at_0.9"]
+    assert "slope_se" not in lc.share_line(labels[:3], [1.1, 1.08, 1.06])  # too few points for an error
 
 
 def test_bad_fractions_and_methods_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +100,32 @@ def test_curve_tests_every_label_at_every_fraction(tmp_path: Path, real_data: Pa
     lc.main(argv)  # a rerun reads everything back
     assert (out / "runs" / "f0.5" / "outer0" / "unet_s0" / "metrics.json").stat().st_mtime_ns == stamp
     assert json.loads(js.read_text())["rows"] == got["rows"]
+
+
+def test_label_variogram_bins_pairs_by_distance_and_finds_the_nugget(tmp_path: Path) -> None:
+    # Two labels 5 px apart (0 and 4 m): the 4-8 px bin holds one pair, gamma = 4**2 / 2. A pair 2 px apart is below
+    # the first edge and left out.
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    y = np.full((20, 20), np.nan, np.float32)
+    y[0, 0], y[3, 4], y[3, 6] = 0.0, 4.0, 4.0
+    np.save(tmp_path / "labels" / "train" / "a.npy", y)
+    vg = lc.label_variogram(tmp_path, edges=(4, 8, 16))
+    assert [(b["pairs"], b["gamma"]) for b in vg["bins"]] == [(2, 8.0), (0, 0.0)]  # (0,0)-(3,4) and (0,0)-(3,6)
+    # Labels with no spatial structure: every bin's gamma is their variance, and the fit puts it in the nugget.
+    # Labels on a field of 16 px blocks (sd 5 m) plus noise (sd 2 m): gamma grows with distance, and the nugget
+    # stays below the first bin's gamma, the bound the data give without a model.
+    (tmp_path / "labels" / "train" / "a.npy").unlink()
+    rng = np.random.default_rng(1)
+    for kind in ("noise", "field"):
+        folder = tmp_path / kind / "labels" / "train"
+        folder.mkdir(parents=True)
+        for k in range(8):
+            field = np.kron(rng.normal(0, 5, (8, 8)), np.ones((16, 16)))
+            y = rng.normal(20, 3, (128, 128)) if kind == "noise" else 20 + field + rng.normal(0, 2, (128, 128))
+            np.save(folder / f"{k}.npy", np.where(rng.random((128, 128)) < 0.02, y, np.nan).astype(np.float32))
+    noise, field = (lc.label_variogram(tmp_path / kind) for kind in ("noise", "field"))
+    assert all(abs(b["gamma"] - 9) < 1.2 for b in noise["bins"])
+    assert noise["nugget"] > 0.85 * noise["label_var"] and abs(noise["label_var"] - 9) < 1
+    gammas = [b["gamma"] for b in field["bins"]]
+    assert gammas[0] < gammas[1] < gammas[2] and gammas[-1] > 1.8 * gammas[0]  # flat beyond the 16 px blocks
+    assert field["nugget"] <= gammas[0] and field["sill"] == pytest.approx(field["label_var"], rel=0.15)
