@@ -167,10 +167,13 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises."""
     from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
     from tune_agb.engine.ema import WeightAverage
-    from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
+    from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler, radiometric_draws
 
-    # beta-NLL, texture inputs and a weight average on, so their ops are inside the check too
-    cfg, dev = _cfg(batch_size=2, nll_beta=0.5, texture_windows="3,7", ema_decay=0.9), torch.device("cuda")
+    # beta-NLL, texture inputs, a weight average and the radiometric augmentation on, so their ops are inside the
+    # check too
+    cfg = _cfg(batch_size=2, nll_beta=0.5, texture_windows="3,7", ema_decay=0.9, aug_gain=0.1, aug_offset=0.3,
+               band_dropout=0.2)  # fmt: skip
+    dev = torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])
     feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)
@@ -182,15 +185,16 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     n = len(feed)
     order = [np.random.default_rng(i).permutation(n)[:2] for i in range(12)]
     flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
+    radio = radiometric_draws(24, cfg.in_channels, cfg, torch.Generator().manual_seed(1)).to(dev)
     batches = feed.batches(order)
     for i in range(3):  # warm-up outside the check: cuDNN autotuning, the index copy of the pass
         x, y = next(batches)
-        step(x, y, flags[2 * i : 2 * i + 2])
+        step(x, y, flags[2 * i : 2 * i + 2], radio[2 * i : 2 * i + 2])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i, (x, y) in enumerate(batches, start=3):
-            step(x, y, flags[2 * i : 2 * i + 2])
+            step(x, y, flags[2 * i : 2 * i + 2], radio[2 * i : 2 * i + 2])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     loss, _ = step.read()
