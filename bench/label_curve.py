@@ -57,8 +57,8 @@ def thin_train_labels(fold_dir: Path, fraction: float, seed: int) -> int:
     kept = 0
     for path in sorted((fold_dir / "labels" / "train").glob("*.npy")):
         y = np.load(path)
-        draw = np.random.default_rng([seed, zlib.crc32(path.stem.encode())]).random(y.shape)
         if fraction < 1:
+            draw = np.random.default_rng([seed, zlib.crc32(path.stem.encode())]).random(y.shape)
             y = np.where(draw < fraction, y, np.float32(np.nan)).astype(y.dtype)
             path.unlink()  # a link to the source: never write through it
             np.save(path, y)
@@ -101,10 +101,11 @@ def label_variogram(data_dir: Path, edges: tuple[int, ...] = (4, 8, 16, 32, 64, 
     best = None
     # gamma = nugget + partial * (1 - exp(-lag / range)); a range below the first edge could not be told from nugget
     for rng in np.geomspace(edges[0], 4 * edges[-1], 200):
-        a = np.stack([np.ones_like(lag), 1 - np.exp(-lag / rng)], 1) * np.sqrt(pairs)[:, None]
+        rise = 1 - np.exp(-lag / rng)
+        a = np.stack([np.ones_like(lag), rise], 1) * np.sqrt(pairs)[:, None]
         coef, *_ = np.linalg.lstsq(a, gamma * np.sqrt(pairs), rcond=None)
         coef = np.maximum(coef, 0)
-        err = float(np.sum(pairs * (gamma - coef[0] - coef[1] * (1 - np.exp(-lag / rng))) ** 2))
+        err = float(np.sum(pairs * (gamma - coef[0] - coef[1] * rise) ** 2))
         if best is None or err < best[0]:
             best = (err, float(coef[0]), float(coef[1]), float(rng))
     _, nugget, partial, rng = best
@@ -199,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
                 }
             )
     by = {(r["method"], r["fraction"]): r for r in summary}
-    line = None
-    if "unet" in a.methods and "rf" in a.methods and len(a.fractions) >= 2:
-        shares = [by["unet", f]["test_rmse"][0] / by["rf", f]["test_rmse"][0] for f in a.fractions]
-        line = share_line([by["rf", f]["train_labels_per_fold"] for f in a.fractions], shares)
+    shares, line = {}, None
+    if "unet" in a.methods and "rf" in a.methods:
+        shares = {f: by["unet", f]["test_rmse"][0] / by["rf", f]["test_rmse"][0] for f in a.fractions}
+    if len(shares) >= 2:
+        line = share_line([by["rf", f]["train_labels_per_fold"] for f in a.fractions], list(shares.values()))
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {a.workers} U-Net runs at a time, 1 torch thread "
         "each. "
@@ -215,11 +217,7 @@ def main(argv: list[str] | None = None) -> None:
              "|---|" + "---|" * (len(a.methods) + 1)]  # fmt: skip
     for f in a.fractions:
         cells_md = [f"{by[m, f]['test_rmse'][0]:.2f} +- {by[m, f]['test_rmse'][1]:.2f}" for m in a.methods]
-        share = (
-            f"{by['unet', f]['test_rmse'][0] / by['rf', f]['test_rmse'][0]:.3f}"
-            if "unet" in a.methods and "rf" in a.methods
-            else "-"
-        )
+        share = f"{shares[f]:.3f}" if shares else "-"
         n = by[a.methods[0], f]["train_labels_per_fold"]
         lines.append(f"| {n:.0f} ({f:g}) | {' | '.join(cells_md)} | {share} |")
     if line is not None:
