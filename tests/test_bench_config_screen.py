@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -55,3 +56,39 @@ def test_screen_pools_every_label_of_the_real_tiles_per_variant_and_seed(tmp_pat
     cs.main(argv)
     assert (out / "runs" / "plain" / "s0_f0" / "metrics.json").stat().st_mtime_ns == stamp
     assert json.loads(js.read_text())["rows"] == got["rows"]
+
+
+def test_parse_pretrain() -> None:
+    assert cs.parse_pretrain("mae:--steps 40 --splits train,val,test") == (
+        "mae",
+        ["--steps", "40", "--splits", "train,val,test"],
+    )
+    for bad in ("nocolon", ":--steps 4", "a b:--steps 4"):
+        with pytest.raises(SystemExit, match="--pretrain"):
+            cs.parse_pretrain(bad)
+
+
+@pytest.mark.slow
+def test_screen_pretrains_each_outer_fold_and_variants_start_from_their_folds_trunk(
+    tmp_path: Path, real_data: Path
+) -> None:
+    space = {"fixed": {"batch_size": 4, "base_channels": 4, "depth": 2}, "scheduler": {"max_t": 1}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    out, js = tmp_path / "o", tmp_path / "r.json"
+    argv = ["--data", str(real_data), "--outer-k", "2", "--seeds", "0", "--space", str(tmp_path / "space.yaml"),
+            "--pretrain", "p:--steps 3 --device cpu", "--variant", f"ssl:init_weights={out}/pretrain/p/fold{{fold}}.pt",
+            "--out", str(out), "--json", str(js)]  # fmt: skip
+    cs.main(argv)
+    for j in range(2):
+        trunk = out / "pretrain" / "p" / f"fold{j}.pt"
+        info = torch.load(trunk, weights_only=True)["pretrain"]
+        assert info["steps"] == 3 and info["splits"] == ["train", "val"]
+        cfg = yaml.safe_load((out / "configs" / f"ssl_f{j}.yaml").read_text())
+        assert cfg["init_weights"] == str(trunk) and cfg["base_channels"] == 4
+        ran = yaml.safe_load((out / "runs" / "ssl" / f"s0_f{j}" / "config.yaml").read_text())
+        assert ran["init_weights"] == str(trunk)
+        # the fold's tiles: pretrained on its train and val tiles, normalised by its train split
+        assert info["tiles"] == sum(1 for _ in (out / f"outer{j}" / "data" / "inputs").glob("[tv][ra]*/*.npy"))
+    got = json.loads(js.read_text())
+    assert [s["variant"] for s in got["summary"]] == ["plain", "ssl"]
+    assert got["rows"][0]["test_rmse"] != got["rows"][1]["test_rmse"]

@@ -61,7 +61,7 @@ from tune_agb.engine.data import NormStats, SplitFeed, TileSet
 from tune_agb.engine.device import resolve_amp, resolve_device
 from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
-from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, train
+from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, init_state, train
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.folds import merge_train_val, out_of_fold
 from tune_agb.search.experiment import (  # the search's experiment folder STORAGE/NAME
@@ -364,6 +364,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.train_mode == "resume":
         ckpt = Path(args.model_weights_path) if args.model_weights_path else Path(args.out_dir) / "last.pt"
         resume = load_checkpoint(ckpt)
+        if "pretrain" in resume:
+            raise TuneAgbError(
+                f"{ckpt}: a pretrained trunk (python -m tune_agb.pretrain), not a run to resume; train from it with "
+                f"init_weights: {ckpt} in the --config file"
+            )
         values = resume["config"] | {k: v for k, v in (values | layers).items() if k == "epochs"}
         layers = {}
         source = f"checkpoint {ckpt}"
@@ -420,6 +425,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         experiment = {"experiment": resolve_storage(args.experiment), "metric": cv.metric, "mode": best.get("mode")}
         if cv_final == "folds":
             members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}", fold=j) for j in range(cv.folds.k)]
+    if resume is None and cv_final != "folds":
+        for m in members:  # init_weights: a missing or mismatched file is one error line before anything trains
+            init_state(m.cfg)
     return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final)
 
 

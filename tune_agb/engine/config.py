@@ -84,6 +84,11 @@ class TrainConfig:
     # weights by max(1 - ema_decay, 1 / steps so far): a plain mean at first, then a window of ~1 / (1 - ema_decay)
     # steps. The average is what is validated, checkpointed as the model and predicts.
     ema_decay: float = 0.0
+    # Start from another run's weights instead of a random initialisation ("" = random): a tune_agb checkpoint (a
+    # final model's best.pt, e.g. trained on another region, or ``python -m tune_agb.pretrain``'s trunk). Every
+    # tensor must match this architecture; a checkpoint without the output head (pretrain's) leaves the head random.
+    # Stored as an absolute path; ignored when resuming (the checkpoint holds the weights).
+    init_weights: str = ""
     # execution
     amp: str = "auto"
     channels_last: bool = True
@@ -146,6 +151,10 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
     types = field_types()
     if name == "texture_windows":  # a string of sizes; a single size may come as a YAML integer
         return ",".join(str(w) for w in parse_windows(value, source))
+    if name == "init_weights":  # a path: kept as written (case included), made absolute for Ray's trial folders
+        if not isinstance(value, str):
+            raise TuneAgbError(f"{source}: 'init_weights' must be a checkpoint path or \"\", got {value!r}")
+        return str(Path(value.strip()).expanduser().absolute()) if value.strip() else ""
     if name not in types:
         raise TuneAgbError(f"{source}: unknown key '{name}'; valid keys: {', '.join(field_names())}")
     want = types[name]

@@ -132,8 +132,9 @@ class UNet(nn.Module):
             parse_windows(cfg.texture_windows),
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, C, H, W) -> (mean (B, H, W), log-variance (B, H, W))."""
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the last decoder layer's features (B, base_channels, H, W): what the 1x1 head reads
+        (and what :mod:`tune_agb.pretrain` trains with a head of its own)."""
         h, w = x.shape[-2:]
         x = self.texture(x)
         m = 2**self.depth
@@ -146,7 +147,11 @@ class UNet(nn.Module):
         y = self.mid_drop(skips.pop())
         for up in self.ups:
             y = up(y, skips.pop())
-        out = self.head(y)[..., :h, :w].float()
+        return y[..., :h, :w]  # the head is 1x1: cropping before it gives the same output
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W) -> (mean (B, H, W), log-variance (B, H, W))."""
+        out = self.head(self.features(x)).float()
         mean = out[:, 0]
         logvar = self.logvar_min + (self.logvar_max - self.logvar_min) * torch.sigmoid(out[:, 1])
         return mean, logvar

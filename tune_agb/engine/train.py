@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
+from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict
 from tune_agb.engine.data import NormStats, SplitFeed, TileSet, compute_norm_stats, count_nonfinite
 from tune_agb.engine.device import (
@@ -602,6 +602,43 @@ def folds_state(
     }
 
 
+def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
+    """The weights ``cfg.init_weights`` names (None when it is ""), checked against ``cfg``'s architecture: every
+    architecture key must match, and every tensor of the model must be there with its shape, except the output head
+    (``head.*``), which a pretrained trunk leaves out and which then starts random.
+
+    Raises:
+        TuneAgbError: naming the file, when it is missing, not a tune_agb checkpoint, or of another architecture.
+    """
+    if not cfg.init_weights:
+        return None
+    path = cfg.init_weights
+    ckpt = load_checkpoint(path)
+    saved = config_from_dict(ckpt.get("config", {}), source=f"{path}: config")
+    for k in ARCHITECTURE_KEYS:
+        if getattr(saved, k) != getattr(cfg, k):
+            raise TuneAgbError(
+                f"init_weights {path}: holds a model with {k}={getattr(saved, k)!r}, but the config asks for "
+                f"{getattr(cfg, k)!r} (every architecture key must match: {', '.join(ARCHITECTURE_KEYS)})"
+            )
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise TuneAgbError(f"init_weights {path}: holds no model weights")
+    want = UNet.from_config(cfg).state_dict()
+    absent = [k for k in want if k not in state and not k.startswith("head.")]
+    wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
+    extra = [k for k in state if k not in want]
+    if absent or wrong or extra:
+        what = (f"{len(absent)} missing" if absent else "", f"{len(wrong)} of another shape" if wrong else "",
+                f"{len(extra)} unknown" if extra else "")  # fmt: skip
+        first = (absent or wrong or extra)[0]
+        raise TuneAgbError(
+            f"init_weights {path}: its weights do not fit this model ({', '.join(w for w in what if w)} tensors, "
+            f"first {first!r})"
+        )
+    return state
+
+
 def _check_run(
     cfg: TrainConfig, tiles: dict[str, TileSet], norm: NormStats | None, resume: dict[str, Any] | None
 ) -> NormStats:
@@ -610,6 +647,11 @@ def _check_run(
     if resume is not None:
         if resume.get("format") != CHECKPOINT_FORMAT:
             raise TuneAgbError("resume: not a tune_agb checkpoint")
+        if "pretrain" in resume:
+            raise TuneAgbError(
+                "resume: the checkpoint is a pretrained trunk (python -m tune_agb.pretrain), not a run to continue; "
+                "start a run from it with the config key init_weights"
+            )
         saved = config_from_dict(resume["config"], source="checkpoint config")
         for k in ARCHITECTURE_KEYS:
             if getattr(saved, k) != getattr(cfg, k):
@@ -674,7 +716,12 @@ class _Run:
             reserved += self.train_t.nbytes
         self.val_t = SplitFeed(tiles["val"], norm, dev, cfg.data_mode, device_share, reserved=reserved)
         log.debug("train tiles %s, val tiles %s", self.train_t.mode, self.val_t.mode)
-        self.model = UNet.from_config(cfg).to(dev, memory_format=fmt)
+        self.model = UNet.from_config(cfg)
+        start = init_state(cfg) if resume is None else None
+        if start is not None:  # checked by init_state: every tensor, or every one but the head (a pretrained trunk)
+            self.model.load_state_dict(start, strict=False)
+            log.info("weights from %s (%d tensors)", cfg.init_weights, len(start))
+        self.model = self.model.to(dev, memory_format=fmt)
         self.forward = compile_for_training(self.model, cfg)
         # The weight average (ema_decay > 0) is the model that is validated, checkpointed as "model" and predicts.
         self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None

@@ -372,6 +372,9 @@ def run_search(args: argparse.Namespace) -> int:
         raise TuneAgbError("--wandb: wandb is not installed (pip install 'tune_agb[wandb]')")
     space, exp, input_dir, label_dir, record = prepare(args)
     base = space.base_config()
+    from tune_agb.engine.train import init_state
+
+    init_state(base)  # fixed init_weights: a missing or mismatched file is one error line before Ray starts
     # Validated and packed here, before Ray starts: bad tiles are one error line, and trials on this node find the
     # store ready (a trial on another node packs its own copy once).
     data = DataSource(str(input_dir), str(label_dir), splits=("train", "val"), in_channels=base.in_channels).pinned()
