@@ -200,3 +200,32 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     loss, _ = step.read()
     assert math.isfinite(loss)
     assert ema.steps == 12 and not torch.equal(next(ema.model.parameters()), next(model.parameters()))
+
+
+@pytest.mark.parametrize("data_mode", ["resident", "stream"])
+def test_pretraining_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], data_mode: str) -> None:
+    """tune_agb.pretrain's steps (masks drawn on the device, flips, bf16, channels_last, fused AdamW) never sync
+    with the host: only ``read`` does."""
+    from tune_agb.engine.device import tune_cuda
+    from tune_agb.pretrain import Pretrainer, PretrainStep
+
+    cfg = _cfg(batch_size=2, norm="batch", texture_windows="3")
+    dev = torch.device("cuda")
+    tune_cuda(dev)
+    feed = SplitFeed(tiles["train"], compute_norm_stats(tiles["train"]), dev, mode=data_mode)
+    model = Pretrainer(cfg).to(dev, memory_format=torch.channels_last)
+    step = PretrainStep(model, cfg, dev, steps=12, lr=2e-3, mask_patch=8, mask_ratio=0.6)
+    order = [np.random.default_rng(i).permutation(len(feed))[:2] for i in range(12)]
+    flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
+    batches = feed.batches(order)
+    for i in range(3):  # warm-up outside the check
+        x, y = next(batches)
+        step(x, y, flags[2 * i : 2 * i + 2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i, (x, y) in enumerate(batches, start=3):
+            step(x, y, flags[2 * i : 2 * i + 2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step.count == 12 and math.isfinite(step.read()) and step.count == 0

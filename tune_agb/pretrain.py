@@ -58,7 +58,9 @@ def patch_mask(
     ``ratio`` (the grid starts at the tile's corner; edge squares are cut to the tile). Drawn on ``device``."""
     gh, gw = math.ceil(h / patch), math.ceil(w / patch)
     cells = torch.rand((batch, 1, gh, gw), device=device, generator=gen).lt(ratio).float()
-    return cells.repeat_interleave(patch, -2).repeat_interleave(patch, -1)[..., :h, :w]
+    # each cell spread over its square by a broadcast view (no data-dependent sizes: no host sync on CUDA)
+    squares = cells[:, :, :, None, :, None].expand(batch, 1, gh, patch, gw, patch)
+    return squares.reshape(batch, 1, gh * patch, gw * patch)[..., :h, :w]
 
 
 def reconstruction_loss(pred: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -81,6 +83,60 @@ class Pretrainer(nn.Module):
     def trunk_state(self) -> dict[str, torch.Tensor]:
         """The U-Net's weights without its (untrained) output head: what ``init_weights`` loads."""
         return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items() if not k.startswith("head.")}
+
+
+class PretrainStep:
+    """One pretraining step on a batch (flips, mask, forward, masked loss, backward, clip, step, schedule), with the
+    loss summed on the device: calling it never syncs with the host; :meth:`read` does, once."""
+
+    def __init__(self, model: Pretrainer, cfg: TrainConfig, device: torch.device, *, steps: int, lr: float,
+                 mask_patch: int, mask_ratio: float):  # fmt: skip
+        self.model, self.cfg, self.device = model, cfg, device
+        self.opt = torch.optim.AdamW(
+            model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        )
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps)
+        self.amp = resolve_amp(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == torch.float16 else None
+        self.fmt = memory_format(cfg, device)
+        self.mask_patch, self.mask_ratio = mask_patch, mask_ratio
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)  # the masks, drawn on the device
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None) -> None:
+        """x (B, C, H, W) normalised, y (B, H, W) (unused but flipped along), flags (B, 3) bool or None."""
+        if flags is not None:
+            x, y = augment(x, y, flags)
+        b, _, h, w = x.shape
+        mask = patch_mask(b, h, w, self.mask_patch, self.mask_ratio, self.device, self.gen)
+        x = x.contiguous(memory_format=self.fmt)
+        with autocast(self.device, self.amp):
+            pred = self.model((x * (1 - mask)).contiguous(memory_format=self.fmt))
+        loss = reconstruction_loss(pred, x, mask)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.loss_sum += loss.detach()
+        self.count += 1
+
+    def read(self) -> float:
+        """The mean loss of the steps since the last read (one host sync); starts a new sum."""
+        mean = float(self.loss_sum) / max(self.count, 1)
+        self.loss_sum.zero_()
+        self.count = 0
+        return mean
 
 
 def stacked(tiles: dict[str, TileSet], splits: Sequence[str]) -> TileSet:
@@ -122,54 +178,22 @@ def pretrain(
     feed = SplitFeed(tiles, norm, dev, cfg.data_mode)
     model = Pretrainer(cfg).to(dev, memory_format=memory_format(cfg, dev))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    amp = resolve_amp(cfg, dev)
-    scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-    fmt = memory_format(cfg, dev)
+    step = PretrainStep(model, cfg, dev, steps=steps, lr=lr, mask_patch=mask_patch, mask_ratio=mask_ratio)
     n = len(tiles)
     batches: list[np.ndarray] = []
     while len(batches) < steps:  # whole passes; a last short batch would break BatchNorm's statistics
         perm = torch.randperm(n, generator=gen).numpy()
         batches += [perm[s : s + bs] for s in range(0, n - bs + 1, bs)]
     batches = batches[:steps]
-    flags = torch.rand((steps, bs, 3), generator=gen).lt(0.5).to(dev) if cfg.augment else None
-    mask_gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    h, w = tiles.inputs.shape[-2:]
+    flags = torch.rand((steps, bs, 3), generator=gen).lt(0.5).to(dev) if cfg.augment else None  # one copy
     losses: list[float] = []
-    acc = torch.zeros((), device=dev)
-    since = 0
     bar = tqdm(total=steps, disable=not progress, desc="pretrain", unit="step", leave=False)
     for i, (x, y) in enumerate(feed.batches(batches)):
-        if flags is not None:
-            x, y = augment(x, y, flags[i, : len(x)])
-        mask = patch_mask(len(x), h, w, mask_patch, mask_ratio, dev, mask_gen)
-        x = x.contiguous(memory_format=fmt)
-        with autocast(dev, amp):
-            pred = model((x * (1 - mask)).contiguous(memory_format=fmt))
-        loss = reconstruction_loss(pred, x, mask)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        acc += loss.detach()
-        since += 1
-        if since == LOG_EVERY or i == steps - 1:
-            losses.append(float(acc) / since)  # the only host read: every LOG_EVERY steps
+        step(x, y, None if flags is None else flags[i, : len(x)])
+        if step.count == LOG_EVERY or i == steps - 1:
+            losses.append(step.read())  # the only host read: every LOG_EVERY steps
             if not math.isfinite(losses[-1]):
                 raise TuneAgbError(f"pretraining diverged at step {i + 1} (loss {losses[-1]}); lower --lr")
-            acc.zero_()
-            since = 0
             bar.set_postfix(loss=f"{losses[-1]:.3g}")
         bar.update(1)
     bar.close()
