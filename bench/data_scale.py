@@ -1,6 +1,6 @@
 """Memory and speed against dataset size: packing, a 2-trial search and a final_train on synthetic 244-px tiles.
 
-    python bench/data_scale.py [--sizes 1,4,16,32] [--work DIR] [--steps 8] [--json FILE]
+    python bench/data_scale.py [--sizes 1,4,16,32] [--work DIR] [--steps 8] [--commands pack,search,...] [--json FILE]
 
 For each size (GB of float32 tiles, 14 bands, 244 x 244 px; val 48 and test 16 tiles, the rest train) it writes the
 dataset under ``--work`` (a pool of random tiles, each written with its own offset, with GEDI-like tracks of labels),
@@ -11,6 +11,8 @@ then measures, each command in its own process, as a user runs it:
   takes minutes at every size: peak RssAnon of the driver and of every Ray worker process (sampled from
   ``/proc/PID/status`` every 0.2 s), and the peak of Ray's object store (``ray memory --stats-only``, every 2 s);
 - **final_train**: the same bounded epochs: peak RssAnon;
+- **pretrain**: ``python -m tune_agb.pretrain`` on the train and val tiles, ``--steps`` steps of the same model: peak
+  RssAnon;
 - **tiles/s**: the training step fed streamed from the store and resident (the split copied to RAM first; skipped when
   that copy would not fit in half the machine's memory), same model, same batch, side by side in one process.
 
@@ -41,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 C, T = 14, 244
 TILE_BYTES = C * T * T * 4
 VAL, TEST = 48, 16
+
+
+COMMANDS = ("pack", "search", "final_train", "pretrain", "throughput")
 
 
 def write_dataset(root: Path, gb: float, seed: int = 0) -> int:
@@ -197,8 +202,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="steps_per_epoch of the search and final_train")
     p.add_argument("--throughput-steps", type=int, default=6)
     p.add_argument("--keep", action="store_true", help="keep the datasets")
+    p.add_argument("--commands", default=",".join(COMMANDS), help=f"which to measure, of {','.join(COMMANDS)}")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args()
+    todo = [c.strip() for c in a.commands.split(",") if c.strip()]
+    if not todo or any(c not in COMMANDS for c in todo):
+        raise SystemExit(f"--commands: a comma-separated choice of {', '.join(COMMANDS)}; got {a.commands!r}")
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     space = {
@@ -227,32 +236,41 @@ def main() -> None:
         env = {**os.environ, "TUNE_AGB_STORE": str(store), "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
         idir, ldir = str(ds / "inputs"), str(ds / "labels")
         row: dict[str, Any] = {"gb": gb, "train_tiles": n_train, "generate_s": gen_s}
-        row["pack"] = run_monitored([sys.executable, "-c", PACK, idir, ldir], env, log=work / f"pack_{gb:g}.log")
-        row["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*.npy"))
-        search = [sys.executable, "-m", "tune_agb.search", "--space", str(work / "space.yaml"), "--input-dir", idir,
-                  "--label-dir", ldir, "--storage", str(work / "runs"), "--name", f"scale_{gb:g}gb"]  # fmt: skip
-        shutil.rmtree(work / "runs" / f"scale_{gb:g}gb", ignore_errors=True)
-        row["search"] = run_monitored(search, env, ray=True, log=work / f"search_{gb:g}.log")
-        final = [sys.executable, "-m", "tune_agb.final_train", "--input-dir", idir, "--label-dir", ldir, "--out-dir",
-                 str(work / "final" / f"{gb:g}gb"), "--overwrite", "--config", str(work / "final.yaml"),
-                 "--no-progress"]  # fmt: skip
-        row["final_train"] = run_monitored(final, env, log=work / f"final_{gb:g}.log")
-        os.environ["TUNE_AGB_STORE"] = str(store)
-        row["tiles_per_s"] = tiles_per_s(ds / "inputs", ds / "labels", a.throughput_steps, threads=2)
-        results.append(row)
         mb = 1024**2
-        s, f = row["search"], row["final_train"]
-        tps = row["tiles_per_s"]
-        print(
-            f"{gb:g} GB ({n_train} train tiles): pack {row['pack']['wall_s']:.0f} s (RssAnon "
-            f"{row['pack']['driver_rss_anon'] / mb:.0f} MB), store {row['store_bytes'] / 1e9:.2f} GB; search "
-            f"{s['wall_s']:.0f} s, driver {s['driver_rss_anon'] / mb:.0f} MB, workers "
-            f"{[round(w / mb) for w in s['workers_rss_anon'][:4]]} MB, object store peak "
-            f"{s['store_peak_bytes'] / mb:.1f} MB ({s['store_samples']} samples); final_train {f['wall_s']:.0f} s, "
-            f"{f['driver_rss_anon'] / mb:.0f} MB; tiles/s streamed {tps['stream']:.2f}, resident "
-            f"{tps['resident'] if tps['resident'] is None else round(tps['resident'], 2)}",
-            flush=True,
-        )
+        said = [f"{gb:g} GB ({n_train} train tiles)"]
+        if "pack" in todo:
+            row["pack"] = run_monitored([sys.executable, "-c", PACK, idir, ldir], env, log=work / f"pack_{gb:g}.log")
+            row["store_bytes"] = sum(f.stat().st_size for f in store.rglob("*.npy"))
+            said.append(f"pack {row['pack']['wall_s']:.0f} s (RssAnon {row['pack']['driver_rss_anon'] / mb:.0f} MB), "
+                        f"store {row['store_bytes'] / 1e9:.2f} GB")  # fmt: skip
+        if "search" in todo:
+            search = [sys.executable, "-m", "tune_agb.search", "--space", str(work / "space.yaml"),
+                      "--input-dir", idir, "--label-dir", ldir, "--storage", str(work / "runs"),
+                      "--name", f"scale_{gb:g}gb"]  # fmt: skip
+            shutil.rmtree(work / "runs" / f"scale_{gb:g}gb", ignore_errors=True)
+            s = row["search"] = run_monitored(search, env, ray=True, log=work / f"search_{gb:g}.log")
+            said.append(f"search {s['wall_s']:.0f} s, driver {s['driver_rss_anon'] / mb:.0f} MB, workers "
+                        f"{[round(w / mb) for w in s['workers_rss_anon'][:4]]} MB, object store peak "
+                        f"{s['store_peak_bytes'] / mb:.1f} MB ({s['store_samples']} samples)")  # fmt: skip
+        if "final_train" in todo:
+            final = [sys.executable, "-m", "tune_agb.final_train", "--input-dir", idir, "--label-dir", ldir,
+                     "--out-dir", str(work / "final" / f"{gb:g}gb"), "--overwrite", "--config",
+                     str(work / "final.yaml"), "--no-progress"]  # fmt: skip
+            f = row["final_train"] = run_monitored(final, env, log=work / f"final_{gb:g}.log")
+            said.append(f"final_train {f['wall_s']:.0f} s, {f['driver_rss_anon'] / mb:.0f} MB")
+        if "pretrain" in todo:
+            pre = [sys.executable, "-m", "tune_agb.pretrain", "--input-dir", idir, "--label-dir", ldir, "--config",
+                   str(work / "final.yaml"), "--out", str(work / f"trunk_{gb:g}gb.pt"), "--overwrite", "--steps",
+                   str(a.steps), "--no-progress"]  # fmt: skip
+            f = row["pretrain"] = run_monitored(pre, env, log=work / f"pretrain_{gb:g}.log")
+            said.append(f"pretrain {f['wall_s']:.0f} s, {f['driver_rss_anon'] / mb:.0f} MB")
+        if "throughput" in todo:
+            os.environ["TUNE_AGB_STORE"] = str(store)
+            tps = row["tiles_per_s"] = tiles_per_s(ds / "inputs", ds / "labels", a.throughput_steps, threads=2)
+            said.append(f"tiles/s streamed {tps['stream']:.2f}, resident "
+                        f"{tps['resident'] if tps['resident'] is None else round(tps['resident'], 2)}")  # fmt: skip
+        results.append(row)
+        print("; ".join(said), flush=True)
         if not a.keep:
             shutil.rmtree(ds, ignore_errors=True)
             shutil.rmtree(store, ignore_errors=True)
