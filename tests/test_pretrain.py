@@ -182,3 +182,21 @@ def test_an_existing_trunk_is_kept_without_overwrite(
     assert run_cli(main, [*_data_args(tiny_data), "--out", str(out), "--steps", "2"]) == 2
     assert "already exists; use --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == before
+
+
+def test_a_search_with_a_missing_init_weights_fails_before_ray_starts(tiny_data: Path, tmp_path: Path) -> None:
+    import ray
+
+    from tests.search_helpers import tiny_space, write_space
+    from tune_agb.search.cli import main as search_main
+    from tune_agb.search.space import load_search_space
+
+    missing = tmp_path / "trunk.pt"
+    space = write_space(tmp_path / "s.yaml", tiny_space(fixed__init_weights="trunk.pt"))
+    argv = ["--space", str(space), *_data_args(tiny_data), "--storage", str(tmp_path / "st")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)  # the space names it relative to where the search starts
+        assert load_search_space(space).base_config().init_weights == str(missing)
+        with pytest.raises(TuneAgbError, match=f"{missing}: checkpoint file not found"):
+            search_main(argv)
+    assert not ray.is_initialized() and not (tmp_path / "st").exists()
