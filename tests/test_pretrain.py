@@ -200,3 +200,21 @@ def test_a_search_with_a_missing_init_weights_fails_before_ray_starts(tiny_data:
         with pytest.raises(TuneAgbError, match=f"{missing}: checkpoint file not found"):
             search_main(argv)
     assert not ray.is_initialized() and not (tmp_path / "st").exists()
+
+
+def test_a_run_started_from_a_trunk_resumes_without_it(trunk: Path, tiles: dict[str, TileSet], tmp_path: Path) -> None:
+    copy = tmp_path / "trunk.pt"
+    shutil.copy(trunk, copy)
+    cfg = TrainConfig(**{**TINY, "epochs": 2}, init_weights=str(copy))
+    ckpt = tmp_path / "epoch1.pt"
+
+    def keep_first(report: Any) -> None:
+        if report.epoch == 1:
+            save_checkpoint(report.state(), ckpt)
+
+    full = train(cfg, tiles, device="cpu", progress=False, on_epoch=keep_first)
+    copy.unlink()  # the checkpoint holds the weights: the trunk is not needed any more
+    resumed = train(cfg, tiles, device="cpu", progress=False, resume=load_checkpoint(ckpt))
+    assert resumed.history[-1]["val_rmse"] == pytest.approx(full.history[-1]["val_rmse"], rel=1e-6)
+    with pytest.raises(TuneAgbError, match="checkpoint file not found"):
+        train(cfg, tiles, device="cpu", progress=False)  # a fresh start does need it
