@@ -42,7 +42,7 @@ from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_va
 from tune_agb.engine.data import NormStats, SplitFeed, StackedRows, TileSet
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device, tune_cuda
 from tune_agb.engine.model import UNet
-from tune_agb.engine.train import augment
+from tune_agb.engine.train import augment, optimizer_step
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.store import DataSource
 
@@ -114,20 +114,7 @@ class PretrainStep:
         with autocast(self.device, self.amp):
             pred = self.model((x * (1 - mask)).contiguous(memory_format=self.fmt))
         loss = reconstruction_loss(pred, x, mask)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.sched.step()
+        optimizer_step(loss, self.model, self.opt, self.sched, self.scaler, self.cfg.grad_clip)
         self.loss_sum += loss.detach()
         self.count += 1
 

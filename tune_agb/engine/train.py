@@ -181,6 +181,32 @@ def apply_radiometry(x: torch.Tensor, radio: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(offset.to(x.dtype), x, gain.to(x.dtype))
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip: float,
+) -> None:
+    """Backward, clip the gradient norm at ``grad_clip`` (0: no clipping), step the optimiser and the schedule; with a
+    gradient scaler (fp16), scaled and unscaled around the clip. No host sync."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    sched.step()
+
+
 class TrainStep:
     """One optimisation step on a batch (augment, forward, masked loss, backward, clip, step, schedule), with the
     epoch's loss and squared-error sums kept on the device: calling it never syncs with the host."""
@@ -222,20 +248,7 @@ class TrainStep:
         with autocast(self.device, self.amp):
             mu, logvar = self.forward(x)
         loss = self.loss_fn(mu.float(), logvar.float(), y)
-        self.opt.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.sched.step()
+        optimizer_step(loss, self.model, self.opt, self.sched, self.scaler, self.cfg.grad_clip)
         if self.ema is not None:
             self.ema.update(self.model)
         with torch.no_grad():
