@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -599,19 +599,24 @@ def fold_tiles(tiles: Mapping[str, TileSet], plan: FoldAssignment, j: int) -> di
     }
 
 
+def stack_splits(tiles: Mapping[str, TileSet], splits: Sequence[str]) -> TileSet:
+    """The tiles of ``splits``, in that order, as one TileSet named ``"a+b"`` (no copy: :class:`StackedRows` over the
+    splits' arrays), with the splits' labelled pixels summed."""
+    parts = [(s, np.arange(len(tiles[s]))) for s in splits]
+    return TileSet(
+        "+".join(splits),
+        [n for s in splits for n in tiles[s].names],
+        StackedRows([(tiles[s].inputs, rows) for s, rows in parts]),
+        StackedRows([(tiles[s].labels, rows) for s, rows in parts]),
+        sum(tiles[s].num_labelled for s in splits),
+        None,
+    )
+
+
 def merge_train_val(tiles: Mapping[str, TileSet]) -> dict[str, TileSet]:
     """The tiles of a retrain on train + val: ``train`` is the train and val tiles together (no copy), ``val`` and
     ``test`` are passed on as they are (``val`` then lies inside the training data: its metrics are in-sample)."""
-    parts = [(s, np.arange(len(tiles[s]))) for s in CV_SPLITS]
-    merged = TileSet(
-        "train+val",
-        [n for s in CV_SPLITS for n in tiles[s].names],
-        StackedRows([(tiles[s].inputs, rows) for s, rows in parts]),
-        StackedRows([(tiles[s].labels, rows) for s, rows in parts]),
-        sum(tiles[s].num_labelled for s in CV_SPLITS),
-        None,
-    )
-    return {"train": merged, **{s: v for s, v in tiles.items() if s != "train"}}
+    return {"train": stack_splits(tiles, CV_SPLITS), **{s: v for s, v in tiles.items() if s != "train"}}
 
 
 @dataclass

@@ -39,11 +39,12 @@ from tune_agb.bands import SPLITS
 from tune_agb.demo import data_dirs
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_values
-from tune_agb.engine.data import NormStats, SplitFeed, StackedRows, TileSet
+from tune_agb.engine.data import NormStats, SplitFeed, TileSet
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device, tune_cuda
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import augment, optimizer_step
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.folds import stack_splits
 from tune_agb.store import DataSource
 
 log = logging.getLogger(__name__)
@@ -124,17 +125,6 @@ class PretrainStep:
         self.loss_sum.zero_()
         self.count = 0
         return mean
-
-
-def stacked(tiles: dict[str, TileSet], splits: Sequence[str]) -> TileSet:
-    """The tiles of ``splits`` seen as one TileSet (no copy)."""
-    parts = [(s, np.arange(len(tiles[s]))) for s in splits]
-    return TileSet(
-        "+".join(splits),
-        [n for s in splits for n in tiles[s].names],
-        StackedRows([(tiles[s].inputs, rows) for s, rows in parts]),
-        StackedRows([(tiles[s].labels, rows) for s, rows in parts]),
-    )
 
 
 def pretrain(
@@ -243,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wanted = ("train", *(s for s in splits if s != "train"))  # train always: the normalisation comes from it
     data = DataSource(str(input_dir), str(label_dir), splits=wanted, in_channels=cfg.in_channels).open()
     norm = data.norm(cfg.standardize_target)
-    tiles = stacked(data.tiles, splits)
+    tiles = stack_splits(data.tiles, splits)
     if len(tiles) < 2:
         raise TuneAgbError(f"--splits {a.splits}: {len(tiles)} tile; pretraining needs at least 2")
     print(f"pretraining on {len(tiles)} tiles of {','.join(splits)} in {input_dir} -> {a.out}", file=sys.stderr)
