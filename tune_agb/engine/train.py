@@ -615,6 +615,12 @@ def folds_state(
     }
 
 
+def architecture_difference(saved: TrainConfig, cfg: TrainConfig) -> str | None:
+    """The first of :data:`ARCHITECTURE_KEYS` on which two configs differ (their weights do not fit each other's
+    model), or None."""
+    return next((k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(cfg, k)), None)
+
+
 def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     """The weights ``cfg.init_weights`` names (None when it is ""), checked against ``cfg``'s architecture: every
     architecture key must match, and every tensor of the model must be there with its shape, except the output head
@@ -628,12 +634,11 @@ def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     path = cfg.init_weights
     ckpt = load_checkpoint(path)
     saved = config_from_dict(ckpt.get("config", {}), source=f"{path}: config")
-    for k in ARCHITECTURE_KEYS:
-        if getattr(saved, k) != getattr(cfg, k):
-            raise TuneAgbError(
-                f"init_weights {path}: holds a model with {k}={getattr(saved, k)!r}, but the config asks for "
-                f"{getattr(cfg, k)!r} (every architecture key must match: {', '.join(ARCHITECTURE_KEYS)})"
-            )
+    if k := architecture_difference(saved, cfg):
+        raise TuneAgbError(
+            f"init_weights {path}: holds a model with {k}={getattr(saved, k)!r}, but the config asks for "
+            f"{getattr(cfg, k)!r} (every architecture key must match: {', '.join(ARCHITECTURE_KEYS)})"
+        )
     state = ckpt.get("model")
     if not isinstance(state, dict):
         raise TuneAgbError(f"init_weights {path}: holds no model weights")
@@ -666,11 +671,10 @@ def _check_run(
                 "start a run from it with the config key init_weights"
             )
         saved = config_from_dict(resume["config"], source="checkpoint config")
-        for k in ARCHITECTURE_KEYS:
-            if getattr(saved, k) != getattr(cfg, k):
-                raise TuneAgbError(
-                    f"resume: checkpoint has {k}={getattr(saved, k)!r} but the config asks for {getattr(cfg, k)!r}"
-                )
+        if k := architecture_difference(saved, cfg):
+            raise TuneAgbError(
+                f"resume: checkpoint has {k}={getattr(saved, k)!r} but the config asks for {getattr(cfg, k)!r}"
+            )
         norm = NormStats.from_dict(resume["norm"])
     if norm is None:
         norm = compute_norm_stats(tiles["train"], cfg.standardize_target)
