@@ -23,7 +23,9 @@ the fold models' out-of-fold predictions):
   as an ensemble (no training);
 - ``cv_top_k``: ``final_train --experiment (the cv search) --ensemble-top K``: the K best configurations by fold
   mean, each retrained on train+val for its own best epoch count (calibration on the ensemble's out-of-fold
-  prediction).
+  prediction);
+- ``cv_top_k_seeds``: the same with ``--ensemble N`` (``--seeds-per-config``, default 3): each of the K
+  configurations trained with N seeds, K x N members (asked for by name; not in the default ``--methods``).
 
 **Outer spatial cross-validation** (``--outer-k K``): the 2 test tiles of the real data hold 70 labels, too few to
 tell methods apart or to check coverage to +-5 points. With ``--outer-k K`` every tile is a test tile once: the
@@ -67,10 +69,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_efficiency import apply_changes, parse_change  # same folder: one space editor
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["ridge", "rf", "rf_texture", "default", "search", "top_k", "cv_search", "cv_folds", "cv_top_k"]
-DEFAULT_METHODS = [m for m in METHODS if m != "rf_texture"]
+METHODS = [
+    "ridge", "rf", "rf_texture", "default", "search", "top_k", "cv_search", "cv_folds", "cv_top_k", "cv_top_k_seeds"
+]  # fmt: skip
+DEFAULT_METHODS = [m for m in METHODS if m not in ("rf_texture", "cv_top_k_seeds")]
 TEXTURE = "3,7,15"  # rf_texture's windows (px)
-TUNED = ["search", "top_k", "cv_search", "cv_folds", "cv_top_k"]
+TUNED = ["search", "top_k", "cv_search", "cv_folds", "cv_top_k", "cv_top_k_seeds"]
 KEYS = ["rmse", "r2", "within_1sigma", "within_2sigma"]
 
 
@@ -164,7 +168,7 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
         if "top_k" in a.methods:
             flags = ["--experiment", exp, "--ensemble-top", str(a.top_k)]
             rows.append(row("top_k", seed, final(runs / f"top_k_s{seed}", flags, data), secs))
-    if {"cv_search", "cv_folds", "cv_top_k"} & set(a.methods):
+    if {"cv_search", "cv_folds", "cv_top_k", "cv_top_k_seeds"} & set(a.methods):
         cv = {"k": a.cv_k, "block_size": a.cv_block, "seed": seed}
         exp, secs = search(seeded | {"cv": cv}, f"cv_s{seed}", out, data)
         for method, mode in (("cv_search", "retrain"), ("cv_folds", "folds")):
@@ -174,6 +178,9 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
         if "cv_top_k" in a.methods:
             flags = ["--experiment", exp, "--ensemble-top", str(a.top_k)]
             rows.append(row("cv_top_k", seed, final(runs / f"cv_top_k_s{seed}", flags, data), secs))
+        if "cv_top_k_seeds" in a.methods:
+            flags = ["--experiment", exp, "--ensemble-top", str(a.top_k), "--ensemble", str(a.seeds_per_config)]
+            rows.append(row("cv_top_k_seeds", seed, final(runs / f"cv_top_k_seeds_s{seed}", flags, data), secs))
     return rows
 
 
@@ -385,6 +392,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv-k", type=int, default=3)
     p.add_argument("--cv-block", type=int, default=2, help="cv block side in tile steps")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--seeds-per-config", type=int, default=3, help="cv_top_k_seeds: seeds of each configuration")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--outer-k", type=int, default=0, help="outer spatial folds over all the tiles (0: --data's split)")
     p.add_argument("--outer-val-share", type=float, default=0.15, help="share of the labels in an outer fold's val")

@@ -144,3 +144,23 @@ def test_goal_lines_judge_against_rf_and_name_the_texture_forest():
     assert "rf_texture" not in line
     (line,) = rs.goal_lines([*base, s("rf_texture", 7.6), s("cv_top_k", 8.1)])
     assert "(-2.4 %; goal <= -10 %): MISSED (vs rf_texture 7.60: +6.6 %)" in line
+
+
+def test_cv_top_k_seeds_trains_each_configuration_with_several_seeds(monkeypatch, tmp_path):
+    """cv_top_k_seeds is cv_top_k with --ensemble N (--seeds-per-config) on the same cv search; asked for by name."""
+    assert "cv_top_k_seeds" in rs.METHODS and "cv_top_k_seeds" not in rs.parse_args([]).methods
+    searched, finals = [], {}
+    monkeypatch.setattr(rs, "search", lambda space, name, out, data: (searched.append(name), (f"/st/{name}", 1.0))[1])
+
+    def final(run, flags, data):  # what row() reads of a final_train run
+        finals[run.name] = flags
+        metrics = {f"test_{k}": 1.0 for k in rs.KEYS}
+        return metrics | {"seconds": 2.0, "run": str(run), "test_n": 1, "uncalibrated": metrics}
+
+    monkeypatch.setattr(rs, "final", final)
+    a = rs.parse_args(["--methods", "cv_top_k,cv_top_k_seeds", "--top-k", "2", "--seeds-per-config", "4"])
+    rows = rs.run_seed(5, a, {"experiment": {}}, tmp_path, [])
+    assert searched == ["cv_s5"]  # one cv search serves both
+    assert finals["cv_top_k_s5"] == ["--experiment", "/st/cv_s5", "--ensemble-top", "2"]
+    assert finals["cv_top_k_seeds_s5"] == ["--experiment", "/st/cv_s5", "--ensemble-top", "2", "--ensemble", "4"]
+    assert [r["method"] for r in rows] == ["cv_top_k", "cv_top_k_seeds"] and rows[1]["seconds"] == 3.0

@@ -369,3 +369,18 @@ def test_final_train_ensemble_top_of_a_cv_search(cv_search: SimpleNamespace, tmp
     assert m["cv"]["final"] == "retrain" and "of each of 5 trials" in m["cv"]["calibration_fit_on"]
     doc = yaml.safe_load((out / "ensemble.yaml").read_text())
     assert [mb["same_params_as"] for mb in doc["members"]] == [[]] * 5
+
+
+def test_final_train_ensemble_top_with_seeds_of_a_cv_search(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    """--ensemble-top 2 --ensemble 2 on a cv search: 4 members (2 configurations x 2 seeds); the calibration is the
+    one --ensemble-top 2 fits, on the out-of-fold prediction of the 2 trials' fold models (each counted once, not
+    once per seed)."""
+    two = _final(cv_search, tmp_path / "k2", "--ensemble-top", "2", "--epochs", "1")
+    m = _final(cv_search, tmp_path / "k2n2", "--ensemble-top", "2", "--ensemble", "2", "--epochs", "1")
+    assert [(r["trial_id"], r["seed"]) for r in m["members"]] == [
+        (two["members"][k]["trial_id"], two["members"][k]["seed"] + i) for k in (0, 1) for i in (0, 1)
+    ]
+    assert m["calibration"]["scale"] == pytest.approx(two["calibration"]["scale"], rel=1e-9)
+    assert "of each of 2 trials" in m["cv"]["calibration_fit_on"]
+    # the members with the first seed are the 2-member ensemble's, trained again the same way
+    assert [r["test_rmse"] for r in m["members"][::2]] == pytest.approx([r["test_rmse"] for r in two["members"]])

@@ -492,7 +492,7 @@ def test_top_trials_ranks_best_epochs_and_counts_a_configuration_once(tmp_path: 
         (["--ensemble-top", "-2"], "--ensemble-top: must be >= 1"),
         (["--ensemble-top", "4"], "--ensemble-top 4: {exp} has 3 distinct configurations with a finite val_rmse "
                                   "(4 trials); allowed: 1 to 3"),
-        (["--ensemble-top", "2", "--ensemble", "3"], "--ensemble-top: give either --ensemble N"),
+        (["--ensemble-top", "2", "--ensemble", "0"], "--ensemble: must be >= 1, got 0"),
         (["--ensemble-top", "2", "--train_mode", "resume"], "--ensemble-top: --train_mode resume"),
         (["--ensemble-top", "two"], "argument --ensemble-top: invalid int value: 'two'"),
     ],
@@ -644,3 +644,44 @@ def test_ensemble_top_trains_the_best_distinct_configurations(
     cal = load_calibration(out / CALIBRATION_FILE)
     np.testing.assert_allclose(mean_map, mean, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(std_map, np.sqrt(cal.variance(var)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_ensemble_top_with_seeds_trains_each_configuration_n_times(
+    small_search: Path, tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ensemble-top K --ensemble N: K configurations x N seeds, member_{k * N + i} = configuration k, seed + i."""
+    exp = small_search
+    want = list(expected_top(exp, 2)["trial_id"])
+    out = tmp_path / "ens"
+    argv = ["--experiment", str(exp), "--ensemble-top", "2", "--ensemble", "2", "--epochs", "1", "--seed", "7"]
+    assert run([*argv, "--out-dir", str(out), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    names = [f"member_{k:02d}" for k in range(4)]
+    assert sorted(p.name for p in (out / "members").iterdir()) == names
+    ens = yaml.safe_load((out / "ensemble.yaml").read_text())
+    assert ens["kind"] == "configs"
+    assert [(m["trial_id"], m["seed"]) for m in ens["members"]] == [
+        (want[0], 7), (want[0], 8), (want[1], 7), (want[1], 8)
+    ]  # fmt: skip
+    cfgs = [yaml.safe_load((out / "members" / n / "config.yaml").read_text()) for n in names]
+    assert [c["seed"] for c in cfgs] == [7, 8, 7, 8]
+    # the two seeds of a configuration differ in the seed alone; the two configurations in their searched values
+    assert cfgs[0] | {"seed": 0} == cfgs[1] | {"seed": 0} and cfgs[2] | {"seed": 0} == cfgs[3] | {"seed": 0}
+    assert cfgs[0] | {"seed": 0} != cfgs[2] | {"seed": 0}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["ensemble"], metrics["ensemble_of"]) == (4, "configs")
+    assert [(m["trial_id"], m["seed"]) for m in metrics["members"]] == [
+        (m["trial_id"], m["seed"]) for m in ens["members"]
+    ]
+    members = [load_predictor(out / "members" / n, "cpu") for n in names]
+    test = load_split(tiny_data / "inputs", tiny_data / "labels", "test")
+    means = np.stack([m.predict(test.inputs)[0].numpy() for m in members]).astype(np.float64)
+    assert not np.allclose(means[0], means[1])  # another seed, another model
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    rows = table[table.split == "test"]
+    ti = np.array([test.names.index(t) for t in rows.tile])
+    m = means[:, ti, rows.row.to_numpy(), rows.col.to_numpy()]
+    np.testing.assert_allclose(rows["mean"], m.mean(0), rtol=1e-4, atol=1e-3)  # all four members combined
+    assert len(load_predictor(out, "cpu").members) == 4
+    assert printed.count(want[0]) >= 2 and " seed " in printed

@@ -143,7 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/final", help="output folder")
     g.add_argument("--overwrite", action="store_true", help="allow an out dir that already holds a run")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--ensemble", type=int, default=1, help="train N members with seeds seed..seed+N-1")
+    g.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="train N members with seeds seed..seed+N-1; with --ensemble-top K, N seeds of each configuration",
+    )
     g.add_argument(
         "--ensemble-top",
         dest="ensemble_top",
@@ -382,20 +387,20 @@ def make_plan(args: argparse.Namespace) -> Plan:
             f"--cv-final folds keeps the search's trained fold models; {given} cannot change them "
             "(use --cv-final retrain to train the configuration again)"
         )
-    if space is not None:
-        members = [
-            MemberPlan(
-                config_from_dict(
-                    space.trial_config(t.params).to_dict()
-                    | ({"epochs": cv_epochs(t.epoch, t.last_epoch, space.max_t)} if cv is not None else {})
-                    | layers,
-                    source=f"config of trial {t.trial_id} of {args.experiment}",
-                ),
-                out / "members" / f"member_{k:02d}",
-                t,
+    if space is not None:  # K configurations x N seeds: member_{k * N + i} is configuration k with seed + i
+        n = args.ensemble
+        members = []
+        for k, t in enumerate(top):
+            tcfg = config_from_dict(
+                space.trial_config(t.params).to_dict()
+                | ({"epochs": cv_epochs(t.epoch, t.last_epoch, space.max_t)} if cv is not None else {})
+                | layers,
+                source=f"config of trial {t.trial_id} of {args.experiment}",
             )
-            for k, t in enumerate(top)
-        ]
+            members += [
+                MemberPlan(tcfg.replace(seed=tcfg.seed + i), out / "members" / f"member_{k * n + i:02d}", t)
+                for i in range(n)
+            ]
         _warn_identical(members)
         cfg = members[0].cfg
     else:
@@ -458,11 +463,6 @@ def check_ensemble_flags(args: argparse.Namespace) -> None:
     if not args.experiment:
         raise TuneAgbError(
             "--ensemble-top: needs --experiment STORAGE/NAME, the search whose best configurations it trains"
-        )
-    if args.ensemble != 1:
-        raise TuneAgbError(
-            "--ensemble-top: give either --ensemble N (one configuration, N seeds) or --ensemble-top K "
-            "(the K best configurations of the search), not both"
         )
     if args.train_mode == "resume":
         raise TuneAgbError("--ensemble-top: --train_mode resume continues one model; it cannot train an ensemble")
@@ -979,11 +979,9 @@ def cv_fold_states(plan: Plan) -> list[list[dict[str, Any]]] | None:
     if plan.cv is None:
         return None
     sources = [plan.cv]
-    if plan.kind == "configs":
-        sources = [
-            replace(plan.cv, trial_id=mp.trial.trial_id, epoch=mp.trial.epoch, checkpoint=mp.trial.checkpoint)
-            for mp in plan.members
-        ]
+    if plan.kind == "configs":  # one set of fold models per configuration, however many seeds it is trained with
+        trials = list({mp.trial.trial_id: mp.trial for mp in plan.members}.values())
+        sources = [replace(plan.cv, trial_id=t.trial_id, epoch=t.epoch, checkpoint=t.checkpoint) for t in trials]
     try:
         return [src.fold_states() for src in sources]
     except TuneAgbError as exc:
@@ -1036,7 +1034,7 @@ def member_record(mp: MemberPlan, m: MemberOutput) -> dict[str, Any]:
     metrics."""
     rec: dict[str, Any] = {"folder": mp.out.name}
     if mp.trial is not None:
-        rec |= {"trial_id": mp.trial.trial_id, "search_value": mp.trial.value}
+        rec |= {"trial_id": mp.trial.trial_id, "search_value": mp.trial.value, "seed": mp.cfg.seed}
     elif mp.fold is not None:  # a fold model of a cv search
         rec["fold"] = mp.fold
     else:
@@ -1064,6 +1062,7 @@ def write_ensemble_file(path: Path, plan: Plan) -> None:
         elif mp.trial is not None:
             t = mp.trial
             rec |= {"trial_id": t.trial_id, "value": t.value, "epoch": t.epoch, "params": dict(t.params)}
+            rec["seed"] = mp.cfg.seed
             rec["same_params_as"] = list(t.duplicates)
         else:
             rec["seed"] = mp.cfg.seed
@@ -1073,13 +1072,14 @@ def write_ensemble_file(path: Path, plan: Plan) -> None:
 
 
 def print_members(plan: Plan, records: list[dict[str, Any]]) -> None:
-    """The members of an ensemble of search trials: the trial, its search value, its own val/test RMSE."""
+    """The members of an ensemble of search trials: the trial, its seed, its search value, its own val/test RMSE."""
     metric = plan.experiment["metric"] if plan.experiment else "value"
-    print(f"{'member':10} {'trial':>14} {'search ' + metric:>18} {'val_rmse':>10} {'test_rmse':>10}  params")
+    head = f"{'member':10} {'trial':>14} {'seed':>6} {'search ' + metric:>18} {'val_rmse':>10} {'test_rmse':>10}"
+    print(head + "  params")
     for mp, r in zip(plan.members, records, strict=True):
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in mp.trial.params.items())
         print(
-            f"{mp.out.name:10} {r['trial_id']:>14} {r['search_value']:>18.4g} {r['val_rmse']:>10.4g} "
+            f"{mp.out.name:10} {r['trial_id']:>14} {r['seed']:>6} {r['search_value']:>18.4g} {r['val_rmse']:>10.4g} "
             f"{r['test_rmse']:>10.4g}  {params}"
         )
 
