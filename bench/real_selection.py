@@ -175,12 +175,10 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
             if method in a.methods:
                 flags = ["--experiment", exp, "--cv-final", mode]
                 rows.append(row(method, seed, final(runs / f"{method}_s{seed}", flags, data), secs))
-        if "cv_top_k" in a.methods:
-            flags = ["--experiment", exp, "--ensemble-top", str(a.top_k)]
-            rows.append(row("cv_top_k", seed, final(runs / f"cv_top_k_s{seed}", flags, data), secs))
-        if "cv_top_k_seeds" in a.methods:
-            flags = ["--experiment", exp, "--ensemble-top", str(a.top_k), "--ensemble", str(a.seeds_per_config)]
-            rows.append(row("cv_top_k_seeds", seed, final(runs / f"cv_top_k_seeds_s{seed}", flags, data), secs))
+        for method, extra in (("cv_top_k", []), ("cv_top_k_seeds", ["--ensemble", str(a.seeds_per_config)])):
+            if method in a.methods:
+                flags = ["--experiment", exp, "--ensemble-top", str(a.top_k), *extra]
+                rows.append(row(method, seed, final(runs / f"{method}_s{seed}", flags, data), secs))
     return rows
 
 

@@ -397,10 +397,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 | layers,
                 source=f"config of trial {t.trial_id} of {args.experiment}",
             )
-            members += [
-                MemberPlan(tcfg.replace(seed=tcfg.seed + i), out / "members" / f"member_{k * n + i:02d}", t)
-                for i in range(n)
-            ]
+            members += seeded_members(tcfg, n, out / "members", k * n, t)
         _warn_identical(members)
         cfg = members[0].cfg
     else:
@@ -408,10 +405,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         if args.ensemble == 1:
             members = [MemberPlan(cfg, out)]
         else:
-            members = [
-                MemberPlan(cfg.replace(seed=cfg.seed + k), out / "members" / f"member_{k:02d}")
-                for k in range(args.ensemble)
-            ]
+            members = seeded_members(cfg, args.ensemble, out / "members", 0)
     chans = {m.cfg.in_channels for m in members}
     if len(chans) > 1:
         raise TuneAgbError(f"--ensemble-top: the members' in_channels differ ({sorted(chans)}); they must share it")
@@ -434,6 +428,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         for m in members:  # init_weights: a missing or mismatched file is one error line before anything trains
             init_state(m.cfg)
     return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final)
+
+
+def seeded_members(
+    cfg: TrainConfig, n: int, folder: Path, first: int, trial: SearchTrial | None = None
+) -> list[MemberPlan]:
+    """``n`` members of ``cfg`` with seeds ``cfg.seed .. cfg.seed + n - 1``, in ``folder/member_{first + i}``."""
+    return [MemberPlan(cfg.replace(seed=cfg.seed + i), folder / f"member_{first + i:02d}", trial) for i in range(n)]
 
 
 def holds_run(out: Path) -> bool:
