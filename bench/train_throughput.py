@@ -313,7 +313,7 @@ def time_levers(
 ) -> list[dict]:
     """Our step (resident data) with one lever changed at a time, each timed once: its samples/s, share of the
     peak, warm-up time (torch.compile's compilation shows here) and peak device memory."""
-    base = cfg.replace(data_mode="resident")
+    base = cfg.replace(data_mode="resident", compile="none")
     runs: list[tuple[str, TrainConfig, dict]] = [
         ("eager, cudnn.benchmark off, foreach Adam", base, {"fused": False, "cudnn_benchmark": False}),
         ("+ cudnn.benchmark", base, {"fused": False, "cudnn_benchmark": True}),
@@ -321,7 +321,13 @@ def time_levers(
         ("+ bf16 resident inputs (normalised once)", base, {"bf16_inputs": True}),
     ]
     runs += [(f"train() default, batch {b}", base.replace(batch_size=b), {}) for b in _ints(args.lever_batches)]
-    runs += [(f"+ torch.compile {m}", base.replace(compile=m), {}) for m in args.compile_modes.split(",") if m]
+    modes = [m for m in args.compile_modes.split(",") if m]
+    runs += [(f"+ compile {m}", base.replace(compile=m), {}) for m in modes]
+    if "fused" in modes:  # the fused layers at every batch size tried (a new shape: compiled again, see warm-up)
+        runs += [
+            (f"compile fused, batch {b}", base.replace(batch_size=b, compile="fused"), {})
+            for b in _ints(args.lever_batches)
+        ]
     if args.variants:  # other models (FLOPs counted for each) and the first convolution's alignment
         runs += [
             ("input bands zero-padded 14 -> 16", base, {"pad_channels": 2}),
@@ -331,6 +337,8 @@ def time_levers(
         ]
     if args.profile:
         runs.insert(0, ("train() default, profiled", base, {"profile": args.profile}))
+        if "fused" in modes:
+            runs.append(("compile fused, profiled", base.replace(compile="fused"), {"profile": args.profile}))
     rows = []
     print(f"levers (batch {cfg.batch_size} unless stated, resident data):")
     for label, c, kw in runs:
@@ -417,7 +425,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lever-batches", default="32,64", help="batch sizes tried with --levers")
     p.add_argument("--variants", action="store_true", help="with --levers: other models and padded input bands")
     p.add_argument("--profile", type=int, default=0, help="with --levers: print the operator table of N steps")
-    p.add_argument("--compile-modes", default="default,reduce-overhead", help="torch.compile modes tried with --levers")
+    p.add_argument(
+        "--compile-modes",
+        default="fused,default,reduce-overhead",
+        help="compile settings tried with --levers (fused: also at every --lever-batches size)",
+    )
+    p.add_argument("--compile", default="none", help="the compile setting of the side-by-side rows (none, fused, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = p.parse_args(argv)
@@ -433,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss="gaussian_nll",
         grad_clip=1.0,
         norm="batch",
+        compile=args.compile,
     )
     with tempfile.TemporaryDirectory(prefix="tune_agb_bench_") as tmp:
         if args.input_dir:

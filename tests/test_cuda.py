@@ -161,10 +161,63 @@ def test_compiled_training_on_cuda_matches_eager(tiles: dict[str, TileSet]) -> N
     assert all(not k.startswith("_orig_mod") for k in states[-1]["model"])
 
 
-@pytest.mark.parametrize("data_mode", ["resident", "stream"])
-def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], data_mode: str) -> None:
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_fused_compiled_layers_match_eager_on_cuda(amp: torch.dtype | None) -> None:
+    """compile: fused (BatchNorm + ReLU and upsampling + concatenation compiled) computes the eager model's outputs,
+    gradients and running statistics: to float32 rounding in full precision (TF32 off), to bf16 rounding under
+    autocast. Two steps, fresh random inputs each."""
+    import copy
+
+    from tune_agb.engine.fused import FusedOps
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        eager = UNet(14, 16, 3).cuda().to(memory_format=torch.channels_last).train()
+        fused = copy.deepcopy(eager).fuse(FusedOps())
+        tol = 1e-4 if amp is None else 3e-2
+        for step in range(2):
+            x = torch.randn(4, 14, 61, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+            outs = []
+            for m in (eager, fused):
+                m.zero_grad()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp is not None):
+                    mu, logvar = m(x)
+                (mu.float().square().mean() + logvar.float().mean()).backward()
+                outs.append((mu.detach(), logvar.detach()))
+            for a, b in zip(outs[1], outs[0], strict=True):
+                assert _rel(a, b) < tol
+            for (name, p), (_, q) in zip(fused.named_parameters(), eager.named_parameters(), strict=True):
+                assert _rel(p.grad, q.grad) < tol * (3 if amp is not None else 1), f"{name} step {step}"
+            for (name, p), (_, q) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
+                assert _rel(p, q) < tol, f"{name} step {step}"
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_training_epoch_with_fused_layers_on_cuda(tiles: dict[str, TileSet]) -> None:
+    """train() with compile: fused: the epoch's loss is the eager run's (bf16 rounding apart), and the checkpoint's
+    state has the eager model's keys."""
+    states: list[dict] = []
+    cfg = _cfg(epochs=1, augment=False, norm="batch")
+    eager = train(cfg, tiles, device="cuda", progress=False)
+    fused = train(cfg.replace(compile="fused"), tiles, device="cuda", progress=False,
+                  on_epoch=lambda r: states.append(r.state()))  # fmt: skip
+    a, b = eager.history[0]["train_loss"], fused.history[0]["train_loss"]
+    assert math.isfinite(b) and abs(a - b) <= 0.05 * abs(a) + 0.05
+    assert set(states[-1]["model"]) == set(eager.model.state_dict())
+
+
+@pytest.mark.parametrize(("data_mode", "compile"), [("resident", "none"), ("stream", "none"), ("resident", "fused")])
+def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], data_mode: str, compile: str) -> None:
     """The steps themselves, with train()'s CUDA settings (fused AdamW, cudnn.benchmark, bf16, channels_last), run
-    with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises."""
+    with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises. The
+    fused layers (``compile: fused``, BatchNorm) too."""
     from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
     from tune_agb.engine.ema import WeightAverage
     from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler, radiometric_draws
@@ -172,7 +225,7 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     # beta-NLL, texture inputs, a weight average and the radiometric augmentation on, so their ops are inside the
     # check too
     cfg = _cfg(batch_size=2, nll_beta=0.5, texture_windows="3,7", ema_decay=0.9, aug_gain=0.1, aug_offset=0.3,
-               band_dropout=0.2)  # fmt: skip
+               band_dropout=0.2, compile=compile, norm="batch" if compile == "fused" else "group")  # fmt: skip
     dev = torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])

@@ -21,8 +21,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule": ("constant", "cosine", "onecycle", "cyclic", "wsd"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "data_mode": ("auto", "resident", "stream"),
-    # torch.compile of the training forward: none, or one of torch's modes (reduce-overhead adds CUDA graphs).
-    "compile": ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
+    # torch.compile of the training forward: none, fused (only BatchNorm + ReLU and upsampling + concatenation
+    # compiled, tune_agb.engine.fused), or one of torch's modes for the whole model (reduce-overhead adds CUDA graphs).
+    "compile": ("none", "fused", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
 }
 
 # Other names accepted for a loss (the original training script's ``--loss_key`` values), by canonical name.
@@ -104,8 +105,8 @@ class TrainConfig:
     # from the store's memory map), resident, stream.
     data_mode: str = "auto"
     # torch.compile of the model for training steps (compiled once per process; costs tens of seconds up front, so
-    # short search trials may not earn it back): none, default, reduce-overhead, max-autotune-no-cudagraphs,
-    # max-autotune.
+    # short search trials may not earn it back): none, fused (the memory-bound layers only; norm=batch), default,
+    # reduce-overhead, max-autotune-no-cudagraphs, max-autotune.
     compile: str = "none"
     seed: int = 0
 
@@ -203,6 +204,8 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     cfg = TrainConfig(**clean)
     if cfg.logvar_min >= cfg.logvar_max:
         raise TuneAgbError(f"{source}: 'logvar_min' must be < 'logvar_max'")
+    if cfg.compile == "fused" and cfg.norm != "batch":
+        raise TuneAgbError(f"{source}: 'compile: fused' needs 'norm: batch' (it fuses BatchNorm), got {cfg.norm!r}")
     return cfg
 
 

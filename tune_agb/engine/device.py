@@ -54,10 +54,15 @@ def tune_cuda(device: torch.device, benchmark: bool = True) -> None:
 
 
 def compile_for_training(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The callable training steps run: ``model`` itself, or ``torch.compile(model)`` in ``cfg.compile``'s mode.
+    """The callable training steps run: ``model`` itself (``fused``: switched to its fused layers, see
+    :meth:`UNet.fuse <tune_agb.engine.model.UNet.fuse>`), or ``torch.compile(model)`` in ``cfg.compile``'s mode.
 
     The compiled wrapper shares the model's parameters and buffers (checkpoints save ``model``, never the wrapper).
     It compiles on its first call, once per process and shape; evaluation runs ``model`` uncompiled."""
     if cfg.compile == "none":
         return model
+    if cfg.compile == "fused":
+        from tune_agb.engine.fused import FusedOps
+
+        return model.fuse(FusedOps())
     return torch.compile(model, mode=cfg.compile, dynamic=False)

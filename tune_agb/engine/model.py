@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tune_agb.engine.config import TrainConfig, parse_windows
+from tune_agb.engine.fused import FusedOps
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -27,7 +28,10 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class DoubleConv(nn.Sequential):
-    """(3x3 conv -> norm -> ReLU) twice."""
+    """(3x3 conv -> norm -> ReLU) twice. With ``fused`` set (:meth:`UNet.fuse`) and in training mode, each norm +
+    ReLU pair runs as one fused function (:mod:`tune_agb.engine.fused`)."""
+
+    fused: FusedOps | None = None
 
     def __init__(self, cin: int, cout: int, norm: str):
         bias = norm == "none"
@@ -40,9 +44,18 @@ class DoubleConv(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is None or not self.training:
+            return super().forward(x)
+        conv1, bn1, _, conv2, bn2, _ = self
+        return self.fused.batchnorm_relu(conv2(self.fused.batchnorm_relu(conv1(x), bn1)), bn2)
+
 
 class Up(nn.Module):
-    """Upsample by 2, concatenate the skip connection, DoubleConv."""
+    """Upsample by 2, concatenate the skip connection, DoubleConv. With ``fused`` set and in training mode, the
+    bilinear upsampling and the concatenation run as one fused function."""
+
+    fused: FusedOps | None = None
 
     def __init__(self, cin: int, cskip: int, cout: int, upsampling: str, norm: str, dropout: float):
         super().__init__()
@@ -62,6 +75,8 @@ class Up(nn.Module):
             # same weights, ``up.1``) at a quarter of the convolution's work and half the upsampling's bytes: the
             # upsampling and its backward were 18 % of a CUDA step at 244 px (bench/RESULTS.md).
             upsample, conv = self.up
+            if self.fused is not None and self.training:
+                return self.drop(self.conv(self.fused.upsample2_cat(conv(x), skip)))
             up = upsample(conv(x))
         else:
             up = self.up(x)
@@ -131,6 +146,18 @@ class UNet(nn.Module):
             cfg.logvar_max,
             parse_windows(cfg.texture_windows),
         )
+
+    def fuse(self, ops: FusedOps | None) -> UNet:
+        """Train with ``ops``' fused BatchNorm + ReLU and upsampling + concatenation (None: the eager layers again).
+        Only models with BatchNorm qualify; the weights, state_dict and evaluation are unchanged."""
+        if ops is not None:
+            norms = [m[1] for m in self.modules() if isinstance(m, DoubleConv)]
+            if not all(isinstance(n, nn.BatchNorm2d) and n.affine and n.momentum is not None for n in norms):
+                raise ValueError("fused training needs norm=batch (BatchNorm with affine weights and a momentum)")
+        for m in self.modules():
+            if isinstance(m, DoubleConv | Up):
+                m.fused = ops
+        return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) -> the last decoder layer's features (B, base_channels, H, W): what the 1x1 head reads
