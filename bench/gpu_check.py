@@ -1,18 +1,29 @@
 """The one prepared GPU check: run it on a CUDA host (see ../shared/gpu/README.md for the offline wheels).
 
-    python bench/gpu_check.py --out gpu_check_out [--budget-s 450] [--device cuda|cpu]
+    python bench/gpu_check.py --out gpu_check_out [--budget-s 480] [--device cuda|cpu] [--only STEPS]
 
-Steps, each a subprocess with its log under ``--out``, each stopped at its share of the budget, then a short table:
+Steps, each a subprocess with its log under ``--out``, each stopped at its share of the budget, then a short table
+(``summary.json`` holds it too):
+
 1. ``nvidia-smi`` and the software versions;
-2. the CUDA-marked tests (``pytest -m cuda``): bf16 autocast, channels_last, resident and streamed data, no per-batch
-   host sync, the memory-fit check, torch.compile, a quarter-GPU trial within its cap, an infeasible trial;
-3. ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the original-style
-   loop, then lever by lever (targets: >= 2x the baseline, >= 35 % of the card's bf16 dense peak);
-4. two searches on the demo data with every trial trained to max_t (FIFO): four trials at 0.25 GPU at once, and one
-   trial at a time on the whole GPU; from their ``results.parquet``: aggregate trial-epochs per minute, the most
-   trials that ran at the same time and each trial's peak device memory against its share (target: >= 2.5x);
-5. a search at 0.25 GPU where one configuration cannot fit its share (a 2-billion-weight U-Net): it must be
-   reported as infeasible while its neighbours finish.
+2. ``throughput``: ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the
+   original-style loop, then lever by lever: eager, ``compile: fused`` (tune_agb.engine.fused) and a whole-model
+   ``torch.compile`` at batch 8, 16 and 32, with a profile of the eager and fused steps (targets: >= 2x the baseline,
+   >= 35 % of the card's bf16 dense peak);
+3. ``predict``: ``bench/raster_io.py`` predicts an 8192 x 8192 x 14 GeoTIFF stack with a base-32, depth-4 U-Net on
+   the GPU (megapixels per second; needs rasterio);
+4. ``tests``: the CUDA-marked tests (``pytest -m cuda``): bf16 autocast, channels_last, resident and streamed data, no
+   per-batch host sync (the fused layers too), the fused layers against eager, the memory-fit check, torch.compile,
+   a quarter-GPU trial within its cap, an infeasible trial. Meanwhile ``bench/gpu_scale.py store`` writes the
+   synthetic store (20,000 + 1,000 tiles of 244 px) that the next steps share;
+5. ``quarter`` / ``whole``: the real model (base 32, depth 4, 244 px, batch 16, ``--packing-steps`` batches per
+   epoch, streamed from the synthetic store, FIFO, every trial to max_t): four trials at 0.25 GPU at once, and one
+   trial on the whole GPU; from their results: aggregate trial-epochs per minute, the most trials at once, and each
+   trial's peak device memory against its share (target: >= 2.5x);
+6. ``scale``: ``bench/gpu_scale.py search`` on the synthetic store: fractional GPUs, ASHA, a SIGKILL and
+   ``--resume``; GPU utilisation over time, host RSS per trial, time per epoch against the compute bound;
+7. ``infeasible`` (only when asked for): a search at 0.25 GPU where one configuration cannot fit its share (a
+   2-billion-weight U-Net): it must be reported as infeasible while its neighbours finish.
 
 ``--device cpu`` rehearses the plumbing on a machine without a GPU (small sizes, no GPU resources).
 """
@@ -22,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,7 +43,21 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("tests", "throughput", "quarter", "whole", "infeasible")
+STEPS = ("throughput", "predict", "tests", "quarter", "whole", "scale", "infeasible")
+DEFAULT_STEPS = STEPS[:-1]
+
+
+def pick_data_dir(candidates: list[Path], need_gb: float) -> Path | None:
+    """The first folder (created if missing) on a filesystem with ``need_gb`` free, else None."""
+    for c in candidates:
+        try:
+            c.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(c).free / 1e9
+        except OSError:
+            continue
+        if free >= need_gb:
+            return c
+    return None
 
 
 def run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> tuple[int, float]:
@@ -118,17 +144,16 @@ class GpuSampler:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("gpu_check_out"))
-    p.add_argument("--budget-s", type=float, default=450, help="the whole check ends within this many seconds")
+    p.add_argument("--budget-s", type=float, default=480, help="the whole check ends within this many seconds")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: rehearse without a GPU")
-    p.add_argument("--only", default=",".join(STEPS), help=f"comma-separated steps among {', '.join(STEPS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_STEPS), help=f"comma-separated steps among {', '.join(STEPS)}")
     p.add_argument("--throughput-args", default="", help="replace the throughput step's size and lever arguments")
-    p.add_argument(
-        "--packing-steps",
-        type=int,
-        default=0,
-        help="packing searches with base-32 U-Nets and this many batches per epoch (default: the demo space as is, "
-        "whose tiny trials leave the card mostly idle)",
-    )
+    p.add_argument("--predict-args", default="", help="replace the predict step's arguments to bench/raster_io.py")
+    p.add_argument("--packing-steps", type=int, default=0, help="batches per epoch of the packing trials (default: "
+                   "300 on CUDA, 2 on CPU)")  # fmt: skip
+    p.add_argument("--tiles", default="", help="synthetic store size TRAIN,VAL (default 20000,1000; CPU 40,8)")
+    p.add_argument("--data-dir", type=Path, help="where the synthetic store goes (default: /dev/shm or --out)")
+    p.add_argument("--scale-args", default="", help="extra arguments of the scale step's gpu_scale.py search")
     a = p.parse_args()
     steps = set(a.only.split(","))
     if not steps <= set(STEPS):
@@ -138,6 +163,7 @@ def main() -> int:
     gpu = a.device == "cuda"
     t0 = time.perf_counter()
     rows: list[tuple[str, str]] = []
+    rates: dict[str, dict] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TUNE_AGB_CACHE": str(out / "cache")}
 
     def left() -> float:
@@ -145,6 +171,11 @@ def main() -> int:
 
     def cap(seconds: float) -> float:
         return max(5.0, min(seconds, left()))
+
+    def grep(log: Path, *needles: str) -> None:
+        for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+            if any(n in line for n in needles):
+                rows.append(("  ", line.strip()[:220]))
 
     # 1. the machine
     if gpu:
@@ -159,8 +190,61 @@ def main() -> int:
     info = (out / "versions.txt").read_text().split()
     total_gb = int(info[-3]) / 2**30 if len(info) >= 3 and info[-3].isdigit() else 0.0
     rows.append(("python, torch, CUDA, card, memory, cuDNN", tail(out / "versions.txt")))
+    run(["df", "-h", "/dev/shm", "/tmp", str(out)], out / "df.txt", 10)
 
-    # 2. the CUDA tests
+    # 2. the training step, side by side with the original-style loop, then lever by lever
+    if "throughput" in steps:
+        size = (
+            ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
+             "--steps", "25", "--levers", "--lever-batches", "8,32", "--compile-modes", "fused,default",
+             "--profile", "3"]
+            if gpu
+            else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
+                  "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
+        )  # fmt: skip
+        size = a.throughput_args.split() if a.throughput_args else size
+        cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
+        cmd += ["--json", str(out / "throughput.json")]
+        code, secs = run(cmd, out / "throughput.log", cap(100), env)
+        rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
+        grep(out / "throughput.log", "samples/s", "speed-up", "ceiling", "failed", "FLOP per")
+
+    # 3. predict on an 8192 x 8192 stack
+    if "predict" in steps and left() > 40:
+        pargs = (
+            a.predict_args.split()
+            if a.predict_args
+            else ["--size", "8192" if gpu else "512", "--skip-prepare", "--device", a.device,
+                  "--base-channels", "32" if gpu else "4", "--depth", "4" if gpu else "2"]
+        )  # fmt: skip
+        pdir = pick_data_dir([Path("/dev/shm/tune_agb_predict"), out / "predict"], 12 if gpu else 0.1)
+        cmd = [sys.executable, "bench/raster_io.py", *pargs, "--json", str(out / "predict.json")]
+        cmd += ["--workdir", str(pdir)] if pdir else []
+        code, secs = run(cmd, out / "predict.log", cap(70), env)
+        rows.append(("predict (bench/raster_io.py)", f"exit {code} in {secs:.0f} s: {tail(out / 'predict.log')}"))
+        grep(out / "predict.log", "Mpx/s")
+        if pdir:
+            shutil.rmtree(pdir, ignore_errors=True)
+
+    # the synthetic store, written while the tests run (CPU work beside GPU work)
+    store_proc, data = None, None
+    if steps & {"quarter", "whole", "scale"}:
+        ntrain, nval = (int(v) for v in (a.tiles or ("20000,1000" if gpu else "40,8")).split(","))
+        tile = 244 if gpu else 64
+        need = (ntrain + nval) * tile * tile * (14 * 2 + 4) / 1e9 * 1.05 + 1
+        root = a.data_dir or pick_data_dir([Path("/dev/shm/tune_agb_scale"), out / "scale_data"], need)
+        if root is None:
+            rows.append(("synthetic store", f"no folder with {need:.0f} GB free (see df.txt)"))
+        else:
+            data = root / "data"
+            workers = max(1, min(12, (os.cpu_count() or 2) - 4))
+            cmd = [sys.executable, "bench/gpu_scale.py", "store", "--out", str(data), "--train", str(ntrain),
+                   "--val", str(nval), "--tile", str(tile), "--workers", str(workers), "--overwrite"]  # fmt: skip
+            store_log = (out / "store.log").open("w")
+            store_t0 = time.perf_counter()
+            store_proc = subprocess.Popen(cmd, stdout=store_log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+    # 4. the CUDA tests
     if gpu and "tests" in steps:
         code, secs = run(
             [
@@ -179,59 +263,56 @@ def main() -> int:
                 f"--junitxml={out / 'pytest_cuda.xml'}",
             ],
             out / "pytest_cuda.log",
-            cap(170),
+            cap(110),
             env | {"TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile-worker pool left at exit
         )
         rows.append(("pytest -m cuda", f"exit {code} in {secs:.0f} s: {tail(out / 'pytest_cuda.log')}"))
 
-    # 3. the training step, side by side with the original-style loop, then lever by lever
-    if left() > 40 and "throughput" in steps:
-        size = (
-            ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
-             "--steps", "30", "--repeats", "2", "--levers", "--lever-batches", "32,64",
-             "--compile-modes", "default,reduce-overhead"]
-            if gpu
-            else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
-                  "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
-        )  # fmt: skip
-        size = a.throughput_args.split() if a.throughput_args else size
-        cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
-        cmd += ["--json", str(out / "throughput.json")]
-        code, secs = run(cmd, out / "throughput.log", cap(170), env)
-        rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
-        for line in (out / "throughput.log").read_text(errors="replace").splitlines():
-            if "samples/s" in line or "speed-up" in line or "ceiling" in line or "failed" in line:
-                rows.append(("  ", line.strip()))
-    # 4. packing trials on one card: demo search, FIFO, every trial to max_t
+    if store_proc is not None:
+        try:
+            code = store_proc.wait(timeout=cap(120))
+        except subprocess.TimeoutExpired:
+            store_proc.kill()
+            code = 124
+        rows.append(("synthetic store (gpu_scale.py store)", f"exit {code}, {time.perf_counter() - store_t0:.0f} s "
+                     f"since its start: {tail(out / 'store.log')}"))  # fmt: skip
+        if code != 0:
+            data = None
+    store_env = env | {"TUNE_AGB_STORE": str(data / "store")} if data else env
+
+    # 5. packing trials on one card: the real model on the synthetic store, FIFO, every trial to max_t
     space = yaml.safe_load((REPO / "search_spaces" / "demo.yaml").read_text())
-    space["scheduler"] = {"type": "fifo", "max_t": 6}
+    space["scheduler"] = {"type": "fifo", "max_t": 2}
     space["experiment"]["time_budget_s"] = None
-    if a.packing_steps:  # trials that keep the card busy: fixed base-32 U-Nets, many batches per epoch
-        space["params"].pop("base_channels", None)
-        for point in space["searcher"].get("points_to_evaluate", []):
-            point.pop("base_channels", None)
-        space["fixed"] |= {"base_channels": 32, "batch_size": 8, "steps_per_epoch": a.packing_steps}
-        space["scheduler"]["max_t"] = 3
+    space["params"].pop("base_channels", None)
+    for point in space["searcher"].get("points_to_evaluate", []):
+        point.pop("base_channels", None)
+    space["fixed"] |= {
+        "base_channels": 32 if gpu else 4,
+        "depth": 4 if gpu else 2,
+        "batch_size": 16 if gpu else 4,
+        "steps_per_epoch": a.packing_steps or (300 if gpu else 2),
+        "data_mode": "stream",
+    }
     space_path = out / "gpu_space.yaml"
     space_path.write_text(yaml.safe_dump(space, sort_keys=False))
-    rates: dict[str, dict] = {}
-    plans = (("quarter", "0.25", "4", "8"), ("whole", "1", "1", "3")) if gpu else (("quarter", "0", "2", "2"),)
+    plans = (("quarter", "0.25", "4", "4"), ("whole", "1", "1", "1")) if gpu else (("quarter", "0", "2", "2"),)
     for name, frac, conc, n in plans:
         if name not in steps:
             continue
-        if left() < 60:
-            rows.append((f"search {name}", "skipped: out of time"))
+        if data is None or left() < 45:
+            rows.append((f"search {name}", "skipped: " + ("no synthetic store" if data is None else "out of time")))
             continue
         cmd = [
             sys.executable, "-m", "tune_agb.search", "--space", str(space_path), "--storage", str(out / "ray"),
-            "--name", name, "--gpus-per-trial", frac, "--cpus-per-trial", "2", "--max-concurrent", conc,
-            "--num-samples", n,
+            "--name", name, "--gpus-per-trial", frac, "--cpus-per-trial", "3", "--max-concurrent", conc,
+            "--num-samples", n, "--input-dir", str(data / "inputs"), "--label-dir", str(data / "labels"),
         ]  # fmt: skip
         sampler = GpuSampler(out / f"nvidia_smi_{name}.log") if gpu else None
         if sampler:
             sampler.__enter__()
         try:
-            code, secs = run(cmd, out / f"search_{name}.log", cap(110), env)
+            code, secs = run(cmd, out / f"search_{name}.log", cap(60 if name == "quarter" else 50), store_env)
         finally:
             if sampler:
                 sampler.__exit__()
@@ -260,7 +341,31 @@ def main() -> int:
         rates["ratio"] = {"quarter_over_whole": ratio}
         rows.append(("0.25-GPU trials vs one at a time", f"{ratio:.2f}x aggregate trial-epochs/min (target >= 2.5x)"))
 
-    # 5. an infeasible configuration beside feasible ones, at 0.25 GPU
+    # 6. the search at scale: fractional GPUs, ASHA, SIGKILL and --resume
+    if "scale" in steps:
+        if data is None or left() < 60:
+            rows.append(("scale search", "skipped: " + ("no synthetic store" if data is None else "out of time")))
+        else:
+            budget = left() - 10
+            cmd = [sys.executable, "bench/gpu_scale.py", "search", "--data", str(data), "--out", str(out / "scale"),
+                   "--budget-s", f"{budget:.0f}"]  # fmt: skip
+            cmd += (
+                ["--gpus-per-trial", "0.25", "--max-concurrent", "4", "--cpus-per-trial", "3", "--num-samples", "6",
+                 "--max-t", "2", "--kill-after", f"{min(75, budget / 2):.0f}"]
+                if gpu
+                else ["--gpus-per-trial", "0", "--max-concurrent", "2", "--cpus-per-trial", "1", "--num-samples", "3",
+                      "--max-t", "2", "--kill-after", "20", "--base-channels", "4", "--depth", "2",
+                      "--batch-sizes", "4"]
+            )  # fmt: skip
+            cmd += a.scale_args.split()
+            code, secs = run(cmd, out / "scale.log", budget + 8, store_env)
+            rows.append(("scale search (gpu_scale.py search)", f"exit {code} in {secs:.0f} s"))
+            for line in (out / "scale.log").read_text(errors="replace").splitlines()[-14:]:
+                rows.append(("  ", line.strip()[:220]))
+        if data is not None and a.data_dir is None:
+            shutil.rmtree(data.parent, ignore_errors=True)
+
+    # 7. an infeasible configuration beside feasible ones, at 0.25 GPU
     if left() > 50 and "infeasible" in steps:
         from tune_agb.demo import write_demo_dataset
 
