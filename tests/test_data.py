@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +247,35 @@ def test_feed_normalises_and_replaces_nonfinite(ds: tuple[Path, Path], mode: str
     assert abs(stats.target_mean) > 1 and stats.target_std > 1  # the round trip is not an identity
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_stream_abandoned_with_a_full_queue_closes(
+    ds: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, fail: bool
+) -> None:
+    """A consumer that stops early (an exception in the training step, a test's timeout) while the producer waits on a
+    full queue with its last item (the end marker, or its own error) gets its close() back: no join on a thread that
+    blocks forever."""
+    idir, ldir = ds
+    val = load_dataset(idir, ldir)["val"]
+    feed = SplitFeed(val, compute_norm_stats(val), torch.device("cpu"), mode="stream", prefetch=1)
+    if fail:  # the producer's third batch fails: its error waits behind the second batch
+        read, calls = data_mod._Reader.read, []
+
+        def flaky(self: object, idx: np.ndarray, out: np.ndarray) -> None:
+            calls.append(1)
+            if len(calls) > 4:  # inputs and labels of batches 0 and 1 read, batch 2 fails
+                raise OSError("disk gone")
+            read(self, idx, out)
+
+        monkeypatch.setattr(data_mod._Reader, "read", flaky)
+    gen = feed.batches([np.array([i]) for i in range(3 if fail else 2)])
+    next(gen)  # batch 0 taken: the producer fills the queue (prefetch 1) and then blocks on its last put
+    time.sleep(0.5)
+    closer = threading.Thread(target=gen.close, daemon=True)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "closing the stream hangs on its producer thread"
+
+
 def test_memory_mapped_assembly_over_threshold(ds: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     idir, ldir = ds
     in_ram = load_split(idir, ldir, "train")
@@ -255,9 +286,12 @@ def test_memory_mapped_assembly_over_threshold(ds: tuple[Path, Path], monkeypatc
     assert isinstance(mapped.inputs, np.memmap)
     np.testing.assert_array_equal(mapped.inputs, in_ram.inputs)
     np.testing.assert_array_equal(mapped.labels, in_ram.labels)
-    # The stats and the device copy work from the mapped array the same way.
-    a, b = compute_norm_stats(mapped, chunk=1).to_dict(), compute_norm_stats(in_ram).to_dict()
-    assert a == pytest.approx(b, rel=1e-12)
+    # The stats and the device copy work from the mapped array the same way: per-band mean/std array by array, then
+    # the target's two scalars (approx takes flat numbers only, no dict of lists).
+    a, b = compute_norm_stats(mapped, chunk=1), compute_norm_stats(in_ram)
+    np.testing.assert_allclose(a.mean, b.mean, rtol=1e-12)
+    np.testing.assert_allclose(a.std, b.std, rtol=1e-12)
+    assert (a.target_mean, a.target_std) == pytest.approx((b.target_mean, b.target_std), rel=1e-12)
     if os.name == "posix":  # the backing file is unlinked at once: nothing piles up in the temp folder
         after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
         assert not [f for f in after - before if f.startswith("tune_agb_train_")]

@@ -521,6 +521,16 @@ def _stream(feed: SplitFeed, index_batches: list[np.ndarray]) -> Iterator[tuple[
     stop = threading.Event()
     side = torch.cuda.Stream(feed.device) if cuda else None
 
+    def put(item: Any) -> None:
+        """Queue ``item`` unless the consumer has stopped: a blocking put on a full queue that nobody reads any more
+        would hang the consumer's join (an exception in the training step, a timeout) for good."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def produce() -> None:
         try:
             for k, idx in enumerate(index_batches):
@@ -542,16 +552,11 @@ def _stream(feed: SplitFeed, index_batches: list[np.ndarray]) -> Iterator[tuple[
                     item = (xd, yd, ev)
                 else:
                     item = (xs, ys, None)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                put(item)
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put(exc)
+            put(exc)
         else:
-            q.put(None)
+            put(None)
 
     thread = threading.Thread(target=produce, name=f"tune_agb-stream-{feed.split}", daemon=True)
     thread.start()
