@@ -196,8 +196,7 @@ def main() -> int:
     if "throughput" in steps:
         size = (
             ["--tile", "244", "--base-channels", "64", "--depth", "4", "--batch-size", "16", "--tiles", "128",
-             "--steps", "25", "--levers", "--lever-batches", "8,32", "--compile-modes", "fused,default",
-             "--profile", "3"]
+             "--steps", "25", "--levers", "--lever-batches", "8,32", "--compile-modes", "fused", "--profile", "3"]
             if gpu
             else ["--tile", "64", "--base-channels", "8", "--depth", "2", "--batch-size", "4", "--tiles", "16",
                   "--steps", "4", "--levers", "--lever-batches", "8", "--compile-modes", ""]
@@ -205,7 +204,7 @@ def main() -> int:
         size = a.throughput_args.split() if a.throughput_args else size
         cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
         cmd += ["--json", str(out / "throughput.json")]
-        code, secs = run(cmd, out / "throughput.log", cap(100), env)
+        code, secs = run(cmd, out / "throughput.log", cap(85), env)
         rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
         grep(out / "throughput.log", "samples/s", "speed-up", "ceiling", "failed", "FLOP per")
 
@@ -214,13 +213,14 @@ def main() -> int:
         pargs = (
             a.predict_args.split()
             if a.predict_args
-            else ["--size", "8192" if gpu else "512", "--skip-prepare", "--device", a.device,
-                  "--base-channels", "32" if gpu else "4", "--depth", "4" if gpu else "2"]
+            else ["--size", "8192" if gpu else "512", "--skip-prepare", "--device", a.device, "--seam-margin", "16",
+                  "--base-channels", "32" if gpu else "4", "--depth", "4" if gpu else "2", "--timeout", "40",
+                  "--predict-tile", "1024" if gpu else "256", "--batch-size", "8" if gpu else "2"]
         )  # fmt: skip
         pdir = pick_data_dir([Path("/dev/shm/tune_agb_predict"), out / "predict"], 12 if gpu else 0.1)
         cmd = [sys.executable, "bench/raster_io.py", *pargs, "--json", str(out / "predict.json")]
         cmd += ["--workdir", str(pdir)] if pdir else []
-        code, secs = run(cmd, out / "predict.log", cap(70), env)
+        code, secs = run(cmd, out / "predict.log", cap(55), env)
         rows.append(("predict (bench/raster_io.py)", f"exit {code} in {secs:.0f} s: {tail(out / 'predict.log')}"))
         grep(out / "predict.log", "Mpx/s")
         if pdir:
@@ -263,7 +263,7 @@ def main() -> int:
                 f"--junitxml={out / 'pytest_cuda.xml'}",
             ],
             out / "pytest_cuda.log",
-            cap(110),
+            cap(100),
             env | {"TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile-worker pool left at exit
         )
         rows.append(("pytest -m cuda", f"exit {code} in {secs:.0f} s: {tail(out / 'pytest_cuda.log')}"))
@@ -305,14 +305,14 @@ def main() -> int:
             continue
         cmd = [
             sys.executable, "-m", "tune_agb.search", "--space", str(space_path), "--storage", str(out / "ray"),
-            "--name", name, "--gpus-per-trial", frac, "--cpus-per-trial", "3", "--max-concurrent", conc,
+            "--name", name, "--gpus-per-trial", frac, "--cpus-per-trial", "3" if gpu else "1", "--max-concurrent", conc,
             "--num-samples", n, "--input-dir", str(data / "inputs"), "--label-dir", str(data / "labels"),
         ]  # fmt: skip
         sampler = GpuSampler(out / f"nvidia_smi_{name}.log") if gpu else None
         if sampler:
             sampler.__enter__()
         try:
-            code, secs = run(cmd, out / f"search_{name}.log", cap(60 if name == "quarter" else 50), store_env)
+            code, secs = run(cmd, out / f"search_{name}.log", cap(55 if name == "quarter" else 45), store_env)
         finally:
             if sampler:
                 sampler.__exit__()
@@ -350,8 +350,9 @@ def main() -> int:
             cmd = [sys.executable, "bench/gpu_scale.py", "search", "--data", str(data), "--out", str(out / "scale"),
                    "--budget-s", f"{budget:.0f}"]  # fmt: skip
             cmd += (
-                ["--gpus-per-trial", "0.25", "--max-concurrent", "4", "--cpus-per-trial", "3", "--num-samples", "6",
-                 "--max-t", "2", "--kill-after", f"{min(75, budget / 2):.0f}"]
+                ["--gpus-per-trial", "0.25", "--max-concurrent", "4", "--cpus-per-trial", "3", "--num-samples", "4",
+                 "--max-t", "2", "--kill-after", f"{min(60, budget / 2):.0f}", "--base-channels", "16",
+                 "--batch-sizes", "32"]
                 if gpu
                 else ["--gpus-per-trial", "0", "--max-concurrent", "2", "--cpus-per-trial", "1", "--num-samples", "3",
                       "--max-t", "2", "--kill-after", "20", "--base-channels", "4", "--depth", "2",

@@ -18,6 +18,8 @@ if [ -f .gpu/site312.tar.xz ] && [ ! -d "$SITE/ray" ]; then
     tar -xJf .gpu/site312.tar.xz -C "$SITE" 2>/dev/null ||
         python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" .gpu/site312.tar.xz "$SITE"
 fi
+# The tarball was made from unzipped wheels: give Ray's two executables back the mode pip would have set.
+chmod +x "$SITE/ray/core/src/ray/gcs/gcs_server" "$SITE/ray/core/src/ray/raylet/raylet"
 echo "packages unpacked in $(($(date +%s) - t0)) s"
 export PYTHONPATH="$SITE:$PWD"
 python3 bench/gpu_check.py --out "$OUTDIR" "$@"
