@@ -148,6 +148,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: rehearse without a GPU")
     p.add_argument("--only", default=",".join(DEFAULT_STEPS), help=f"comma-separated steps among {', '.join(STEPS)}")
     p.add_argument("--throughput-args", default="", help="replace the throughput step's size and lever arguments")
+    p.add_argument("--throughput-s", type=float, default=85, help="the throughput step's cap (seconds)")
+    p.add_argument("--tests-s", type=float, default=100, help="the CUDA tests' cap (seconds)")
     p.add_argument("--predict-args", default="", help="replace the predict step's arguments to bench/raster_io.py")
     p.add_argument("--packing-steps", type=int, default=0, help="batches per epoch of the packing trials (default: "
                    "300 on CUDA, 2 on CPU)")  # fmt: skip
@@ -204,7 +206,7 @@ def main() -> int:
         size = a.throughput_args.split() if a.throughput_args else size
         cmd = [sys.executable, "bench/train_throughput.py", "--device", a.device, *size]
         cmd += ["--json", str(out / "throughput.json")]
-        code, secs = run(cmd, out / "throughput.log", cap(85), env)
+        code, secs = run(cmd, out / "throughput.log", cap(a.throughput_s), env)
         rows.append(("train_throughput 244 px base 64", f"exit {code} in {secs:.0f} s"))
         grep(out / "throughput.log", "samples/s", "speed-up", "ceiling", "failed", "FLOP per")
 
@@ -253,7 +255,7 @@ def main() -> int:
                 "pytest",
                 "-m",
                 "cuda",
-                "-q",
+                "-v",
                 "-rs",
                 "-p",
                 "no:cacheprovider",
@@ -263,8 +265,8 @@ def main() -> int:
                 f"--junitxml={out / 'pytest_cuda.xml'}",
             ],
             out / "pytest_cuda.log",
-            cap(100),
-            env | {"TORCHINDUCTOR_COMPILE_THREADS": "1"},  # no compile-worker pool left at exit
+            cap(a.tests_s),
+            env,
         )
         rows.append(("pytest -m cuda", f"exit {code} in {secs:.0f} s: {tail(out / 'pytest_cuda.log')}"))
 

@@ -321,6 +321,8 @@ def time_levers(
         ("+ bf16 resident inputs (normalised once)", base, {"bf16_inputs": True}),
     ]
     runs += [(f"train() default, batch {b}", base.replace(batch_size=b), {}) for b in _ints(args.lever_batches)]
+    if args.compile_only:  # train()'s default at the main batch size, then only the compile settings
+        runs = [("train() default", base, {})]
     modes = [m for m in args.compile_modes.split(",") if m]
     runs += [(f"+ compile {m}", base.replace(compile=m), {}) for m in modes]
     if "fused" in modes:  # the fused layers at every batch size tried (a new shape: compiled again, see warm-up)
@@ -337,6 +339,8 @@ def time_levers(
         ]
     if args.profile:
         runs.insert(0, ("train() default, profiled", base, {"profile": args.profile}))
+        if args.compile_only:
+            runs.pop(1)
         if "fused" in modes:
             runs.append(("compile fused, profiled", base.replace(compile="fused"), {"profile": args.profile}))
     rows = []
@@ -429,6 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compile-modes",
         default="fused,default,reduce-overhead",
         help="compile settings tried with --levers (fused: also at every --lever-batches size)",
+    )
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="no side-by-side rows; with --levers only train()'s default and the --compile-modes rows",
     )
     p.add_argument("--compile", default="none", help="the compile setting of the side-by-side rows (none, fused, ...)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
@@ -528,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"model FLOPs per training sample (forward + backward): {_fmt_flops(flops)}FLOP")
         # Interleave the loops round by round so that a change in machine load hits all of them alike.
+        runs = [] if args.compile_only else runs
         timings: dict[str, list[float]] = {label: [] for label, _ in runs}
         for _ in range(max(1, args.repeats)):
             for label, fn in runs:
@@ -546,8 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 line += f"  (runs: {', '.join(f'{v:.2f}' for v in timings[label])})"
             print(line, flush=True)
             results.append(row)
-        speedup = results[1]["samples_per_s"] / results[0]["samples_per_s"]
-        print(f"speed-up ours / baseline: {speedup:.2f}x")
+        speedup = results[1]["samples_per_s"] / results[0]["samples_per_s"] if results else None
+        if speedup:
+            print(f"speed-up ours / baseline: {speedup:.2f}x")
         levers = time_levers(args, cfg, norm, tiles, device, state, flops, peak) if args.levers else []
         matmul = measured_matmul_tflops(device)
         if matmul:
@@ -578,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     indent=2,
                 )
             )
-        if not math.isfinite(speedup):
+        if speedup is not None and not math.isfinite(speedup):
             return 1
     return 0
 
