@@ -167,9 +167,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_fused_compiled_layers_match_eager_on_cuda(amp: torch.dtype | None) -> None:
-    """compile: fused (BatchNorm + ReLU and upsampling + concatenation compiled) computes the eager model's outputs,
-    gradients and running statistics: to float32 rounding in full precision (TF32 off), to bf16 rounding under
-    autocast. Two steps, fresh random inputs each."""
+    """compile: fused (BatchNorm + ReLU and upsampling + concatenation compiled) computes the eager model's function:
+    against a float64 reference of the same model, the fused model's outputs, gradients and running statistics are
+    as close as the eager model's in the same precision (float32 with TF32 off, or bf16 autocast). Measured, not
+    assumed: a fixed tolerance between two float32 runs failed on an H200 (a first-layer gradient that is mostly
+    cancellation in BatchNorm's backward differed by 5e-3 between two correct float32 computations)."""
     import copy
 
     from tune_agb.engine.fused import FusedOps
@@ -180,22 +182,24 @@ def test_fused_compiled_layers_match_eager_on_cuda(amp: torch.dtype | None) -> N
         torch.manual_seed(0)
         eager = UNet(14, 16, 3).cuda().to(memory_format=torch.channels_last).train()
         fused = copy.deepcopy(eager).fuse(FusedOps())
-        tol = 1e-4 if amp is None else 3e-2
+        ref = copy.deepcopy(eager).double().to(memory_format=torch.contiguous_format)
+        floor = 1e-6 if amp is None else 1e-3
         for step in range(2):
-            x = torch.randn(4, 14, 61, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-            outs = []
-            for m in (eager, fused):
+            x = torch.randn(4, 14, 61, 64, device="cuda")
+            w = torch.randn(2, 4, 61, 64, device="cuda", dtype=torch.float64)  # gradients without cancellation
+            got = {}
+            for name, m in (("ref", ref), ("eager", eager), ("fused", fused)):
                 m.zero_grad()
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp is not None):
-                    mu, logvar = m(x)
-                (mu.float().square().mean() + logvar.float().mean()).backward()
-                outs.append((mu.detach(), logvar.detach()))
-            for a, b in zip(outs[1], outs[0], strict=True):
-                assert _rel(a, b) < tol
-            for (name, p), (_, q) in zip(fused.named_parameters(), eager.named_parameters(), strict=True):
-                assert _rel(p.grad, q.grad) < tol * (3 if amp is not None else 1), f"{name} step {step}"
-            for (name, p), (_, q) in zip(fused.named_buffers(), eager.named_buffers(), strict=True):
-                assert _rel(p, q) < tol, f"{name} step {step}"
+                xin = x.double() if m is ref else x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp is not None and m is not ref):
+                    mu, logvar = m(xin)
+                (mu.double() * w[0] + logvar.double() * w[1]).sum().backward()
+                got[name] = {"mu": mu.detach(), "logvar": logvar.detach()}
+                got[name] |= {f"grad {k}": v.grad for k, v in m.named_parameters()}
+                got[name] |= {f"buffer {k}": v for k, v in m.named_buffers() if v.is_floating_point()}
+            for key, want in got["ref"].items():
+                e_eager, e_fused = _rel(got["eager"][key], want), _rel(got["fused"][key], want)
+                assert e_fused <= 3 * e_eager + floor, f"{key}, step {step}: fused {e_fused:.2e}, eager {e_eager:.2e}"
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
