@@ -1,13 +1,17 @@
-"""bench/gpu_scale.py at a tiny scale on CPU: the synthetic store opens as written (nothing packed, the placeholders
-sparse, the labels sparse and learnable, the statistics those of the stored values), and the search with a SIGKILL
-and ``--resume`` finishes every trial and reports RSS, epochs and FLOPs."""
+"""bench/synthetic_store.py and bench/gpu_scale.py at a tiny scale on CPU: the synthetic store opens as written
+(nothing packed, the placeholders sparse, the labels sparse and learnable, the statistics those of the stored values),
+``gpu_scale.py store`` runs the same writer, and the search with a SIGKILL and ``--resume`` finishes every trial and
+reports RSS, epochs and FLOPs (figures from bench/scale_summary.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +21,16 @@ from tests.conftest import REPO
 from tune_agb.engine.data import TileSet, compute_norm_stats
 from tune_agb.store import INPUTS, DataSource
 
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_scale as gs
+
 SCRIPT = REPO / "bench" / "gpu_scale.py"
+STORE_SCRIPT = REPO / "bench" / "synthetic_store.py"
 TRAIN, VAL, TILE = 40, 8, 32
 
 
-def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), *args]
+def _bench(*args: str, timeout: float = 120, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
@@ -34,8 +42,8 @@ def _store_state(root: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gpu_scale") / "data"
-    proc = _bench("store", "--out", str(out), "--train", str(TRAIN), "--val", str(VAL), "--tile", str(TILE),
-                  "--workers", "2")  # fmt: skip
+    proc = _bench("--out", str(out), "--train", str(TRAIN), "--val", str(VAL), "--tile", str(TILE), "--workers", "2",
+                  script=STORE_SCRIPT)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "as float32" in proc.stdout and "tiles/s" in proc.stdout
     return out
@@ -98,8 +106,36 @@ def test_store_is_opened_as_written_without_packing(dataset: Path, monkeypatch: 
 
 
 def test_store_refuses_to_overwrite_without_the_flag(dataset: Path) -> None:
-    proc = _bench("store", "--out", str(dataset), "--train", "2", "--val", "1", "--tile", "16", "--workers", "1")
+    args = ("--out", str(dataset), "--train", "2", "--val", "1", "--tile", "16", "--workers", "1")
+    proc = _bench(*args, script=STORE_SCRIPT)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    # ``gpu_scale.py store`` is the same writer with the same arguments
+    proc = _bench("store", *args)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    proc = _bench("store", *args[:-2], "--pool", "0")
+    assert proc.returncode == 2 and "usage: gpu_scale.py store" in proc.stderr and "--pool >= 1" in proc.stderr
+
+
+def test_search_process_waits_for_exit_kill_point_or_budget(tmp_path: Path) -> None:
+    def start(code: str, tag: str) -> gs.SearchProcess:
+        return gs.SearchProcess([sys.executable, "-c", code], tmp_path / f"{tag}.log", dict(os.environ), tag)
+
+    done = start("pass", "ta")
+    assert done.wait(time.monotonic() + 60) == "exited"
+    assert done.finish(tmp_path / "logs_a", (0,)) == (0, [])
+
+    killed = start("import time; time.sleep(60)", "tb")
+    seen: list[float] = []
+    assert killed.wait(time.monotonic() + 60, lambda s: seen.append(s) or s >= 0.5) == "kill"
+    assert len(seen) >= 2 and seen[-1] >= 0.5 and killed.proc.poll() is None
+    killed.kill()
+    assert killed.finish(tmp_path / "logs_b", (0, -signal.SIGKILL))[0] == -signal.SIGKILL
+
+    late = start("import time; time.sleep(60)", "tc")
+    t0 = time.monotonic()
+    assert late.wait(t0 + 0.5, lambda s: False) == "budget" and time.monotonic() - t0 < 5
+    late.interrupt(10)
+    assert late.finish(tmp_path / "logs_c", (0,))[0] is not None
 
 
 @pytest.mark.slow
