@@ -7,9 +7,9 @@ Steps, each a subprocess with its log under ``--out``, each stopped at its share
 
 1. ``nvidia-smi`` and the software versions;
 2. ``throughput``: ``bench/train_throughput.py`` for the base-64, depth-4 U-Net at 244 px, side by side with the
-   original-style loop, then lever by lever: eager, ``compile: fused`` (tune_agb.engine.fused) and a whole-model
-   ``torch.compile`` at batch 8, 16 and 32, with a profile of the eager and fused steps (targets: >= 2x the baseline,
-   >= 35 % of the card's bf16 dense peak);
+   original-style loop, then lever by lever: eager at batch 8, 16 and 32 and ``compile: fused``
+   (tune_agb.engine.fused) at batch 16, 8 and 32, with a profile of the eager and fused steps (targets: >= 2x the
+   baseline, >= 35 % of the card's bf16 dense peak);
 3. ``predict``: ``bench/raster_io.py`` predicts an 8192 x 8192 x 14 GeoTIFF stack with a base-32, depth-4 U-Net on
    the GPU (megapixels per second; needs rasterio);
 4. ``tests``: the CUDA-marked tests (``pytest -m cuda``): bf16 autocast, channels_last, resident and streamed data, no
