@@ -314,7 +314,7 @@ def main() -> int:
         if sampler:
             sampler.__enter__()
         try:
-            code, secs = run(cmd, out / f"search_{name}.log", cap(55 if name == "quarter" else 45), store_env)
+            code, secs = run(cmd, out / f"search_{name}.log", cap(150), store_env)
         finally:
             if sampler:
                 sampler.__exit__()
