@@ -43,11 +43,10 @@ from tune_agb.engine.calibration import (
     fit_calibration,
     save_calibration,
 )
-from tune_agb.engine.config import parse_windows
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
-from tune_agb.engine.model import Texture
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.texture import Texture, parse_windows
 
 if TYPE_CHECKING:
     from tune_agb.final_train import Prediction
@@ -71,7 +70,7 @@ class Pixels:
 
 def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK, windows: tuple[int, ...] = ()) -> Pixels:
     """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk);
-    ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.engine.model.Texture`)
+    ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.texture.Texture`)
     as features, after the bands."""
     texture = Texture(windows)
     xs, ys, ts, fs = [], [], [], []
