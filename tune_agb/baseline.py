@@ -7,8 +7,8 @@ random forest.
 
 Each model is fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean)
 and scored on the labelled pixels of val and test with the U-Net's metrics. With ``--texture-windows`` each pixel
-also gets each band's local standard deviation over those windows (the U-Net's ``texture_windows`` input, computed by
-the same code): the strongest baseline without a network. Their predicted variance is recalibrated
+also gets each band's local standard deviation over those windows (:mod:`tune_agb.texture`): the strongest
+baseline without a network. Their predicted variance is recalibrated
 on val as final_train's is (same methods, same default), so the coverages compare. The uncertainty of each:
 
 - ridge: one variance for every pixel, the mean squared residual of the train pixels;
