@@ -1,7 +1,7 @@
 """Screen training options on the real tiles: one configuration and its variants, over outer spatial folds and seeds.
 
     python bench/config_screen.py [--data ../shared/data/gedi-s1s2-real] [--outer-k 3] [--seeds 0,1,2]
-        [--space search_spaces/real-cpu.yaml] [--variant NAME:KEY=VALUE,KEY=VALUE ...] [--pretrain NAME:FLAGS ...]
+        [--space search_spaces/real-cpu.yaml] [--variant NAME:KEY=VALUE,KEY=VALUE ...]
         [--workers 2] [--out DIR] [--json FILE]
 
 A search's answer is only as good as its space. Before an option goes into a space (or into the engine's defaults),
@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -47,7 +46,7 @@ def base_config(space: dict[str, Any]) -> dict[str, Any]:
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     """``NAME:KEY=VALUE,KEY=VALUE`` (values parsed as YAML) -> (NAME, changes). A comma starts a new item only
-    before ``KEY=``, so a value may hold commas: ``tex:texture_windows=3,7,15,lr=0.001``."""
+    before ``KEY=``, so a value may hold commas: ``w:init_weights=/runs/a,b/best.pt,lr=0.001``."""
     name, sep, rest = text.partition(":")
     if not sep or not name:
         raise SystemExit(f"--variant: expected NAME:KEY=VALUE[,KEY=VALUE], got {text!r}")
@@ -84,31 +83,6 @@ def train_one(run: Path, config: Path, seed: int, data: list[str]) -> dict[str, 
     return {"test_rmse": m["test_rmse"], "run": str(run), "seconds": secs}
 
 
-def parse_pretrain(text: str) -> tuple[str, list[str]]:
-    """``NAME:FLAGS`` (``tune_agb.pretrain``'s flags, space-separated) -> (NAME, flags)."""
-    name, sep, rest = text.partition(":")
-    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise SystemExit(f"--pretrain: expected NAME:FLAGS (NAME of letters, digits, _ or -), got {text!r}")
-    return name, shlex.split(rest)
-
-
-def pretrain_one(trunk: Path, config: Path, flags: list[str], data: list[str], threads: int) -> None:
-    """``python -m tune_agb.pretrain`` of the base configuration's architecture on one outer fold's tiles, unless
-    ``trunk`` exists."""
-    if trunk.exists():
-        return
-    trunk.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "tune_agb.pretrain", "--config", str(config), *data, "--out", str(trunk),
-           "--no-progress", *flags]  # fmt: skip
-    env = os.environ | {
-        "OMP_NUM_THREADS": str(threads),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{trunk}: tune_agb.pretrain exited with {done.returncode}:\n{done.stderr[-2000:]}")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "gedi-s1s2-real"))
@@ -121,13 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the space whose fixed keys + first point are the base; 'engine': the engine's default configuration",
     )
     p.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE[,KEY=VALUE] (repeatable)")
-    p.add_argument(
-        "--pretrain",
-        action="append",
-        default=[],
-        help="NAME:FLAGS: pretrain the base architecture on each outer fold (python -m tune_agb.pretrain FLAGS) into "
-        "OUT/pretrain/NAME/fold{j}.pt, for variants such as 'ssl:init_weights=OUT/pretrain/NAME/fold{fold}.pt'",
-    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", required=True, help="folder for the fold links, configs and runs")
     p.add_argument("--json")
@@ -139,7 +106,6 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     base = {} if a.space == "engine" else base_config(yaml.safe_load(Path(a.space).read_text()))
     variants = dict([("plain", {}), *(parse_variant(v) for v in a.variant)])
-    pretrains = [parse_pretrain(t) for t in a.pretrain]
     from tune_agb.engine.config import config_from_dict
     from tune_agb.errors import TuneAgbError
 
@@ -166,9 +132,6 @@ def main(argv: list[str] | None = None) -> None:
             for j, d in enumerate(fold_data)
         ]
     start = time.perf_counter()
-    for name, flags in pretrains:  # before the runs that start from them
-        for j, d in enumerate(fold_data):
-            pretrain_one(out / "pretrain" / name / f"fold{j}.pt", out / "configs" / "plain.yaml", flags, d, a.workers)
     with concurrent.futures.ThreadPoolExecutor(a.workers) as pool:
         got = list(pool.map(lambda job: train_one(job[3], job[4], job[1], job[5]), jobs))
     results = {(job[0], job[1], job[2]): r for job, r in zip(jobs, got, strict=True)}

@@ -11,8 +11,6 @@ then measures, each command in its own process, as a user runs it:
   takes minutes at every size: peak RssAnon of the driver and of every Ray worker process (sampled from
   ``/proc/PID/status`` every 0.2 s), and the peak of Ray's object store (``ray memory --stats-only``, every 2 s);
 - **final_train**: the same bounded epochs: peak RssAnon;
-- **pretrain**: ``python -m tune_agb.pretrain`` on the train and val tiles, ``--steps`` steps of the same model: peak
-  RssAnon;
 - **tiles/s**: the training step fed streamed from the store and resident (the split copied to RAM first; skipped when
   that copy would not fit in half the machine's memory), same model, same batch, side by side in one process.
 
@@ -45,7 +43,7 @@ TILE_BYTES = C * T * T * 4
 VAL, TEST = 48, 16
 
 
-COMMANDS = ("pack", "search", "final_train", "pretrain", "throughput")
+COMMANDS = ("pack", "search", "final_train", "throughput")
 
 
 def write_dataset(root: Path, gb: float, seed: int = 0) -> int:
@@ -258,12 +256,6 @@ def main() -> None:
                      str(work / "final.yaml"), "--no-progress"]  # fmt: skip
             f = row["final_train"] = run_monitored(final, env, log=work / f"final_{gb:g}.log")
             said.append(f"final_train {f['wall_s']:.0f} s, {f['driver_rss_anon'] / mb:.0f} MB")
-        if "pretrain" in todo:
-            pre = [sys.executable, "-m", "tune_agb.pretrain", "--input-dir", idir, "--label-dir", ldir, "--config",
-                   str(work / "final.yaml"), "--out", str(work / f"trunk_{gb:g}gb.pt"), "--overwrite", "--steps",
-                   str(a.steps), "--no-progress"]  # fmt: skip
-            f = row["pretrain"] = run_monitored(pre, env, log=work / f"pretrain_{gb:g}.log")
-            said.append(f"pretrain {f['wall_s']:.0f} s, {f['driver_rss_anon'] / mb:.0f} MB")
         if "throughput" in todo:
             os.environ["TUNE_AGB_STORE"] = str(store)
             tps = row["tiles_per_s"] = tiles_per_s(ds / "inputs", ds / "labels", a.throughput_steps, threads=2)

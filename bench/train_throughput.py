@@ -42,7 +42,8 @@ from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import NormStats, SplitFeed
 from tune_agb.engine.device import compile_for_training, memory_format, resolve_amp, resolve_device, tune_cuda
 from tune_agb.engine.model import UNet
-from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler
+from tune_agb.engine.optim import build_optimizer, build_scheduler
+from tune_agb.engine.train import TrainStep
 from tune_agb.errors import run_cli
 from tune_agb.store import DataSource
 

@@ -99,20 +99,11 @@ def known_unet_checkpoint(
     return _save(path, cfg, model, NormStats([0.0] * in_channels, [1.0] * in_channels, target_mean, target_std))
 
 
-def random_unet_checkpoint(
-    path: Path, in_channels: int, depth: int, base_channels: int = 4, seed: int = 0, texture_windows: str = ""
-) -> Path:
+def random_unet_checkpoint(path: Path, in_channels: int, depth: int, base_channels: int = 4, seed: int = 0) -> Path:
     """A real checkpoint of a U-Net with random weights (and random batch-norm statistics), predicting AGB-like
     values (target mean 120, std 60): a model with real spatial context, nothing trained."""
     torch.manual_seed(seed)
-    cfg = TrainConfig(
-        in_channels=in_channels,
-        base_channels=base_channels,
-        depth=depth,
-        norm="batch",
-        amp="none",
-        texture_windows=texture_windows,
-    )
+    cfg = TrainConfig(in_channels=in_channels, base_channels=base_channels, depth=depth, norm="batch", amp="none")
     model = UNet.from_config(cfg)
     with torch.no_grad():
         for m in model.modules():

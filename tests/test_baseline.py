@@ -108,10 +108,10 @@ def test_forest_variance_is_the_mixture_of_its_trees_leaves(tiny_data: Path) -> 
 
 def test_texture_features_follow_the_bands(tiny_data: Path, tmp_path: Path) -> None:
     """--texture-windows: each labelled pixel's features are its bands, then each band's local standard deviation
-    per window (as the U-Net's Texture input computes it); the run records the windows and scores differently."""
+    per window (as tune_agb.texture.Texture computes it); the run records the windows and scores differently."""
     import torch
 
-    from tune_agb.engine.model import Texture
+    from tune_agb.texture import Texture
 
     tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels")
     norm = compute_norm_stats(tiles["train"], standardize_target=False)

@@ -223,59 +223,23 @@ def test_training_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], da
     with ``torch.cuda.set_sync_debug_mode("error")``: any host sync inside a step or between batches raises. The
     fused layers (``compile: fused``, BatchNorm) too."""
     from tune_agb.engine.device import compile_for_training, resolve_amp, tune_cuda
-    from tune_agb.engine.ema import WeightAverage
-    from tune_agb.engine.train import TrainStep, build_optimizer, build_scheduler, radiometric_draws
+    from tune_agb.engine.optim import build_optimizer, build_scheduler
+    from tune_agb.engine.train import TrainStep
 
-    # beta-NLL, texture inputs, a weight average and the radiometric augmentation on, so their ops are inside the
-    # check too
-    cfg = _cfg(batch_size=2, nll_beta=0.5, texture_windows="3,7", ema_decay=0.9, aug_gain=0.1, aug_offset=0.3,
-               band_dropout=0.2, compile=compile, norm="batch" if compile == "fused" else "group")  # fmt: skip
+    cfg = _cfg(batch_size=2, compile=compile, norm="batch" if compile == "fused" else "group")
     dev = torch.device("cuda")
     tune_cuda(dev)
     norm = compute_norm_stats(tiles["train"])
     feed = SplitFeed(tiles["train"], norm, dev, mode=data_mode)
     model = UNet.from_config(cfg).to(dev, memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model.parameters(), fused=True)
-    ema = WeightAverage(model, cfg.ema_decay)
     step = TrainStep(model, opt, build_scheduler(cfg, opt, 8), None, cfg, resolve_amp(cfg, dev), dev,
-                     compile_for_training(model, cfg), ema)  # fmt: skip
+                     compile_for_training(model, cfg))  # fmt: skip
     n = len(feed)
     order = [np.random.default_rng(i).permutation(n)[:2] for i in range(12)]
     flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
-    radio = radiometric_draws(24, cfg.in_channels, cfg, torch.Generator().manual_seed(1)).to(dev)
     batches = feed.batches(order)
     for i in range(3):  # warm-up outside the check: cuDNN autotuning, the index copy of the pass
-        x, y = next(batches)
-        step(x, y, flags[2 * i : 2 * i + 2], radio[2 * i : 2 * i + 2])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i, (x, y) in enumerate(batches, start=3):
-            step(x, y, flags[2 * i : 2 * i + 2], radio[2 * i : 2 * i + 2])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    loss, _ = step.read()
-    assert math.isfinite(loss)
-    assert ema.steps == 12 and not torch.equal(next(ema.model.parameters()), next(model.parameters()))
-
-
-@pytest.mark.parametrize("data_mode", ["resident", "stream"])
-def test_pretraining_steps_run_under_sync_debug_error(tiles: dict[str, TileSet], data_mode: str) -> None:
-    """tune_agb.pretrain's steps (masks drawn on the device, flips, bf16, channels_last, fused AdamW) never sync
-    with the host: only ``read`` does."""
-    from tune_agb.engine.device import tune_cuda
-    from tune_agb.pretrain import Pretrainer, PretrainStep
-
-    cfg = _cfg(batch_size=2, norm="batch", texture_windows="3")
-    dev = torch.device("cuda")
-    tune_cuda(dev)
-    feed = SplitFeed(tiles["train"], compute_norm_stats(tiles["train"]), dev, mode=data_mode)
-    model = Pretrainer(cfg).to(dev, memory_format=torch.channels_last)
-    step = PretrainStep(model, cfg, dev, steps=12, lr=2e-3, mask_patch=8, mask_ratio=0.6)
-    order = [np.random.default_rng(i).permutation(len(feed))[:2] for i in range(12)]
-    flags = torch.rand((24, 3), generator=torch.Generator().manual_seed(0)).lt(0.5).to(dev)
-    batches = feed.batches(order)
-    for i in range(3):  # warm-up outside the check
         x, y = next(batches)
         step(x, y, flags[2 * i : 2 * i + 2])
     torch.cuda.synchronize()
@@ -285,4 +249,5 @@ def test_pretraining_steps_run_under_sync_debug_error(tiles: dict[str, TileSet],
             step(x, y, flags[2 * i : 2 * i + 2])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert step.count == 12 and math.isfinite(step.read()) and step.count == 0
+    loss, _ = step.read()
+    assert math.isfinite(loss)

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import tune_agb.engine.data as data_mod
-from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import NormStats, SplitFeed, compute_norm_stats, count_nonfinite, load_dataset, load_split
-from tune_agb.engine.train import apply_radiometry, augment, radiometric_draws
+from tune_agb.engine.train import augment
 from tune_agb.errors import TuneAgbError
 
 C, H, W = 14, 9, 11
@@ -335,37 +334,3 @@ def test_augment_keeps_channels_last() -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     xa, _ = augment(x, y, torch.tensor([[True, False, True]] * 4))
     torch.testing.assert_close(xa.contiguous(), x.flip(-1).transpose(-1, -2).contiguous())
-
-
-def test_radiometric_draws_follow_the_config() -> None:
-    """Per tile and band: log gain ~ N(0, aug_gain), offset ~ N(0, aug_offset), and a dropped band (gain 0 and
-    offset 0, i.e. its mean) with probability band_dropout; all off draws nothing and leaves the generator as it was."""
-    gen = torch.Generator().manual_seed(3)
-    before = gen.get_state()
-    assert radiometric_draws(5, 14, TrainConfig(), gen) is None
-    assert torch.equal(gen.get_state(), before)
-
-    cfg = TrainConfig(aug_gain=0.2, aug_offset=0.5, band_dropout=0.25)
-    r = radiometric_draws(4000, 14, cfg, gen)
-    assert r is not None and r.shape == (4000, 14, 2) and r.dtype == torch.float32
-    dropped = r[..., 0] == 0
-    assert torch.equal(dropped, (r == 0).all(-1))  # a dropped band loses its offset too
-    assert abs(dropped.float().mean().item() - 0.25) < 0.01
-    kept = r[~dropped]
-    assert abs(kept[:, 0].log().std().item() - 0.2) < 0.005 and abs(kept[:, 0].log().mean().item()) < 0.005
-    assert abs(kept[:, 1].std().item() - 0.5) < 0.01 and abs(kept[:, 1].mean().item()) < 0.01
-    again = radiometric_draws(4000, 14, cfg, torch.Generator().manual_seed(3).set_state(before))
-    assert torch.equal(r, again)  # reproducible from the generator's state
-
-
-def test_apply_radiometry_scales_and_shifts_each_band_of_each_tile() -> None:
-    x, _ = _ids(3, 6, 6)
-    x = x + torch.tensor([0.0, 1.0, -2.0]).view(1, 3, 1, 1)  # (3 tiles, 3 bands, 6, 6), no band all zero
-    radio = torch.tensor(
-        [[[1.0, 0.0], [2.0, 0.5], [0.0, 0.0]], [[0.5, -1.0], [1.0, 0.0], [1.0, 3.0]], [[1.0, 0.0]] * 3]
-    )
-    out = apply_radiometry(x.contiguous(memory_format=torch.channels_last), radio)
-    for b in range(3):
-        for c in range(3):
-            torch.testing.assert_close(out[b, c], x[b, c] * radio[b, c, 0] + radio[b, c, 1])
-    assert (out[0, 2] == 0).all()  # a dropped band is its mean after normalisation

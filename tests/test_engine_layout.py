@@ -23,7 +23,8 @@ from tune_agb.engine.inference import Member, Predictor, predict_target_units
 from tune_agb.engine.losses import LOSSES
 from tune_agb.engine.metrics import equal_count_bins, uncertainty_calibration_error
 from tune_agb.engine.model import UNet
-from tune_agb.engine.train import build_optimizer, build_scheduler, predict_tiles, resume_scheduler
+from tune_agb.engine.optim import build_optimizer, build_scheduler, resume_scheduler
+from tune_agb.engine.train import predict_tiles
 from tune_agb.errors import TuneAgbError
 
 ENGINE = REPO / "tune_agb" / "engine"

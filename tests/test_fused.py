@@ -85,7 +85,7 @@ def test_fused_model_evaluates_with_the_eager_layers() -> None:
 
 def test_fuse_switches_back_and_copies_share_the_ops() -> None:
     _, fused, ops = _pair()
-    twin = copy.deepcopy(fused)  # the weight average's copy
+    twin = copy.deepcopy(fused)
     assert twin.inc.fused is ops and twin.ups[0].fused is ops
     fused.fuse(None)
     fused(torch.randn(2, 14, 16, 16, dtype=torch.float64))

@@ -48,8 +48,6 @@ def test_fit_adds_optimizer_state_and_batches_to_the_measured_step() -> None:
     assert fit.required == fit.step_peak + fit.optimizer_state + fit.batches
     sgd = check_memory_fit(_cfg(optimizer="sgd"), (32, 48), CUDA, 0.25, total_memory=8 * GiB, measure=lambda *_: 0)
     assert sgd is not None and sgd.optimizer_state == 4 * n_params
-    ema = check_memory_fit(_cfg(ema_decay=0.99), (32, 48), CUDA, 0.25, total_memory=8 * GiB, measure=lambda *_: 0)
-    assert ema is not None and ema.optimizer_state == 3 * 4 * n_params  # + the weight average's copy
 
 
 def test_a_step_beyond_the_share_is_infeasible_with_its_figures() -> None:

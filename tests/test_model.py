@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
-from tune_agb.engine.config import CHOICES, TrainConfig, config_from_dict
-from tune_agb.engine.model import Texture, UNet
-from tune_agb.errors import TuneAgbError
+from tune_agb.engine.config import CHOICES, TrainConfig
+from tune_agb.engine.model import UNet
 
 
 def _count(model: torch.nn.Module, cls: type) -> int:
@@ -90,46 +88,6 @@ def test_logvar_stays_inside_its_range(lo_hi: tuple[float, float]) -> None:
     assert lo < seen[1].mean() < hi
 
 
-def test_texture_is_each_bands_local_standard_deviation() -> None:
-    """Against a direct loop: the population sd of the w x w window around each pixel of the reflect-padded band."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64).float()
-    out = Texture((3, 5))(x)
-    assert out.shape == (2, 9, 9, 11)
-    torch.testing.assert_close(out[:, :3], x)
-    for k, w in enumerate((3, 5)):
-        r = w // 2
-        padded = np.pad(x.numpy().astype(np.float64), ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
-        want = np.empty(x.shape)
-        for i in range(9):
-            for j in range(11):
-                want[..., i, j] = padded[..., i : i + w, j : j + w].std(axis=(-1, -2))
-        torch.testing.assert_close(
-            out[:, 3 * (k + 1) : 3 * (k + 2)].double(), torch.from_numpy(want), atol=1e-5, rtol=0
-        )
-    assert Texture(())(x) is x
-
-
-def test_texture_windows_widen_the_first_convolution_only() -> None:
-    cfg = TrainConfig(in_channels=14, base_channels=8, depth=2, texture_windows="3,7,15")
-    model = UNet.from_config(cfg).eval()
-    assert model.inc[0].in_channels == 14 * 4 and model.texture.windows == (3, 7, 15)
-    mu, logvar = model(torch.randn(1, 14, 40, 36))
-    assert mu.shape == logvar.shape == (1, 40, 36)
-    assert not any(True for _ in model.texture.parameters())  # no weights: nothing to train or to save
-
-
-@pytest.mark.parametrize(("value", "want"), [("3,7,15", "3,7,15"), (" 7 , 3", "7,3"), (7, "7"), ("", "")])
-def test_texture_windows_parse(value: object, want: str) -> None:
-    assert config_from_dict({"texture_windows": value}).texture_windows == want
-
-
-@pytest.mark.parametrize("bad", ["4", "1", "3,3", "a", "3;7", 7.0, True])
-def test_texture_windows_errors_name_the_key(bad: object) -> None:
-    with pytest.raises(TuneAgbError, match=r"'texture_windows' must be distinct odd window sizes >= 3"):
-        config_from_dict({"texture_windows": bad})
-
-
 def test_dropout_active_in_train_mode_only() -> None:
     torch.manual_seed(0)
     model = UNet(in_channels=3, base_channels=4, depth=2, dropout=0.5, norm="group")
@@ -156,10 +114,10 @@ def test_channels_last_gives_the_same_result(upsampling: str) -> None:
 
 def test_from_config_uses_every_architecture_field() -> None:
     cfg = TrainConfig(in_channels=7, base_channels=6, depth=3, upsampling="transpose", dropout=0.1, norm="group")
-    cfg = cfg.replace(logvar_min=-4.0, logvar_max=3.0, texture_windows="3")
+    cfg = cfg.replace(logvar_min=-4.0, logvar_max=3.0)
     model = UNet.from_config(cfg)
-    assert model.inc[0].in_channels == 7 * 2 and model.inc[0].out_channels == 6
-    assert model.depth == 3 and (model.logvar_min, model.logvar_max, model.texture.windows) == (-4.0, 3.0, (3,))
+    assert model.inc[0].in_channels == 7 and model.inc[0].out_channels == 6
+    assert model.depth == 3 and (model.logvar_min, model.logvar_max) == (-4.0, 3.0)
     assert _count(model, torch.nn.ConvTranspose2d) == 3 and _count(model, torch.nn.Dropout2d) == 4
 
 

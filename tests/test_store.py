@@ -21,7 +21,7 @@ import torch
 from tests.conftest import REPO
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import choose_mode, compute_norm_stats, load_dataset
-from tune_agb.engine.train import _Run, train
+from tune_agb.engine.train import Run, train
 from tune_agb.errors import TuneAgbError
 from tune_agb.store import DataSource, packed_split, store_root
 
@@ -234,11 +234,11 @@ def test_steps_per_epoch_sees_every_tile_once_per_pass(tiny_data: Path) -> None:
     tiles = load_dataset(tiny_data / "inputs", tiny_data / "labels", splits=("train", "val"))
     n = len(tiles["train"])
     cfg = TrainConfig(**{**TINY, "batch_size": 2, "steps_per_epoch": 3})
-    run = _Run(cfg, tiles, compute_norm_stats(tiles["train"]), torch.device("cpu"), None)
+    run = Run(cfg, tiles, compute_norm_stats(tiles["train"]), torch.device("cpu"), None)
     seen, flags = [], []
     for _ in range(4):  # 12 batches of 2 = 3 passes over 8 tiles
-        idx, fl, radio = run._batches()
-        assert len(idx) == 3 and fl is not None and fl.shape == (6, 3) and radio is None
+        idx, fl = run._batches()
+        assert len(idx) == 3 and fl is not None and fl.shape == (6, 3)
         seen += [int(i) for b in idx for i in b]
         flags.append(fl)
     assert n == 8 and len(seen) == 3 * n

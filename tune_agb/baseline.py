@@ -7,8 +7,8 @@ random forest.
 
 Each model is fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean)
 and scored on the labelled pixels of val and test with the U-Net's metrics. With ``--texture-windows`` each pixel
-also gets each band's local standard deviation over those windows (the U-Net's ``texture_windows`` input, computed by
-the same code): the strongest baseline without a network. Their predicted variance is recalibrated
+also gets each band's local standard deviation over those windows (:mod:`tune_agb.texture`): the strongest
+baseline without a network. Their predicted variance is recalibrated
 on val as final_train's is (same methods, same default), so the coverages compare. The uncertainty of each:
 
 - ridge: one variance for every pixel, the mean squared residual of the train pixels;
@@ -43,11 +43,10 @@ from tune_agb.engine.calibration import (
     fit_calibration,
     save_calibration,
 )
-from tune_agb.engine.config import parse_windows
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
-from tune_agb.engine.model import Texture
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.texture import Texture, parse_windows
 
 if TYPE_CHECKING:
     from tune_agb.final_train import Prediction
@@ -71,7 +70,7 @@ class Pixels:
 
 def labelled_pixels(tiles: TileSet, norm: NormStats, chunk: int = CHUNK, windows: tuple[int, ...] = ()) -> Pixels:
     """The labelled pixels of ``tiles``, read ``chunk`` tiles at a time (a memory-mapped split stays on disk);
-    ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.engine.model.Texture`)
+    ``windows``: add each band's local standard deviation over these windows (:class:`~tune_agb.texture.Texture`)
     as features, after the bands."""
     texture = Texture(windows)
     xs, ys, ts, fs = [], [], [], []

@@ -369,11 +369,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.train_mode == "resume":
         ckpt = Path(args.model_weights_path) if args.model_weights_path else Path(args.out_dir) / "last.pt"
         resume = load_checkpoint(ckpt)
-        if "pretrain" in resume:
-            raise TuneAgbError(
-                f"{ckpt}: a pretrained trunk (python -m tune_agb.pretrain), not a run to resume; train from it with "
-                f"init_weights: {ckpt} in the --config file"
-            )
         values = resume["config"] | {k: v for k, v in (values | layers).items() if k == "epochs"}
         layers = {}
         source = f"checkpoint {ckpt}"

@@ -3,8 +3,11 @@
 Keys: ``format``, ``epoch`` (epochs completed), ``config`` (TrainConfig as a dict), ``norm`` (NormStats as a
 dict), ``model``, ``optimizer``, ``scheduler``, ``scaler`` (state dicts), ``rng`` (``torch``, ``cuda``,
 ``shuffle`` generator states), ``history`` (per-epoch metric dicts), ``best`` (``epoch``, ``val_rmse``).
-With a weight average (``ema_decay`` > 0), ``model`` holds the averaged weights (the ones that predict), and
-``train_model`` / ``ema_steps`` the trained weights and the number of steps averaged, for resuming.
+A cross-validation's checkpoint holds ``folds`` (one such dict per fold) instead of the model's keys.
+
+Checkpoints written before tune_agb 0.2 may name options removed since (:data:`~tune_agb.engine.config.REMOVED_KEYS`):
+at their neutral value they load as today's; otherwise (a weight average, texture inputs, ...) and pretrained trunks
+(``python -m tune_agb.pretrain``, removed) the loader refuses them with one line naming the key.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import torch
 
+from tune_agb.engine.config import drop_removed_keys
 from tune_agb.errors import TuneAgbError
 
 CHECKPOINT_FORMAT = "tune_agb.checkpoint/1"
@@ -58,4 +62,20 @@ def _load(file: Any, source: str, map_location: str | torch.device) -> dict[str,
         raise TuneAgbError(f"{source}: not a loadable tune_agb checkpoint ({str(exc).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TuneAgbError(f"{source}: not a tune_agb checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return _without_removed_keys(state, source)
+
+
+def _without_removed_keys(state: dict[str, Any], source: str) -> dict[str, Any]:
+    """A checkpoint of an older tune_agb as today's engine writes it, or one TuneAgbError naming the removed key."""
+    if "pretrain" in state:
+        raise TuneAgbError(
+            f"{source}: 'pretrain': a trunk of tune_agb.pretrain, which was removed in tune_agb 0.2 (measured no "
+            "gain, see bench/RESULTS.md), cannot be loaded"
+        )
+    state = dict(state)
+    if isinstance(state.get("config"), dict):
+        state["config"] = drop_removed_keys(state["config"], source, "checkpoint")
+    if isinstance(state.get("folds"), list):
+        state["folds"] = [_without_removed_keys(f, f"{source} fold {j}") if isinstance(f, dict) else f
+                          for j, f in enumerate(state["folds"])]  # fmt: skip
     return state

@@ -39,6 +39,45 @@ LOSS_ALIASES: dict[str, str] = {
 }
 
 
+# Keys removed in tune_agb 0.2 because the screens in bench/RESULTS.md measured no gain from them, each with the value
+# at which it changed nothing (the model and its training were then exactly those of today's engine). A config file or
+# checkpoint that holds one at that value loads as before, without it; any other value is refused.
+REMOVED_KEYS: dict[str, Any] = {
+    "nll_beta": 0.0,
+    "aug_gain": 0.0,
+    "aug_offset": 0.0,
+    "band_dropout": 0.0,
+    "ema_decay": 0.0,
+    "texture_windows": "",
+}
+
+
+def drop_removed_keys(values: dict[str, Any], source: str, what: str = "config") -> dict[str, Any]:
+    """``values`` without the :data:`REMOVED_KEYS` it holds at their neutral value.
+
+    Args:
+        values: hyperparameters as read (a config file's, or a checkpoint's ``config``).
+        source: names the file in the error.
+        what: ``config`` or ``checkpoint``, for the error.
+
+    Raises:
+        TuneAgbError: one line naming the first removed key set to anything but its neutral value.
+    """
+    for key, neutral in REMOVED_KEYS.items():
+        if key in values and not _is_neutral(values[key], neutral):
+            raise TuneAgbError(
+                f"{source}: '{key}' was removed in tune_agb 0.2 (measured no gain, see bench/RESULTS.md); this {what} "
+                f"uses {key}={values[key]!r} (only {neutral!r} still loads) and cannot be loaded"
+            )
+    return {k: v for k, v in values.items() if k not in REMOVED_KEYS}
+
+
+def _is_neutral(value: Any, neutral: Any) -> bool:
+    if isinstance(neutral, str):
+        return isinstance(value, str) and value.strip() == neutral
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == neutral
+
+
 def loss_name(name: str) -> str | None:
     """The canonical loss (a ``CHOICES['loss']`` value) for a loss name or alias (any case, ``-`` or ``_``);
     None when there is none."""
@@ -52,9 +91,6 @@ class TrainConfig:
 
     # model
     in_channels: int = 14
-    # Canopy texture as extra input channels: the local standard deviation of every input band over square windows
-    # of these sizes (comma-separated odd px, e.g. "3,7,15"; "" = none), computed in the model from its input.
-    texture_windows: str = ""
     base_channels: int = 32
     depth: int = 4
     upsampling: str = "bilinear"
@@ -64,9 +100,6 @@ class TrainConfig:
     logvar_max: float = 10.0
     # loss / target
     loss: str = "gaussian_nll"
-    # beta-NLL (Seitzer et al. 2022): weight each labelled pixel's NLL by its predicted spread^beta, held constant in
-    # the backward pass. 0 is the plain NLL; 1 fits the mean as mse / mae would while still training the variance.
-    nll_beta: float = 0.0
     standardize_target: bool = True
     # optimisation
     optimizer: str = "adamw"
@@ -81,26 +114,14 @@ class TrainConfig:
     steps_per_epoch: int = 0
     batch_size: int = 8
     grad_clip: float = 1.0
-    # An exponential moving average of the weights (0: off). After every step the average moves towards the trained
-    # weights by max(1 - ema_decay, 1 / steps so far): a plain mean at first, then a window of ~1 / (1 - ema_decay)
-    # steps. The average is what is validated, checkpointed as the model and predicts.
-    ema_decay: float = 0.0
     # Start from another run's weights instead of a random initialisation ("" = random): a tune_agb checkpoint (a
-    # final model's best.pt, e.g. trained on another region, or ``python -m tune_agb.pretrain``'s trunk). Every
-    # tensor must match this architecture; a checkpoint without the output head (pretrain's) leaves the head random.
+    # final model's best.pt, e.g. trained on another region). Every tensor must match this architecture.
     # Stored as an absolute path; ignored when resuming (the checkpoint holds the weights).
     init_weights: str = ""
     # execution
     amp: str = "auto"
     channels_last: bool = True
     augment: bool = True
-    # Radiometric augmentation of the train tiles (0: off), drawn per tile and band, in the units of the normalised
-    # inputs (band standard deviations): x * exp(gain) + offset with gain ~ N(0, aug_gain), offset ~ N(0, aug_offset),
-    # and each band replaced by its mean (0) with probability band_dropout. Scenes differ by haze, season and sensor
-    # drift; this asks the model not to lean on one band's absolute level.
-    aug_gain: float = 0.0
-    aug_offset: float = 0.0
-    band_dropout: float = 0.0
     # How tiles reach the device: auto (CUDA: resident when they fit the trial's share, else streamed; CPU: streamed
     # from the store's memory map), resident, stream.
     data_mode: str = "auto"
@@ -125,33 +146,9 @@ def field_types() -> dict[str, type]:
     return {f.name: type(getattr(TrainConfig(), f.name)) for f in dataclasses.fields(TrainConfig)}
 
 
-def parse_windows(value: Any, source: str = "config") -> tuple[int, ...]:
-    """``texture_windows`` as a tuple of window sizes: from "3,7,15", 7, or "" (none). Each must be an odd integer
-    >= 3, given once."""
-    text = str(value).strip()
-    parts = [p.strip() for p in text.split(",")] if text else []
-    try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        sizes = ()
-    if (
-        len(sizes) != len(parts)
-        or isinstance(value, (bool, float))
-        or any(w < 3 or w % 2 == 0 for w in sizes)
-        or len(set(sizes)) != len(sizes)
-    ):
-        raise TuneAgbError(
-            f"{source}: 'texture_windows' must be distinct odd window sizes >= 3, comma-separated (e.g. \"3,7,15\"), "
-            f'or "" for none; got {value!r}'
-        )
-    return sizes
-
-
 def coerce_value(name: str, value: Any, source: str = "config") -> Any:
     """Check one hyperparameter's type and allowed values; return it with ints widened to float where needed."""
     types = field_types()
-    if name == "texture_windows":  # a string of sizes; a single size may come as a YAML integer
-        return ",".join(str(w) for w in parse_windows(value, source))
     if name == "init_weights":  # a path: kept as written (case included), made absolute for Ray's trial folders
         if not isinstance(value, str):
             raise TuneAgbError(f"{source}: 'init_weights' must be a checkpoint path or \"\", got {value!r}")
@@ -181,26 +178,21 @@ def coerce_value(name: str, value: Any, source: str = "config") -> Any:
 
 def _check_range(name: str, value: Any, source: str) -> None:
     positive = {"base_channels", "depth", "epochs", "batch_size", "in_channels", "lr", "cyclic_step_epochs"}
-    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch", "aug_gain", "aug_offset"}
+    non_negative = {"weight_decay", "momentum", "grad_clip", "steps_per_epoch"}
     if name in positive and value <= 0:
         raise TuneAgbError(f"{source}: '{name}' must be > 0, got {value!r}")
     if name in non_negative and value < 0:
         raise TuneAgbError(f"{source}: '{name}' must be >= 0, got {value!r}")
-    if name == "nll_beta" and not 0.0 <= value <= 1.0:
-        raise TuneAgbError(f"{source}: 'nll_beta' must be in [0, 1], got {value!r}")
-    if name == "ema_decay" and not 0.0 <= value < 1.0:
-        raise TuneAgbError(f"{source}: 'ema_decay' must be in [0, 1) (0: no weight average), got {value!r}")
-    if name == "band_dropout" and not 0.0 <= value < 1.0:
-        raise TuneAgbError(f"{source}: 'band_dropout' must be in [0, 1) (0: off), got {value!r}")
     if name == "dropout" and not 0.0 <= value < 1.0:
         raise TuneAgbError(f"{source}: 'dropout' must be in [0, 1), got {value!r}")
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a validated :class:`TrainConfig`; unknown keys are errors that list the valid ones."""
+    """Build a validated :class:`TrainConfig`; unknown keys are errors that list the valid ones, and a key of
+    :data:`REMOVED_KEYS` is dropped at its neutral value and an error at any other."""
     if not isinstance(values, dict):
         raise TuneAgbError(f"{source}: expected a mapping of hyperparameters, got {type(values).__name__}")
-    clean = {k: coerce_value(k, v, source) for k, v in values.items()}
+    clean = {k: coerce_value(k, v, source) for k, v in drop_removed_keys(values, source).items()}
     cfg = TrainConfig(**clean)
     if cfg.logvar_min >= cfg.logvar_max:
         raise TuneAgbError(f"{source}: 'logvar_min' must be < 'logvar_max'")

@@ -84,7 +84,7 @@ class FusedOps:
             self._bn_relu, self._up_cat = _batchnorm_relu, _upsample2_cat
 
     def __deepcopy__(self, memo: dict) -> FusedOps:
-        return self  # no state: a copied model (the weight average) shares the compiled functions
+        return self  # no state: a copied model shares the compiled functions
 
     def batchnorm_relu(self, x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
         """``relu(bn(x))`` for a BatchNorm layer in training mode (its running statistics updated)."""

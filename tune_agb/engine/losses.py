@@ -6,7 +6,6 @@ the mean over labelled pixels (0 when there is none). Constants (0.5 log 2 pi, l
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -22,28 +21,17 @@ def _prepare(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(mask, target, 0.0), mask
 
 
-def _beta_weight(log_param: torch.Tensor, beta: float) -> torch.Tensor | float:
-    """The beta-NLL weight (Seitzer et al. 2022, ICLR): the per-pixel NLL times param^beta, held constant in the
-    backward pass. param is the distribution's own spread parameter (Gaussian variance, Laplace scale b), so at
-    beta = 1 the mean's gradient is that of the plain regression loss (mse, mae) and at beta = 0 it is the NLL's,
-    which lets pixels the model calls uncertain fade out of the fit of the mean."""
-    return torch.exp(beta * log_param).detach() if beta else 1.0
-
-
-def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """0.5 * (s + (y - mu)^2 exp(-s)), s = log variance; times var^beta (no gradient) for beta-NLL."""
+def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.5 * (s + (y - mu)^2 exp(-s)), s = log variance."""
     y, mask = _prepare(target)
-    nll = 0.5 * (logvar + (y - mean) ** 2 * torch.exp(-logvar))
-    return _masked_mean(nll * _beta_weight(logvar, beta), mask)
+    return _masked_mean(0.5 * (logvar + (y - mean) ** 2 * torch.exp(-logvar)), mask)
 
 
-def laplacian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+def laplacian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Laplace NLL with scale b = exp(s/2) (so the variance head means the same in every loss):
-    log b + |y - mu| / b, i.e. s/2 + |y - mu| exp(-s/2). The variance of Laplace(mu, b) is 2 b^2.
-    Times b^beta (no gradient) for beta-NLL."""
+    log b + |y - mu| / b, i.e. s/2 + |y - mu| exp(-s/2). The variance of Laplace(mu, b) is 2 b^2."""
     y, mask = _prepare(target)
-    nll = 0.5 * logvar + (y - mean).abs() * torch.exp(-0.5 * logvar)
-    return _masked_mean(nll * _beta_weight(0.5 * logvar, beta), mask)
+    return _masked_mean(0.5 * logvar + (y - mean).abs() * torch.exp(-0.5 * logvar), mask)
 
 
 def mse(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -62,15 +50,6 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
     "mse": mse,
     "mae": mae,
 }
-
-
-def make_loss(name: str, nll_beta: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss of a config: ``LOSSES[name]``, with the beta-NLL weight for the two NLLs when
-    ``nll_beta`` > 0 (mse and mae have no spread to weight by and ignore it)."""
-    fn = LOSSES[name]
-    if nll_beta and name in ("gaussian_nll", "laplacian_nll"):
-        return functools.partial(fn, beta=nll_beta)
-    return fn
 
 
 def predicted_variance(logvar: torch.Tensor, loss: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.device import autocast, memory_format, resolve_amp
-from tune_agb.engine.losses import make_loss
+from tune_agb.engine.losses import LOSSES
 from tune_agb.engine.model import UNet
 from tune_agb.errors import InfeasibleError
 
@@ -39,7 +39,7 @@ class MemoryFit:
     """A configuration's measured working set on its device share, in bytes."""
 
     step_peak: int  # weights, gradients, activations and workspaces of one training step
-    optimizer_state: int  # the optimiser's state, and the weight average's copy when there is one
+    optimizer_state: int  # the optimiser's state
     batches: int  # the batches in flight (prefetched inputs and labels)
     available: int  # the share: device_share x the card's memory
 
@@ -77,7 +77,7 @@ def measure_step_peak(cfg: TrainConfig, tile_hw: tuple[int, int], device: torch.
         y = torch.randn(cfg.batch_size, h, w, device=device)
         with autocast(device, resolve_amp(cfg, device)):
             mu, logvar = model(x)
-        make_loss(cfg.loss, cfg.nll_beta)(mu.float(), logvar.float(), y).backward()
+        LOSSES[cfg.loss](mu.float(), logvar.float(), y).backward()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     finally:
@@ -107,8 +107,7 @@ def check_memory_fit(
     available = int(min(1.0, device_share) * total)
     with torch.device("meta"):  # shapes only: nothing allocated or initialised
         n_params = sum(p.numel() for p in UNet.from_config(cfg).parameters())
-    # the optimiser's copies of the weights, plus the weight average's (ema_decay > 0)
-    opt_state = (OPTIMIZER_COPIES.get(cfg.optimizer, 2) + (cfg.ema_decay > 0)) * 4 * n_params
+    opt_state = OPTIMIZER_COPIES.get(cfg.optimizer, 2) * 4 * n_params  # the optimiser's copies of the weights
     h, w = tile_hw
     batches = (prefetch + 1) * cfg.batch_size * (cfg.in_channels + 1) * h * w * 4
     try:

@@ -3,7 +3,6 @@
 Input (B, C, H, W) of any H, W: it is padded (replicate) to a multiple of 2**depth and the output cropped back.
 Output (B, 2, H, W): channel 0 the mean, channel 1 the log-variance, squashed smoothly into
 [logvar_min, logvar_max] (default [-10, 10] in standardised target units: sigma from 0.007 to 148 target stds).
-With ``texture_windows``, each band's local standard deviation over those windows joins the input (:class:`Texture`).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_agb.engine.config import TrainConfig, parse_windows
+from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.fused import FusedOps
 
 
@@ -83,30 +82,6 @@ class Up(nn.Module):
         return self.drop(self.conv(torch.cat([up, skip], dim=1)))
 
 
-class Texture(nn.Module):
-    """The input bands, followed by each band's local standard deviation over square windows (reflect-padded at the
-    edges), window by window: (B, C, H, W) -> (B, C * (1 + len(windows)), H, W). No weights; computed in float32
-    (a variance from E[x^2] - E[x]^2 loses too much in bf16)."""
-
-    def __init__(self, windows: tuple[int, ...]):
-        super().__init__()
-        self.windows = tuple(windows)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.windows:
-            return x
-        xf = x.float()
-        sq = xf * xf
-        out = [x]
-        for w in self.windows:
-            r = w // 2
-            pad = (r, r, r, r)
-            m = F.avg_pool2d(F.pad(xf, pad, mode="reflect"), w, stride=1)
-            m2 = F.avg_pool2d(F.pad(sq, pad, mode="reflect"), w, stride=1)
-            out.append((m2 - m * m).clamp_min(0).sqrt().to(x.dtype))
-        return torch.cat(out, 1)
-
-
 class UNet(nn.Module):
     def __init__(
         self,
@@ -118,14 +93,12 @@ class UNet(nn.Module):
         norm: str = "batch",
         logvar_min: float = -10.0,
         logvar_max: float = 10.0,
-        texture_windows: tuple[int, ...] = (),
     ):
         super().__init__()
         self.depth = depth
-        self.texture = Texture(texture_windows)
         self.logvar_min, self.logvar_max = logvar_min, logvar_max
         widths = [base_channels * 2**i for i in range(depth + 1)]
-        self.inc = DoubleConv(in_channels * (1 + len(self.texture.windows)), widths[0], norm)
+        self.inc = DoubleConv(in_channels, widths[0], norm)
         self.downs = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))
         self.mid_drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.ups = nn.ModuleList(
@@ -144,7 +117,6 @@ class UNet(nn.Module):
             cfg.norm,
             cfg.logvar_min,
             cfg.logvar_max,
-            parse_windows(cfg.texture_windows),
         )
 
     def fuse(self, ops: FusedOps | None) -> UNet:
@@ -160,10 +132,8 @@ class UNet(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) -> the last decoder layer's features (B, base_channels, H, W): what the 1x1 head reads
-        (and what :mod:`tune_agb.pretrain` trains with a head of its own)."""
+        """x (B, C, H, W) -> the last decoder layer's features (B, base_channels, H, W): what the 1x1 head reads."""
         h, w = x.shape[-2:]
-        x = self.texture(x)
         m = 2**self.depth
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:

@@ -26,11 +26,10 @@ def grid_step(model: UNet) -> int:
     return 2**model.depth
 
 
-def receptive_radius_bound(depth: int, texture_windows: tuple[int, ...] = ()) -> int:
+def receptive_radius_bound(depth: int) -> int:
     """An upper bound of the U-Net's receptive-field radius (px): two 3x3 convs per level on the way down and up,
-    each pooling and upsampling step, summed at each level's pixel size; with slack; plus the reach of the widest
-    texture window (its half-width), which every pixel's input already spans."""
-    return 10 * 2**depth + 4 + max(texture_windows, default=1) // 2
+    each pooling and upsampling step, summed at each level's pixel size; with slack."""
+    return 10 * 2**depth + 4
 
 
 @torch.no_grad()
@@ -49,7 +48,7 @@ def measure_margin(
         agree (e.g. instance or group normalisation, whose statistics are taken over the whole window).
     """
     step = grid_step(model)
-    bound = receptive_radius_bound(model.depth, model.texture.windows)
+    bound = receptive_radius_bound(model.depth)
     offset = math.ceil((bound + step) / step) * step
     window = math.ceil(2 * (bound + step) / step) * step
     size = window + 2 * offset

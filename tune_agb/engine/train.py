@@ -7,15 +7,15 @@ and label), and the loss sums accumulate on the device. The host syncs once per 
 An epoch is one pass over the train tiles, or ``steps_per_epoch`` batches of an ongoing pass (the pass, its order
 and flips are part of the checkpoint, so a run resumed mid-pass goes on exactly).
 
-:func:`train` checks the run (:func:`_check_run`), builds it or restores it from a checkpoint (:class:`_Run`), then
-runs one epoch at a time (:meth:`_Run.one_epoch`: train, validate, record) and reports each to ``on_epoch``.
-:func:`train_folds` does the same for the k models of a cross-validation, in step: each epoch, every fold's model
-trains one epoch and is validated on its fold, and ``on_epoch`` gets the mean and spread over folds.
+:func:`train` checks the run (:func:`check_run`), builds it or restores it from a checkpoint (:class:`Run`), then
+runs one epoch at a time (:meth:`Run.one_epoch`: train, validate, record) and reports each to ``on_epoch``. One step
+is :class:`TrainStep` (augment, forward, loss, :func:`~tune_agb.engine.optim.optimizer_step`); the optimiser and the
+schedules are in :mod:`tune_agb.engine.optim`, the k models of a cross-validation trained in step in
+:mod:`tune_agb.engine.folds_loop`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -37,12 +37,12 @@ from tune_agb.engine.device import (
     resolve_device,
     tune_cuda,
 )
-from tune_agb.engine.ema import WeightAverage
 from tune_agb.engine.inference import predict_target_units
-from tune_agb.engine.losses import make_loss
+from tune_agb.engine.losses import LOSSES
 from tune_agb.engine.memory import MemoryFit, check_memory_fit
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.model import UNet
+from tune_agb.engine.optim import build_optimizer, build_scheduler, optimizer_step, resume_scheduler
 from tune_agb.errors import DivergenceError, TuneAgbError
 
 log = logging.getLogger(__name__)
@@ -50,101 +50,6 @@ log = logging.getLogger(__name__)
 
 class StopTraining(Exception):  # noqa: N818 (a signal, not an error)
     """Raised by an ``on_epoch`` callback to end the run after the current epoch."""
-
-
-def build_optimizer(cfg: TrainConfig, params: Any, fused: bool = False) -> torch.optim.Optimizer:
-    """The optimiser of ``cfg``; ``fused``: Adam/AdamW's fused CUDA kernel (one launch for all the weights, used
-    on CUDA; same state dict, so checkpoints move between the two)."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-# Warmup-stable-decay: linear warm-up over the first 5 % of the steps, the full lr until 80 % of the horizon, then a
-# cosine decay to lr/100 at its end. Unlike cosine, the lr stays at its peak for most of the run, so ASHA's early
-# rungs compare trials at the same (full) learning rate, not at different points of an anneal.
-WSD_WARMUP = 0.05
-WSD_DECAY_START = 0.8
-LR_FLOOR = 0.01  # cosine and wsd end at lr * LR_FLOOR
-
-
-def wsd_factor(step: int, total: int) -> float:
-    """The warmup-stable-decay multiplier of the lr after ``step`` optimiser steps of a ``total``-step horizon.
-
-    Warm-up: ``w = max(1, round(0.05 total))`` steps at ``(step + 1) / (w + 1)``; then 1 up to step
-    ``d = max(w, floor(0.8 total))`` (at most ``total - 1``); then a cosine from 1 to ``LR_FLOOR`` at ``total``, and
-    ``LR_FLOOR`` past it (a resumed run that goes on beyond its horizon)."""
-    warmup = max(1, round(WSD_WARMUP * total))
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    decay_start = min(max(warmup, math.floor(WSD_DECAY_START * total)), total - 1)  # decays by ``total``
-    if step <= decay_start:
-        return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, total - decay_start))
-    return LR_FLOOR + (1.0 - LR_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    cfg: TrainConfig, opt: torch.optim.Optimizer, steps_per_epoch: int, last_epoch: int = -1
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """All schedules step once per optimiser step, over a horizon of ``cfg.epochs * steps_per_epoch`` steps.
-
-    ``last_epoch`` is torch's argument (here the index of the last *step* taken): -1 starts the schedule; use
-    :func:`resume_scheduler` to continue one."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    lr_scheduler = torch.optim.lr_scheduler
-    if cfg.schedule == "cosine":
-        return lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=cfg.lr * LR_FLOOR, last_epoch=last_epoch)
-    if cfg.schedule == "onecycle":
-        # SGD: cycle the momentum between 0.85 m and the configured m (not torch's fixed 0.85..0.95).
-        m = cfg.momentum if cfg.optimizer == "sgd" else 0.95
-        return lr_scheduler.OneCycleLR(
-            opt,
-            max_lr=cfg.lr,
-            total_steps=total,
-            pct_start=0.3,
-            cycle_momentum=m > 0,
-            base_momentum=0.85 / 0.95 * m,
-            max_momentum=m,
-            last_epoch=last_epoch,
-        )
-    if cfg.schedule == "cyclic":
-        return lr_scheduler.CyclicLR(
-            opt,
-            base_lr=cfg.lr / 10,
-            max_lr=cfg.lr,
-            step_size_up=max(1, cfg.cyclic_step_epochs * steps_per_epoch),
-            mode="triangular2",
-            cycle_momentum=cfg.optimizer == "sgd" and cfg.momentum > 0,
-            base_momentum=0.85 / 0.95 * cfg.momentum,
-            max_momentum=cfg.momentum,
-            last_epoch=last_epoch,
-        )
-    if cfg.schedule == "wsd":
-        # A plain function (not a callable object): LambdaLR's state_dict then keeps no copy of the horizon, so a
-        # resumed run follows its own cfg.epochs.
-        return lr_scheduler.LambdaLR(opt, lambda step: wsd_factor(step, total), last_epoch=last_epoch)
-    return lr_scheduler.LambdaLR(opt, lambda _: 1.0, last_epoch=last_epoch)
-
-
-def resume_scheduler(
-    cfg: TrainConfig,
-    opt: torch.optim.Optimizer,
-    steps_per_epoch: int,
-    state: dict[str, Any],
-    opt_state: dict[str, Any],
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Restore ``opt`` from ``opt_state`` and continue the schedule of ``cfg`` after the steps recorded in ``state``
-    (both ``state_dict()``s of one checkpoint).
-
-    The horizon is the one of ``cfg`` (``cfg.epochs * steps_per_epoch``), so a resumed run can be extended; the
-    learning rates and momenta in force are the checkpoint's, the next step follows the schedule."""
-    opt.load_state_dict(opt_state)  # a scheduler built at a step takes the base lr and momenta from the param groups
-    # Building a torch scheduler takes one step, hence the step before the recorded one.
-    sched = build_scheduler(cfg, opt, steps_per_epoch, last_epoch=int(state["last_epoch"]) - 1)
-    opt.load_state_dict(opt_state)  # that step set the lr of the (new) horizon: the checkpoint's is the one in force
-    return sched
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,50 +68,6 @@ def augment(x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor) -> tuple[torc
     return x, y
 
 
-def radiometric_draws(n: int, channels: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor | None:
-    """Per tile and band, the gain and offset of the radiometric augmentation (``aug_gain``, ``aug_offset``,
-    ``band_dropout``) as an (n, channels, 2) tensor, drawn from ``gen``; None when all three are off (then ``gen``
-    is not touched, so runs without them draw as before). A dropped band gets gain 0 and offset 0: its mean."""
-    if cfg.aug_gain == 0 and cfg.aug_offset == 0 and cfg.band_dropout == 0:
-        return None
-    gain = torch.exp(torch.randn((n, channels), generator=gen) * cfg.aug_gain)
-    offset = torch.randn((n, channels), generator=gen) * cfg.aug_offset
-    keep = torch.rand((n, channels), generator=gen).ge(cfg.band_dropout).float()
-    return torch.stack([gain * keep, offset * keep], dim=-1)
-
-
-def apply_radiometry(x: torch.Tensor, radio: torch.Tensor) -> torch.Tensor:
-    """``x * gain + offset`` per sample and band: x (B, C, H, W) normalised, radio (B, C, 2) on the device."""
-    gain, offset = radio[..., 0, None, None], radio[..., 1, None, None]
-    return torch.addcmul(offset.to(x.dtype), x, gain.to(x.dtype))
-
-
-def optimizer_step(
-    loss: torch.Tensor,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler | None,
-    grad_clip: float,
-) -> None:
-    """Backward, clip the gradient norm at ``grad_clip`` (0: no clipping), step the optimiser and the schedule; with a
-    gradient scaler (fp16), scaled and unscaled around the clip. No host sync."""
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-    else:
-        loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    sched.step()
-
-
 class TrainStep:
     """One optimisation step on a batch (augment, forward, masked loss, backward, clip, step, schedule), with the
     epoch's loss and squared-error sums kept on the device: calling it never syncs with the host."""
@@ -221,13 +82,12 @@ class TrainStep:
         amp: torch.dtype | None,
         device: torch.device,
         forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-        ema: WeightAverage | None = None,
     ):
-        self.model, self.opt, self.sched, self.scaler, self.ema = model, opt, sched, scaler, ema
+        self.model, self.opt, self.sched, self.scaler = model, opt, sched, scaler
         self.forward = model if forward is None else forward  # the model, or its compiled wrapper
         self.cfg, self.amp, self.device = cfg, amp, device
         self.fmt = memory_format(cfg, device)
-        self.loss_fn = make_loss(cfg.loss, cfg.nll_beta)
+        self.loss_fn = LOSSES[cfg.loss]
         self.reset()
 
     def reset(self) -> None:
@@ -235,22 +95,15 @@ class TrainStep:
         self.sq_sum = torch.zeros((), device=self.device)
         self.pix = torch.zeros((), device=self.device)
 
-    def __call__(
-        self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None, radio: torch.Tensor | None = None
-    ) -> None:
-        """x (B, C, H, W) normalised, y (B, H, W) standardised with NaN, flags (B, 3) bool or None, radio (B, C, 2)
-        (:func:`radiometric_draws`) or None."""
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, flags: torch.Tensor | None = None) -> None:
+        """x (B, C, H, W) normalised, y (B, H, W) standardised with NaN, flags (B, 3) bool or None."""
         if flags is not None:
             x, y = augment(x, y, flags)
-        if radio is not None:
-            x = apply_radiometry(x, radio)
         x = x.contiguous(memory_format=self.fmt)
         with autocast(self.device, self.amp):
             mu, logvar = self.forward(x)
         loss = self.loss_fn(mu.float(), logvar.float(), y)
         optimizer_step(loss, self.model, self.opt, self.sched, self.scaler, self.cfg.grad_clip)
-        if self.ema is not None:
-            self.ema.update(self.model)
         with torch.no_grad():
             mask = torch.isfinite(y)
             npix = mask.sum()
@@ -366,7 +219,7 @@ class TrainResult:
 
 
 # The keys that fix a model's weights: a checkpoint can only be resumed with the same ones.
-ARCHITECTURE_KEYS = ("in_channels", "texture_windows", "base_channels", "depth", "upsampling", "norm")
+ARCHITECTURE_KEYS = ("in_channels", "base_channels", "depth", "upsampling", "norm")
 
 
 def train(
@@ -400,8 +253,8 @@ def train(
         DivergenceError: when the epoch's training loss or validation metrics are not finite.
     """
     dev = resolve_device(device)
-    norm = _check_run(cfg, tiles, norm, resume)
-    run = _Run(cfg, tiles, norm, dev, resume, device_share)
+    norm = check_run(cfg, tiles, norm, resume)
+    run = Run(cfg, tiles, norm, dev, resume, device_share)
     bar = tqdm(
         range(run.epochs_done, cfg.epochs),
         initial=run.epochs_done,
@@ -424,197 +277,6 @@ def train(
     return run.result
 
 
-# Metrics whose spread over the folds of a cross-validation is reported (``val_rmse_sd``, ``val_r2_sd``), with the value
-# of every fold (``val_rmse_fold0`` ...).
-FOLD_SPREAD = ("val_rmse", "val_r2")
-# How per-fold values combine: summed (pixel counts), the largest (memory peaks), else the mean over folds.
-_FOLD_SUM = ("val_n",)
-_FOLD_MAX = ("gpu_mem_peak_gb",)
-
-
-def fold_metric_names(k: int) -> tuple[str, ...]:
-    """The figures a k-fold cross-validation reports besides the engine's: ``val_rmse_sd``, ``val_r2_sd`` (sample
-    standard deviation over folds), then ``val_rmse_fold0`` ... ``val_r2_fold{k-1}`` (each fold's value)."""
-    return (*(f"{m}_sd" for m in FOLD_SPREAD), *(f"{m}_fold{j}" for m in FOLD_SPREAD for j in range(k)))
-
-
-def fold_summary(per_fold: list[dict[str, float]]) -> dict[str, float]:
-    """One epoch's metrics over the folds: each the mean over folds (``val_n`` summed, ``gpu_mem_peak_gb`` the largest),
-    ``epoch`` as it is, plus the spread and the per-fold values of :data:`FOLD_SPREAD` (:func:`fold_metric_names`).
-
-    A non-finite value in any fold makes the mean (and spread) non-finite: a fold that diverged is not averaged away.
-    """
-    out: dict[str, float] = {"epoch": per_fold[0]["epoch"]}
-    for key, first in per_fold[0].items():
-        if key == "epoch" or isinstance(first, bool) or not isinstance(first, (int, float)):
-            continue
-        values = np.array([float(m[key]) for m in per_fold], dtype=np.float64)
-        if key in _FOLD_SUM:
-            out[key] = float(values.sum())
-        elif key in _FOLD_MAX:
-            out[key] = float(values.max())
-        else:
-            out[key] = float(values.mean())
-    for key in FOLD_SPREAD:
-        values = np.array([float(m[key]) for m in per_fold], dtype=np.float64)
-        finite = bool(np.isfinite(values).all())
-        out[f"{key}_sd"] = float(values.std(ddof=1)) if finite and len(values) > 1 else math.inf
-        for j, v in enumerate(values):
-            out[f"{key}_fold{j}"] = float(v)
-    return out
-
-
-@dataclass
-class FoldsReport:
-    """What ``on_epoch`` of :func:`train_folds` receives after each epoch: ``metrics`` (:func:`fold_summary` of the
-    folds' metrics), each fold's :class:`EpochReport`, the checkpoint of all the folds (``state``) and whether the
-    mean validation RMSE is the best so far."""
-
-    epoch: int
-    metrics: dict[str, float]
-    folds: list[EpochReport]
-    state: Callable[[], dict[str, Any]]
-    is_best: bool
-
-
-def train_folds(
-    cfg: TrainConfig,
-    folds: list[dict[str, TileSet]],
-    *,
-    norms: list[NormStats | None] | None = None,
-    device: str = "auto",
-    resume: dict[str, Any] | None = None,
-    on_epoch: Callable[[FoldsReport], None] | None = None,
-    progress: bool = True,
-    device_share: float = 1.0,
-) -> list[TrainResult]:
-    """Train the k models of a cross-validation in one process, in step, one epoch of each per reported epoch.
-
-    Fold ``j``'s model trains on ``folds[j]['train']`` and is validated on ``folds[j]['val']``, exactly as
-    :func:`train` would train it alone (same seed, batches, schedule): the cost is k times one fold's. After every
-    epoch ``on_epoch`` gets the mean and the spread over folds (:func:`fold_summary`) and a ``state`` holding the k
-    checkpoints.
-
-    Args:
-        cfg: hyperparameters (every fold's).
-        folds: per fold, ``train`` and ``val`` TileSets.
-        norms: per fold, the normalisation stats of its training tiles (None: computed from them).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        resume: a checkpoint of :func:`train_folds` (``folds``: one engine checkpoint per fold); training goes on
-            after its epoch.
-        on_epoch: called after every epoch with a :class:`FoldsReport`; may raise :class:`StopTraining`.
-        progress: show a tqdm bar over epochs.
-        device_share: the share of the GPU the k runs may use together (each fold's run gets ``device_share / k``).
-
-    Returns:
-        Each fold's :class:`TrainResult`.
-
-    Raises:
-        DivergenceError: when a fold's training loss or validation metrics are not finite (its message names the
-            fold; its metrics report ``val_rmse`` = inf).
-    """
-    k = len(folds)
-    if k < 2:
-        raise TuneAgbError(f"train_folds: needs at least 2 folds, got {k}")
-    saved = [None] * k if resume is None else list(resume["folds"])
-    if len(saved) != k:
-        raise TuneAgbError(f"resume: the checkpoint holds {len(saved)} folds but {k} are asked for")
-    dev = resolve_device(device)
-    norms = [None] * k if norms is None else norms
-    checked = [_check_run(cfg, tiles, norm, st) for tiles, norm, st in zip(folds, norms, saved, strict=True)]
-    runs, rngs = [], []
-    for tiles, norm, st in zip(folds, checked, saved, strict=True):
-        runs.append(_Run(cfg, tiles, norm, dev, st, device_share / k))
-        rngs.append(_RngState.take(dev))  # each fold draws from its own stream, as when trained alone
-    done = {run.epochs_done for run in runs}
-    if len(done) != 1:
-        raise TuneAgbError(f"resume: the folds' checkpoints are at different epochs ({sorted(done)})")
-    history = [dict(h) for h in resume["history"]] if resume is not None else []
-    best = dict(resume["best"]) if resume is not None else {"epoch": 0, "val_rmse": math.inf}
-    start = done.pop()
-    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress, desc=f"train {k} folds",
-               unit="epoch", leave=False)  # fmt: skip
-    for _ in bar:
-        reports = []
-        for j, run in enumerate(runs):
-            rngs[j].put()
-            try:
-                report = run.one_epoch()
-            except DivergenceError as exc:
-                raise DivergenceError(f"fold {j}: {exc}", {**exc.metrics, "val_rmse": math.inf}) from None
-            rngs[j] = _RngState.take(dev)
-            reports.append(dataclasses.replace(report, state=rngs[j].stamped(report.state)))
-        metrics = fold_summary([r.metrics for r in reports])
-        history.append(metrics)
-        epoch = int(metrics["epoch"])
-        is_best = metrics["val_rmse"] < best["val_rmse"]
-        if is_best:
-            best = {"epoch": epoch, "val_rmse": metrics["val_rmse"]}
-
-        state = _folds_state_at(cfg, reports, list(history), dict(best))
-        bar.set_postfix(val_rmse=f"{metrics['val_rmse']:.3g}", sd=f"{metrics['val_rmse_sd']:.2g}")
-        if on_epoch is not None:
-            try:
-                on_epoch(FoldsReport(epoch, metrics, reports, state, is_best))
-            except StopTraining as stop:
-                for run in runs:
-                    run.result.stopped = str(stop) or "stopped by callback"
-                break
-    bar.close()
-    return [run.result for run in runs]
-
-
-@dataclass(frozen=True)
-class _RngState:
-    """The global torch RNG streams (CPU, and CUDA on a CUDA device) of one fold's run, kept apart from the other
-    folds' between epochs: dropout then draws what it would draw in a run of that fold alone, and a resumed fold goes
-    on with its own stream."""
-
-    cpu: torch.Tensor
-    cuda: list[torch.Tensor]
-
-    @classmethod
-    def take(cls, dev: torch.device) -> _RngState:
-        return cls(torch.get_rng_state(), torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])
-
-    def put(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    def stamped(self, state: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
-        """``state`` with these streams as the checkpoint's RNG states (the global ones belong to the last fold)."""
-
-        def with_streams() -> dict[str, Any]:
-            st = state()
-            return {**st, "rng": {**st["rng"], "torch": self.cpu.clone(), "cuda": [c.clone() for c in self.cuda]}}
-
-        return with_streams
-
-
-def _folds_state_at(
-    cfg: TrainConfig, reports: list[EpochReport], history: list[dict[str, float]], best: dict[str, Any]
-) -> Callable[[], dict[str, Any]]:
-    """The checkpoint of this epoch, built only when asked for (the folds' states copy every weight)."""
-    return lambda: folds_state(cfg, [r.state() for r in reports], history, best)
-
-
-def folds_state(
-    cfg: TrainConfig, states: list[dict[str, Any]], history: list[dict[str, float]], best: dict[str, Any]
-) -> dict[str, Any]:
-    """The checkpoint of a cross-validation: ``format``, ``epoch`` (the folds' common epoch), ``config``, ``folds`` (one
-    engine checkpoint per fold, each loadable on its own, e.g. as an ensemble member), ``history``
-    (:func:`fold_summary` per epoch) and ``best`` (``epoch``, ``val_rmse``: the lowest mean validation RMSE)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": int(states[0]["epoch"]),
-        "config": cfg.to_dict(),
-        "folds": states,
-        "history": [dict(h) for h in history],
-        "best": dict(best),
-    }
-
-
 def architecture_difference(saved: TrainConfig, cfg: TrainConfig) -> str | None:
     """The first of :data:`ARCHITECTURE_KEYS` on which two configs differ (their weights do not fit each other's
     model), or None."""
@@ -623,8 +285,7 @@ def architecture_difference(saved: TrainConfig, cfg: TrainConfig) -> str | None:
 
 def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     """The weights ``cfg.init_weights`` names (None when it is ""), checked against ``cfg``'s architecture: every
-    architecture key must match, and every tensor of the model must be there with its shape, except the output head
-    (``head.*``), which a pretrained trunk leaves out and which then starts random.
+    architecture key must match, and every tensor of the model must be there with its shape.
 
     Raises:
         TuneAgbError: naming the file, when it is missing, not a tune_agb checkpoint, or of another architecture.
@@ -643,7 +304,7 @@ def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     if not isinstance(state, dict):
         raise TuneAgbError(f"init_weights {path}: holds no model weights")
     want = UNet.from_config(cfg).state_dict()
-    absent = [k for k in want if k not in state and not k.startswith("head.")]
+    absent = [k for k in want if k not in state]
     wrong = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     extra = [k for k in state if k not in want]
     if absent or wrong or extra:
@@ -657,7 +318,7 @@ def init_state(cfg: TrainConfig) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def _check_run(
+def check_run(
     cfg: TrainConfig, tiles: dict[str, TileSet], norm: NormStats | None, resume: dict[str, Any] | None
 ) -> NormStats:
     """Validate a run before anything is built (checkpoint, channels, tile size); the normalisation stats to use:
@@ -665,11 +326,6 @@ def _check_run(
     if resume is not None:
         if resume.get("format") != CHECKPOINT_FORMAT:
             raise TuneAgbError("resume: not a tune_agb checkpoint")
-        if "pretrain" in resume:
-            raise TuneAgbError(
-                "resume: the checkpoint is a pretrained trunk (python -m tune_agb.pretrain), not a run to continue; "
-                "start a run from it with the config key init_weights"
-            )
         saved = config_from_dict(resume["config"], source="checkpoint config")
         if k := architecture_difference(saved, cfg):
             raise TuneAgbError(
@@ -704,7 +360,7 @@ def _batch_starts(n: int, batch_size: int, norm: str) -> list[int]:
     return starts
 
 
-class _Run:
+class Run:
     """One training run: the tile feeds, model, optimiser, schedule, RNGs, the pass in progress and the result."""
 
     def __init__(
@@ -726,7 +382,7 @@ class _Run:
         )
         reserved = self.memory.required if self.memory is not None else 0
         torch.manual_seed(cfg.seed)
-        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, flip flags, radiometric draws
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # shuffling, flip flags
         fmt = memory_format(cfg, dev)
         self.train_t = SplitFeed(tiles["train"], norm, dev, cfg.data_mode, device_share, reserved=reserved)
         if self.train_t.mode == "resident":
@@ -735,43 +391,34 @@ class _Run:
         log.debug("train tiles %s, val tiles %s", self.train_t.mode, self.val_t.mode)
         self.model = UNet.from_config(cfg)
         start = init_state(cfg) if resume is None else None
-        if start is not None:  # checked by init_state: every tensor, or every one but the head (a pretrained trunk)
-            self.model.load_state_dict(start, strict=False)
+        if start is not None:  # checked by init_state: every tensor of this architecture
+            self.model.load_state_dict(start)
             log.info("weights from %s (%d tensors)", cfg.init_weights, len(start))
         self.model = self.model.to(dev, memory_format=fmt)
         self.forward = compile_for_training(self.model, cfg)
-        # The weight average (ema_decay > 0) is the model that is validated, checkpointed as "model" and predicts.
-        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.eval_model = self.ema.model if self.ema is not None else self.model
         self.opt = build_optimizer(cfg, self.model.parameters(), fused=dev.type == "cuda")
         self.starts = _batch_starts(len(self.train_t), self.batch_size, cfg.norm)
         self.steps = cfg.steps_per_epoch or len(self.starts)
-        # The pass in progress: tile order, flip flags, radiometric draws, and the next batch (None: a new pass starts
-        # when needed).
+        # The pass in progress: tile order, flip flags, and the next batch (None: a new pass starts when needed).
         self.perm: torch.Tensor | None = None
         self.flags: torch.Tensor | None = None
-        self.radio: torch.Tensor | None = None
         self.pos = 0
         amp = resolve_amp(cfg, dev)
         self.scaler = torch.amp.GradScaler(dev.type) if amp == torch.float16 else None
-        self.result = TrainResult(self.eval_model, norm, cfg, [], device=dev, amp=amp, memory=self.memory)
+        self.result = TrainResult(self.model, norm, cfg, [], device=dev, amp=amp, memory=self.memory)
         self.epochs_done = 0
         if resume is None:
             self.sched = build_scheduler(cfg, self.opt, self.steps)
         else:
             self.sched = self._restore(resume)
-        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev, self.forward, self.ema)
+        self.step = TrainStep(self.model, self.opt, self.sched, self.scaler, cfg, amp, dev, self.forward)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)  # from here on the peak is training's own
 
     def _restore(self, ckpt: dict[str, Any]) -> torch.optim.lr_scheduler.LRScheduler:
         """Continue from a checkpoint: weights, scaler, RNG states, the pass in progress, history, best epoch;
-        optimiser and schedule. With a weight average, "model" holds the average and "train_model" the trained
-        weights; a checkpoint without a weight average starts one from its weights (and one with it, resumed without,
-        goes on from its trained weights)."""
-        self.model.load_state_dict(ckpt.get("train_model", ckpt["model"]))
-        if self.ema is not None:
-            self.ema.load(ckpt["model"], ckpt.get("ema_steps", 0))
+        optimiser and schedule."""
+        self.model.load_state_dict(ckpt["model"])
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -781,7 +428,6 @@ class _Run:
         ongoing = ckpt.get("pass")
         if ongoing is not None and len(ongoing["perm"]) == len(self.train_t):
             self.perm, self.flags, self.pos = ongoing["perm"], ongoing["flags"], int(ongoing["pos"])
-            self.radio = ongoing.get("radio")
         self.result.history = [dict(h) for h in ckpt["history"]]
         self.result.best_epoch, self.result.best_val_rmse = int(ckpt["best"]["epoch"]), float(ckpt["best"]["val_rmse"])
         self.epochs_done = int(ckpt["epoch"])
@@ -791,43 +437,36 @@ class _Run:
         horizon = saved.replace(epochs=max(self.cfg.epochs, self.epochs_done))
         return resume_scheduler(horizon, self.opt, self.steps, ckpt["scheduler"], ckpt["optimizer"])
 
-    def _batches(self) -> tuple[list[np.ndarray], torch.Tensor | None, torch.Tensor | None]:
-        """The epoch's batches (tile indices), flip flags and radiometric draws, taken from the pass in progress,
-        starting new passes (new order, new flips, new draws) as needed. Flags and draws reach the device once."""
+    def _batches(self) -> tuple[list[np.ndarray], torch.Tensor | None]:
+        """The epoch's batches (tile indices) and flip flags, taken from the pass in progress, starting new passes
+        (new order, new flips) as needed. The flags reach the device once."""
         n, bs = len(self.train_t), self.batch_size
         idx: list[np.ndarray] = []
         flags: list[torch.Tensor] = []
-        radio: list[torch.Tensor] = []
         while len(idx) < self.steps:
             if self.perm is None:
                 self.perm = torch.randperm(n, generator=self.gen)
                 self.flags = torch.rand((n, 3), generator=self.gen).lt(0.5) if self.cfg.augment else None
-                self.radio = radiometric_draws(n, self.train_t.shape[1], self.cfg, self.gen)
                 self.pos = 0
             s = self.starts[self.pos]
             idx.append(self.perm[s : s + bs].numpy())
             if self.flags is not None:
                 flags.append(self.flags[s : s + bs])
-            if self.radio is not None:
-                radio.append(self.radio[s : s + bs])
             self.pos += 1
             if self.pos == len(self.starts):
-                self.perm, self.flags, self.radio = None, None, None
-        on_device = [torch.cat(t).to(self.device) if t else None for t in (flags, radio)]
-        return idx, on_device[0], on_device[1]
+                self.perm, self.flags = None, None
+        return idx, torch.cat(flags).to(self.device) if flags else None
 
     def one_epoch(self) -> EpochReport:
         """Train ``steps`` batches (one pass, or ``steps_per_epoch`` batches of the passes), validate, record."""
-        cfg = self.cfg
         self.model.train()
-        idx, flags, radio = self._batches()
+        idx, flags = self._batches()
         self.step.reset()
         at = 0
         for i, (x, y) in zip(idx, self.train_t.batches(idx), strict=True):
-            part = slice(at, at + len(i))
-            self.step(x, y, flags[part] if flags is not None else None, radio[part] if radio is not None else None)
+            self.step(x, y, flags[at : at + len(i)] if flags is not None else None)
             at += len(i)
-        val = evaluate_split(self.eval_model, self.val_t, cfg, self.norm, max(self.batch_size, 1), self.result.amp)
+        val = evaluate_split(self.model, self.val_t, self.cfg, self.norm, max(self.batch_size, 1), self.result.amp)
         return self._record(val)
 
     def _record(self, val: SplitEval) -> EpochReport:
@@ -856,14 +495,13 @@ class _Run:
         ongoing = None
         if self.perm is not None:
             ongoing = {"perm": self.perm.clone(), "flags": None if self.flags is None else self.flags.clone(),
-                       "radio": None if self.radio is None else self.radio.clone(), "pos": self.pos}  # fmt: skip
+                       "pos": self.pos}  # fmt: skip
         return {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
             "config": self.cfg.to_dict(),
             "norm": self.norm.to_dict(),
-            "model": self.eval_model.state_dict(),
-            **({"train_model": self.model.state_dict(), "ema_steps": self.ema.steps} if self.ema is not None else {}),
+            "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},

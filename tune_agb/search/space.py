@@ -41,8 +41,8 @@ from tune_agb.engine.config import (
     field_types,
     read_yaml_or_json,
 )
+from tune_agb.engine.folds_loop import fold_metric_names
 from tune_agb.engine.metrics import METRIC_NAMES
-from tune_agb.engine.train import fold_metric_names
 from tune_agb.errors import TuneAgbError
 from tune_agb.folds import POSITION_SOURCES
 

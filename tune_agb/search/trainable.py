@@ -7,8 +7,8 @@ that has none. Each epoch it reports the engine's metrics with a checkpoint dire
 and it resumes from the newest stored checkpoint when Tune restores it.
 
 With a fold assignment (the space's ``cv`` section) the trial trains the k fold models in step
-(:func:`tune_agb.engine.train.train_folds`) and reports, each epoch, the mean over folds under the usual names (what
-ASHA and Optuna act on), the spread (``val_rmse_sd``, ``val_r2_sd``) and every fold's value; its checkpoint holds
+(:func:`tune_agb.engine.folds_loop.train_folds`) and reports, each epoch, the mean over folds under the usual names
+(what ASHA and Optuna act on), the spread (``val_rmse_sd``, ``val_r2_sd``) and every fold's value; its checkpoint holds
 the k fold states.
 """
 
@@ -26,7 +26,8 @@ import torch
 from ray import tune
 
 from tune_agb.engine.config import config_from_dict
-from tune_agb.engine.train import EpochReport, FoldsReport, train, train_folds
+from tune_agb.engine.folds_loop import FoldsReport, train_folds
+from tune_agb.engine.train import EpochReport, train
 from tune_agb.errors import DivergenceError, InfeasibleError
 from tune_agb.folds import FoldAssignment, fold_tiles
 from tune_agb.search import experiment
