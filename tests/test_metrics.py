@@ -12,7 +12,8 @@ import torch
 from tune_agb.engine.calibration import RELIABILITY_LEVELS, coverage
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import SplitFeed, compute_norm_stats, load_dataset
-from tune_agb.engine.metrics import METRIC_NAMES, UCE_BINS, regression_metrics
+from tune_agb.engine.metric_names import METRIC_NAMES
+from tune_agb.engine.metrics import UCE_BINS, regression_metrics
 from tune_agb.engine.model import UNet
 from tune_agb.engine.train import evaluate_split
 

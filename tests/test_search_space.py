@@ -12,7 +12,7 @@ import pytest
 
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.engine.config import TrainConfig, field_names
-from tune_agb.engine.metrics import METRIC_NAMES
+from tune_agb.engine.metric_names import METRIC_NAMES
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.space import METRICS, load_search_space, parse_search_space
 

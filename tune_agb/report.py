@@ -42,7 +42,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from tune_agb.engine.calibration import RELIABILITY_LEVELS, Calibration, calibration_from_dict
-from tune_agb.engine.metrics import METRIC_NAMES, equal_count_bins
+from tune_agb.engine.metric_names import METRIC_NAMES
+from tune_agb.engine.metrics import equal_count_bins
 from tune_agb.engine.plots import (
     binned_rmse_vs_rmv,
     draw_pred_vs_obs,

@@ -21,21 +21,13 @@ from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import NormStats, TileSet
 from tune_agb.engine.device import resolve_device
+from tune_agb.engine.metric_names import FOLD_SPREAD
 from tune_agb.engine.train import EpochReport, Run, StopTraining, TrainResult, check_run
 from tune_agb.errors import DivergenceError, TuneAgbError
 
-# Metrics whose spread over the folds of a cross-validation is reported (``val_rmse_sd``, ``val_r2_sd``), with the value
-# of every fold (``val_rmse_fold0`` ...).
-FOLD_SPREAD = ("val_rmse", "val_r2")
 # How per-fold values combine: summed (pixel counts), the largest (memory peaks), else the mean over folds.
 _FOLD_SUM = ("val_n",)
 _FOLD_MAX = ("gpu_mem_peak_gb",)
-
-
-def fold_metric_names(k: int) -> tuple[str, ...]:
-    """The figures a k-fold cross-validation reports besides the engine's: ``val_rmse_sd``, ``val_r2_sd`` (sample
-    standard deviation over folds), then ``val_rmse_fold0`` ... ``val_r2_fold{k-1}`` (each fold's value)."""
-    return (*(f"{m}_sd" for m in FOLD_SPREAD), *(f"{m}_fold{j}" for m in FOLD_SPREAD for j in range(k)))
 
 
 def fold_summary(per_fold: list[dict[str, float]]) -> dict[str, float]:

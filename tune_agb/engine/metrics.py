@@ -16,8 +16,8 @@ import torch
 from torchmetrics.functional import mean_absolute_error, mean_squared_error, r2_score
 
 from tune_agb.engine.calibration import sigma_halfwidth
+from tune_agb.engine.metric_names import METRIC_NAMES
 
-METRIC_NAMES: tuple[str, ...] = ("rmse", "mae", "me", "r2", "nll", "rmv", "within_1sigma", "within_2sigma", "uce", "n")
 UCE_BINS = 10
 
 

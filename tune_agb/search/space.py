@@ -41,15 +41,14 @@ from tune_agb.engine.config import (
     field_types,
     read_yaml_or_json,
 )
-from tune_agb.engine.folds_loop import fold_metric_names
-from tune_agb.engine.metrics import METRIC_NAMES
+from tune_agb.engine.metric_names import EPOCH_METRICS, fold_metric_names
 from tune_agb.errors import TuneAgbError
 from tune_agb.folds import POSITION_SOURCES
 
 # Figures every trial reports (see tune_agb.engine.train): the engine's validation metrics (the pixel count ``n``
 # is no figure to optimise) and the training loss and RMSE. The ones a search may optimise; with ``cv`` each is the
 # mean over folds.
-METRICS: tuple[str, ...] = (*(f"val_{m}" for m in METRIC_NAMES if m != "n"), "train_loss", "train_rmse")
+METRICS: tuple[str, ...] = EPOCH_METRICS
 
 
 def cv_metrics(k: int) -> tuple[str, ...]:
