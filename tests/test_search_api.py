@@ -4,6 +4,7 @@ parser (``tune_agb.overrides``)."""
 from __future__ import annotations
 
 import math
+import pydoc
 import subprocess
 import sys
 from pathlib import Path
@@ -83,15 +84,10 @@ def test_resolved_config_applies_overrides_and_names_the_data(tiny_data: Path) -
 
 
 def test_import_is_cheap_and_run_is_documented() -> None:
-    code = (
-        "import sys, pydoc\n"
-        "import tune_agb.search as s\n"
-        "assert not {'ray', 'torch', 'pandas'} & set(sys.modules), 'heavy import'\n"
-        "text = pydoc.render_doc(s.run)\n"
-        "assert 'Args:' in text and 'overrides' in text and 'Returns:' in text, text\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    code = "import sys, tune_agb.search; print(sorted({'ray', 'torch', 'pandas'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
+    text = pydoc.render_doc(search.run)
+    assert all(word in text for word in ("Args:", "overrides:", "Returns:", "SearchOutcome", "Raises:"))
 
 
 # -- the command line ---------------------------------------------------------------------------------------------
