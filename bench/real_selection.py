@@ -66,7 +66,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_efficiency import apply_changes, parse_change  # same folder: one space editor
+from search_efficiency import apply_changes, folders, parse_change  # same folder: one space editor
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
@@ -123,7 +123,7 @@ def final(run: Path, flags: list[str], data: list[str]) -> dict[str, Any]:
 
 def search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[str, float]:
     """Run (or reuse) one search; its experiment folder and the seconds it took."""
-    from tune_agb.search.cli import main as search_main
+    import tune_agb.search
 
     exp = out / "searches" / name
     timing = out / "searches" / f"{name}.seconds.json"
@@ -134,10 +134,10 @@ def search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tupl
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     start = time.perf_counter()
-    resume = ["--resume"] if exp.exists() else []
-    code = search_main(["--space", str(path), "--storage", str(out / "searches"), "--name", name, *data, *resume])
-    if code != 0:
-        raise SystemExit(f"{name}: search exited with {code}")
+    outcome = tune_agb.search.run(path, storage=out / "searches", name=name, resume=exp.exists(), **folders(data))
+    print(outcome.summary(), flush=True)
+    if not outcome.complete or outcome.best is None:
+        raise SystemExit(f"{name}: the search did not finish ({outcome.incomplete or 'no finite result'})")
     secs = time.perf_counter() - start
     timing.write_text(json.dumps({"seconds": secs}))
     return str(exp), secs

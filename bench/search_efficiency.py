@@ -4,7 +4,7 @@
         [--methods optuna_asha,random_asha,random_full,wsd] [--variant NAME:SECTION.KEY=VALUE ...]
         [--set SECTION.KEY=VALUE ...] [--num-samples N] [--out DIR] [--json FILE]
 
-For each seed ``s``, every method runs one search through the real CLI entry point (``tune_agb.search.cli.main``)
+For each seed ``s``, every method runs one search through the search's Python API (``tune_agb.search.run``)
 on one local Ray instance (started once), with the searcher seed and the training seed (``fixed.seed``) both set
 to ``s``, on the same space, data and number of trials; the time budget is switched off so every search finishes
 all its trials. Then the best configuration of each search is retrained by ``tune_agb.final_train --experiment``
@@ -51,7 +51,6 @@ in parts (``--seeds 0,1,2``, then ``--seeds 3,4``, then all five for the table, 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -67,7 +66,9 @@ import pandas as pd
 import torch
 import yaml
 
-from tune_agb.search.cli import main as search_main
+import tune_agb.search
+from tune_agb.errors import TuneAgbError
+from tune_agb.overrides import apply_overrides, parse_override
 from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, Experiment
 from tune_agb.search.space import parse_search_space
 
@@ -83,11 +84,11 @@ DEFAULT_VARIANTS = ["wsd:fixed.schedule=wsd"]
 
 # -- the spaces ---------------------------------------------------------------------------------------------------
 def parse_change(text: str, flag: str) -> tuple[str, Any]:
-    """``SECTION.KEY=VALUE`` -> (``SECTION.KEY``, VALUE read as YAML)."""
-    path, eq, value = text.partition("=")
-    if not eq or "." not in path or not all(path.split(".")):
-        raise SystemExit(f"{flag} {text}: expected SECTION.KEY=VALUE, e.g. scheduler.grace_period=4")
-    return path, yaml.safe_load(value)
+    """``SECTION.KEY=VALUE`` -> (``SECTION.KEY``, VALUE read as YAML): :func:`tune_agb.overrides.parse_override`."""
+    try:
+        return parse_override(text, flag)
+    except TuneAgbError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
@@ -106,20 +107,17 @@ def parse_variants(specs: list[str]) -> dict[str, dict[str, Any]]:
 
 def apply_changes(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """A copy of the space document with ``{dotted.path: value}`` set (None deletes the key)."""
-    raw = copy.deepcopy(raw)
-    for path, value in changes.items():
+    try:
+        raw = apply_overrides(raw, {k: v for k, v in changes.items() if v is not None})
+    except TuneAgbError as exc:
+        raise SystemExit(str(exc)) from None
+    for path in (k for k, v in changes.items() if v is None):
         *parents, last = path.split(".")
-        node = raw
+        node: Any = raw
         for p in parents:
-            if node.get(p) is None:
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):
-                raise SystemExit(f"{path}: {p} is not a section")
-        if value is None:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
             node.pop(last, None)
-        else:
-            node[last] = value
     return raw
 
 
@@ -143,6 +141,12 @@ def load_base(space: Path, sets: list[str], num_samples: int | None) -> dict[str
 
 
 # -- one search and one retrained model -------------------------------------------------------------------------
+def folders(data: list[str]) -> dict[str, str]:
+    """The data flags ``["--input-dir", I, "--label-dir", L]`` (or ``[]``) as ``tune_agb.search.run``'s arguments."""
+    flags = dict(zip(data[::2], data[1::2], strict=True))
+    return {"input_dir": flags["--input-dir"], "label_dir": flags["--label-dir"]} if flags else {}
+
+
 def run_search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[pd.DataFrame, dict, float]:
     """Run (or reuse, when it finished with the same space) one search; its results, best.yaml and search seconds."""
     path = out / "spaces" / f"{name}.yaml"
@@ -161,13 +165,14 @@ def run_search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> 
     if stored is not None:
         raise SystemExit(f"{exp.uri}: an unfinished or different search is there; delete it or use another --out")
     start = time.perf_counter()
-    code = search_main(["--space", str(path), "--storage", str(out / "runs"), "--name", name, *data])
+    outcome = tune_agb.search.run(path, storage=out / "runs", name=name, **folders(data))
     secs = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"{name}: search exited with {code}")
+    print(outcome.summary(), flush=True)
+    if not outcome.complete or outcome.best is None:
+        raise SystemExit(f"{name}: the search did not finish ({outcome.incomplete or 'no finite result'})")
     timing.parent.mkdir(parents=True, exist_ok=True)
     timing.write_text(json.dumps({"search_s": secs}))
-    return pd.read_parquet(results), yaml.safe_load(best_file.read_text()), secs
+    return outcome.results, outcome.best, secs
 
 
 def retrain(experiment: str, config: dict[str, Any], out: Path) -> tuple[float, float, str]:

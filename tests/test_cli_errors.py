@@ -158,3 +158,18 @@ def test_cli_process_unknown_flag_and_existing_run(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "already holds a run" in proc.stderr and "--overwrite" in proc.stderr
     assert (run / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_search_cli_process_bad_set_key(tmp_path: Path) -> None:
+    """``--set`` with an unknown key: one line naming it and the allowed keys, exit 2, before Ray starts."""
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"params": {"lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2}}}))
+    argv = [sys.executable, "-m", "tune_agb.search", "--space", str(space), "--set", "searcher.sed=3"]
+    proc = subprocess.run([*argv, "--storage", str(tmp_path / "st")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {space} with --set searcher.sed=3: searcher.sed: unknown key; allowed: type, seed, "
+        "n_startup_trials, constant_liar, multivariate, points_to_evaluate"
+    ]
+    assert not (tmp_path / "st").exists()

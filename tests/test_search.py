@@ -18,7 +18,8 @@ from tune_agb.engine.config import config_from_dict
 from tune_agb.errors import TuneAgbError
 from tune_agb.search import ray_internals
 from tune_agb.search.asha import ResumableASHA
-from tune_agb.search.cli import check_cluster_resources, main, unfinished_trials
+from tune_agb.search.cli import main
+from tune_agb.search.launch import check_cluster_resources, unfinished_trials
 from tune_agb.search.space import parse_search_space
 
 
@@ -225,7 +226,7 @@ def test_unreachable_address_fails_in_seconds_with_one_line() -> None:
     """Ray itself retries an unreachable head for minutes; the search checks HOST:PORT first."""
     import socket
 
-    from tune_agb.search.cli import check_reachable
+    from tune_agb.search.launch import check_reachable
 
     with socket.socket() as s:  # a port that is certainly closed: bind, then close before connecting
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,9 @@ from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
 from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
-from tune_agb.search.cli import build_tuner_parts, main
+from tune_agb.search.cli import main
 from tune_agb.search.experiment import OPTUNA_JOURNAL, TENSORBOARD_DIR, Experiment
+from tune_agb.search.launch import build_tuner_parts
 from tune_agb.search.space import parse_search_space
 
 

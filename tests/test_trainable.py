@@ -15,8 +15,8 @@ from ray import tune
 
 from tests.search_helpers import ray_local, tiny_space  # noqa: F401 (fixture)
 from tune_agb.engine.checkpoint import load_checkpoint
-from tune_agb.search.cli import make_trainable
 from tune_agb.search.experiment import CHECKPOINT_FILE, read_trial_rows
+from tune_agb.search.launch import make_trainable
 from tune_agb.search.space import parse_search_space
 from tune_agb.search.trainable import finite_or_inf, search_trial, select_device
 from tune_agb.store import DataSource
