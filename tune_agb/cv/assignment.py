@@ -22,7 +22,18 @@ CV_SPLITS = ("train", "val")  # the splits whose tiles the folds share; test sta
 
 
 def block_side(cv: Mapping[str, Any], positions: Positions) -> tuple[float, float]:
-    """A block's side (y, x) in the positions' units: ``block_m`` map units, else ``block_size`` tile steps."""
+    """A block's side (y, x) in the positions' units: ``block_m`` map units, else ``block_size`` tile steps.
+
+    Args:
+        cv: the ``cv`` section (``block_m``, ``block_size``).
+        positions: the tiles' positions (their unit and tile step).
+
+    Returns:
+        The side (y, x) in the positions' unit.
+
+    Raises:
+        TuneAgbError: ``cv.block_m`` without a manifest's map coordinates.
+    """
     if cv.get("block_m") is not None:
         if positions.kind != "manifest":
             raise TuneAgbError(
@@ -35,7 +46,13 @@ def block_side(cv: Mapping[str, Any], positions: Positions) -> tuple[float, floa
 
 
 def block_of(place: TilePlace, side: tuple[float, float], origin: tuple[float, float]) -> str:
-    """The id of the block holding the tile's first pixel: ``AREA/ROW/COL`` (``ROW/COL`` for the unnamed area)."""
+    """The id of the block holding the tile's first pixel: ``AREA/ROW/COL`` (``ROW/COL`` for the unnamed area).
+
+    Args:
+        place: the tile's place.
+        side: a block's side (y, x) in the place's units.
+        origin: where the block grid starts (y, x).
+    """
     by = math.floor((place.y0 + place.tol - origin[0]) / side[0])
     bx = math.floor((place.x0 + place.tol - origin[1]) / side[1])
     return f"{place.area}/{by}/{bx}" if place.area else f"{by}/{bx}"
@@ -54,6 +71,15 @@ def assign_folds(
     so far (ties: fewer tiles, then the lower fold), so the first k blocks open the k folds. Of
     :data:`FOLD_DRAWS` draws from one seeded generator, the one whose folds' labelled pixels differ least is kept
     (the first such). The same blocks and seed give the same folds.
+
+    Args:
+        block_tiles: tiles per block id.
+        block_labelled: labelled pixels per block id (a missing block counts 0).
+        k: the number of folds.
+        seed: the draws' seed.
+
+    Returns:
+        The fold (0 .. k-1) of every block id.
     """
     blocks = sorted(block_tiles)
     labels = [int(block_labelled.get(b, 0)) for b in blocks]
@@ -77,7 +103,14 @@ def assign_folds(
 
 def overlapping_pairs(places: Mapping[str, TilePlace]) -> list[tuple[str, str]]:
     """Pairs of tiles that share ground (overlap by more than half a pixel both ways), found through a grid of
-    cells as large as the largest tile (an overlapping tile starts in the same or a neighbouring cell)."""
+    cells as large as the largest tile (an overlapping tile starts in the same or a neighbouring cell).
+
+    Args:
+        places: each tile's place.
+
+    Returns:
+        The pairs ``(a, b)`` with ``a < b``, sorted; tiles of different areas never pair.
+    """
     if not places:
         return []
     cell = (max(p.y1 - p.y0 for p in places.values()), max(p.x1 - p.x0 for p in places.values()))
@@ -244,6 +277,9 @@ def build_assignment(
         data_keys: the stores' keys (recorded, so a resume can tell whether the tiles changed).
         source: the space file, for error messages.
 
+    Returns:
+        The assignment, with each fold's training normalisation sums.
+
     Raises:
         TuneAgbError: one line naming the ``cv`` field: more folds than blocks, a fold without labels, no manifest.
     """
@@ -319,6 +355,14 @@ def with_stats(plan: FoldAssignment, tiles: Mapping[str, TileSet], chunk: int = 
 
     The sums are those :class:`~tune_agb.engine.data.StatsAccumulator` makes (float64, non-finite inputs left out),
     so fold j's stats equal ``compute_norm_stats`` of its training tiles.
+
+    Args:
+        plan: an assignment (its stats may be empty).
+        tiles: the train and val splits it was made for.
+        chunk: tiles read at a time.
+
+    Returns:
+        A copy of ``plan`` with ``train_stats`` and ``val_nonfinite`` filled in.
     """
     k = plan.k
     index = {n: i for i, n in enumerate(plan.names)}
@@ -360,7 +404,19 @@ def with_stats(plan: FoldAssignment, tiles: Mapping[str, TileSet], chunk: int = 
 
 def fold_tiles(tiles: Mapping[str, TileSet], plan: FoldAssignment, j: int) -> dict[str, TileSet]:
     """Fold ``j``'s ``train`` and ``val`` TileSets, drawn from the train and val splits without copying them
-    (:class:`~tune_agb.engine.data.StackedRows` over the stores' memory maps)."""
+    (:class:`~tune_agb.engine.data.StackedRows` over the stores' memory maps).
+
+    Args:
+        tiles: the train and val splits.
+        plan: their fold assignment.
+        j: the fold (0 .. k-1).
+
+    Returns:
+        ``{"train": ..., "val": ...}``: the tiles fold ``j`` trains on and validates on.
+
+    Raises:
+        TuneAgbError: when the tiles are not those ``plan`` was made for.
+    """
     plan.check_tiles(tiles)
     index = {n: (s, i) for s in CV_SPLITS for i, n in enumerate(tiles[s].names)}
     labelled = dict(zip(plan.names, plan.labelled, strict=True))
@@ -383,7 +439,12 @@ def fold_tiles(tiles: Mapping[str, TileSet], plan: FoldAssignment, j: int) -> di
 
 def stack_splits(tiles: Mapping[str, TileSet], splits: Sequence[str]) -> TileSet:
     """The tiles of ``splits``, in that order, as one TileSet named ``"a+b"`` (no copy: :class:`StackedRows` over the
-    splits' arrays), with the splits' labelled pixels summed."""
+    splits' arrays), with the splits' labelled pixels summed.
+
+    Args:
+        tiles: the splits by name.
+        splits: the splits to stack, in order.
+    """
     parts = [(s, np.arange(len(tiles[s]))) for s in splits]
     return TileSet(
         "+".join(splits),
@@ -397,5 +458,12 @@ def stack_splits(tiles: Mapping[str, TileSet], splits: Sequence[str]) -> TileSet
 
 def merge_train_val(tiles: Mapping[str, TileSet]) -> dict[str, TileSet]:
     """The tiles of a retrain on train + val: ``train`` is the train and val tiles together (no copy), ``val`` and
-    ``test`` are passed on as they are (``val`` then lies inside the training data: its metrics are in-sample)."""
+    ``test`` are passed on as they are (``val`` then lies inside the training data: its metrics are in-sample).
+
+    Args:
+        tiles: the splits by name (``train`` and ``val`` at least).
+
+    Returns:
+        The splits with ``train`` replaced by train + val.
+    """
     return {"train": stack_splits(tiles, CV_SPLITS), **{s: v for s, v in tiles.items() if s != "train"}}

@@ -67,7 +67,15 @@ def positions_from_names(names: Iterable[str], tile_hw: tuple[int, int]) -> Posi
     """Positions read from tile names, or None when the names do not all follow one of the known patterns.
 
     ``tile_ROW_COL`` gives tile indices (unit: tiles); ``rROW_cCOL`` and ``RASTER_rROW_cCOL`` give pixel offsets in
-    the tile's raster (unit: px, one step = the tile's size ``tile_hw``), each raster its own area.
+    the tile's raster (unit: px, one step = the tile's size ``tile_hw``), each raster its own area. Used only where
+    there is no manifest (:func:`tile_positions`).
+
+    Args:
+        names: the tile names.
+        tile_hw: a tile's height and width in pixels.
+
+    Returns:
+        The positions (kind ``names``), or None when a name matches none of the patterns or the names mix them.
     """
     names = list(names)
     h, w = tile_hw
@@ -98,7 +106,14 @@ def positions_from_names(names: Iterable[str], tile_hw: tuple[int, int]) -> Posi
 
 
 def positions_per_tile(names: Iterable[str]) -> Positions:
-    """The fallback: every tile its own area and block (folds by whole tiles, neighbours may be apart)."""
+    """The fallback: every tile its own area and block (folds by whole tiles, neighbours may be apart).
+
+    Args:
+        names: the tile names.
+
+    Returns:
+        Positions of kind ``tiles``: each tile a unit square at the origin of an area named after it.
+    """
     places = {n: TilePlace(n, 0.0, 0.0, 1.0, 1.0, 0.0) for n in names}
     return Positions("tiles", "one block per tile (no manifest, tile names without positions)", "tiles", (1.0, 1.0),
                      (0.0, 0.0), places)  # fmt: skip
@@ -109,6 +124,18 @@ def positions_from_manifest(location: str, names: Iterable[str]) -> Positions:
 
     One tile step is the tile's width in map units (scaled by prepare's ``--stride`` when ``prepare.json`` lies next
     to the manifest). Every tile of ``names`` must have a row.
+
+    Args:
+        location: the manifest (local path, ``file://`` or a pyarrow URI such as ``s3://``).
+        names: the tiles to place.
+
+    Returns:
+        Positions of kind ``manifest``: rows are ``-top .. -bottom`` and columns ``left .. right`` in map units; the
+        block grid starts at the tiles' top-left corner.
+
+    Raises:
+        TuneAgbError: one line naming ``location``: missing or unreadable, without prepare's columns, without a row
+            for a tile, tiles in several CRSs, or an empty extent.
     """
     import pyarrow.parquet as pq
 
@@ -167,7 +194,18 @@ def _prepare_stride_scale(manifest: str) -> float:
 
 def manifest_location(cv: Mapping[str, Any], input_dir: str) -> str | None:
     """The manifest to read: ``cv.manifest`` when given (it must exist), else ``manifest.parquet`` next to the inputs
-    folder (prepare's layout ``DIR/inputs``, ``DIR/manifest.parquet``) or inside it; None when there is none."""
+    folder (prepare's layout ``DIR/inputs``, ``DIR/manifest.parquet``) or inside it; None when there is none.
+
+    Args:
+        cv: the ``cv`` section (its ``manifest`` entry, if any).
+        input_dir: the inputs folder (a path or a URI).
+
+    Returns:
+        The manifest's location, or None.
+
+    Raises:
+        TuneAgbError: when ``cv.manifest`` is given but not found.
+    """
     if cv.get("manifest"):
         location = str(cv["manifest"])
         if _read_bytes(location) is None:
@@ -182,7 +220,22 @@ def manifest_location(cv: Mapping[str, Any], input_dir: str) -> str | None:
 
 def tile_positions(cv: Mapping[str, Any], names: list[str], tile_hw: tuple[int, int], input_dir: str) -> Positions:
     """The positions ``cv.positions`` asks for: ``manifest`` (required), ``names`` (required to parse), ``tiles``
-    (the fallback), or ``auto``: the manifest where there is one, else the names, else the fallback."""
+    (the fallback), or ``auto``: the manifest where there is one, else the names, else the fallback.
+
+    Where a manifest is found (``auto``, ``manifest``), the bounds are prepare's and the names are not parsed.
+
+    Args:
+        cv: the ``cv`` section (``positions``, ``manifest``).
+        names: the train and val tile names.
+        tile_hw: a tile's height and width in pixels (for names with pixel offsets).
+        input_dir: the inputs folder (where the manifest is looked for).
+
+    Returns:
+        The tiles' positions.
+
+    Raises:
+        TuneAgbError: one line naming ``cv.positions`` or ``cv.manifest`` when the asked-for source is unavailable.
+    """
     how = cv.get("positions", "auto")
     if how == "tiles":
         return positions_per_tile(names)
