@@ -54,7 +54,7 @@ def coverage_scale(r: np.ndarray, sd: np.ndarray, loss: str, levels: tuple[float
 def sample(method: str, seed: int, fold: Path, run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(y, mean, var)`` of the sample the run's calibration was fitted on (uncalibrated variance)."""
     if method in ("cv_search", "cv_folds"):
-        from tune_agb.folds import out_of_fold
+        from tune_agb.cv import out_of_fold
         from tune_agb.search.experiment import read_cv_best
         from tune_agb.store import DataSource
 

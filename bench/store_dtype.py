@@ -45,7 +45,7 @@ def same_model(data: Path | None, epochs: int, work: Path) -> None:
 
     from tune_agb.demo import data_dirs
     from tune_agb.engine.checkpoint import load_checkpoint
-    from tune_agb.engine.data import NormStats, SplitFeed
+    from tune_agb.engine.data import SplitFeed
     from tune_agb.engine.inference import member_from_state
     from tune_agb.engine.train import evaluate_split
     from tune_agb.store import DataSource
@@ -54,7 +54,7 @@ def same_model(data: Path | None, epochs: int, work: Path) -> None:
     out = work / f"{data.name if data else 'demo'}_float32_0"
     state = load_checkpoint(out / "best.pt")
     member = member_from_state(state, torch.device("cpu"))
-    norm = NormStats.from_dict(state["norm"])
+    norm = member.norm
     idir, ldir = data_dirs(str(data / "inputs") if data else None, str(data / "labels") if data else None, None)
     for split in ("val", "test"):
         got = {}

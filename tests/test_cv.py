@@ -24,7 +24,7 @@ from tune_agb.engine.folds_loop import fold_summary, train_folds
 from tune_agb.engine.metric_names import fold_metric_names
 from tune_agb.engine.train import train
 from tune_agb.errors import TuneAgbError
-from tune_agb.folds import (
+from tune_agb.cv import (
     FoldAssignment,
     assign_folds,
     build_assignment,
@@ -33,6 +33,11 @@ from tune_agb.folds import (
     overlapping_pairs,
     positions_from_names,
 )
+from tune_agb.engine.config import TrainConfig
+from tune_agb.engine.data import SplitFeed, StackedRows, TileSet, compute_norm_stats
+from tune_agb.engine.folds_loop import fold_metric_names, fold_summary, train_folds
+from tune_agb.engine.train import train
+from tune_agb.errors import TuneAgbError
 from tune_agb.search.space import parse_search_space
 from tune_agb.store import DataSource
 
@@ -235,7 +240,7 @@ def test_prepare_manifest_with_overlapping_tiles_never_trains_a_fold_on_its_grou
 
 
 def test_overlapping_pairs_ignore_slivers_under_half_a_pixel() -> None:
-    from tune_agb.folds import TilePlace
+    from tune_agb.cv import TilePlace
 
     places = {
         "a": TilePlace("", 0, 0, 10, 10, 0.5),

@@ -19,8 +19,8 @@ import yaml
 
 from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
 from tests.test_search_resume import Search, _wait_until
+from tune_agb.cv import build_assignment, out_of_fold
 from tune_agb.engine.inference import member_from_state
-from tune_agb.folds import build_assignment, out_of_fold
 from tune_agb.search.asha import ResumableASHA
 from tune_agb.search.cli import main
 from tune_agb.search.experiment import read_cv_best, read_folds, read_trial_rows
@@ -231,10 +231,10 @@ def _oof(cv_search: SimpleNamespace) -> Any:
 def test_final_train_retrains_the_best_cv_config_on_train_and_val(cv_search: SimpleNamespace, tmp_path: Path) -> None:
     """Default for a cv search: the best config, for the epoch count the fold mean was best at, trained on train+val
     (normalised with their stats), the last epoch kept, the calibration fitted on the out-of-fold predictions."""
+    from tune_agb.cv import merge_train_val
     from tune_agb.engine.calibration import fit_scale
     from tune_agb.engine.checkpoint import load_checkpoint
     from tune_agb.engine.data import compute_norm_stats
-    from tune_agb.folds import merge_train_val
 
     out = tmp_path / "retrain"
     m = _final(cv_search, out)

@@ -19,7 +19,7 @@ from tests.conftest import REPO
 from tune_agb.engine.config import CHOICES, LOSS_ALIASES, TrainConfig, loss_name
 from tune_agb.engine.data import NormStats
 from tune_agb.engine.device import autocast, memory_format, resolve_amp, resolve_device
-from tune_agb.engine.inference import Member, Predictor, predict_target_units
+from tune_agb.engine.inference import Member, Predictor, model_from_state, predict_target_units
 from tune_agb.engine.losses import LOSSES
 from tune_agb.engine.metrics import equal_count_bins, uncertainty_calibration_error
 from tune_agb.engine.model import UNet
@@ -195,3 +195,25 @@ def test_loss_names_and_aliases_in_one_place() -> None:
     assert loss_name("Laplacian") == "laplacian_nll" and loss_name("L1") == "mae" and loss_name("nll") == "gaussian_nll"
     assert loss_name("huber") is None
     assert math.isfinite(float(LOSSES["gaussian_nll"](torch.zeros(2), torch.zeros(2), torch.ones(2))))
+
+
+def test_model_from_state_is_the_checkpoint_model_ready_to_predict() -> None:
+    """The one checkpoint-to-model function (prediction members and out-of-fold prediction load through it): the same
+    outputs as the model the state was taken from, in eval mode; a bad config is one line naming the checkpoint."""
+    cfg = TrainConfig(base_channels=4, depth=2, norm="batch")
+    torch.manual_seed(0)
+    trained = UNet.from_config(cfg)
+    trained(torch.randn(4, 14, 16, 16))  # batch-norm running stats move: eval mode must use them
+    trained.eval()
+    norm = _norm(120.0, 40.0)
+    state = {"model": trained.state_dict(), "config": cfg.to_dict(), "norm": norm.to_dict()}
+    model, got_cfg, got_norm = model_from_state(state, torch.device("cpu"), source="fold 1 checkpoint")
+    assert not model.training and got_cfg == cfg and got_norm == norm
+    x = torch.randn(2, 14, 16, 16)
+    torch.testing.assert_close(
+        predict_target_units(model, x, got_cfg, got_norm, None), predict_target_units(trained, x, cfg, norm, None)
+    )
+    with pytest.raises(TuneAgbError, match=r"^fold 1 checkpoint config.*depth"):
+        model_from_state(
+            {**state, "config": {**cfg.to_dict(), "depth": "deep"}}, torch.device("cpu"), "fold 1 checkpoint"
+        )

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import yaml
 
+from tune_agb.cv import merge_train_val, out_of_fold
 from tune_agb.demo import data_dirs
 from tune_agb.engine.calibration import (
     CALIBRATION_FILE,
@@ -63,7 +64,6 @@ from tune_agb.engine.inference import combine_members, member_from_state
 from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, init_state, train
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.folds import merge_train_val, out_of_fold
 from tune_agb.search.experiment import (  # the search's experiment folder STORAGE/NAME
     BEST_FILE,
     RESULTS_FILE,

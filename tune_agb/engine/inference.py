@@ -91,18 +91,45 @@ def load_member(path: Path, device: torch.device) -> Member:
     return member_from_state(load_checkpoint(path, map_location=device), device, source=str(path))
 
 
-def member_from_state(state: dict[str, Any], device: torch.device, source: str = "checkpoint") -> Member:
-    """:func:`load_member` for a checkpoint dict already loaded; ``source`` names it in errors.
+def model_from_state(
+    state: dict[str, Any], device: torch.device, source: str = "checkpoint"
+) -> tuple[UNet, TrainConfig, NormStats]:
+    """The model of an engine checkpoint dict, ready to predict: the one place a checkpoint becomes a model.
 
-    The seam margin is the checkpoint's ``seam_margin`` (final_train stores it); a checkpoint without one has it
-    measured here (a few seconds on a CPU)."""
+    Args:
+        state: an engine checkpoint (``model`` weights, ``config``, ``norm``), as
+            :func:`~tune_agb.engine.checkpoint.load_checkpoint` returns it or one fold of a k-fold checkpoint.
+        device: where the model's weights go (in the config's memory format for that device).
+        source: names the checkpoint in error messages.
+
+    Returns:
+        The U-Net in eval mode on ``device``, its training config and the normalisation stats of its inputs and
+        target.
+
+    Raises:
+        TuneAgbError: one line naming ``source`` when the config is not valid.
+    """
     cfg = config_from_dict(state["config"], source=f"{source} config")
     model = UNet.from_config(cfg)
     model.load_state_dict(state["model"])
-    model.to(device).eval()
-    model.to(memory_format=memory_format(cfg, device))
+    model.to(device, memory_format=memory_format(cfg, device)).eval()
+    return model, cfg, NormStats.from_dict(state["norm"])
+
+
+def member_from_state(state: dict[str, Any], device: torch.device, source: str = "checkpoint") -> Member:
+    """:func:`load_member` for a checkpoint dict already loaded (the model from :func:`model_from_state`).
+
+    The seam margin is the checkpoint's ``seam_margin`` (final_train stores it); a checkpoint without one has it
+    measured here (a few seconds on a CPU).
+
+    Args:
+        state: an engine checkpoint dict (``model``, ``config``, ``norm``, optionally ``seam_margin``).
+        device: where the model goes.
+        source: names the checkpoint in error messages.
+    """
+    model, cfg, norm = model_from_state(state, device, source)
     margin = state["seam_margin"] if "seam_margin" in state else measure_margin(model, cfg.in_channels, device)
-    return Member(model, cfg, NormStats.from_dict(state["norm"]), margin)
+    return Member(model, cfg, norm, margin)
 
 
 def member_checkpoints(path: str | Path) -> list[Path]:

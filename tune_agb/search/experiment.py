@@ -3,7 +3,7 @@
 ``STORAGE`` is a local folder or an ``s3://``/``gs://`` URI (opened with pyarrow.fs); the folder holds::
 
     search.yaml                      the space, overrides and data folders the search was started with
-    cv_folds.json                    with a cv section: every train/val tile's block and fold (tune_agb.folds)
+    cv_folds.json                    with a cv section: every train/val tile's block and fold (tune_agb.cv)
     results.parquet, best.yaml       one row per trial and epoch; the best (trial, epoch), read by final_train
     tuner.pkl, *_state-*.json/.pkl   Ray's experiment state (with NAME.bak copies, see tune_agb.search.state)
     TRIAL/result.json                Ray's per-trial results (JSON lines)
@@ -36,10 +36,10 @@ import yaml
 from tune_agb.errors import TuneAgbError
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
-    from tune_agb.folds import FoldAssignment
+    from tune_agb.cv import FoldAssignment
 
 SEARCH_FILE = "search.yaml"
-CV_FOLDS_FILE = "cv_folds.json"  # the fold of every train/val tile (tune_agb.folds.FoldAssignment.to_dict)
+CV_FOLDS_FILE = "cv_folds.json"  # the fold of every train/val tile (tune_agb.cv.FoldAssignment.to_dict)
 RESULTS_FILE = "results.parquet"
 BEST_FILE = "best.yaml"
 RAY_RESULT_FILE = "result.json"  # Ray's, in each trial folder
@@ -308,7 +308,7 @@ def read_folds(experiment_uri: str) -> FoldAssignment | None:
     Raises:
         TuneAgbError: one line when the file is there but is no fold assignment.
     """
-    from tune_agb.folds import FoldAssignment
+    from tune_agb.cv import FoldAssignment
 
     fs, root = open_storage(experiment_uri)
     path = f"{root}/{CV_FOLDS_FILE}"

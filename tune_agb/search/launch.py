@@ -19,7 +19,7 @@ from tune_agb.search.space import SearchSpace
 from tune_agb.store import DataSource
 
 if TYPE_CHECKING:
-    from tune_agb.folds import FoldAssignment
+    from tune_agb.cv import FoldAssignment
 
 
 def _say(line: str) -> None:
@@ -169,7 +169,7 @@ def make_folds(
     """
     if space.cv is None:
         return None, False
-    from tune_agb.folds import build_assignment, with_stats
+    from tune_agb.cv import build_assignment, with_stats
 
     packed = data.open()
     keys = {s: k for s, k in data.keys}

@@ -16,7 +16,7 @@ A space file has seven sections, and an optional eighth (``cv``); only ``params`
       momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
     cv:         {k: 3, block_size: 2, block_m: null, seed: 0, positions: auto, manifest: null}
 
-``cv`` turns on spatial k-fold cross-validation (:mod:`tune_agb.folds`): every trial trains k models and reports the
+``cv`` turns on spatial k-fold cross-validation (:mod:`tune_agb.cv`): every trial trains k models and reports the
 mean over folds (what ASHA and Optuna act on) and the spread.
 
 Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.engine.config.TrainConfig` field. Errors name the file
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tune_agb.cv import POSITION_SOURCES
 from tune_agb.engine.config import (
     TrainConfig,
     coerce_value,
@@ -43,7 +44,6 @@ from tune_agb.engine.config import (
 )
 from tune_agb.engine.metric_names import EPOCH_METRICS, fold_metric_names
 from tune_agb.errors import TuneAgbError
-from tune_agb.folds import POSITION_SOURCES
 
 # Figures every trial reports (see tune_agb.engine.train): the engine's validation metrics (the pixel count ``n``
 # is no figure to optimise) and the training loss and RMSE. The ones a search may optimise; with ``cv`` each is the

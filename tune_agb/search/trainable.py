@@ -25,11 +25,11 @@ import ray
 import torch
 from ray import tune
 
+from tune_agb.cv import FoldAssignment, fold_tiles
 from tune_agb.engine.config import config_from_dict
 from tune_agb.engine.folds_loop import FoldsReport, train_folds
 from tune_agb.engine.train import EpochReport, train
 from tune_agb.errors import DivergenceError, InfeasibleError
-from tune_agb.folds import FoldAssignment, fold_tiles
 from tune_agb.search import experiment
 from tune_agb.search.experiment import write_checkpoint_folder
 from tune_agb.search.space import METRICS, cv_metrics

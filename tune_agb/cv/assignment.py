@@ -1,246 +1,39 @@
-"""Spatial k-fold cross-validation: where the tiles are, blocks of nearby tiles, the blocks' folds, the folds' tiles.
-
-With ~100 validation labels in a few tiles, picking the best of dozens of trials on one validation split mostly picks
-noise. Spatial cross-validation (Roberts et al. 2017; Ploton et al. 2020) validates every configuration on all the
-labelled tiles instead, fold by fold, with whole blocks of neighbouring tiles held out together so that a model is
-never validated next to a tile it trained on.
-
-The steps (:func:`build_assignment` runs them on the train and val tiles of a dataset, in the search's driver):
-
-1. **Positions** (:func:`tile_positions`): each tile's extent, from prepare's ``manifest.parquet`` (map coordinates;
-   next to the inputs folder, or the one the ``cv`` section names), else from the tile names (``tile_ROW_COL``: tile
-   indices, as the demo data and the real tiles are named; ``rROW_cCOL`` or ``RASTER_rROW_cCOL``: pixel offsets, as
-   prepare names them), else one block per tile (a fallback that still never splits a tile, but neighbouring tiles
-   may land in different folds).
-2. **Blocks**: squares of ``block_size`` x ``block_size`` tile steps (or ``block_m`` map units), on a grid starting
-   at the origin of the names' grid (tile or pixel 0) or at the tiles' top-left corner (manifest). A tile belongs
-   to the block holding its first pixel. Tiles of different rasters named ``RASTER_r..._c...`` without a manifest
-   are placed apart (their blocks never mix; the manifest puts them on one grid).
-3. **Folds** (:func:`assign_folds`): the blocks in a seeded random order, each to the fold with the fewest labelled
-   pixels so far (the most balanced of several such draws), so the folds hold about as many labels each. A block
-   goes whole to one fold, a tile with its block, every tile to exactly one fold.
-4. **Buffer**: a tile that overlaps a tile of fold j (a stride smaller than the tile) is left out of fold j's
-   training, so no ground is both trained on and validated in a fold.
-5. **Normalisation**: per fold, the input bands' and the target's mean and std over that fold's training tiles (one
-   pass over the tiles), so a fold's validation labels never reach its standardisation.
-
-The result, a :class:`FoldAssignment`, is saved in the experiment as ``cv_folds.json`` (:meth:`FoldAssignment.to_dict`)
-and reused by ``--resume``; trials build their folds' tiles from it (:func:`fold_tiles`) without copying the store.
-For a final training, :func:`merge_train_val` gives the tiles of a retrain on train + val and :func:`out_of_fold`
-the k fold models' predictions of the tiles they did not train on. This module imports no Ray (pyarrow only to read
-a manifest).
+"""Fold assignment: blocks of nearby tiles, each block's fold, the overlap buffer, each fold's normalisation, and
+the folds' tiles (views over the stores, no copies). :class:`FoldAssignment` is the ``cv_folds.json`` record.
+See :mod:`tune_agb.cv` for the steps. No Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
-import logging
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tune_agb.cv.positions import MANIFEST_FILE, Positions, TilePlace, tile_positions
 from tune_agb.engine.data import NormStats, StackedRows, StatsAccumulator, TileSet
 from tune_agb.errors import TuneAgbError
 
-log = logging.getLogger(__name__)
-
 FOLDS_FORMAT = "tune_agb.cv_folds/1"
-POSITION_SOURCES = ("auto", "manifest", "names", "tiles")
-MANIFEST_FILE = "manifest.parquet"  # written by tune_agb.prepare next to inputs/ and labels/
-PREPARE_FILE = "prepare.json"
 CV_SPLITS = ("train", "val")  # the splits whose tiles the folds share; test stays out
-MANIFEST_COLUMNS = ("name", "left", "right", "top", "bottom", "width", "height")
-
-_TILE_INDEX = re.compile(r"^tile_(\d+)_(\d+)$")  # tile_ROW_COL: row and column of the tile on the tile grid
-_PIXEL_OFFSET = re.compile(r"^(?:(?P<raster>.+)_)?r(?P<row>\d+)_c(?P<col>\d+)$")  # prepare's [RASTER_]rROW_cCOL
 
 
-@dataclass(frozen=True)
-class TilePlace:
-    """Where a tile lies: ``[y0, y1) x [x0, x1)`` (rows downwards) in its positions' units, in ``area`` (tiles of
-    different areas never share ground); ``tol``: half a pixel in those units (overlaps thinner than that do not
-    count)."""
-
-    area: str
-    y0: float
-    x0: float
-    y1: float
-    x1: float
-    tol: float
-
-
-@dataclass
-class Positions:
-    """The places of a set of tiles and the grid their blocks are laid on.
-
-    ``kind`` is ``manifest``, ``names`` or ``tiles`` (the fallback: every tile its own block); ``source`` says where
-    the positions came from (for people); ``step`` is one tile step (y, x) in the positions' ``unit``; ``origin``
-    (y, x) is where the block grid starts.
-    """
-
-    kind: str
-    source: str
-    unit: str
-    step: tuple[float, float]
-    origin: tuple[float, float]
-    places: dict[str, TilePlace]
-
-
-# -- positions ---------------------------------------------------------------------------------------------------
-def positions_from_names(names: Iterable[str], tile_hw: tuple[int, int]) -> Positions | None:
-    """Positions read from tile names, or None when the names do not all follow one of the known patterns.
-
-    ``tile_ROW_COL`` gives tile indices (unit: tiles); ``rROW_cCOL`` and ``RASTER_rROW_cCOL`` give pixel offsets in
-    the tile's raster (unit: px, one step = the tile's size ``tile_hw``), each raster its own area.
-    """
-    names = list(names)
-    h, w = tile_hw
-    tiles = [_TILE_INDEX.match(n) for n in names]
-    if names and all(tiles):
-        places = {
-            n: TilePlace("", float(m[1]), float(m[2]), float(m[1]) + 1, float(m[2]) + 1, 0.5 / max(h, w))
-            for n, m in zip(names, tiles, strict=True)
-        }
-        return Positions("names", "tile names (tile_ROW_COL)", "tiles", (1.0, 1.0), (0.0, 0.0), places)
-    pixels = [_PIXEL_OFFSET.match(n) for n in names]
-    if names and all(pixels):
-        places = {}
-        for n, m in zip(names, pixels, strict=True):
-            r, c = float(m["row"]), float(m["col"])
-            places[n] = TilePlace(m["raster"] or "", r, c, r + h, c + w, 0.5)
-        rasters = sorted({p.area for p in places.values()})
-        source = "tile names (rROW_cCOL)" if rasters == [""] else "tile names (RASTER_rROW_cCOL)"
-        if len(rasters) > 1:
-            log.warning(
-                "cv: tile names give pixel offsets in %d rasters; without prepare's %s they are placed apart (blocks "
-                "never mix rasters), so rasters that overlap (dates of one area) could share ground across folds",
-                len(rasters),
-                MANIFEST_FILE,
-            )
-        return Positions("names", source, "px", (float(h), float(w)), (0.0, 0.0), places)
-    return None
-
-
-def positions_per_tile(names: Iterable[str]) -> Positions:
-    """The fallback: every tile its own area and block (folds by whole tiles, neighbours may be apart)."""
-    places = {n: TilePlace(n, 0.0, 0.0, 1.0, 1.0, 0.0) for n in names}
-    return Positions("tiles", "one block per tile (no manifest, tile names without positions)", "tiles", (1.0, 1.0),
-                     (0.0, 0.0), places)  # fmt: skip
-
-
-def positions_from_manifest(location: str, names: Iterable[str]) -> Positions:
-    """Positions in map coordinates from prepare's ``manifest.parquet`` at ``location`` (a path or a URI).
-
-    One tile step is the tile's width in map units (scaled by prepare's ``--stride`` when ``prepare.json`` lies next
-    to the manifest). Every tile of ``names`` must have a row.
-    """
-    import pyarrow.parquet as pq
-
-    data = _read_bytes(location)
-    if data is None:
-        raise TuneAgbError(f"{location}: manifest not found")
-    try:
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
-    except (OSError, ValueError) as exc:
-        raise TuneAgbError(f"{location}: not a readable parquet manifest ({str(exc).splitlines()[0]})") from None
-    missing_cols = [c for c in MANIFEST_COLUMNS if rows and c not in rows[0]]
-    if not rows or missing_cols:
-        raise TuneAgbError(f"{location}: expected prepare's manifest with columns {', '.join(MANIFEST_COLUMNS)}")
-    by_name = {str(r["name"]): r for r in rows}
-    names = list(names)
-    absent = [n for n in names if n not in by_name]
-    if absent:
-        raise TuneAgbError(
-            f"{location}: no row for tile {absent[0]}{f' (and {len(absent) - 1} more)' if len(absent) > 1 else ''}; "
-            "is this the manifest of these tiles? (set cv.positions: names to ignore it)"
-        )
-    crs = {str(by_name[n].get("crs")) for n in names}
-    if len(crs) > 1:
-        raise TuneAgbError(
-            f"{location}: tiles in several CRSs ({', '.join(sorted(crs))}); cannot place them on one grid"
-        )
-    places = {}
-    widths, heights = [], []
-    for n in names:
-        r = by_name[n]
-        width_map, height_map = float(r["right"]) - float(r["left"]), float(r["top"]) - float(r["bottom"])
-        if not (width_map > 0 and height_map > 0 and r["width"] and r["height"]):
-            raise TuneAgbError(f"{location}: tile {n} has an empty extent (left/right/top/bottom)")
-        pixel = width_map / float(r["width"])
-        places[n] = TilePlace("", -float(r["top"]), float(r["left"]), -float(r["bottom"]), float(r["right"]), pixel / 2)
-        widths.append(width_map)
-        heights.append(height_map)
-    stride_scale = _prepare_stride_scale(location)
-    step = (float(np.median(heights)) * stride_scale, float(np.median(widths)) * stride_scale)
-    origin = (min(p.y0 for p in places.values()), min(p.x0 for p in places.values()))
-    unit = f"map units ({crs.pop()})" if crs else "map units"
-    return Positions("manifest", f"manifest {location}", unit, step, origin, places)
-
-
-def _prepare_stride_scale(manifest: str) -> float:
-    """prepare's ``--stride / --tile-size`` from the ``prepare.json`` beside the manifest (1 without one)."""
-    data = _read_bytes(f"{manifest.rsplit('/', 1)[0]}/{PREPARE_FILE}")
-    try:
-        args = json.loads(data)["args"] if data else {}
-        tile = float(args["tile_size"])
-        stride = float(args.get("stride") or tile)
-        return stride / tile if tile > 0 and stride > 0 else 1.0
-    except (KeyError, TypeError, ValueError):
-        return 1.0
-
-
-def manifest_location(cv: Mapping[str, Any], input_dir: str) -> str | None:
-    """The manifest to read: ``cv.manifest`` when given (it must exist), else ``manifest.parquet`` next to the inputs
-    folder (prepare's layout ``DIR/inputs``, ``DIR/manifest.parquet``) or inside it; None when there is none."""
-    if cv.get("manifest"):
-        location = str(cv["manifest"])
-        if _read_bytes(location) is None:
-            raise TuneAgbError(f"cv.manifest: {location} not found")
-        return location
-    base = input_dir.rstrip("/")
-    for candidate in (f"{base.rsplit('/', 1)[0]}/{MANIFEST_FILE}", f"{base}/{MANIFEST_FILE}"):
-        if _exists(candidate):
-            return candidate
-    return None
-
-
-def tile_positions(cv: Mapping[str, Any], names: list[str], tile_hw: tuple[int, int], input_dir: str) -> Positions:
-    """The positions ``cv.positions`` asks for: ``manifest`` (required), ``names`` (required to parse), ``tiles``
-    (the fallback), or ``auto``: the manifest where there is one, else the names, else the fallback."""
-    how = cv.get("positions", "auto")
-    if how == "tiles":
-        return positions_per_tile(names)
-    if how in ("auto", "manifest"):
-        location = manifest_location(cv, input_dir)
-        if location is not None:
-            return positions_from_manifest(location, names)
-        if how == "manifest":
-            raise TuneAgbError(
-                f"cv.positions: manifest asked for, but there is no {MANIFEST_FILE} next to {input_dir} "
-                "(give its path as cv.manifest)"
-            )
-    found = positions_from_names(names, tile_hw)
-    if found is not None:
-        return found
-    if how == "names":
-        bad = next(n for n in names if not (_TILE_INDEX.match(n) or _PIXEL_OFFSET.match(n)))
-        raise TuneAgbError(
-            f"cv.positions: names asked for, but tile {bad!r} is not named tile_ROW_COL, rROW_cCOL or RASTER_rROW_cCOL"
-        )
-    log.warning("cv: no manifest and the tile names give no positions: every tile is its own block")
-    return positions_per_tile(names)
-
-
-# -- blocks and folds --------------------------------------------------------------------------------------------
 def block_side(cv: Mapping[str, Any], positions: Positions) -> tuple[float, float]:
-    """A block's side (y, x) in the positions' units: ``block_m`` map units, else ``block_size`` tile steps."""
+    """A block's side (y, x) in the positions' units: ``block_m`` map units, else ``block_size`` tile steps.
+
+    Args:
+        cv: the ``cv`` section (``block_m``, ``block_size``).
+        positions: the tiles' positions (their unit and tile step).
+
+    Returns:
+        The side (y, x) in the positions' unit.
+
+    Raises:
+        TuneAgbError: ``cv.block_m`` without a manifest's map coordinates.
+    """
     if cv.get("block_m") is not None:
         if positions.kind != "manifest":
             raise TuneAgbError(
@@ -253,7 +46,13 @@ def block_side(cv: Mapping[str, Any], positions: Positions) -> tuple[float, floa
 
 
 def block_of(place: TilePlace, side: tuple[float, float], origin: tuple[float, float]) -> str:
-    """The id of the block holding the tile's first pixel: ``AREA/ROW/COL`` (``ROW/COL`` for the unnamed area)."""
+    """The id of the block holding the tile's first pixel: ``AREA/ROW/COL`` (``ROW/COL`` for the unnamed area).
+
+    Args:
+        place: the tile's place.
+        side: a block's side (y, x) in the place's units.
+        origin: where the block grid starts (y, x).
+    """
     by = math.floor((place.y0 + place.tol - origin[0]) / side[0])
     bx = math.floor((place.x0 + place.tol - origin[1]) / side[1])
     return f"{place.area}/{by}/{bx}" if place.area else f"{by}/{bx}"
@@ -272,6 +71,15 @@ def assign_folds(
     so far (ties: fewer tiles, then the lower fold), so the first k blocks open the k folds. Of
     :data:`FOLD_DRAWS` draws from one seeded generator, the one whose folds' labelled pixels differ least is kept
     (the first such). The same blocks and seed give the same folds.
+
+    Args:
+        block_tiles: tiles per block id.
+        block_labelled: labelled pixels per block id (a missing block counts 0).
+        k: the number of folds.
+        seed: the draws' seed.
+
+    Returns:
+        The fold (0 .. k-1) of every block id.
     """
     blocks = sorted(block_tiles)
     labels = [int(block_labelled.get(b, 0)) for b in blocks]
@@ -295,7 +103,14 @@ def assign_folds(
 
 def overlapping_pairs(places: Mapping[str, TilePlace]) -> list[tuple[str, str]]:
     """Pairs of tiles that share ground (overlap by more than half a pixel both ways), found through a grid of
-    cells as large as the largest tile (an overlapping tile starts in the same or a neighbouring cell)."""
+    cells as large as the largest tile (an overlapping tile starts in the same or a neighbouring cell).
+
+    Args:
+        places: each tile's place.
+
+    Returns:
+        The pairs ``(a, b)`` with ``a < b``, sorted; tiles of different areas never pair.
+    """
     if not places:
         return []
     cell = (max(p.y1 - p.y0 for p in places.values()), max(p.x1 - p.x0 for p in places.values()))
@@ -462,6 +277,9 @@ def build_assignment(
         data_keys: the stores' keys (recorded, so a resume can tell whether the tiles changed).
         source: the space file, for error messages.
 
+    Returns:
+        The assignment, with each fold's training normalisation sums.
+
     Raises:
         TuneAgbError: one line naming the ``cv`` field: more folds than blocks, a fold without labels, no manifest.
     """
@@ -537,6 +355,14 @@ def with_stats(plan: FoldAssignment, tiles: Mapping[str, TileSet], chunk: int = 
 
     The sums are those :class:`~tune_agb.engine.data.StatsAccumulator` makes (float64, non-finite inputs left out),
     so fold j's stats equal ``compute_norm_stats`` of its training tiles.
+
+    Args:
+        plan: an assignment (its stats may be empty).
+        tiles: the train and val splits it was made for.
+        chunk: tiles read at a time.
+
+    Returns:
+        A copy of ``plan`` with ``train_stats`` and ``val_nonfinite`` filled in.
     """
     k = plan.k
     index = {n: i for i, n in enumerate(plan.names)}
@@ -578,7 +404,19 @@ def with_stats(plan: FoldAssignment, tiles: Mapping[str, TileSet], chunk: int = 
 
 def fold_tiles(tiles: Mapping[str, TileSet], plan: FoldAssignment, j: int) -> dict[str, TileSet]:
     """Fold ``j``'s ``train`` and ``val`` TileSets, drawn from the train and val splits without copying them
-    (:class:`~tune_agb.engine.data.StackedRows` over the stores' memory maps)."""
+    (:class:`~tune_agb.engine.data.StackedRows` over the stores' memory maps).
+
+    Args:
+        tiles: the train and val splits.
+        plan: their fold assignment.
+        j: the fold (0 .. k-1).
+
+    Returns:
+        ``{"train": ..., "val": ...}``: the tiles fold ``j`` trains on and validates on.
+
+    Raises:
+        TuneAgbError: when the tiles are not those ``plan`` was made for.
+    """
     plan.check_tiles(tiles)
     index = {n: (s, i) for s in CV_SPLITS for i, n in enumerate(tiles[s].names)}
     labelled = dict(zip(plan.names, plan.labelled, strict=True))
@@ -601,7 +439,12 @@ def fold_tiles(tiles: Mapping[str, TileSet], plan: FoldAssignment, j: int) -> di
 
 def stack_splits(tiles: Mapping[str, TileSet], splits: Sequence[str]) -> TileSet:
     """The tiles of ``splits``, in that order, as one TileSet named ``"a+b"`` (no copy: :class:`StackedRows` over the
-    splits' arrays), with the splits' labelled pixels summed."""
+    splits' arrays), with the splits' labelled pixels summed.
+
+    Args:
+        tiles: the splits by name.
+        splits: the splits to stack, in order.
+    """
     parts = [(s, np.arange(len(tiles[s]))) for s in splits]
     return TileSet(
         "+".join(splits),
@@ -615,92 +458,12 @@ def stack_splits(tiles: Mapping[str, TileSet], splits: Sequence[str]) -> TileSet
 
 def merge_train_val(tiles: Mapping[str, TileSet]) -> dict[str, TileSet]:
     """The tiles of a retrain on train + val: ``train`` is the train and val tiles together (no copy), ``val`` and
-    ``test`` are passed on as they are (``val`` then lies inside the training data: its metrics are in-sample)."""
-    return {"train": stack_splits(tiles, CV_SPLITS), **{s: v for s, v in tiles.items() if s != "train"}}
-
-
-@dataclass
-class OutOfFold:
-    """Every labelled train/val pixel predicted by the fold model that validated on it (never trained on it), in
-    target units: per pixel ``tile`` (name), ``flat`` (row * W + col), ``fold``, label ``y``, ``mean`` and ``var``
-    (float64 host arrays, folds in order). The honest sample to fit a variance calibration on when no split is left
-    out of the final training."""
-
-    tile: np.ndarray
-    flat: np.ndarray
-    fold: np.ndarray
-    y: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
-
-
-def out_of_fold(
-    states: list[dict[str, Any]],
-    tiles: Mapping[str, TileSet],
-    plan: FoldAssignment,
-    device: str = "cpu",
-    batch_size: int | None = None,
-) -> OutOfFold:
-    """Predict each fold's validation tiles with that fold's model.
+    ``test`` are passed on as they are (``val`` then lies inside the training data: its metrics are in-sample).
 
     Args:
-        states: the k fold checkpoints (e.g. :meth:`tune_agb.search.experiment.CVBest.fold_states`), in fold order;
-            each is predicted with its own config and normalisation stats.
-        tiles: the train and val splits (the store's, as the search saw them).
-        plan: the fold assignment of the search.
-        device: where to predict (``cpu``, ``cuda``, ``auto``).
-        batch_size: tiles per batch (None: each model's training batch size).
+        tiles: the splits by name (``train`` and ``val`` at least).
+
+    Returns:
+        The splits with ``train`` replaced by train + val.
     """
-    import torch
-
-    from tune_agb.engine.config import config_from_dict
-    from tune_agb.engine.data import SplitFeed
-    from tune_agb.engine.device import memory_format, resolve_amp, resolve_device
-    from tune_agb.engine.model import UNet
-    from tune_agb.engine.train import evaluate_split
-
-    if len(states) != plan.k:
-        raise TuneAgbError(f"out_of_fold: {len(states)} fold models for a {plan.k}-fold assignment")
-    dev = resolve_device(device)
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("tile", "flat", "fold", "y", "mean", "var")}
-    for j, state in enumerate(states):
-        cfg = config_from_dict(state["config"], source=f"fold {j} checkpoint config")
-        norm = NormStats.from_dict(state["norm"])
-        model = UNet.from_config(cfg)
-        model.load_state_dict(state["model"])
-        model.to(dev, memory_format=memory_format(cfg, dev)).eval()
-        val = fold_tiles(tiles, plan, j)["val"]
-        feed = SplitFeed(val, norm, dev, cfg.data_mode)
-        ev = evaluate_split(model, feed, cfg, norm, batch_size or cfg.batch_size, resolve_amp(cfg, dev), keep=())
-        parts["tile"].append(np.asarray(val.names)[ev.tile])
-        parts["flat"].append(ev.flat)
-        parts["fold"].append(np.full(ev.tile.size, j))
-        for key, t in (("y", ev.y), ("mean", ev.mean), ("var", ev.var)):
-            parts[key].append(t.to(torch.float64).cpu().numpy())
-    return OutOfFold(**{k: np.concatenate(v) for k, v in parts.items()})
-
-
-# -- files through pyarrow (a manifest may be on s3:// like the tiles) ---------------------------------------------
-def _read_bytes(location: str) -> bytes | None:
-    """The bytes of a file (a path, ``file://`` or a pyarrow URI); None when there is no such file."""
-    if not _exists(location):
-        return None
-    if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://")).read_bytes()
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def _exists(location: str) -> bool:
-    if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://")).is_file()
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-        return fs.get_file_info(path).type == pafs.FileType.File
-    except (OSError, ValueError):
-        return False
+    return {"train": stack_splits(tiles, CV_SPLITS), **{s: v for s, v in tiles.items() if s != "train"}}
