@@ -18,12 +18,6 @@ import pytest
 import torch
 
 from tests.search_helpers import tiny_space
-from tune_agb.engine.config import TrainConfig
-from tune_agb.engine.data import SplitFeed, StackedRows, TileSet, compute_norm_stats
-from tune_agb.engine.folds_loop import fold_summary, train_folds
-from tune_agb.engine.metric_names import fold_metric_names
-from tune_agb.engine.train import train
-from tune_agb.errors import TuneAgbError
 from tune_agb.cv import (
     FoldAssignment,
     assign_folds,
@@ -35,7 +29,8 @@ from tune_agb.cv import (
 )
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import SplitFeed, StackedRows, TileSet, compute_norm_stats
-from tune_agb.engine.folds_loop import fold_metric_names, fold_summary, train_folds
+from tune_agb.engine.folds_loop import fold_summary, train_folds
+from tune_agb.engine.metric_names import fold_metric_names
 from tune_agb.engine.train import train
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.space import parse_search_space
