@@ -370,7 +370,7 @@ def main() -> int:
 
     # 7. an infeasible configuration beside feasible ones, at 0.25 GPU
     if left() > 50 and "infeasible" in steps:
-        from tune_agb.demo import write_demo_dataset
+        from tune_agb.demo_data import write_demo_dataset
 
         tile = 244 if gpu else 64
         data = write_demo_dataset(out / "big_tiles", tile=tile, grid=(6, 6), seed=5)

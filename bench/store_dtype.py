@@ -43,7 +43,7 @@ def same_model(data: Path | None, epochs: int, work: Path) -> None:
     """One float32-trained model, evaluated on float32 and on float16 inputs: the rounding's own effect."""
     import torch
 
-    from tune_agb.demo import data_dirs
+    from tune_agb.demo_data import data_dirs
     from tune_agb.engine.checkpoint import load_checkpoint
     from tune_agb.engine.data import SplitFeed
     from tune_agb.engine.inference import member_from_state

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tune_agb.demo import write_demo_dataset
+from tune_agb.demo_data import write_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "gedi-s1s2-real"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tune_agb.baseline import ridge_baseline
-from tune_agb.demo import demo_data_dir, main, synth_scene, write_demo_dataset
+from tune_agb.demo import main
+from tune_agb.demo_data import demo_data_dir, synth_scene, write_demo_dataset
 from tune_agb.engine.data import load_dataset
 from tune_agb.errors import run_cli
 from tune_agb.final_train import main as final_train_main

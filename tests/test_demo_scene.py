@@ -9,7 +9,7 @@ import rasterio
 
 from tune_agb.bands import BAND_NAMES
 from tune_agb.demo import main as demo_main
-from tune_agb.demo import rasterize_shots, synth_scene
+from tune_agb.demo_data import rasterize_shots, synth_scene
 from tune_agb.demo_scene import DEMO_CRS, write_demo_scene
 from tune_agb.engine.checkpoint import save_checkpoint
 from tune_agb.engine.config import TrainConfig

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tune_agb.bands import SPLITS
-from tune_agb.demo import split_tiles
+from tune_agb.demo_data import split_tiles
 from tune_agb.geo.tiling import (
     assign_blocks,
     count_block_tiles,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from tune_agb.demo import data_dirs
+from tune_agb.demo_data import data_dirs
 from tune_agb.engine.calibration import (
     CALIBRATION_FILE,
     DEFAULT_METHOD,

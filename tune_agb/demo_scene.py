@@ -1,6 +1,6 @@
 """The synthetic demo scene as a user would have it: a GeoTIFF stack and a table of GEDI shots.
 
-:func:`write_demo_scene` writes a scene made by :func:`tune_agb.demo.synth_scene` into one folder:
+:func:`write_demo_scene` writes a scene made by :func:`tune_agb.demo_data.synth_scene` into one folder:
 
 - ``scene.tif``: its 14-band Sentinel-1/2 stack (float32, band descriptions B1 ... B12 VV VH, NaN nodata under the
   clouds) on a 10 m UTM grid (EPSG:32647, central Thailand by default);
@@ -27,8 +27,8 @@ from rasterio.warp import transform as warp_points
 
 from tune_agb.bands import BAND_NAMES
 
-if TYPE_CHECKING:  # annotations only: tune_agb.demo imports this module (for --scene), not the other way round
-    from tune_agb.demo import Scene
+if TYPE_CHECKING:  # annotations only: tune_agb.demo_data imports this module (for --scene), not the other way round
+    from tune_agb.demo_data import Scene
 
 DEMO_CRS = "EPSG:32647"  # WGS 84 / UTM zone 47N
 DEMO_ORIGIN = (600_000.0, 1_650_000.0)  # upper-left corner (m), about 100.0 E, 14.9 N

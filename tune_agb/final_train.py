@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from tune_agb.cv import merge_train_val, out_of_fold
-from tune_agb.demo import data_dirs
+from tune_agb.demo_data import data_dirs
 from tune_agb.engine.calibration import (
     CALIBRATION_FILE,
     DEFAULT_METHOD,

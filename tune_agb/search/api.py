@@ -279,7 +279,7 @@ def _load_space(
 
 def _resolve_data(space: SearchSpace, input_dir: str | Path | None, label_dir: str | Path | None) -> tuple[str, str]:
     """Absolute tile folders: the arguments, else the space's ``data`` (relative to its file), else the demo data."""
-    from tune_agb.demo import data_dirs
+    from tune_agb.demo_data import data_dirs
 
     data = space.settings["data"]
     base = Path(space.source).parent
