@@ -3,6 +3,7 @@ of U-Nets whose weights are set by hand so that their output is known exactly.""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import rasterio
 import torch
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.warp import transform as warp_points
 
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
@@ -41,10 +43,13 @@ def write_tif(
     profile = {"driver": "GTiff", "dtype": data.dtype.name, "count": c, "height": h, "width": w, "nodata": nodata}
     if crs is not None:
         profile.update(crs=crs, transform=transform or grid_transform())
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-        for i, d in enumerate(descriptions or [], start=1):
-            dst.set_band_description(i, d)
+    with warnings.catch_warnings():
+        if crs is None:  # wanted here: the bad input the commands must refuse
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+            for i, d in enumerate(descriptions or [], start=1):
+                dst.set_band_description(i, d)
     return path
 
 
