@@ -410,7 +410,8 @@ def test_the_driver_makes_the_folds_once_and_a_resume_reuses_them(tiny_data: Pat
     import shutil
 
     from tune_agb.search.cli import make_folds
-    from tune_agb.search.experiment import Experiment, read_folds, write_folds
+    from tune_agb.runs import read_folds, write_folds
+    from tune_agb.search.experiment import Experiment
 
     data_dir = shutil.copytree(tiny_data, tmp_path / "data")
     space = parse_search_space(tiny_space(cv={"k": 3, "block_size": 1}), source=str(tmp_path / "s.yaml"))

@@ -23,7 +23,8 @@ from tune_agb.engine.inference import member_from_state
 from tune_agb.folds import build_assignment, out_of_fold
 from tune_agb.search.asha import ResumableASHA
 from tune_agb.search.cli import main
-from tune_agb.search.experiment import read_cv_best, read_folds, read_trial_rows
+from tune_agb.runs import read_cv_best, read_folds
+from tune_agb.search.experiment import read_trial_rows
 from tune_agb.store import DataSource
 
 pytestmark = pytest.mark.slow  # real searches

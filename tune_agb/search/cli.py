@@ -26,18 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from tune_agb.engine.config import read_yaml_or_json
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import (
-    BEST_FILE,
-    CHECKPOINT_FILE,
-    CV_FOLDS_FILE,
-    OPTUNA_JOURNAL,
-    RESULTS_FILE,
-    TENSORBOARD_DIR,
-    Experiment,
-    is_uri,
-    read_folds,
-    write_folds,
-)
+from tune_agb.location import is_uri
+from tune_agb.runs import BEST_FILE, CV_FOLDS_FILE, RESULTS_FILE, read_folds, write_folds
+from tune_agb.search.experiment import CHECKPOINT_FILE, OPTUNA_JOURNAL, TENSORBOARD_DIR, Experiment
 from tune_agb.search.space import SearchSpace, parse_search_space
 from tune_agb.store import DataSource
 
@@ -458,9 +449,9 @@ def unfinished_trials(grid: Any, space: SearchSpace) -> str:
 
 def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label_dir: str, top: int = 5) -> int:
     """Write results.parquet and best.yaml, print the best trials, the failures and the final-train command."""
-    from tune_agb.search.results import summary, write_results
+    from tune_agb.search.results import refresh_results, summary
 
-    df, best = write_results(exp.uri, space, input_dir, label_dir)
+    df, best = refresh_results(exp.uri, space, input_dir, label_dir)
     print(f"\nbest trials by {space.metric} ({space.mode}, best epoch of each trial):")
     print(summary(df, space, top))
     failed = []
@@ -485,8 +476,8 @@ def report(grid: Any, space: SearchSpace, exp: Experiment, input_dir: str, label
         print("no trial reported a finite result; nothing to train", file=sys.stderr)
         return 1
     print(
-        f"best: trial {best['trial_id']} epoch {best['epoch']} {space.metric}={best['value']:.4g} "
-        f"(checkpoint {best['checkpoint']}/{CHECKPOINT_FILE})"
+        f"best: trial {best.trial_id} epoch {best.epoch} {space.metric}={best.value:.4g} "
+        f"(checkpoint {best.checkpoint}/{CHECKPOINT_FILE})"
     )
     print("\nnext, train the final model:")
     print(f"  python -m tune_agb.final_train --experiment {exp.uri} --out-dir runs/{exp.name}-final")
