@@ -522,7 +522,7 @@ def test_ensemble_top_needs_an_experiment_with_results(tmp_path: Path, capsys: p
     assert err == [f"error: --ensemble-top 2: {exp}/results.parquet: no results (no trial has reported an epoch yet); "
                    "allowed: a search folder whose results.parquet has rows"]  # fmt: skip
     assert run(["--experiment", str(tmp_path / "nowhere"), "--ensemble-top", "2", "--out-dir", str(out)]) == 2
-    assert "search.yaml not found; --experiment must be a search's folder" in capsys.readouterr().err
+    assert "search.yaml not found; expected a search's folder STORAGE/NAME" in capsys.readouterr().err
     assert not out.exists()
 
 

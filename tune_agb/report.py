@@ -53,6 +53,7 @@ from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.location import is_uri, open_location, read_path, write_path_atomic
 from tune_agb.runs import (
     BEST_FILE,
+    CV_FOLDS_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RESULTS_FILE,
@@ -684,7 +685,8 @@ def _calibration_of(metrics: dict[str, Any], path: Path) -> Calibration | None:
 
 
 # -- entry points --------------------------------------------------------------------------------------------
-SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE)  # what a page is built from (the first two required)
+# What a page is built from (the first two required).
+SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE, CV_FOLDS_FILE)
 FINAL_INPUTS = (METRICS_FILE, PREDICTIONS_FILE, TEST_MAPS_FILE)
 
 
