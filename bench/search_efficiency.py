@@ -67,8 +67,8 @@ import pandas as pd
 import torch
 import yaml
 
-from tune_agb.search.cli import main as search_main
 from tune_agb.runs import BEST_FILE, RESULTS_FILE
+from tune_agb.search.cli import main as search_main
 from tune_agb.search.experiment import Experiment
 from tune_agb.search.space import parse_search_space
 
