@@ -55,7 +55,7 @@ def sample(method: str, seed: int, fold: Path, run: Path) -> tuple[np.ndarray, n
     """``(y, mean, var)`` of the sample the run's calibration was fitted on (uncalibrated variance)."""
     if method in ("cv_search", "cv_folds"):
         from tune_agb.cv import out_of_fold
-        from tune_agb.search.experiment import read_cv_best
+        from tune_agb.runs import read_cv_best
         from tune_agb.store import DataSource
 
         best = read_cv_best(str(fold / "searches" / f"cv_s{seed}"))

@@ -275,15 +275,18 @@ def _plain(v: Any) -> Any:
 
 
 def best_summary(df: Any, space: Any) -> dict[str, Any] | None:
-    """The best row of the results (``space``'s metric and mode): its val RMSE, trial, epoch and configuration."""
-    from tune_agb.search.results import best_row
+    """The best trial of the results at its best epoch (:func:`tune_agb.runs.rank_trials`, ``space``'s metric and
+    mode): its val RMSE, trial, epoch and configuration."""
+    from tune_agb.runs import rank_trials
 
-    row = best_row(df, space.metric, space.mode) if len(df) else None
-    if row is None:
+    ranked = rank_trials(df, space) if len(df) else []
+    if not ranked or not ranked[0].scored:
         return None
+    top = ranked[0]
+    row = df[(df["trial_id"].astype(str) == top.trial_id) & (df["epoch"] == top.epoch)].iloc[-1]
     return {
         "val_rmse": float(row["val_rmse"]),
-        "trial_id": str(row["trial_id"]),
-        "epoch": int(row["epoch"]),
+        "trial_id": top.trial_id,
+        "epoch": int(top.epoch),
         "config": {p.name: _plain(row[f"config/{p.name}"]) for p in space.params},
     }

@@ -69,7 +69,8 @@ import yaml
 import tune_agb.search
 from tune_agb.errors import TuneAgbError
 from tune_agb.overrides import apply_overrides, parse_override
-from tune_agb.search.experiment import BEST_FILE, RESULTS_FILE, Experiment
+from tune_agb.runs import RESULTS_FILE, Best, read_best, read_results
+from tune_agb.search.experiment import Experiment
 from tune_agb.search.space import parse_search_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,21 +148,21 @@ def folders(data: list[str]) -> dict[str, str]:
     return {"input_dir": flags["--input-dir"], "label_dir": flags["--label-dir"]} if flags else {}
 
 
-def run_search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[pd.DataFrame, dict, float]:
+def run_search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[pd.DataFrame, Best, float]:
     """Run (or reuse, when it finished with the same space) one search; its results, best.yaml and search seconds."""
     path = out / "spaces" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     exp = Experiment.at(str(out / "runs"), name)
     timing = out / "timings" / f"{name}.json"
-    results, best_file = Path(exp.uri) / RESULTS_FILE, Path(exp.uri) / BEST_FILE
+    results = Path(exp.uri) / RESULTS_FILE
     stored = exp.read_search() if exp.has_search() else None
     want = parse_search_space(space, source=str(path))
     if stored is not None and stored["space"] == want.to_dict() and results.exists() and timing.exists():
-        df = pd.read_parquet(results)
+        df = read_results(exp.uri)
         if df["trial_id"].nunique() == want.settings["experiment"]["num_samples"]:
             print(f"{name}: reusing the finished search in {exp.uri}", flush=True)
-            return df, yaml.safe_load(best_file.read_text()), json.loads(timing.read_text())["search_s"]
+            return df, read_best(exp.uri), json.loads(timing.read_text())["search_s"]
     if stored is not None:
         raise SystemExit(f"{exp.uri}: an unfinished or different search is there; delete it or use another --out")
     start = time.perf_counter()
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             for m in methods:
                 name = f"{m}_s{seed}"
                 df, best, secs = run_search(method_space(base, m, variants, seed), name, out, data)
-                test, final_s, key = retrain(str(out / "runs" / name), best["config"], out)
+                test, final_s, key = retrain(str(out / "runs" / name), best.config, out)
                 shared = key in retrained  # counted once: the methods that found this config share its model
                 retrained.add(key)
                 final_s = 0.0 if shared else final_s
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 found[m] = {"df": df, "best": best, "search_s": secs, "test_rmse": test, "final_s": final_s}
-                found[m]["searched"] = [k for k in searched if k in best["config"]]
+                found[m]["searched"] = [k for k in searched if k in best.config]
             rows += seed_rows(seed, found)
             done = time.perf_counter() - start
             print(

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tune_agb.baseline import RandomForest, labelled_pixels, main
-from tune_agb.engine.calibration import CALIBRATION_FILE, load_calibration
 from tune_agb.engine.data import compute_norm_stats, load_dataset, load_split
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.runs import CALIBRATION_FILE, load_calibration
 
 pytest.importorskip("sklearn")
 

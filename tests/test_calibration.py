@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from tune_agb.engine.calibration import (
-    CALIBRATION_FILE,
     IDENTITY,
     ISOTONIC_MIN_BIN,
     Calibration,
@@ -22,14 +21,12 @@ from tune_agb.engine.calibration import (
     fit_calibration,
     fit_isotonic,
     fit_scale,
-    load_calibration,
-    model_calibration,
     pava,
-    save_calibration,
 )
 from tune_agb.engine.metrics import regression_metrics
 from tune_agb.engine.plots import reliability_plot
 from tune_agb.errors import TuneAgbError
+from tune_agb.runs import CALIBRATION_FILE, load_calibration, model_calibration, save_calibration
 
 ONE_SIGMA, TWO_SIGMA = 0.6827, 0.9545
 

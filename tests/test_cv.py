@@ -411,7 +411,8 @@ def test_fold_models_train_in_step_exactly_as_alone_and_resume(
 def test_the_driver_makes_the_folds_once_and_a_resume_reuses_them(tiny_data: Path, tmp_path: Path) -> None:
     import shutil
 
-    from tune_agb.search.experiment import Experiment, read_folds, write_folds
+    from tune_agb.runs import read_folds, write_folds
+    from tune_agb.search.experiment import Experiment
     from tune_agb.search.launch import make_folds
 
     data_dir = shutil.copytree(tiny_data, tmp_path / "data")

@@ -21,9 +21,10 @@ from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F40
 from tests.test_search_resume import Search, _wait_until
 from tune_agb.cv import build_assignment, out_of_fold
 from tune_agb.engine.inference import member_from_state
+from tune_agb.runs import read_cv_best, read_folds
 from tune_agb.search.asha import ResumableASHA
 from tune_agb.search.cli import main
-from tune_agb.search.experiment import read_cv_best, read_folds, read_trial_rows
+from tune_agb.search.experiment import read_trial_rows
 from tune_agb.store import DataSource
 
 pytestmark = pytest.mark.slow  # real searches

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import rasterio
@@ -20,14 +19,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tests.raster_helpers import write_tif
 from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
-from tune_agb.engine.calibration import CALIBRATION_FILE, load_calibration
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_split
 from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.final_train import LEGACY_FLAGS, build_parser, config_overrides, main, top_trials
 from tune_agb.predict import main as predict_main
-from tune_agb.search.experiment import Experiment, write_results_table
+from tune_agb.runs import CALIBRATION_FILE, load_calibration, write_results
+from tune_agb.search.experiment import Experiment
 from tune_agb.search.results import results_frame
 from tune_agb.search.space import parse_search_space
 
@@ -457,7 +456,7 @@ def hand_made_search(storage: Path, rows: list[dict], metric: str = "val_rmse", 
     for r in rows:
         for epoch, v in enumerate(r["values"], start=1):
             records.append({"trial_id": r["trial_id"], "epoch": epoch, metric: v, "config": r["config"]})
-    write_results_table(exp.uri, pa.Table.from_pandas(results_frame(records, space), preserve_index=False))
+    write_results(exp.uri, results_frame(records, space))
     return Path(exp.uri)
 
 
@@ -523,7 +522,7 @@ def test_ensemble_top_needs_an_experiment_with_results(tmp_path: Path, capsys: p
     assert err == [f"error: --ensemble-top 2: {exp}/results.parquet: no results (no trial has reported an epoch yet); "
                    "allowed: a search folder whose results.parquet has rows"]  # fmt: skip
     assert run(["--experiment", str(tmp_path / "nowhere"), "--ensemble-top", "2", "--out-dir", str(out)]) == 2
-    assert "search.yaml not found; --experiment must be a search's folder" in capsys.readouterr().err
+    assert "search.yaml not found; expected a search's folder STORAGE/NAME" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -16,10 +16,11 @@ from tests.raster_helpers import (
     random_unet_checkpoint,
     write_tif,
 )
-from tune_agb.engine.calibration import CALIBRATION_FILE, Calibration, save_calibration
+from tune_agb.engine.calibration import Calibration
 from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import run_cli
 from tune_agb.predict import main
+from tune_agb.runs import CALIBRATION_FILE, save_calibration
 
 H, W, C = 100, 130, 4
 

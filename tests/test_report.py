@@ -25,9 +25,10 @@ from PIL import Image
 
 from tune_agb.engine.calibration import Calibration, coverage
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.report import load_test_maps, main, write_report
-from tune_agb.search.experiment import Experiment, write_results_table
-from tune_agb.search.results import best_record, results_frame, write_best
+from tune_agb.report import main, write_report
+from tune_agb.runs import best_of, read_test_maps, write_best, write_results
+from tune_agb.search.experiment import Experiment
+from tune_agb.search.results import results_frame
 from tune_agb.search.space import load_search_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,8 +80,8 @@ def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: i
             )
         finals.append(final)
     df = results_frame(rows, space)
-    write_results_table(exp.uri, pa.Table.from_pandas(df, preserve_index=False))
-    write_best(exp.uri, best_record(df, space, exp.uri, "in", "labels"))
+    write_results(exp.uri, df)
+    write_best(exp.uri, best_of(df, space, exp.uri, "in", "labels"))
     return root
 
 
@@ -296,10 +297,10 @@ def test_malformed_test_maps(tmp_path: Path, change: Callable[[dict], dict], mes
     file = out / "test_maps.npz"
     with np.load(file) as z:
         good = dict(z)
-    assert load_test_maps(file).names == ["tile_0_0", "tile_1_1"]
+    assert read_test_maps(out).names == ["tile_0_0", "tile_1_1"]
     np.savez(file, **change(good))
     with pytest.raises(TuneAgbError, match=re.escape(f"{file}: {message}")):
-        load_test_maps(file)
+        read_test_maps(out)
 
 
 def test_unreadable_test_maps_fail_the_cli_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

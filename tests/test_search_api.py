@@ -51,14 +51,14 @@ def test_run_returns_the_results_table_and_the_best_configuration(api_search: Si
         df[["trial_id", "epoch", "val_rmse"]].reset_index(drop=True), on_disk[["trial_id", "epoch", "val_rmse"]]
     )
     row = df.loc[df["val_rmse"].idxmin()]
-    assert (out.best["trial_id"], out.best["epoch"]) == (row["trial_id"], row["epoch"])
-    assert out.best["value"] == pytest.approx(row["val_rmse"]) and math.isfinite(out.best["value"])
-    assert yaml.safe_load((api_search.exp / "best.yaml").read_text()) == out.best
-    assert out.best["config"]["lr"] == pytest.approx(row["config/lr"])
+    assert (out.best.trial_id, out.best.epoch) == (row["trial_id"], row["epoch"])
+    assert out.best.value == pytest.approx(row["val_rmse"]) and math.isfinite(out.best.value)
+    assert yaml.safe_load((api_search.exp / "best.yaml").read_text()) == out.best.to_dict()
+    assert out.best.config["lr"] == pytest.approx(row["config/lr"])
     record = yaml.safe_load((api_search.exp / "search.yaml").read_text())
     assert record["overrides"] == {"experiment.num_samples": 3}
     text = out.summary(top=2)
-    assert out.best["trial_id"] in text and f"--experiment {api_search.exp} --out-dir" in text
+    assert out.best.trial_id in text and f"--experiment {api_search.exp} --out-dir" in text
 
 
 @pytest.mark.slow

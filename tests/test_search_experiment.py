@@ -1,5 +1,5 @@
-"""The experiment folder module on local temporary folders (pyarrow LocalFileSystem): locations, atomic writes,
-the trials' stored results, the newest intact checkpoint, search.yaml and best.yaml, and its imports."""
+"""The experiment folder module on local temporary folders (pyarrow LocalFileSystem): the experiment's location,
+the trials' stored results, the newest intact checkpoint, and its imports."""
 
 from __future__ import annotations
 
@@ -11,29 +11,18 @@ from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
 
-from tune_agb import final_train
 from tune_agb.engine.checkpoint import CHECKPOINT_FORMAT
 from tune_agb.errors import TuneAgbError
-from tune_agb.search import experiment
 from tune_agb.search.experiment import (
-    BEST_FILE,
     CHECKPOINT_FILE,
     RAY_RESULT_FILE,
     RESULTS_LOG,
     SEARCH_FILE,
     Experiment,
-    is_uri,
-    location_of,
     newest_stored_checkpoint,
-    open_storage,
-    read_best,
     read_trial_rows,
-    resolve_storage,
     restore_point,
-    write_atomic,
-    write_best,
     write_checkpoint_folder,
 )
 from tune_agb.search.state import PLACEHOLDER_FILE, fill_pruned_checkpoints
@@ -41,93 +30,28 @@ from tune_agb.search.state import PLACEHOLDER_FILE, fill_pruned_checkpoints
 LOCAL = pafs.LocalFileSystem()
 
 
-# -- locations --------------------------------------------------------------------------------------------------
-def test_uris_stay_as_given_and_local_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert is_uri("s3://bucket/st") and is_uri("gs://bucket/st")
-    assert not is_uri("/abs/st") and not is_uri("rel/st") and not is_uri("file:///abs/st")
-    assert resolve_storage("s3://bucket/st/") == "s3://bucket/st/"
+# -- the experiment's location ---------------------------------------------------------------------------------
+def test_experiment_location_and_its_storage_that_cannot_be_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    assert resolve_storage("st") == str(tmp_path.resolve() / "st")
-    assert resolve_storage(f"file://{tmp_path}/st") == str(tmp_path.resolve() / "st")
     assert Experiment.at("st", "exp").uri == str(tmp_path.resolve() / "st" / "exp")
     assert Experiment.at("s3://bucket/st/", "exp").uri == "s3://bucket/st/exp"
-    # a pyarrow path back as a location like the experiment's
-    assert (
-        location_of("s3://bucket/st/exp", "bucket/st/exp/t/checkpoint_000001")
-        == "s3://bucket/st/exp/t/checkpoint_000001"
-    )
-    assert location_of(str(tmp_path), "st/x") == str(tmp_path.resolve() / "st" / "x")
-    # a relative local experiment opens at the absolute path
-    fs, path = open_storage("st/exp")
-    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path.resolve() / "st" / "exp")
-
-
-def test_storage_that_cannot_be_opened_is_one_line_naming_it() -> None:
     with pytest.raises(TuneAgbError) as err:
         Experiment.at("nosuchscheme://bucket/st", "exp").fs()
     msg = str(err.value)
     assert msg.startswith("--storage nosuchscheme://bucket/st: cannot open it (") and "\n" not in msg
-    with pytest.raises(TuneAgbError, match=r"^nosuchscheme://b/x: cannot open it \("):
-        open_storage("nosuchscheme://b/x")
 
 
-# -- atomic writes ----------------------------------------------------------------------------------------------
-class _WatchedFS:
-    """A LocalFileSystem whose output streams write in small chunks, record what a reader of ``target`` sees after
-    each chunk, and can fail part-way (a full disk, a lost connection)."""
-
-    def __init__(self, target: Path, fail_after_chunks: int | None = None):
-        self.target, self.fail_after = target, fail_after_chunks
-        self.seen: list[bytes | None] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(LOCAL, name)
-
-    def open_output_stream(self, path: str) -> _ChunkedStream:
-        return _ChunkedStream(self, LOCAL.open_output_stream(path))
-
-
-class _ChunkedStream:
-    def __init__(self, fs: _WatchedFS, inner: Any):
-        self.fs, self.inner = fs, inner
-
-    def __enter__(self) -> _ChunkedStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.inner.close()
-
-    def write(self, data: bytes) -> None:
-        for i in range(0, len(data), 10):
-            if self.fs.fail_after is not None and i // 10 == self.fs.fail_after:
-                raise OSError("injected: no space left on device")
-            self.inner.write(data[i : i + 10])
-            self.inner.flush()
-            self.fs.seen.append(self.fs.target.read_bytes() if self.fs.target.exists() else None)
-
-
-def test_atomic_write_shows_readers_the_old_content_until_the_new_one_is_complete(tmp_path: Path) -> None:
-    target = tmp_path / "best.yaml"
-    old, new = b"old content " * 10, b"new content, longer than the old one " * 10
-    target.write_bytes(old)
-    fs = _WatchedFS(target)
-    write_atomic(fs, str(target), new)
-    assert len(fs.seen) == -(-len(new) // 10) and set(fs.seen) == {old}  # never a part of the new content
-    assert target.read_bytes() == new
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.yaml"]  # the temporary file was moved in place
-
-
-def test_a_failed_atomic_write_leaves_the_old_content_and_no_temporary_file(tmp_path: Path) -> None:
-    target = tmp_path / "results.parquet"
-    target.write_bytes(b"old")
-    with pytest.raises(OSError, match="no space left"):
-        write_atomic(_WatchedFS(target, fail_after_chunks=3), str(target), b"x" * 100)
-    assert target.read_bytes() == b"old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.parquet"]
-    # a first write that fails leaves no file at all
-    with pytest.raises(OSError):
-        write_atomic(_WatchedFS(tmp_path / "new.yaml", fail_after_chunks=1), str(tmp_path / "new.yaml"), b"y" * 50)
-    assert not (tmp_path / "new.yaml").exists()
+def test_search_record_round_trip_through_the_experiment(tmp_path: Path) -> None:
+    exp = Experiment.at(str(tmp_path / "st"), "exp")
+    assert not exp.has_search() and exp.read_search() is None
+    record = {"space_file": "/s.yaml", "space": {"params": {}}, "overrides": {"seed": 3}, "data": {"input_dir": "/i"}}
+    exp.write_search(record)  # creates the experiment folder
+    assert exp.has_search() and exp.read_search() == record
+    (tmp_path / "st" / "exp" / SEARCH_FILE).write_text("- a list\n")
+    with pytest.raises(TuneAgbError, match="expected a mapping with 'space' and 'overrides' mappings"):
+        exp.read_search()
 
 
 # -- the trials' stored results ---------------------------------------------------------------------------------
@@ -241,58 +165,6 @@ def test_restore_point_takes_the_first_folder_with_an_intact_checkpoint(tmp_path
     assert state["epoch"] == 3 and [r["epoch"] for r in log] == [1, 2, 3]
     state, _ = restore_point([(LOCAL, str(tmp_path / "ray_given")), (LOCAL, str(tmp_path / "stored"))])
     assert state["epoch"] == 1  # the first folder that has one, in the caller's order
-
-
-# -- search.yaml and best.yaml ----------------------------------------------------------------------------------
-def test_search_record_round_trip_and_a_broken_one_is_one_line(tmp_path: Path) -> None:
-    exp = Experiment.at(str(tmp_path / "st"), "exp")
-    assert not exp.has_search() and exp.read_search() is None
-    record = {"space_file": "/s.yaml", "space": {"params": {}}, "overrides": {"seed": 3}, "data": {"input_dir": "/i"}}
-    exp.write_search(record)  # creates the experiment folder
-    assert exp.has_search() and exp.read_search() == record
-    (tmp_path / "st" / "exp" / SEARCH_FILE).write_text("space: [unclosed\n")
-    with pytest.raises(TuneAgbError, match=r"search\.yaml: not valid YAML") as err:
-        exp.read_search()
-    assert "\n" not in str(err.value)
-    (tmp_path / "st" / "exp" / SEARCH_FILE).write_text("- a list\n")
-    with pytest.raises(TuneAgbError, match="expected a mapping with 'space' and 'overrides' mappings"):
-        exp.read_search()
-
-
-def test_best_round_trip_and_final_train_reads_it_the_same_way(tmp_path: Path) -> None:
-    best = {"trial_id": "a", "value": 1.5, "config": {"lr": 0.003}, "checkpoint": None}
-    write_best(str(tmp_path), best)
-    assert read_best(str(tmp_path)) == best == read_best(f"{tmp_path}/")
-    assert final_train.read_best is experiment.read_best  # one reader of the search's result
-
-
-@pytest.mark.parametrize(
-    ("content", "expected"),
-    [
-        (None, "best.yaml: cannot read the search's best.yaml ("),
-        ("config: [unclosed\n", "best.yaml: not valid YAML ("),
-        ("- a list\n", "best.yaml: expected a mapping with a 'config' mapping"),
-        ("config: 3\n", "best.yaml: expected a mapping with a 'config' mapping"),
-    ],
-)
-def test_best_that_cannot_be_used_is_one_line_naming_the_file(
-    tmp_path: Path, content: str | None, expected: str
-) -> None:
-    if content is not None:
-        (tmp_path / BEST_FILE).write_text(content)
-    with pytest.raises(TuneAgbError) as err:
-        read_best(str(tmp_path))
-    msg = str(err.value)
-    assert msg.startswith(f"{tmp_path}/{expected}") and "\n" not in msg, msg
-    if content is None:
-        assert msg.endswith("; is this a finished search?")
-
-
-def test_best_is_written_atomically_as_yaml(tmp_path: Path) -> None:
-    (tmp_path / BEST_FILE).write_text("old: 1\n")
-    write_best(str(tmp_path), {"trial_id": "b", "config": {"dropout": 0.1}})
-    assert yaml.safe_load((tmp_path / BEST_FILE).read_text()) == {"trial_id": "b", "config": {"dropout": 0.1}}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [BEST_FILE]
 
 
 # -- imports ----------------------------------------------------------------------------------------------------

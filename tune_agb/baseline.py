@@ -25,31 +25,21 @@ features (P x bands, float64) are held.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from tune_agb.demo_data import data_dirs
-from tune_agb.engine.calibration import (
-    CALIBRATION_FILE,
-    DEFAULT_METHOD,
-    METHODS,
-    Calibration,
-    fit_calibration,
-    save_calibration,
-)
+from tune_agb.engine.calibration import DEFAULT_METHOD, METHODS, Calibration, fit_calibration
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.runs import CALIBRATION_FILE, METRICS_FILE, Prediction, save_calibration, write_metrics, write_predictions
 from tune_agb.texture import Texture, parse_windows
-
-if TYPE_CHECKING:
-    from tune_agb.final_train import Prediction
 
 MODELS = ("ridge", "rf")
 LOSS = "gaussian_nll"  # how the baselines' predictive distributions are scored (NLL) and calibrated
@@ -177,7 +167,7 @@ class RandomForest:
 @dataclass
 class BaselineResult:
     """One fitted model's scores: ``metrics`` (``{split}_{name}``, calibrated), ``uncalibrated`` (the same before
-    calibration), the calibration, and the per-pixel predictions (:class:`tune_agb.final_train.Prediction`)."""
+    calibration), the calibration, and the per-pixel predictions (:class:`tune_agb.runs.Prediction`)."""
 
     model: str
     params: dict[str, Any]
@@ -203,7 +193,6 @@ def fit_baseline(
     """Fit ``model`` on the labelled train pixels and predict those of val and test; the variance calibration
     (``calibration``: a method of :mod:`tune_agb.engine.calibration`) is fitted on val and applied to both.
     ``windows``: texture features (:func:`labelled_pixels`)."""
-    from tune_agb.final_train import Prediction  # the per-pixel prediction final_train writes as predictions.parquet
 
     norm = norm or compute_norm_stats(tiles["train"], standardize_target=False)
     train = labelled_pixels(tiles["train"], norm, windows=windows)
@@ -240,14 +229,12 @@ def rf_baseline(tiles: dict[str, TileSet], **options: Any) -> dict[str, float]:
 def write_result(folder: Path, res: BaselineResult, tiles: dict[str, TileSet], info: dict[str, Any]) -> None:
     """``metrics.json`` (as final_train's: ``val_*``/``test_*`` calibrated, ``uncalibrated``, ``calibration``; plus
     ``model``, ``params``, ``n_train``), ``predictions.parquet`` (final_train's columns) and ``calibration.json``."""
-    from tune_agb.final_train import write_predictions
-
     folder.mkdir(parents=True, exist_ok=True)
     doc = {"model": res.model, "params": res.params, "n_train": res.n_train} | res.metrics
     doc |= {"uncalibrated": res.uncalibrated, "calibration": res.calibration.to_dict()} | info
-    write_predictions(folder / "predictions.parquet", tiles, res.preds, res.raw)
+    write_predictions(folder, tiles, res.preds, res.raw)
     save_calibration(res.calibration, folder / CALIBRATION_FILE)
-    (folder / "metrics.json").write_text(json.dumps(doc, indent=1))
+    write_metrics(folder, doc)
 
 
 SUMMARY_KEYS = ("rmse", "r2", "mae", "me", "nll", "rmv", "within_1sigma", "within_2sigma", "n")
@@ -299,7 +286,7 @@ def _check(a: argparse.Namespace) -> None:
             raise TuneAgbError(f"{flag}: must be {allowed}, got {value}")
     if a.out_dir and not a.overwrite:
         for m in a.model:
-            if (Path(a.out_dir) / m / "metrics.json").exists():
+            if (Path(a.out_dir) / m / METRICS_FILE).exists():
                 raise TuneAgbError(
                     f"{Path(a.out_dir) / m}: already holds a baseline's results; use --overwrite or another --out-dir"
                 )

@@ -23,7 +23,6 @@ and ``metrics.json["uncalibrated"]`` holds the metrics before.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
@@ -36,18 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from tune_agb.cv import merge_train_val, out_of_fold
 from tune_agb.demo_data import data_dirs
-from tune_agb.engine.calibration import (
-    CALIBRATION_FILE,
-    DEFAULT_METHOD,
-    METHODS,
-    Calibration,
-    fit_calibration,
-    save_calibration,
-)
+from tune_agb.engine.calibration import DEFAULT_METHOD, METHODS, Calibration, fit_calibration
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.config import (
     CHOICES,
@@ -61,33 +52,38 @@ from tune_agb.engine.config import (
 from tune_agb.engine.data import NormStats, SplitFeed, TileSet
 from tune_agb.engine.device import resolve_amp, resolve_device
 from tune_agb.engine.inference import combine_members, member_from_state
-from tune_agb.engine.metrics import labelled_metrics
 from tune_agb.engine.train import EpochReport, SplitEval, TrainResult, evaluate_split, init_state, train
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import (  # the search's experiment folder STORAGE/NAME
-    BEST_FILE,
+from tune_agb.location import resolve
+from tune_agb.runs import (  # the files of a search's folder and of this run's
+    CALIBRATION_FILE,
+    ENSEMBLE_FILE,
+    METRICS_FILE,
     RESULTS_FILE,
-    SEARCH_FILE,
     CVBest,
-    location_of,
-    open_storage,
+    Prediction,
+    RankedTrial,
+    TileMaps,
+    rank_trials,
     read_best,
     read_cv_best,
-    read_file,
-    resolve_storage,
+    read_results,
+    read_space,
+    save_calibration,
+    write_ensemble,
+    write_metrics,
+    write_predictions,
+    write_test_maps,
 )
-from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
+from tune_agb.search.space import SearchSpace
 from tune_agb.store import DataSource
 
 log = logging.getLogger("tune_agb.final_train")
 
 # Files that mark a folder as holding a run.
-RUN_MARKERS = ("config.yaml", "metrics.json", "best.pt", "last.pt", "members")
-# What says where an ensemble's members came from (seeds, or trials of a search).
-ENSEMBLE_FILE = "ensemble.yaml"
+RUN_MARKERS = ("config.yaml", METRICS_FILE, "best.pt", "last.pt", "members")
 # What final_train does with a spatial k-fold search: retrain on train+val, or keep the fold models.
 CV_FINAL = ("retrain", "folds")
-ENSEMBLE_FORMAT = "tune_agb.ensemble/1"
 # A previous run's files that would otherwise be read with the new one's (predict loads every members/member_*):
 # removed from an out dir before a run replaces it (--overwrite).
 REPLACED_ON_OVERWRITE = (
@@ -95,7 +91,7 @@ REPLACED_ON_OVERWRITE = (
     "best.pt",
     "last.pt",
     "config.yaml",
-    "metrics.json",
+    METRICS_FILE,
     ENSEMBLE_FILE,
     CALIBRATION_FILE,
 )
@@ -274,21 +270,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
-class SearchTrial:
-    """One configuration of a search at its trial's best epoch: ``value`` of the search's metric at ``epoch``, the
-    searched hyperparameters ``params`` (inactive conditional ones left out), and ``duplicates``: the other trials
-    that sampled the same ``params`` (as good or worse)."""
-
-    trial_id: str
-    value: float
-    epoch: int
-    params: dict[str, Any]
-    duplicates: tuple[str, ...] = ()
-    checkpoint: str | None = None  # the folder of that epoch's checkpoint (None: not recorded)
-    last_epoch: int = 0  # the last epoch the trial ran (< max_t: the scheduler stopped it)
-
-
 @dataclass
 class MemberPlan:
     """One model of the run: its config, its folder, and the search trial it comes from (None: not from a search) or
@@ -296,7 +277,7 @@ class MemberPlan:
 
     cfg: TrainConfig
     out: Path
-    trial: SearchTrial | None = None
+    trial: RankedTrial | None = None
     fold: int | None = None
 
 
@@ -329,7 +310,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     source = "defaults"
     data: dict[str, Any] = {}
     check_ensemble_flags(args)
-    top: list[SearchTrial] = []
+    top: list[RankedTrial] = []
     space: SearchSpace | None = None
     cv: CVBest | None = None
     cv_final: str | None = None
@@ -344,9 +325,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         source = f"the {len(top)} best distinct configurations of {args.experiment}"
     elif args.experiment:
         best = read_best(args.experiment)
-        values |= best["config"]
-        data = best.get("data") or {}
-        source = f"best trial {best.get('trial_id', '?')} of {args.experiment}"
+        values |= best.config
+        data = best.data
+        source = f"best trial {best.trial_id} of {args.experiment}"
         cv = read_cv_best(args.experiment)
         if cv is None and args.cv_final is not None:
             raise TuneAgbError(
@@ -369,6 +350,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.train_mode == "resume":
         ckpt = Path(args.model_weights_path) if args.model_weights_path else Path(args.out_dir) / "last.pt"
         resume = load_checkpoint(ckpt)
+        if "pretrain" in resume:
+            raise TuneAgbError(
+                f"{ckpt}: a pretrained trunk (python -m tune_agb.pretrain), not a run to resume; train from it with "
+                f"init_weights: {ckpt} in the --config file"
+            )
         values = resume["config"] | {k: v for k, v in (values | layers).items() if k == "epochs"}
         layers = {}
         source = f"checkpoint {ckpt}"
@@ -413,10 +399,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         )
     experiment = None
     if space is not None:
-        where = resolve_storage(args.experiment)  # a local path made absolute, a URI as given
+        where = resolve(args.experiment)  # a local path made absolute, a URI as given
         experiment = {"experiment": where, "metric": space.metric, "mode": space.mode}
     if cv is not None and space is None:
-        experiment = {"experiment": resolve_storage(args.experiment), "metric": cv.metric, "mode": best.get("mode")}
+        experiment = {"experiment": resolve(args.experiment), "metric": cv.metric, "mode": best.mode}
         if cv_final == "folds":
             members = [MemberPlan(cfg, out / "members" / f"member_{j:02d}", fold=j) for j in range(cv.folds.k)]
     if resume is None and cv_final != "folds":
@@ -426,7 +412,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def seeded_members(
-    cfg: TrainConfig, n: int, folder: Path, first: int, trial: SearchTrial | None = None
+    cfg: TrainConfig, n: int, folder: Path, first: int, trial: RankedTrial | None = None
 ) -> list[MemberPlan]:
     """``n`` members of ``cfg`` with seeds ``cfg.seed .. cfg.seed + n - 1``, in ``folder/member_{first + i}``."""
     return [MemberPlan(cfg.replace(seed=cfg.seed + i), folder / f"member_{first + i:02d}", trial) for i in range(n)]
@@ -464,74 +450,34 @@ def check_ensemble_flags(args: argparse.Namespace) -> None:
         raise TuneAgbError("--ensemble-top: --train_mode resume continues one model; it cannot train an ensemble")
 
 
-def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[SearchTrial], dict[str, Any]]:
-    """The ``k`` best distinct configurations of a search, best first, with the search space and data folders.
-
-    Each trial is ranked by the search's metric (``experiment.metric`` / ``mode`` of its ``search.yaml``) at its best
-    epoch in ``results.parquet``; epochs whose value is not finite do not count. Trials that sampled the same
-    searched hyperparameters count once (the best of them; ties: the lower trial id).
+def top_trials(experiment: str, k: int) -> tuple[SearchSpace, list[RankedTrial], dict[str, Any]]:
+    """The ``k`` best distinct configurations of a search (:func:`tune_agb.runs.rank_trials` with
+    ``distinct=True``), best first, with the search space and data folders.
 
     Raises:
         TuneAgbError: one line naming ``--ensemble-top`` when the folder is not a search with results, or when it has
             fewer than ``k`` distinct configurations with a finite value.
     """
-    import pandas as pd
-
     flag = f"--ensemble-top {k}"
-    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
-    raw = read_file(fs, f"{root}/{SEARCH_FILE}")
-    if raw is None:
-        raise TuneAgbError(f"{flag}: {experiment}/{SEARCH_FILE} not found; --experiment must be a search's folder")
-    try:
-        record = yaml.safe_load(raw.decode())
-    except (yaml.YAMLError, UnicodeDecodeError):
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
-        raise TuneAgbError(f"{flag}: {experiment}/{SEARCH_FILE}: expected a mapping with a 'space' mapping")
-    space = parse_search_space(record["space"], source=f"{experiment}/{SEARCH_FILE}")
-    df = _results_frame(fs, root)
-    metric, mode = space.metric, space.mode
-    if df.empty or metric not in df or "trial_id" not in df:
+    space, record = read_space(experiment, label=flag)
+    df = read_results(experiment)
+    if df.empty or space.metric not in df:
         raise TuneAgbError(
             f"{flag}: {experiment}/{RESULTS_FILE}: no results (no trial has reported an epoch yet); "
             "allowed: a search folder whose results.parquet has rows"
         )
-    value = pd.to_numeric(df[metric], errors="coerce")
-    df = df.assign(_value=value)[np.isfinite(value)]
-    ranked: list[SearchTrial] = []
-    for tid, g in df.groupby("trial_id", sort=False):
-        g = g.sort_values("epoch")
-        i = g["_value"].idxmin() if mode == "min" else g["_value"].idxmax()
-        row = g.loc[i]
-        params = {p.name: _param_value(p, row.get(f"config/{p.name}"), experiment, str(tid)) for p in space.params}
-        params = {n: v for n, v in params.items() if v is not None}
-        ckpt = None
-        if isinstance(row.get("checkpoint_dir_name"), str) and isinstance(row.get("trial_path"), str):
-            ckpt = location_of(resolve_storage(experiment), f"{row['trial_path']}/{row['checkpoint_dir_name']}")
-        last = int(g["epoch"].max())
-        ranked.append(
-            SearchTrial(str(tid), float(row["_value"]), int(row["epoch"]), params, checkpoint=ckpt, last_epoch=last)
-        )
-    ranked.sort(key=lambda t: (t.value if mode == "min" else -t.value, t.trial_id))
-    distinct: dict[tuple, SearchTrial] = {}
-    for t in ranked:
-        key = tuple(sorted((n, repr(v)) for n, v in t.params.items()))
-        if key in distinct:
-            first = distinct[key]
-            distinct[key] = replace(first, duplicates=(*first.duplicates, t.trial_id))
-        else:
-            distinct[key] = t
-    found = list(distinct.values())
+    ranked = rank_trials(df, space, experiment, distinct=True)
+    found = [t for t in ranked if t.scored]
     if k > len(found):
+        n_trials = sum(t.scored for t in rank_trials(df, space, experiment))
         raise TuneAgbError(
             f"{flag}: {experiment} has {len(found)} distinct configuration{'s' if len(found) != 1 else ''} with a "
-            f"finite {metric} ({len(ranked)} trials); allowed: 1 to {len(found)}"
+            f"finite {space.metric} ({n_trials} trials); allowed: 1 to {len(found)}"
         )
-    data = record.get("data") if isinstance(record.get("data"), dict) else {}
+    data = record.data
     if not data:
-        best_raw = read_file(fs, f"{root}/{BEST_FILE}")
-        best = yaml.safe_load(best_raw.decode()) if best_raw is not None else None
-        data = (best.get("data") or {}) if isinstance(best, dict) else {}
+        best = read_best(experiment, required=False)
+        data = best.data if best is not None else {}
     return space, found[:k], data
 
 
@@ -542,35 +488,11 @@ def cv_epochs(best_epoch: int, last_epoch: int, max_t: int) -> int:
     return best_epoch if last_epoch >= max_t else max_t
 
 
-def _results_frame(fs: Any, root: str, columns: list[str] | None = None) -> Any:
-    """The search's results.parquet as a DataFrame (empty when the file is not there)."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    table = read_file(fs, f"{root}/{RESULTS_FILE}")
-    return pq.read_table(io.BytesIO(table), columns=columns).to_pandas() if table is not None else pd.DataFrame()
-
-
 def _last_epoch(experiment: str, trial_id: str) -> int:
     """The last epoch ``trial_id`` ran in ``experiment``'s results.parquet (0 when it is not there)."""
-    fs, root = open_storage(experiment, label=f"--experiment {experiment}")
-    df = _results_frame(fs, root, columns=["trial_id", "epoch"])
+    df = read_results(experiment, columns=["trial_id", "epoch"])
     epochs = df.loc[df["trial_id"].astype(str) == trial_id, "epoch"] if not df.empty else []
     return int(epochs.max()) if len(epochs) else 0
-
-
-def _param_value(spec: ParamSpec, raw: Any, experiment: str, trial_id: str) -> Any:
-    """A searched value as stored in results.parquet (None, NaN: inactive) as the parameter's type."""
-    if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-        return None
-    raw = raw.item() if hasattr(raw, "item") else raw
-    try:
-        return spec.from_stored(raw)
-    except ValueError:
-        raise TuneAgbError(
-            f"--ensemble-top: {experiment}/{RESULTS_FILE}: trial {trial_id}: config/{spec.name} = {raw!r} is not a "
-            "value of the searched parameter"
-        ) from None
 
 
 def _warn_identical(members: list[MemberPlan]) -> None:
@@ -765,42 +687,6 @@ def map_tiles(feed: SplitFeed, k: int = MAP_TILES) -> tuple[int, ...]:
     return tuple(int(i) for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i))[:k])
 
 
-def write_predictions(
-    path: Path, tiles: dict[str, TileSet], preds: dict[str, Prediction], uncalibrated: dict[str, Prediction]
-) -> None:
-    """One row per labelled val/test pixel: split, tile, row, col, label, mean, std (calibrated), std_uncalibrated."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    names = ("split", "tile", "row", "col", "label", "mean", "std", "std_uncalibrated")
-    cols: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for split, pr in preds.items():
-        w = tiles[split].labels.shape[-1]
-        cols["split"].append(np.full(pr.tile.size, split))
-        cols["tile"].append(np.asarray(tiles[split].names)[pr.tile])
-        cols["row"].append((pr.flat // w).astype(np.int32))
-        cols["col"].append((pr.flat % w).astype(np.int32))
-        cols["label"].append(pr.y)
-        cols["mean"].append(pr.mean)
-        cols["std"].append(np.sqrt(pr.var))
-        cols["std_uncalibrated"].append(np.sqrt(uncalibrated[split].var))
-    table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
-    pq.write_table(table, path)
-
-
-def write_test_maps(path: Path, tiles: TileSet, pred: Prediction) -> None:
-    """``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) float32 of the test tiles whose maps
-    were kept (:func:`map_tiles`: the most labelled, in that order); label NaN where no GEDI footprint fell."""
-    order = list(pred.maps)
-    np.savez(
-        path,
-        names=np.asarray([tiles.names[i] for i in order]),
-        mean=np.stack([pred.maps[i][0] for i in order]).astype(np.float32),
-        std=np.sqrt(np.stack([pred.maps[i][1] for i in order])).astype(np.float32),
-        label=np.stack([np.asarray(tiles.labels[i], dtype=np.float32) for i in order]),
-    )
-
-
 def write_plots(
     folder: Path, preds: dict[str, Prediction], uncalibrated: dict[str, Prediction], cal: Calibration
 ) -> None:
@@ -817,28 +703,6 @@ def write_plots(
         title = f"{split}: reliability, calibration {cal.method}"
         after = None if cal.method == "none" else sd
         reliability_plot(y, m, before, after, folder / f"{split}_reliability.png", title, cal.loss)
-
-
-@dataclass
-class Prediction:
-    """A split's prediction on the host: at its labelled pixels (``tile``, ``flat`` = row * W + col) label ``y``,
-    ``mean`` and ``var``, and the whole (mean, var) maps of a few tiles (by tile index)."""
-
-    tile: np.ndarray
-    flat: np.ndarray
-    y: np.ndarray
-    mean: np.ndarray
-    var: np.ndarray
-    maps: dict[int, tuple[np.ndarray, np.ndarray]]
-
-    def calibrated(self, cal: Calibration) -> Prediction:
-        """The same prediction with every variance (pixels and maps) mapped by ``cal``."""
-        maps = {k: (m, cal.variance(v)) for k, (m, v) in self.maps.items()}
-        return replace(self, var=cal.variance(self.var), maps=maps)
-
-    def metrics(self, loss: str) -> dict[str, float]:
-        """:func:`labelled_metrics` of the labelled pixels (target units)."""
-        return labelled_metrics(*(torch.from_numpy(a) for a in (self.y, self.mean, self.var)), loss)
 
 
 def combined(evals: list[SplitEval]) -> Prediction:
@@ -928,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         if plan.kind == "seeds":
             save_config(plan.cfg, out / "config.yaml")
-        write_ensemble_file(out / ENSEMBLE_FILE, plan)
+        write_ensemble_file(out, plan)
         before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
     metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(loss).items()}
     metrics |= {"uncalibrated": before, "calibration": cal.to_dict()}
@@ -954,10 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if plan.experiment is not None:
         metrics["search"] = plan.experiment
-    write_predictions(out / "predictions.parquet", tiles, preds, uncalibrated)
+    write_predictions(out, tiles, preds, uncalibrated)
     write_plots(out / "plots", preds, uncalibrated, cal)
-    write_test_maps(out / "test_maps.npz", tiles["test"], preds["test"])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_test_maps(out, TileMaps.of(tiles["test"], preds["test"]))
+    write_metrics(out, metrics)
     from tune_agb.report import write_report_or_warn  # matplotlib only once the run is written
 
     page = write_report_or_warn(out)
@@ -1038,14 +902,14 @@ def member_record(mp: MemberPlan, m: MemberOutput) -> dict[str, Any]:
     return rec | m.metrics
 
 
-def write_ensemble_file(path: Path, plan: Plan) -> None:
+def write_ensemble_file(out: Path, plan: Plan) -> None:
     """``ensemble.yaml``: where the members came from. ``kind`` is ``seeds`` (one config, ``members[].seed``) or
     ``configs`` (the best distinct configurations of ``experiment``: per member its ``trial_id``, the search's
     ``value`` of ``metric`` at that trial's best ``epoch``, the searched ``params`` and the trials that sampled the
     same ones, ``same_params_as``) or ``folds`` (the k fold models of a cross-validated ``experiment``'s best
     ``trial_id`` at ``epoch``: per member its ``fold``). Each member's full config is
     ``members/member_KK/config.yaml``."""
-    doc: dict[str, Any] = {"format": ENSEMBLE_FORMAT, "kind": plan.kind}
+    doc: dict[str, Any] = {}
     if plan.experiment is not None:
         doc |= plan.experiment
     if plan.kind == "folds":
@@ -1063,8 +927,7 @@ def write_ensemble_file(path: Path, plan: Plan) -> None:
         else:
             rec["seed"] = mp.cfg.seed
         members.append(rec)
-    doc["members"] = members
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    write_ensemble(out, plan.kind, members, **doc)
 
 
 def print_members(plan: Plan, records: list[dict[str, Any]]) -> None:

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from tune_agb.bands import BAND_NAMES
-from tune_agb.engine.calibration import IDENTITY, Calibration, load_calibration, model_calibration
+from tune_agb.engine.calibration import IDENTITY, Calibration
 from tune_agb.engine.inference import Predictor, load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.geo.raster import (
@@ -48,6 +48,7 @@ from tune_agb.geo.raster import (
     s2_band_positions,
     staged_file,
 )
+from tune_agb.runs import load_calibration, model_calibration
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import logging
 import math
 import sys
 import tempfile
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,16 +51,27 @@ from tune_agb.engine.plots import (
     with_unit,
 )
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.search.experiment import (
+from tune_agb.location import is_uri, open_location, read_path, write_path_atomic
+from tune_agb.runs import (
     BEST_FILE,
     CV_FOLDS_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
     RESULTS_FILE,
     SEARCH_FILE,
-    open_storage,
-    read_file,
-    write_atomic,
+    TEST_MAPS_FILE,
+    TileMaps,
+    is_missing,
+    rank_trials,
+    read_best,
+    read_folds,
+    read_metrics,
+    read_predictions,
+    read_results,
+    read_space,
+    read_test_maps,
 )
-from tune_agb.search.space import ParamSpec, SearchSpace, parse_search_space
+from tune_agb.search.space import ParamSpec, SearchSpace
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -70,7 +79,6 @@ TOP_TRIALS = 10
 SLICE_PARAMS = 3
 STATUS_COLORS = {"completed": "#1f5fbf", "stopped early": "#e08a1e", "errored": "#c43c1e"}
 SPLIT_COLORS = {"val": "#1f5fbf", "test": "#c43c1e"}
-TEST_MAPS_FILE = "test_maps.npz"  # written by tune_agb.final_train.write_test_maps
 MEAN_CMAP = colormaps["viridis"].with_extremes(bad="0.82")  # bad: pixels without a prediction
 STD_CMAP = colormaps["magma"].with_extremes(bad="0.82")
 
@@ -147,57 +155,47 @@ class Trial:
     params: dict[str, Any]  # searched values as stored in results.parquet (inactive conditional ones left out)
 
 
-def _present(v: Any) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v)) and v is not pd.NA
-
-
 def _errored(trial_path: Any) -> bool:
     """Ray leaves error.txt / error.pkl in the folder of a trial that raised (a local folder or a URI)."""
     if not isinstance(trial_path, str) or not trial_path:
         return False
-    if "://" not in trial_path:
+    if not is_uri(trial_path):
         p = Path(trial_path)
         return (p / "error.txt").is_file() or (p / "error.pkl").is_file()
     try:
-        fs, root = open_storage(trial_path)
-        return any(read_file(fs, f"{root}/{name}") is not None for name in ("error.txt", "error.pkl"))
+        fs, root = open_location(trial_path)
+        return any(read_path(fs, f"{root}/{name}") is not None for name in ("error.txt", "error.pkl"))
     except (OSError, TuneAgbError):  # storage unreachable: the trial is shown as not errored
         return False
 
 
 def load_trials(df: pd.DataFrame, space: SearchSpace) -> list[Trial]:
-    """One :class:`Trial` per trial of ``results.parquet``, in finishing order."""
-    metric, mode = space.metric, space.mode
+    """One :class:`Trial` per trial of ``results.parquet``, in finishing order; best value and epoch as
+    :func:`tune_agb.runs.rank_trials` ranks them."""
+    ranked = {t.trial_id: t for t in rank_trials(df, space)}
     trials = []
-    for tid, g in df.groupby("trial_id", sort=False):
+    for tid, g in df.groupby(df["trial_id"].astype(str), sort=False):
         g = g.sort_values("epoch")
-        vals = pd.to_numeric(g[metric], errors="coerce")
-        ok = vals[np.isfinite(vals)]
-        if ok.empty:
-            best_value, best_epoch = math.nan, None
-        else:
-            i = ok.idxmin() if mode == "min" else ok.idxmax()
-            best_value, best_epoch = float(ok[i]), int(g.loc[i, "epoch"])
-        last = int(g["epoch"].max())
+        r = ranked[str(tid)]
         first = g.iloc[0]
         if _errored(first.get("trial_path")):
             status = "errored"
-        elif last >= space.max_t:
+        elif r.last_epoch >= space.max_t:
             status = "completed"
         else:
             status = "stopped early"
         params = {p.name: first.get(f"config/{p.name}") for p in space.params}
-        wall = pd.to_numeric(g.get("wall_time", pd.Series(dtype=float)), errors="coerce").max()
+        values = pd.to_numeric(g[space.metric], errors="coerce")
         trials.append(
             Trial(
-                trial_id=str(tid),
-                curve=pd.DataFrame({"epoch": g["epoch"].to_numpy(), "value": vals.to_numpy()}),
-                best_value=best_value,
-                best_epoch=best_epoch,
-                last_epoch=last,
-                finished_at=float(wall) if pd.notna(wall) else math.nan,
+                trial_id=r.trial_id,
+                curve=pd.DataFrame({"epoch": g["epoch"].to_numpy(), "value": values.to_numpy()}),
+                best_value=r.value,
+                best_epoch=r.epoch,
+                last_epoch=r.last_epoch,
+                finished_at=r.finished_at,
                 status=status,
-                params={k: v for k, v in params.items() if _present(v)},
+                params={k: v for k, v in params.items() if not is_missing(v)},
             )
         )
     order = sorted(range(len(trials)), key=lambda i: (math.isnan(trials[i].finished_at), trials[i].finished_at, i))
@@ -391,17 +389,13 @@ def _differences(t: Trial, space: SearchSpace, base: dict[str, Any]) -> str:
 
 def search_report(path: Path, unit: str = "", source: str = "") -> str:
     """The HTML of a search's experiment folder (``source``: how the page names it; default ``path``)."""
-    record = yaml.safe_load((path / SEARCH_FILE).read_text())
-    if not isinstance(record, dict) or not isinstance(record.get("space"), dict):
-        raise TuneAgbError(f"{path / SEARCH_FILE}: expected a mapping with a 'space' mapping")
-    space = parse_search_space(record["space"], source=str(path / SEARCH_FILE))
-    df = pd.read_parquet(path / RESULTS_FILE)
-    best_file = path / BEST_FILE
-    best = yaml.safe_load(best_file.read_text()) if best_file.is_file() else None
+    space, _ = read_space(str(path))
+    df = read_results(str(path))
+    best = read_best(str(path), required=False)
     trials = load_trials(df, space) if not df.empty else []
-    scored = [t for t in trials if not math.isnan(t.best_value)]
-    ranked = sorted(scored, key=lambda t: t.best_value, reverse=space.mode == "max")
-    best_id = str(best["trial_id"]) if isinstance(best, dict) and "trial_id" in best else None
+    by_id = {t.trial_id: t for t in trials}
+    ranked = [by_id[r.trial_id] for r in rank_trials(df, space) if r.scored]
+    best_id = best.trial_id if best is not None else None
     if best_id is None and ranked:
         best_id = ranked[0].trial_id
     counts = {s: sum(t.status == s for t in trials) for s in STATUS_COLORS}
@@ -457,8 +451,8 @@ def search_report(path: Path, unit: str = "", source: str = "") -> str:
         rows,
         ["best" if t.trial_id == best_id else "" for t in ranked[:TOP_TRIALS]],
     )
-    if isinstance(best, dict):
-        table += f"<h3>best.yaml</h3><pre>{html.escape(yaml.safe_dump(best, sort_keys=False))}</pre>"
+    if best is not None:
+        table += f"<h3>best.yaml</h3><pre>{html.escape(yaml.safe_dump(best.to_dict(), sort_keys=False))}</pre>"
     sections.append(("best", "Best trials", table))
     if sd and best_id is not None:
         best_trial = next((t for t in trials if t.trial_id == best_id), None)
@@ -482,10 +476,10 @@ def _folds_html(path: Path, df: pd.DataFrame, best: Any) -> str:
     row = df[(df["trial_id"].astype(str) == best.trial_id) & (df["epoch"] == best.best_epoch)].iloc[-1]
     k = sum(c.startswith("val_rmse_fold") for c in df.columns)
     folds: dict[int, list[int]] = {}
-    file = path / CV_FOLDS_FILE
-    if file.is_file():
-        for t in json.loads(file.read_text()).get("tiles", []):
-            folds.setdefault(int(t["fold"]), []).append(int(t.get("labelled", 0)))
+    assignment = read_folds(str(path))
+    if assignment is not None:
+        for f, labelled in zip(assignment.folds, assignment.labelled, strict=True):
+            folds.setdefault(f, []).append(labelled)
     rows = [
         [j, len(folds.get(j, [])), sum(folds.get(j, []))]
         + [float(row.get(f"{m}_fold{j}", math.nan)) for m in ("val_rmse", "val_r2")]
@@ -573,46 +567,6 @@ def _sigma_figure(pred: pd.DataFrame, unit: str, bins: int = 10) -> Figure:
     return fig
 
 
-@dataclass
-class TileMaps:
-    """The maps of ``test_maps.npz``: ``names`` (K,), ``mean``, ``std``, ``label`` (K, H, W) in label units;
-    ``label`` is NaN except at the pixels of GEDI footprints."""
-
-    names: list[str]
-    mean: np.ndarray
-    std: np.ndarray
-    label: np.ndarray
-
-
-def load_test_maps(file: Path) -> TileMaps | None:
-    """The maps in ``file``; None when there is no such file (out dirs written before final_train saved them).
-
-    Raises:
-        TuneAgbError: when the file is not an ``.npz`` with these four arrays of matching shapes.
-    """
-    if not file.is_file():
-        return None
-    keys = ("names", "mean", "std", "label")
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            arrays = {} if missing else {k: z[k] for k in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise TuneAgbError(f"{file}: not a readable .npz of names, mean, std, label ({exc})") from None
-    if missing:
-        raise TuneAgbError(f"{file}: missing array {', '.join(missing)} (expected {', '.join(keys)})")
-    names, mean = arrays["names"], arrays["mean"]
-    if mean.ndim != 3 or mean.shape[0] == 0 or not np.issubdtype(mean.dtype, np.floating):
-        raise TuneAgbError(f"{file}: 'mean' must be a float array (K, H, W) with K >= 1, got {mean.dtype} {mean.shape}")
-    for key in ("std", "label"):
-        a = arrays[key]
-        if a.shape != mean.shape or not np.issubdtype(a.dtype, np.floating):
-            raise TuneAgbError(f"{file}: '{key}' must be float {mean.shape} like 'mean', got {a.dtype} {a.shape}")
-    if names.shape != mean.shape[:1] or names.dtype.kind != "U":
-        raise TuneAgbError(f"{file}: 'names' must be {mean.shape[0]} strings, got {names.dtype} {names.shape}")
-    return TileMaps([str(n) for n in names], mean, arrays["std"], arrays["label"])
-
-
 def _color_range(*arrays: np.ndarray) -> tuple[float, float]:
     """The 1st-99th percentile of the finite values (so a few extreme pixels do not wash out a map)."""
     vals = np.concatenate([a[np.isfinite(a)].ravel() for a in arrays])
@@ -675,15 +629,9 @@ def maps_section(maps: TileMaps | None, unit: str) -> str:
 
 def final_report(path: Path, unit: str = "", source: str = "") -> str:
     """The HTML of a final_train out dir (``source``: how the page names it; default ``path``)."""
-    try:
-        metrics = json.loads((path / "metrics.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise TuneAgbError(f"{path / 'metrics.json'}: not valid JSON ({exc})") from None
-    pred = pd.read_parquet(path / "predictions.parquet")
-    maps = load_test_maps(path / TEST_MAPS_FILE)  # before any figure: a malformed file fails at once
-    missing = {"split", "label", "mean", "std"} - set(pred.columns)
-    if missing:
-        raise TuneAgbError(f"{path / 'predictions.parquet'}: missing columns {', '.join(sorted(missing))}")
+    metrics = read_metrics(str(path))
+    pred = read_predictions(str(path))
+    maps = read_test_maps(str(path))  # before any figure: a malformed file fails at once
     pred = pred[np.isfinite(pred["label"]) & np.isfinite(pred["mean"]) & np.isfinite(pred["std"])]
     keys = [k for k in METRIC_NAMES if any(f"{s}_{k}" in metrics for s in ("val", "test"))]
     cal = _calibration_of(metrics, path)
@@ -734,12 +682,13 @@ def _calibration_of(metrics: dict[str, Any], path: Path) -> Calibration | None:
     """The calibration recorded in metrics.json (None for out dirs written before calibration existed)."""
     if "calibration" not in metrics:
         return None
-    return calibration_from_dict(metrics["calibration"], f"{path / 'metrics.json'}: 'calibration'")
+    return calibration_from_dict(metrics["calibration"], f"{path / METRICS_FILE}: 'calibration'")
 
 
 # -- entry points --------------------------------------------------------------------------------------------
-SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE)  # what a page is built from (the first two required)
-FINAL_INPUTS = ("metrics.json", "predictions.parquet", TEST_MAPS_FILE)
+# What a page is built from (the first two required).
+SEARCH_INPUTS = (RESULTS_FILE, SEARCH_FILE, BEST_FILE, CV_FOLDS_FILE)
+FINAL_INPUTS = (METRICS_FILE, PREDICTIONS_FILE, TEST_MAPS_FILE)
 
 
 def write_report(path: str | Path, unit: str = "") -> Path | str:
@@ -756,7 +705,7 @@ def write_report(path: str | Path, unit: str = "") -> Path | str:
     Raises:
         TuneAgbError: when ``path`` is neither kind of folder, or its files cannot be read.
     """
-    if "://" in str(path):
+    if is_uri(str(path)) or str(path).startswith("file://"):  # read through pyarrow's filesystem, as s3/gs
         return _write_report_through(str(path), unit)
     path = Path(path)
     text = build_page(path, unit)
@@ -772,11 +721,11 @@ def build_page(path: Path, unit: str = "", source: str = "") -> str:
     """The page of the local folder ``path``, whichever kind it is; ``source`` names it (default ``path``)."""
     if (path / RESULTS_FILE).is_file() and (path / SEARCH_FILE).is_file():
         return search_report(path, unit, source)
-    if (path / "metrics.json").is_file() and (path / "predictions.parquet").is_file():
+    if (path / METRICS_FILE).is_file() and (path / PREDICTIONS_FILE).is_file():
         return final_report(path, unit, source)
     raise TuneAgbError(
         f"{source or path}: neither a search's experiment folder ({RESULTS_FILE} + {SEARCH_FILE}) "
-        "nor a final_train out dir (metrics.json + predictions.parquet)"
+        f"nor a final_train out dir ({METRICS_FILE} + {PREDICTIONS_FILE})"
     )
 
 
@@ -784,13 +733,13 @@ def _write_report_through(uri: str, unit: str) -> str:
     """:func:`write_report` of a folder on a pyarrow filesystem: its inputs are copied into a temporary folder
     (under the folder's own name, which titles the page), the page is built there and written back atomically."""
     uri = uri.rstrip("/")
-    fs, root = open_storage(uri)
+    fs, root = open_location(uri)
     with tempfile.TemporaryDirectory(prefix="tune_agb_report_") as tmp:
         local = Path(tmp) / (Path(root).name or "experiment")
         local.mkdir()
         try:
             for name in (*SEARCH_INPUTS, *FINAL_INPUTS):
-                data = read_file(fs, f"{root}/{name}")
+                data = read_path(fs, f"{root}/{name}")
                 if data is not None:
                     (local / name).write_bytes(data)
         except OSError as exc:
@@ -801,7 +750,7 @@ def _write_report_through(uri: str, unit: str) -> str:
             raise TuneAgbError(str(exc).replace(str(local), uri)) from None
         try:
             fs.create_dir(f"{root}/{REPORT_DIR}", recursive=True)
-            write_atomic(fs, f"{root}/{REPORT_DIR}/{INDEX}", text.encode("utf-8"))
+            write_path_atomic(fs, f"{root}/{REPORT_DIR}/{INDEX}", text.encode("utf-8"))
         except OSError as exc:
             raise TuneAgbError(f"{uri}: cannot write {REPORT_DIR}/{INDEX} ({str(exc).splitlines()[0]})") from None
     return f"{uri}/{REPORT_DIR}/{INDEX}"

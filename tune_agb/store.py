@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from tune_agb.bands import BAND_NAMES, SPLITS
 from tune_agb.engine.data import NormStats, StatsAccumulator, TileSet, check_npy, list_split, unreadable_npy
 from tune_agb.errors import TuneAgbError
+from tune_agb.location import open_location
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,10 @@ class TileFile:
     stamp: tuple[int, int, int, int]  # input size, input mtime (ns), label size, label mtime (ns)
 
 
-def _is_uri(path: str) -> bool:
+def _has_scheme(path: str) -> bool:
+    """Whether a source is read through pyarrow's filesystem (any ``scheme://``, ``file://`` included, so that a
+    local ``file://`` source takes the same code path as ``s3://``/``gs://``; opened by :func:`open_location`)."""
     return "://" in path
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    import pyarrow.fs as pafs
-
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        raise TuneAgbError(f"{uri}: cannot open this location ({str(exc).splitlines()[0]})") from None
 
 
 def _list_uri(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
@@ -91,7 +85,7 @@ def _list_uri(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
 
     found = {}
     for kind, uri in (("input", input_dir), ("label", label_dir)):
-        fs, root = _filesystem(uri)
+        fs, root = open_location(uri)
         folder = f"{root.rstrip('/')}/{split}"
         try:
             infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
@@ -121,7 +115,7 @@ def _list_uri(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
 
 def list_tiles(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
     """The tiles of one split with their sizes and modification times (the store's key), checked to pair up."""
-    if _is_uri(input_dir) or _is_uri(label_dir):
+    if _has_scheme(input_dir) or _has_scheme(label_dir):
         return _list_uri(input_dir, label_dir, split)
     names = list_split(Path(input_dir), Path(label_dir), split)
     out = []
@@ -135,8 +129,8 @@ def list_tiles(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
 def _read_npy(path: str) -> np.ndarray:
     """One tile, whole (local file or URI); a bad file is one error naming it."""
     try:
-        if _is_uri(path):
-            fs, p = _filesystem(path)
+        if _has_scheme(path):
+            fs, p = open_location(path)
             with fs.open_input_file(p) as f:
                 arr = np.load(io.BytesIO(f.readall()), allow_pickle=False)
         else:

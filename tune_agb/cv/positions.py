@@ -14,12 +14,12 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tune_agb.errors import TuneAgbError
+from tune_agb.location import exists, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def positions_from_manifest(location: str, names: Iterable[str]) -> Positions:
     """
     import pyarrow.parquet as pq
 
-    data = _read_bytes(location)
+    data = read_bytes(location)
     if data is None:
         raise TuneAgbError(f"{location}: manifest not found")
     try:
@@ -182,7 +182,7 @@ def positions_from_manifest(location: str, names: Iterable[str]) -> Positions:
 
 def _prepare_stride_scale(manifest: str) -> float:
     """prepare's ``--stride / --tile-size`` from the ``prepare.json`` beside the manifest (1 without one)."""
-    data = _read_bytes(f"{manifest.rsplit('/', 1)[0]}/{PREPARE_FILE}")
+    data = read_bytes(f"{manifest.rsplit('/', 1)[0]}/{PREPARE_FILE}")
     try:
         args = json.loads(data)["args"] if data else {}
         tile = float(args["tile_size"])
@@ -208,12 +208,12 @@ def manifest_location(cv: Mapping[str, Any], input_dir: str) -> str | None:
     """
     if cv.get("manifest"):
         location = str(cv["manifest"])
-        if _read_bytes(location) is None:
+        if read_bytes(location) is None:
             raise TuneAgbError(f"cv.manifest: {location} not found")
         return location
     base = input_dir.rstrip("/")
     for candidate in (f"{base.rsplit('/', 1)[0]}/{MANIFEST_FILE}", f"{base}/{MANIFEST_FILE}"):
-        if _exists(candidate):
+        if exists(candidate):
             return candidate
     return None
 
@@ -258,29 +258,3 @@ def tile_positions(cv: Mapping[str, Any], names: list[str], tile_hw: tuple[int, 
         )
     log.warning("cv: no manifest and the tile names give no positions: every tile is its own block")
     return positions_per_tile(names)
-
-
-# -- files through pyarrow (a manifest may be on s3:// like the tiles) ---------------------------------------------
-def _read_bytes(location: str) -> bytes | None:
-    """The bytes of a file (a path, ``file://`` or a pyarrow URI); None when there is no such file."""
-    if not _exists(location):
-        return None
-    if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://")).read_bytes()
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(location)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def _exists(location: str) -> bool:
-    if "://" not in location or location.startswith("file://"):
-        return Path(location.removeprefix("file://")).is_file()
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(location)
-        return fs.get_file_info(path).type == pafs.FileType.File
-    except (OSError, ValueError):
-        return False

@@ -19,15 +19,14 @@ so RMSE, MAE, ME and R^2 are unaffected):
 The file format (JSON, one object): ``format`` (:data:`CALIBRATION_FORMAT`), ``method``, ``scale`` (sigma factor,
 1 unless ``scale``), ``log_var`` and ``log_var_calibrated`` (the isotonic knots: natural log of the predicted and the
 calibrated variance in target units^2, ``[]`` unless ``isotonic``), ``loss``, ``split`` and ``n`` (the pixels it was
-fitted on). :func:`load_calibration` checks every field and names the file and the field in its one-line error.
+fitted on). :func:`calibration_from_dict` checks every field and names the file and the field in its one-line error;
+the file is read and written by :mod:`tune_agb.runs.final_dir` (``load_calibration``, ``save_calibration``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
@@ -36,7 +35,6 @@ import numpy as np
 from tune_agb.errors import TuneAgbError
 
 CALIBRATION_FORMAT = "tune_agb.calibration/1"
-CALIBRATION_FILE = "calibration.json"
 METHODS = ("none", "scale", "isotonic")
 DEFAULT_METHOD = "scale"
 # Isotonic fits: labelled pixels per equal-count bin of predicted variance (at least), and the most bins.
@@ -220,15 +218,7 @@ def coverage(
     return np.array([float(np.mean(err <= k * std)) if err.size else math.nan for k in z])
 
 
-# -- the file -----------------------------------------------------------------------------------------------
-def save_calibration(cal: Calibration, path: str | Path) -> None:
-    """Write ``cal`` as JSON (atomically: a temporary file renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(cal.to_dict(), indent=1) + "\n")
-    tmp.replace(path)
-
-
+# -- the file's content --------------------------------------------------------------------------------------
 def _number_list(d: dict[str, Any], key: str, source: str) -> tuple[float, ...]:
     v = d.get(key, [])
     if not isinstance(v, list) or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
@@ -270,26 +260,3 @@ def calibration_from_dict(d: Any, source: str) -> Calibration:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise TuneAgbError(f"{source}: 'n' must be an integer >= 0, got {n!r}")
     return Calibration(method, float(scale), lv, lvc, loss, split, n)
-
-
-def load_calibration(path: str | Path) -> Calibration:
-    """Read and check a ``calibration.json``; any problem is one :class:`TuneAgbError` naming the file and field."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TuneAgbError(f"{path}: calibration file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TuneAgbError(f"{path}: not a readable calibration JSON file ({exc})") from None
-    return calibration_from_dict(d, str(path))
-
-
-def model_calibration(model: str | Path) -> tuple[Calibration, Path | None]:
-    """The calibration saved with a model: ``calibration.json`` in a final-train out dir (single model or ensemble),
-    or beside a ``best.pt`` given as a file (the checkpoint it was fitted for). Identity, and None, for a model
-    without one (saved before calibration existed, a member of an ensemble, or another epoch's checkpoint)."""
-    model = Path(model)
-    folder = model if model.is_dir() else model.parent if model.name == "best.pt" else None
-    if folder is None or not (folder / CALIBRATION_FILE).is_file():
-        return IDENTITY, None
-    return load_calibration(folder / CALIBRATION_FILE), folder / CALIBRATION_FILE

@@ -2,7 +2,7 @@
 
     >>> import tune_agb.search as search
     >>> outcome = search.run("search_spaces/demo.yaml", overrides={"experiment.num_samples": 8})
-    >>> outcome.best["config"], outcome.results.shape
+    >>> outcome.best.config, outcome.results.shape
 
 ``python -m tune_agb.search`` (:mod:`tune_agb.search.cli`) is a thin client of this module. Everything the caller
 gives is validated before Ray starts (space, overrides, experiment folder, data); the experiment folder
@@ -26,6 +26,7 @@ from tune_agb.overrides import apply_overrides, format_overrides, parse_override
 if TYPE_CHECKING:
     import pandas as pd
 
+    from tune_agb.runs import Best
     from tune_agb.search.experiment import Experiment
     from tune_agb.search.space import SearchSpace
 
@@ -50,9 +51,9 @@ class SearchOutcome:
     Attributes:
         results: the results table as written to ``results.parquet``: one row per (trial, epoch) with every
             reported metric, ``config/<name>`` per searched hyperparameter, ``wall_time`` (s), ``trial_path``...
-        best: the content of ``best.yaml`` (``trial_id``, ``metric``, ``mode``, ``value``, ``epoch``, the complete
-            training ``config``, ``checkpoint`` folder, ``data``; ``cv`` with a cv section); None when no trial
-            reported a finite value of the metric.
+        best: ``best.yaml`` as a :class:`tune_agb.runs.Best` (``trial_id``, ``metric``, ``mode``, ``value``,
+            ``epoch``, the complete training ``config``, ``checkpoint`` folder, ``data``; ``cv`` with a cv section);
+            None when no trial reported a finite value of the metric.
         experiment: the experiment folder ``STORAGE/NAME`` (absolute path, or ``s3://``/``gs://`` URI).
         space: the space the search ran (overrides applied).
         interrupted: SIGINT/Ctrl-C stopped the search (its state is saved; ``run(..., resume=True)`` continues it).
@@ -64,7 +65,7 @@ class SearchOutcome:
     """
 
     results: pd.DataFrame
-    best: dict[str, Any] | None
+    best: Best | None
     experiment: str
     space: SearchSpace
     interrupted: bool = False
@@ -81,14 +82,9 @@ class SearchOutcome:
 
     def summary(self, top: int = 5) -> str:
         """The printed summary: the ``top`` trials by their best epoch, failures, files, and the next command."""
-        from tune_agb.search.experiment import (
-            BEST_FILE,
-            CHECKPOINT_FILE,
-            OPTUNA_JOURNAL,
-            RESULTS_FILE,
-            TENSORBOARD_DIR,
-            is_uri,
-        )
+        from tune_agb.location import is_uri
+        from tune_agb.runs import BEST_FILE, RESULTS_FILE
+        from tune_agb.search.experiment import CHECKPOINT_FILE, OPTUNA_JOURNAL, TENSORBOARD_DIR
         from tune_agb.search.results import summary
 
         space, exp = self.space, self.experiment
@@ -106,8 +102,8 @@ class SearchOutcome:
         if self.best is not None:
             b = self.best
             lines.append(
-                f"best: trial {b['trial_id']} epoch {b['epoch']} {space.metric}={b['value']:.4g} "
-                f"(checkpoint {b['checkpoint']}/{CHECKPOINT_FILE})"
+                f"best: trial {b.trial_id} epoch {b.epoch} {space.metric}={b.value:.4g} "
+                f"(checkpoint {b.checkpoint}/{CHECKPOINT_FILE})"
             )
             lines.append("\nnext, train the final model:")
             name = exp.rstrip("/").rsplit("/", 1)[-1]
@@ -176,7 +172,7 @@ def run(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     plan = _prepare(space, input_dir, label_dir, str(storage), name, resume, overrides, quiet)
     from tune_agb.engine.train import init_state
-    from tune_agb.search.experiment import CV_FOLDS_FILE, write_folds
+    from tune_agb.runs import CV_FOLDS_FILE, write_folds
     from tune_agb.search.launch import (
         build_tuner_parts,
         check_cluster_resources,
@@ -383,12 +379,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 def _outcome(grid: Any, plan: _Plan, interrupted: bool) -> SearchOutcome:
     """Write results.parquet, best.yaml and (local experiments) the report page; collect the outcome."""
-    from tune_agb.search.experiment import is_uri
+    from tune_agb.location import is_uri
     from tune_agb.search.launch import unfinished_trials
-    from tune_agb.search.results import write_results
+    from tune_agb.search.results import refresh_results
 
     exp = plan.exp
-    df, best = write_results(exp.uri, plan.space, plan.input_dir, plan.label_dir)
+    df, best = refresh_results(exp.uri, plan.space, plan.input_dir, plan.label_dir)
     failures = []
     for result in grid:
         if result.error is not None:

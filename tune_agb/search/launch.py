@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import CV_FOLDS_FILE, OPTUNA_JOURNAL, TENSORBOARD_DIR, Experiment, is_uri, read_folds
+from tune_agb.location import is_uri
+from tune_agb.runs import CV_FOLDS_FILE, read_folds
+from tune_agb.search.experiment import OPTUNA_JOURNAL, TENSORBOARD_DIR, Experiment
 from tune_agb.search.space import SearchSpace
 from tune_agb.store import DataSource
 

@@ -1,8 +1,8 @@
-"""Search results: ``results.parquet`` (one row per trial and epoch), ``best.yaml`` and the printed summary.
+"""A search's results as Ray stored them, turned into ``results.parquet`` and ``best.yaml`` (their format:
+:mod:`tune_agb.runs.search_dir`), and the summary printed at the end of a search.
 
-Both are built from the trials' stored results (:func:`tune_agb.search.experiment.read_trial_rows`), so they can
-be rewritten at any time from the experiment folder alone (after a finished, interrupted or resumed search); the
-experiment module writes them.
+Both files are built from the trials' stored results (:func:`tune_agb.search.experiment.read_trial_rows`), so they
+can be rewritten at any time from the experiment folder alone (after a finished, interrupted or resumed search).
 """
 
 from __future__ import annotations
@@ -11,16 +11,9 @@ import math
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 
-from tune_agb.search.experiment import (
-    CV_FOLDS_FILE,
-    location_of,
-    open_storage,
-    read_trial_rows,
-    write_best,
-    write_results_table,
-)
+from tune_agb.runs import Best, best_of, rank_trials, write_best, write_results
+from tune_agb.search.experiment import read_trial_rows
 from tune_agb.search.space import SearchSpace
 
 # Columns kept from each reported result besides the metrics and the config.
@@ -61,103 +54,40 @@ def results_frame(rows: list[dict[str, Any]], space: SearchSpace) -> pd.DataFram
     return df
 
 
-def best_row(df: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The best (trial, epoch) over all epochs of all trials; None when no finite value was reported."""
-    ok = df[df[metric].map(lambda v: isinstance(v, float) and math.isfinite(v))] if not df.empty else df
-    if ok.empty:
-        return None
-    idx = ok[metric].idxmin() if mode == "min" else ok[metric].idxmax()
-    return ok.loc[idx]
-
-
-def best_record(
-    df: pd.DataFrame, space: SearchSpace, experiment_uri: str, input_dir: str, label_dir: str
-) -> dict[str, Any] | None:
-    """The content of ``best.yaml`` (the contract with ``tune_agb.final_train --experiment``)."""
-    row = best_row(df, space.metric, space.mode)
-    if row is None:
-        return None
-    sampled = {p.name: row[f"config/{p.name}"] for p in space.params if _present(row[f"config/{p.name}"])}
-    sampled = {k: (v.item() if hasattr(v, "item") else v) for k, v in sampled.items()}
-    cfg = space.trial_config(sampled)  # epochs = max_t: the trial's full budget
-    ckpt = None
-    if isinstance(row["checkpoint_dir_name"], str) and isinstance(row["trial_path"], str):
-        ckpt = location_of(experiment_uri, f"{row['trial_path']}/{row['checkpoint_dir_name']}")
-    best = {
-        "trial_id": str(row["trial_id"]),
-        "metric": space.metric,
-        "mode": space.mode,
-        "value": float(row[space.metric]),
-        "epoch": int(row["epoch"]),
-        "config": cfg.to_dict(),
-        "checkpoint": ckpt,
-        "data": {"input_dir": input_dir, "label_dir": label_dir},
-    }
-    if space.cv is not None:
-        best["cv"] = cv_record(row, space, experiment_uri)
-    return best
-
-
-def cv_record(row: pd.Series, space: SearchSpace, experiment_uri: str) -> dict[str, Any]:
-    """best.yaml's ``cv``: ``k``, the metric's spread over folds (``value_sd``, when reported) and per-fold values
-    (``fold_values``) at the best epoch, and where the fold assignment is (``folds_file``). ``value`` is the mean."""
-    k = int(space.cv["k"])
-    sd = row.get(f"{space.metric}_sd")
-    per_fold = [row.get(f"{space.metric}_fold{j}") for j in range(k)]
-    _, root = open_storage(experiment_uri)
-    return {
-        "k": k,
-        "value_sd": float(sd) if _present(sd) else None,
-        "fold_values": [float(v) for v in per_fold] if all(_present(v) for v in per_fold) else None,
-        "folds_file": location_of(experiment_uri, f"{root}/{CV_FOLDS_FILE}"),
-    }
-
-
-def _present(v: Any) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-
-def write_results(
+def refresh_results(
     experiment_uri: str, space: SearchSpace, input_dir: str, label_dir: str
-) -> tuple[pd.DataFrame, dict[str, Any] | None]:
-    """Rewrite ``results.parquet`` and ``best.yaml`` in the experiment folder from the stored trial results."""
+) -> tuple[pd.DataFrame, Best | None]:
+    """Rewrite ``results.parquet`` and ``best.yaml`` in the experiment folder from the stored trial results.
+
+    Returns:
+        The results table and the best trial (None, and no best.yaml written, when no finite value was reported).
+    """
     df = results_frame(read_trial_rows(experiment_uri), space)
-    best = best_record(df, space, experiment_uri, input_dir, label_dir)
-    # Config columns can mix ints and floats across trials; store them as Python objects turned into strings
-    # only when pyarrow cannot find one type.
-    write_results_table(experiment_uri, _to_arrow(df))
+    best = best_of(df, space, experiment_uri, input_dir, label_dir)
+    write_results(experiment_uri, df)
     if best is not None:
         write_best(experiment_uri, best)
     return df, best
 
 
-def _to_arrow(df: pd.DataFrame) -> pa.Table:
-    try:
-        return pa.Table.from_pandas(df, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        fixed = df.copy()
-        for c in fixed.columns:
-            if c.startswith("config/") and fixed[c].dtype == object:
-                fixed[c] = fixed[c].map(lambda v: None if not _present(v) else str(v))
-        return pa.Table.from_pandas(fixed, preserve_index=False)
-
-
 def summary(df: pd.DataFrame, space: SearchSpace, top: int = 5) -> str:
-    """A table of the ``top`` trials by their best epoch, with their searched hyperparameters."""
-    if df.empty:
+    """A table of the ``top`` trials by their best epoch (:func:`tune_agb.runs.rank_trials`), with their searched
+    hyperparameters."""
+    ranked = rank_trials(df, space)[:top]
+    if not ranked:
         return "no trial reported a result"
-    asc = space.mode == "min"
-    best = (
-        df.sort_values(space.metric, ascending=asc)
-        .drop_duplicates("trial_id")
-        .merge(df.groupby("trial_id")["epoch"].max().rename("epochs_run"), on="trial_id")
-        .head(top)
-    )
-    spread = [f"{space.metric}_sd"] if f"{space.metric}_sd" in df else []  # cv: the spread over folds
-    cols = ["trial_id", space.metric, *spread, "epoch", "epochs_run", *[f"config/{p.name}" for p in space.params]]
-    table = best[cols].rename(columns=lambda c: c.removeprefix("config/"))
+    spread = f"{space.metric}_sd" if f"{space.metric}_sd" in df else None  # cv: the spread over folds
+    rows = []
+    for t in ranked:
+        row = {"trial_id": t.trial_id, space.metric: t.value}
+        if spread is not None:
+            at = df[(df["trial_id"].astype(str) == t.trial_id) & (df["epoch"] == t.epoch)]
+            row[spread] = at[spread].iloc[-1] if len(at) else math.nan
+        row |= {"epoch": t.epoch, "epochs_run": t.last_epoch}
+        row |= {p.name: t.params.get(p.name) for p in space.params}
+        rows.append(row)
     with pd.option_context("display.width", 200, "display.max_columns", 50, "display.float_format", "{:.4g}".format):
-        text = table.to_string(index=False)
+        text = pd.DataFrame(rows).to_string(index=False)
     return text + "".join(f"\n{line}" for line in infeasible_lines(df))
 
 

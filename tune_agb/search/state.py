@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 from ray.tune import Callback
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.search.experiment import CHECKPOINT_PREFIX, checkpoint_folders, open_storage, read_file, write_atomic
+from tune_agb.location import open_location, read_path, write_path_atomic
+from tune_agb.search.experiment import CHECKPOINT_PREFIX, checkpoint_folders
 
 BACKUP_SUFFIX = ".bak"
 # (prefix, suffix, format); search_gen_state-*.json is a pickle despite its name.
@@ -59,7 +60,7 @@ class StateBackupCallback(Callback):
     def backup(self) -> None:
         """Copy each changed state file that parses to ``NAME.bak`` (atomically)."""
         try:
-            fs, root = open_storage(self.experiment_uri)
+            fs, root = open_location(self.experiment_uri)
             infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
         except (OSError, TuneAgbError):
             return
@@ -68,12 +69,12 @@ class StateBackupCallback(Callback):
             if kind is None or self.copied.get(info.path) == info.mtime_ns:
                 continue
             try:
-                data = read_file(fs, info.path)
+                data = read_path(fs, info.path)
             except OSError:
                 continue
             if data is None or not _parses(data, kind):  # caught mid-copy: keep the previous intact backup
                 continue
-            write_atomic(fs, f"{info.path}{BACKUP_SUFFIX}", data)
+            write_path_atomic(fs, f"{info.path}{BACKUP_SUFFIX}", data)
             self.copied[info.path] = info.mtime_ns
 
     def __getstate__(self) -> dict[str, Any]:
@@ -101,7 +102,7 @@ def _parses(data: bytes, kind: str) -> bool:
 def _intact(fs: pafs.FileSystem, path: str, kind: str) -> bytes | None:
     """The file's bytes when it can be read and parses, else None."""
     try:
-        data = read_file(fs, path)
+        data = read_path(fs, path)
     except OSError:
         return None
     return data if data is not None and _parses(data, kind) else None
@@ -123,7 +124,7 @@ def repair_experiment_state(experiment_uri: str) -> list[str]:
     Raises:
         TuneAgbError: when a state file is cut short and has no intact backup.
     """
-    fs, root = open_storage(experiment_uri)
+    fs, root = open_location(experiment_uri)
     repaired = []
     for prefix, suffix, kind in STATE_FILES:
         for info in _newest(fs, root, prefix, suffix):
@@ -131,7 +132,7 @@ def repair_experiment_state(experiment_uri: str) -> list[str]:
                 continue
             backup = _intact(fs, f"{info.path}{BACKUP_SUFFIX}", kind)
             if backup is not None:
-                write_atomic(fs, info.path, backup)
+                write_path_atomic(fs, info.path, backup)
                 repaired.append(info.base_name)
                 continue
             raise TuneAgbError(
@@ -156,7 +157,7 @@ def fill_pruned_checkpoints(experiment_uri: str) -> int:
     Returns:
         The number of placeholders written.
     """
-    fs, root = open_storage(experiment_uri)
+    fs, root = open_location(experiment_uri)
     made = 0
     for trial in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if trial.type != pafs.FileType.Directory:

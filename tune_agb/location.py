@@ -1,0 +1,131 @@
+"""Where a file or folder is: a local path, a ``file://`` URI, or remote storage (``s3://``, ``gs://``, ... through
+``pyarrow.fs``). The one opener of a location for the whole package, with one rule for ``file://``: it is a local
+path (the prefix removed); local paths are made absolute (``~`` expanded); any other ``scheme://`` is remote.
+
+Writes go next to their target first and are moved in place, so a reader (or a process killed mid-write) never sees
+half a file. Importing this module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from tune_agb.errors import TuneAgbError
+
+FILE_SCHEME = "file://"
+TMP_SUFFIX = ".tmp"
+
+Folder = tuple[pafs.FileSystem, str]
+
+
+def is_uri(location: str) -> bool:
+    """Whether ``location`` names remote storage (``s3://``, ``gs://``, ...); ``file://`` and plain paths are local."""
+    return "://" in location and not location.startswith(FILE_SCHEME)
+
+
+def resolve(location: str) -> str:
+    """A location as stored and passed on: local paths (and ``file://`` URIs) as an absolute path, URIs as given."""
+    if is_uri(location):
+        return location
+    return str(Path(location.removeprefix(FILE_SCHEME)).expanduser().resolve())
+
+
+def open_location(location: str, label: str | None = None) -> Folder:
+    """The filesystem and the path in it of a location.
+
+    Args:
+        location: a folder or file: a local path or ``file://`` URI (made absolute), or ``s3://``/``gs://``/...
+        label: how the error names it (default: ``location``), e.g. ``--storage s3://bucket``.
+
+    Raises:
+        TuneAgbError: one line when it cannot be opened (unknown scheme, no credentials, ...).
+    """
+    try:
+        if is_uri(location):
+            return pafs.FileSystem.from_uri(location)
+        return pafs.LocalFileSystem(), str(Path(location.removeprefix(FILE_SCHEME)).expanduser().absolute())
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TuneAgbError(f"{label or location}: cannot open it ({first_line(exc)})") from None
+
+
+def join(location: str, *names: str) -> str:
+    """``location/name/...`` (one ``/`` between parts, whatever the location ends with)."""
+    return "/".join([location.rstrip("/"), *(n.strip("/") for n in names)])
+
+
+def location_of(like: str, path: str) -> str:
+    """A pyarrow filesystem ``path`` as a location like ``like``: a URI with its scheme, or an absolute local path."""
+    if is_uri(like):
+        return f"{like.split('://', 1)[0]}://{path}"
+    return str(Path(path).resolve())
+
+
+def read_path(fs: pafs.FileSystem, path: str) -> bytes | None:
+    """The bytes of the file ``path`` of ``fs``; None when there is no file there (other errors raise ``OSError``)."""
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_path_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` of ``fs`` next to it first (``PATH.tmp``), then move it in place.
+
+    A reader sees the old content or the new one, never part of it; a failed write leaves the old content.
+    """
+    tmp = f"{path}{TMP_SUFFIX}"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
+        raise
+
+
+def read_bytes(location: str) -> bytes | None:
+    """The bytes of the file at ``location``; None when there is none.
+
+    Raises:
+        TuneAgbError: when the location cannot be opened or the file cannot be read (one line naming it).
+    """
+    fs, path = open_location(location)
+    try:
+        return read_path(fs, path)
+    except OSError as exc:
+        raise TuneAgbError(f"{location}: cannot read it ({first_line(exc)})") from None
+
+
+def write_atomic(location: str, data: bytes) -> None:
+    """Write ``data`` to the file at ``location`` atomically (:func:`write_path_atomic`), creating its folder.
+
+    Raises:
+        TuneAgbError: when the location cannot be opened or written (one line naming it).
+    """
+    fs, path = open_location(location)
+    try:
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        write_path_atomic(fs, path, data)
+    except OSError as exc:
+        raise TuneAgbError(f"{location}: cannot write it ({first_line(exc)})") from None
+
+
+def exists(location: str) -> bool:
+    """Whether a file is at ``location`` (False when it cannot be opened or looked at)."""
+    try:
+        fs, path = open_location(location)
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except (OSError, TuneAgbError):
+        return False
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

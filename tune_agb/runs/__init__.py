@@ -1,0 +1,95 @@
+"""The results layer: every file a search or a final training writes that tune_agb reads back, with one typed
+reader and one writer each, and the one ranking of a search's trials.
+
+- :mod:`tune_agb.runs.ranking`: :func:`rank_trials` (best.yaml, final_train, the report and summaries use it).
+- :mod:`tune_agb.runs.search_dir`: a search's folder ``STORAGE/NAME``: search.yaml, results.parquet, best.yaml,
+  cv_folds.json.
+- :mod:`tune_agb.runs.final_dir`: a final run's folder: metrics.json, predictions.parquet, test_maps.npz,
+  ensemble.yaml, calibration.json.
+
+Locations are local paths, ``file://`` or ``s3://``/``gs://`` URIs (:mod:`tune_agb.location`).
+"""
+
+from tune_agb.runs.final_dir import (
+    CALIBRATION_FILE,
+    ENSEMBLE_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    TEST_MAPS_FILE,
+    Prediction,
+    TileMaps,
+    load_calibration,
+    model_calibration,
+    read_ensemble,
+    read_metrics,
+    read_predictions,
+    read_test_maps,
+    save_calibration,
+    write_ensemble,
+    write_metrics,
+    write_predictions,
+    write_test_maps,
+)
+from tune_agb.runs.ranking import RankedTrial, is_missing, rank_trials
+from tune_agb.runs.search_dir import (
+    BEST_FILE,
+    CV_FOLDS_FILE,
+    RESULTS_FILE,
+    SEARCH_FILE,
+    Best,
+    CVBest,
+    SearchRecord,
+    best_of,
+    read_best,
+    read_cv_best,
+    read_folds,
+    read_results,
+    read_search,
+    read_space,
+    write_best,
+    write_folds,
+    write_results,
+    write_search,
+)
+
+__all__ = [
+    "BEST_FILE",
+    "CALIBRATION_FILE",
+    "CV_FOLDS_FILE",
+    "ENSEMBLE_FILE",
+    "METRICS_FILE",
+    "PREDICTIONS_FILE",
+    "RESULTS_FILE",
+    "SEARCH_FILE",
+    "TEST_MAPS_FILE",
+    "Best",
+    "CVBest",
+    "Prediction",
+    "RankedTrial",
+    "SearchRecord",
+    "TileMaps",
+    "best_of",
+    "is_missing",
+    "load_calibration",
+    "model_calibration",
+    "rank_trials",
+    "read_best",
+    "read_cv_best",
+    "read_ensemble",
+    "read_folds",
+    "read_metrics",
+    "read_predictions",
+    "read_results",
+    "read_search",
+    "read_space",
+    "read_test_maps",
+    "save_calibration",
+    "write_best",
+    "write_ensemble",
+    "write_folds",
+    "write_metrics",
+    "write_predictions",
+    "write_results",
+    "write_search",
+    "write_test_maps",
+]
