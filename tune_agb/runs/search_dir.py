@@ -3,7 +3,7 @@
     search.yaml       :class:`SearchRecord`: the space, overrides and data folders the search was started with
     results.parquet   one row per (trial, epoch): :func:`write_results` / :func:`read_results` (a DataFrame)
     best.yaml         :class:`Best`: the best trial at its best epoch (:func:`best_of`), read by final_train
-    cv_folds.json     the fold of every train/val tile (``tune_agb.folds.FoldAssignment``), with a cv section
+    cv_folds.json     the fold of every train/val tile (``tune_agb.cv.FoldAssignment``), with a cv section
 
 ``experiment`` is the folder ``STORAGE/NAME`` as a location (a path, ``file://``, ``s3://``, ``gs://``). Every file
 is written atomically. Readers raise one :class:`TuneAgbError` line naming the file and what was expected. Ray's
@@ -26,7 +26,7 @@ from tune_agb.location import first_line, join, read_bytes, resolve, write_atomi
 from tune_agb.runs.ranking import is_missing, rank_trials
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
-    from tune_agb.folds import FoldAssignment
+    from tune_agb.cv import FoldAssignment
     from tune_agb.search.space import SearchSpace
 
 SEARCH_FILE = "search.yaml"
@@ -280,7 +280,7 @@ def read_folds(experiment: str) -> FoldAssignment | None:
     Raises:
         TuneAgbError: one line when the file is there but is no fold assignment.
     """
-    from tune_agb.folds import FoldAssignment
+    from tune_agb.cv import FoldAssignment
 
     where = join(experiment, CV_FOLDS_FILE)
     data = read_bytes(where)
