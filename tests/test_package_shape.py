@@ -82,11 +82,13 @@ def test_no_command_module_imports_another_command_module() -> None:
 
 
 def test_trials_are_ranked_in_one_place() -> None:
-    """Picking a trial's best epoch (``idxmin``/``idxmax`` over a metric) happens in tune_agb.runs.ranking only;
-    final training, the report, best.yaml and the baselines call it."""
+    """No module picks a best epoch or trial by itself (``idxmin``/``idxmax``/``nsmallest``/``nlargest`` over a
+    metric); best.yaml, final training and the report all take their ranking from tune_agb.runs.rank_trials."""
+    modules = {name: path.read_text() for name, path in _modules().items()}
     rankers = {
-        name
-        for name, path in _modules().items()
-        if any(token in path.read_text() for token in (".idxmin(", ".idxmax(", "nsmallest(", "nlargest("))
+        n for n, text in modules.items() if any(t in text for t in (".idxmin(", ".idxmax(", "nsmallest(", "nlargest("))
     }
-    assert rankers == {"tune_agb.runs.ranking"}
+    assert rankers == set()
+    users = {n for n, text in modules.items() if "rank_trials(" in text and n != "tune_agb.runs.ranking"}
+    for consumer in ("tune_agb.search.results", "tune_agb.final_train", "tune_agb.report"):
+        assert any(u == consumer or u.startswith(f"{consumer}.") for u in users), consumer
