@@ -26,6 +26,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -238,62 +239,125 @@ def resolve_calibration(model: str, option: str) -> Calibration:
     return cal
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    if a.tile_size < 16:
-        raise TuneAgbError(f"--tile-size: must be >= 16 px, got {a.tile_size}")
-    if a.overlap is not None and not 0 <= a.overlap < a.tile_size:
-        raise TuneAgbError(f"--overlap: must be >= 0 and smaller than --tile-size ({a.tile_size}), got {a.overlap}")
-    if a.batch_size < 1:
-        raise TuneAgbError(f"--batch-size: must be >= 1, got {a.batch_size}")
-    out = Path(a.out)
-    if out.exists() and not a.overwrite:
+@dataclass(frozen=True)
+class MapSummary:
+    """What :func:`predict_map` wrote: the GeoTIFF, the windows predicted, the models averaged, where, and the
+    calibration applied to the std band."""
+
+    out: Path
+    windows: int
+    members: int
+    device: str
+    calibration: Calibration
+
+
+def predict_map(
+    model: str | Path,
+    images: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tile_size: int = 512,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    calibration: str = "auto",
+    stack: StackOptions | None = None,
+    cog: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MapSummary:
+    """Map a stack of GeoTIFFs with a trained model: a GeoTIFF with bands ``mean`` and ``std`` (target units) on the
+    stack's grid, nodata where an input pixel has none.
+
+    Args:
+        model: a checkpoint ``.pt``, a final training's out dir, or an ensemble's out dir (``members/``).
+        images: GeoTIFFs stacked band-wise (the model's channels, in its order; pick with ``stack.bands``).
+        out: the output GeoTIFF; written to a staging file and moved into place when complete.
+        tile_size: window side (px); windows overlap by ``overlap`` px, half discarded by each (default: twice the
+            model's seam margin, so the map equals whole-image prediction).
+        batch_size: windows per forward pass.
+        device: ``auto`` (the GPU if any), ``cpu``, ``cuda`` or ``cuda:N``.
+        calibration: ``auto`` (the model's ``calibration.json`` if any), ``none``, or a calibration.json path.
+        stack: band selection, resampling and Sentinel-2 digital-number scaling of the inputs.
+        cog: write a Cloud-Optimised GeoTIFF.
+        overwrite: replace an existing ``out``.
+        progress: show a progress bar.
+
+    Raises:
+        TuneAgbError: one line naming the flag, file or model that is wrong; nothing is left at ``out``.
+    """
+    if tile_size < 16:
+        raise TuneAgbError(f"--tile-size: must be >= 16 px, got {tile_size}")
+    if overlap is not None and not 0 <= overlap < tile_size:
+        raise TuneAgbError(f"--overlap: must be >= 0 and smaller than --tile-size ({tile_size}), got {overlap}")
+    if batch_size < 1:
+        raise TuneAgbError(f"--batch-size: must be >= 1, got {batch_size}")
+    out = Path(out)
+    if out.exists() and not overwrite:
         raise TuneAgbError(f"--out {out}: exists (use --overwrite to replace it)")
-    options = StackOptions.from_args(a)
-    calibration = resolve_calibration(a.model, a.calibration)
-    with gdal_env(), options.open(a.image) as stack:
-        predictor = load_predictor(a.model, device=a.device)
-        if stack.count != predictor.in_channels:
+    options = stack or StackOptions()
+    cal = resolve_calibration(str(model), calibration)
+    paths = [str(p) for p in images]
+    with gdal_env(), options.open(paths) as raster:
+        predictor = load_predictor(model, device=device)
+        if raster.count != predictor.in_channels:
             expected = f" ({' '.join(BAND_NAMES)})" if predictor.in_channels == len(BAND_NAMES) else ""
             raise TuneAgbError(
-                f"{', '.join(a.image)}: {stack.count} bands, but the model {a.model} expects "
+                f"{', '.join(paths)}: {raster.count} bands, but the model {model} expects "
                 f"{predictor.in_channels}{expected}; pick bands with --bands"
             )
-        with staged_file(out, a.overwrite) as tmp:
+        with staged_file(out, overwrite) as tmp:
             gtiff = tmp
-            if a.cog:  # the COG driver only copies a finished dataset: write a plain GeoTIFF first
+            if cog:  # the COG driver only copies a finished dataset: write a plain GeoTIFF first
                 fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".gtiff.partial")
                 os.close(fd)
                 gtiff = Path(name)
             try:
-                with rasterio.open(gtiff, "w", **output_profile(stack)) as dst:
-                    for i, name in enumerate(OUTPUT_BANDS, start=1):
-                        dst.set_band_description(i, name)
-                    dst.update_tags(
-                        model=str(a.model), members=str(len(predictor.members)), calibration=calibration.describe()
-                    )
+                with rasterio.open(gtiff, "w", **output_profile(raster)) as dst:
+                    for i, band in enumerate(OUTPUT_BANDS, start=1):
+                        dst.set_band_description(i, band)
+                    dst.update_tags(model=str(model), members=str(len(predictor.members)), calibration=cal.describe())
                     n = predict_raster(
                         predictor,
-                        stack,
+                        raster,
                         dst,
-                        tile=a.tile_size,
-                        overlap=a.overlap,
-                        batch_size=a.batch_size,
+                        tile=tile_size,
+                        overlap=overlap,
+                        batch_size=batch_size,
                         s2_offset=options.s2_offset,
-                        progress=a.progress,
-                        calibration=calibration,
+                        progress=progress,
+                        calibration=cal,
                     )
-                if a.cog:
+                if cog:
                     rasterio.shutil.copy(
                         gtiff, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BIGTIFF="IF_SAFER"
                     )
             finally:
                 if gtiff != tmp and gtiff.exists():
                     gtiff.unlink()
-    members = len(predictor.members)
+    return MapSummary(out, n, len(predictor.members), str(predictor.device), cal)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    done = predict_map(
+        a.model,
+        a.image,
+        a.out,
+        tile_size=a.tile_size,
+        overlap=a.overlap,
+        batch_size=a.batch_size,
+        device=a.device,
+        calibration=a.calibration,
+        stack=StackOptions.from_args(a),
+        cog=a.cog,
+        overwrite=a.overwrite,
+        progress=a.progress,
+    )
+    models = f"{done.members} model{'s' if done.members > 1 else ''}"
     print(
-        f"{out}: mean and std from {n} windows ({members} model{'s' if members > 1 else ''}, {predictor.device}; "
-        f"calibration {calibration.method})"
+        f"{done.out}: mean and std from {done.windows} windows ({models}, {done.device}; "
+        f"calibration {done.calibration.method})"
     )
     return 0
 
