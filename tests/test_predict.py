@@ -254,3 +254,29 @@ def test_ensemble_of_different_configurations(tmp_path, capsys):
     mean, std, _ = read_map(out)
     np.testing.assert_allclose(mean, means.mean(0), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(std, np.sqrt(varis.mean(0) + means.var(0)), rtol=1e-5, atol=1e-3)
+
+
+def test_predict_map_is_the_python_api_of_the_command(tmp_path):
+    """predict_map writes the same map as the command and says what it did; a bad argument is one error line
+    naming the flag, and nothing is written."""
+    from tune_agb.errors import TuneAgbError
+    from tune_agb.geo.raster import StackOptions
+    from tune_agb.predict import predict_map
+
+    img = position_image()
+    src = write_tif(tmp_path / "in.tif", img)
+    ckpt = known_unet_checkpoint(tmp_path / "m.pt", C, scale=1.0, logvar_bias=0.5, target_mean=3.0, target_std=2.0)
+    done = predict_map(ckpt, [src], tmp_path / "api.tif", tile_size=48, overlap=8, device="cpu", progress=False)
+    assert (done.out, done.members, done.device, done.calibration.method) == (tmp_path / "api.tif", 1, "cpu", "none")
+    assert done.windows == 12  # 100 x 130 px in 48-px windows overlapping by 8: 3 rows x 4 columns
+    code = run_cli(main, ["--model", str(ckpt), "--image", str(src), "--out", str(tmp_path / "cli.tif"),
+                          "--tile-size", "48", "--overlap", "8", "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    with rasterio.open(tmp_path / "api.tif") as a, rasterio.open(tmp_path / "cli.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    # two of the four bands, picked by index: the model expects four, so this is refused before anything is written
+    with pytest.raises(TuneAgbError, match=r"2 bands, but the model .* expects 4; pick bands with --bands"):
+        predict_map(ckpt, [src], tmp_path / "bad.tif", stack=StackOptions(bands=("1", "2")), progress=False)
+    with pytest.raises(TuneAgbError, match=r"^--batch-size: must be >= 1, got 0$"):
+        predict_map(ckpt, [src], tmp_path / "bad.tif", batch_size=0)
+    assert not (tmp_path / "bad.tif").exists() and no_partials(tmp_path)
