@@ -17,6 +17,7 @@ from tune_agb.location import (
     location_of,
     open_location,
     read_bytes,
+    read_table,
     resolve,
     write_atomic,
     write_path_atomic,
@@ -131,3 +132,17 @@ def test_read_bytes_is_none_for_a_missing_file_and_write_atomic_creates_the_fold
     assert read_bytes(target) == b"\x00\x01" and exists(target)
     assert sorted(p.name for p in (tmp_path / "new" / "deep").iterdir()) == ["x.bin"]
     assert not exists("nosuchscheme://b/x")  # cannot be opened: not there
+
+
+def test_read_table_reads_a_parquet_file_by_path_or_file_uri_and_names_a_bad_one(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"name": ["a", "b"], "n": [1, 2]}), tmp_path / "t.parquet")
+    assert read_table(str(tmp_path / "t.parquet")).to_pydict() == {"name": ["a", "b"], "n": [1, 2]}
+    assert read_table(f"file://{tmp_path}/t.parquet", columns=["n"]).to_pydict() == {"n": [1, 2]}
+    assert read_table(str(tmp_path / "missing.parquet")) is None
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(TuneAgbError, match=r"bad\.parquet: not a readable parquet table \(") as err:
+        read_table(str(tmp_path / "bad.parquet"))
+    assert "\n" not in str(err.value)

@@ -9,8 +9,10 @@ half a file. Importing this module imports neither Ray nor torch.
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from tune_agb.errors import TuneAgbError
@@ -98,6 +100,23 @@ def read_bytes(location: str) -> bytes | None:
         return read_path(fs, path)
     except OSError as exc:
         raise TuneAgbError(f"{location}: cannot read it ({first_line(exc)})") from None
+
+
+def read_table(location: str, columns: list[str] | None = None) -> pa.Table | None:
+    """The parquet file at ``location`` as an Arrow table (only ``columns`` when given); None when there is none.
+
+    Raises:
+        TuneAgbError: one line naming the file when it cannot be read or is not a parquet table.
+    """
+    import pyarrow.parquet as pq
+
+    data = read_bytes(location)
+    if data is None:
+        return None
+    try:
+        return pq.read_table(io.BytesIO(data), columns=columns)
+    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
+        raise TuneAgbError(f"{location}: not a readable parquet table ({first_line(exc)})") from None
 
 
 def write_atomic(location: str, data: bytes) -> None:

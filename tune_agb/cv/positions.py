@@ -8,7 +8,6 @@ read a manifest, which may lie on ``s3://`` or ``gs://`` like the tiles).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import exists, read_bytes
+from tune_agb.location import exists, read_bytes, read_table
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +136,10 @@ def positions_from_manifest(location: str, names: Iterable[str]) -> Positions:
         TuneAgbError: one line naming ``location``: missing or unreadable, without prepare's columns, without a row
             for a tile, tiles in several CRSs, or an empty extent.
     """
-    import pyarrow.parquet as pq
-
-    data = read_bytes(location)
-    if data is None:
+    table = read_table(location)
+    if table is None:
         raise TuneAgbError(f"{location}: manifest not found")
-    try:
-        rows = pq.read_table(io.BytesIO(data)).to_pylist()
-    except (OSError, ValueError) as exc:
-        raise TuneAgbError(f"{location}: not a readable parquet manifest ({str(exc).splitlines()[0]})") from None
+    rows = table.to_pylist()
     missing_cols = [c for c in MANIFEST_COLUMNS if rows and c not in rows[0]]
     if not rows or missing_cols:
         raise TuneAgbError(f"{location}: expected prepare's manifest with columns {', '.join(MANIFEST_COLUMNS)}")

@@ -27,7 +27,7 @@ import yaml
 
 from tune_agb.engine.calibration import IDENTITY, Calibration, calibration_from_dict
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import first_line, join, read_bytes, write_atomic
+from tune_agb.location import first_line, join, read_bytes, read_table, write_atomic
 
 if TYPE_CHECKING:  # torch: imported by the engine's data module
     from tune_agb.engine.data import TileSet
@@ -128,16 +128,11 @@ def read_predictions(folder: Folder) -> pd.DataFrame:
     Raises:
         TuneAgbError: when it is missing, not parquet, or lacks one of those columns.
     """
-    import pyarrow.parquet as pq
-
     where = join(str(folder), PREDICTIONS_FILE)
-    data = read_bytes(where)
-    if data is None:
+    table = read_table(where)
+    if table is None:
         raise TuneAgbError(f"{where}: not found (expected a final_train or baseline out dir)")
-    try:
-        df = pq.read_table(io.BytesIO(data)).to_pandas()
-    except (OSError, ValueError) as exc:
-        raise TuneAgbError(f"{where}: not a readable parquet table ({first_line(exc)})") from None
+    df = table.to_pandas()
     missing = {"split", "label", "mean", "std"} - set(df.columns)
     if missing:
         raise TuneAgbError(f"{where}: missing columns {', '.join(sorted(missing))}")

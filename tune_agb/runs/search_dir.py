@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import first_line, join, read_bytes, resolve, write_atomic
+from tune_agb.location import first_line, join, read_bytes, read_table, resolve, write_atomic
 from tune_agb.runs.ranking import is_missing, rank_trials
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
@@ -131,16 +131,11 @@ def read_results(experiment: str, columns: list[str] | None = None) -> pd.DataFr
     Raises:
         TuneAgbError: when the file is not a parquet table with ``trial_id`` and ``epoch`` columns.
     """
-    import pyarrow.parquet as pq
-
     where = join(experiment, RESULTS_FILE)
-    data = read_bytes(where)
-    if data is None:
+    table = read_table(where, columns)
+    if table is None:
         return pd.DataFrame()
-    try:
-        df = pq.read_table(io.BytesIO(data), columns=columns).to_pandas()
-    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
-        raise TuneAgbError(f"{where}: not a readable parquet table ({first_line(exc)})") from None
+    df = table.to_pandas()
     missing = [c for c in ("trial_id", "epoch") if c not in df.columns and (columns is None or c in columns)]
     if missing:
         raise TuneAgbError(f"{where}: missing column {', '.join(missing)} (expected one row per trial and epoch)")
