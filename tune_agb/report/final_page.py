@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from tune_agb.engine.calibration import RELIABILITY_LEVELS, Calibration, calibration_from_dict
@@ -42,6 +43,15 @@ def _pred_vs_obs_figure(pred: pd.DataFrame, unit: str) -> Figure:
     return fig
 
 
+def _label_axes(ax: Axes, xlabel: str, ylabel: str, title: str, legend: tuple[int, str]) -> None:
+    """Axis labels, a title, the legend (``(font size, location)``) and a light grid."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=legend[0], loc=legend[1])
+    ax.grid(alpha=0.3)
+
+
 def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
     parts = _splits(pred)
     fig = new_figure((5.6 * len(parts), 4.4))
@@ -54,11 +64,8 @@ def _residual_figure(pred: pd.DataFrame, unit: str) -> Figure:
         chunks = [c.numpy() for c in equal_count_bins(torch.tensor(y), 10) if c.numel()]
         ax.plot([y[c].mean() for c in chunks], [r[c].mean() for c in chunks], "o-", color="#c43c1e", ms=4,
                 label="mean residual per equal-count bin of the label")  # fmt: skip
-        ax.set_xlabel(with_unit("observed label", unit))
-        ax.set_ylabel(with_unit("residual: predicted − observed", unit))
-        ax.set_title(f"{split}: residuals vs observed", fontsize=10)
-        ax.legend(fontsize=7, loc="upper right")
-        ax.grid(alpha=0.3)
+        xlabel, ylabel = with_unit("observed label", unit), with_unit("residual: predicted − observed", unit)
+        _label_axes(ax, xlabel, ylabel, f"{split}: residuals vs observed", (7, "upper right"))
     return fig
 
 
@@ -95,11 +102,8 @@ def _sigma_figure(pred: pd.DataFrame, unit: str, bins: int = 10) -> Figure:
     ax.set_xlim(0, hi)
     ax.set_ylim(0, hi)
     ax.set_aspect("equal", adjustable="box")
-    ax.set_xlabel(with_unit("predicted σ (RMV of the bin)", unit))
-    ax.set_ylabel(with_unit("RMSE of the bin", unit))
-    ax.set_title(f"RMSE vs predicted σ, {bins} equal-count bins of σ", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
+    xlabel, ylabel = with_unit("predicted σ (RMV of the bin)", unit), with_unit("RMSE of the bin", unit)
+    _label_axes(ax, xlabel, ylabel, f"RMSE vs predicted σ, {bins} equal-count bins of σ", (8, "upper left"))
     return fig
 
 
