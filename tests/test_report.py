@@ -12,7 +12,6 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 import optuna
@@ -25,7 +24,8 @@ from PIL import Image
 
 from tune_agb.engine.calibration import Calibration, coverage
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.report import main, write_report
+from tune_agb.report import write_report
+from tune_agb.report.cli import main
 from tune_agb.runs import best_of, read_test_maps, write_best, write_results
 from tune_agb.search.experiment import Experiment
 from tune_agb.search.results import results_frame
@@ -179,22 +179,36 @@ def test_search_report(experiment: Path, search_page: Path) -> None:
     assert "1 errored" in text and "stopped early" in text
 
 
-def test_importance_uses_optunas_evaluator_on_rebuilt_study(experiment: Path) -> None:
+def test_rebuilt_study_holds_each_trials_params_and_best_value(experiment: Path) -> None:
+    """The study the importances are computed on: one trial per search trial with a result, its value the best of
+    the metric over its epochs in results.parquet, its params as sampled (the conditional one only where sampled),
+    each in the space's domain; the importances cover the searched params."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    from tune_agb.report import load_trials, param_importances, rebuild_study
-    from tune_agb.search.space import parse_search_space
+    from tune_agb.report.search_page import load_trials, param_importances, rebuild_study
 
-    space = parse_search_space(yaml.safe_load((experiment / "search.yaml").read_text())["space"])
-    trials = load_trials(pd.read_parquet(experiment / "results.parquet"), space)
+    space = load_search_space(SPACE_FILE)
+    df = pd.read_parquet(experiment / "results.parquet")
+    trials = load_trials(df, space)
     assert [t.status for t in trials].count("errored") == 1
     assert {t.status for t in trials} == {"completed", "stopped early", "errored"}
     study = rebuild_study(trials, space)
-    assert len(study.trials) == len(trials)
-    assert study.best_value == min(t.best_value for t in trials)
-    sgd = [t for t in study.trials if t.params["optimizer"] == "sgd"]
-    assert all("momentum" in t.params for t in sgd)  # the conditional parameter, where it was sampled
+    by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert set(by_id) == set(df["trial_id"])
+    searched = [p.name for p in space.params]
+    for tid, rows in df.groupby("trial_id"):
+        st, first = by_id[tid], rows.iloc[0]
+        assert st.value == rows["val_rmse"].min() and st.value in set(rows["val_rmse"])
+        sampled = {n: first[f"config/{n}"] for n in searched if not pd.isna(first[f"config/{n}"])}
+        assert st.params.keys() == sampled.keys()
+        for name, value in sampled.items():
+            assert st.params[name] == (pytest.approx(value) if isinstance(value, float) else value), (tid, name)
+        assert ("momentum" in st.params) == (st.params["optimizer"] == "sgd"), tid
+    lr = study.trials[0].distributions["lr"]
+    assert isinstance(lr, FloatDistribution) and lr.log and (lr.low, lr.high) == (3e-4, 1e-2)
+    assert study.trials[0].distributions["base_channels"] == CategoricalDistribution([4, 8])
     imp, _ = param_importances(study)
-    assert set(imp) == {"lr", "weight_decay", "optimizer", "momentum", "base_channels"}
+    assert set(imp) == set(searched)
     assert sum(imp.values()) == pytest.approx(1.0)
     assert next(iter(imp)) == "lr"  # the response surface depends most on lr
 
@@ -250,35 +264,59 @@ def test_final_report_shows_metrics_before_and_after_calibration(tmp_path: Path)
     nll = [r[[h for h in re.findall(r"<th>([^<]*)</th>", text)].index("nll")] for r in rows]
     assert nll == ["5.5", "4.5", "5.75", "4.75"]
     assert "scale: sigma x 1.2 (fitted on 300 val pixels)" in text
-    # the reliability diagram: each split after (solid) and before (dashed) calibration, and the diagonal
-    from tune_agb.report import _reliability_figure
-
-    pred = pd.read_parquet(out / "predictions.parquet")
-    lines = _reliability_figure(pred, "gaussian_nll").axes[0].get_lines()
-    assert [(ln.get_label(), ln.get_linestyle()) for ln in lines] == [
-        ("val, before calibration", "--"), ("val", "-"), ("test, before calibration", "--"), ("test", "-"),
-        ("ideal", ":"),
-    ]  # fmt: skip
-    val = pred[pred.split == "val"]
-    err, sd = (val.label - val["mean"]).abs().to_numpy(), val["std"].to_numpy()
-    assert lines[1].get_ydata()[13] == pytest.approx(
-        np.mean(err <= NormalDist().inv_cdf(0.85) * sd)
-    )  # 70 %: +-1.036 sigma
-    lap = _reliability_figure(pred, "laplacian_nll").axes[0]  # a Laplacian run's own 70 % interval: +-0.851 sigma
-    assert lap.get_lines()[1].get_ydata()[13] == pytest.approx(np.mean(err <= -math.log(0.3) / math.sqrt(2) * sd))
-    assert "Laplacian" in lap.get_title()
     # an out dir written before calibration existed: one row per split, no calibration setting
     old = write_report(make_final_dir(tmp_path / "old", n=300)).read_text()
     assert [r[0] for r in metrics_rows(old)] == ["val", "test"] and "sigma x" not in old
-    lines = _reliability_figure(pd.read_parquet(tmp_path / "old" / "predictions.parquet"), "gaussian_nll")
-    lines = lines.axes[0].get_lines()
-    assert [ln.get_label() for ln in lines] == ["val", "test", "ideal"]
     # a malformed calibration record is one error naming the file and the field
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["calibration"]["scale"] = 0
     (out / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(TuneAgbError, match=re.escape(f"{out / 'metrics.json'}: 'calibration': 'scale' must be")):
         write_report(out)
+
+
+def reliability_curves(pred: pd.DataFrame, loss: str) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """``{label: (line style, nominal levels, observed coverage)}`` of the reliability diagram of ``pred``."""
+    from tune_agb.report.final_page import reliability_figure
+
+    ax = reliability_figure(pred, loss).axes[0]
+    return {ln.get_label(): (ln.get_linestyle(), ln.get_xdata(), ln.get_ydata()) for ln in ax.get_lines()}
+
+
+def test_reliability_diagram_before_and_after_calibration(tmp_path: Path) -> None:
+    # errors 1.2 x the stored std, and a calibration that scales std by 1.2: calibrated after, sigma too small before
+    pred = pd.read_parquet(make_final_dir(tmp_path / "cal", n=20_000, calibrated=True) / "predictions.parquet")
+    curves = reliability_curves(pred, "gaussian_nll")
+    styles = {name: style for name, (style, _, _) in curves.items()}
+    assert styles == {"val, before calibration": "--", "val": "-", "test, before calibration": "--", "test": "-",
+                      "ideal": ":"}  # fmt: skip
+    for split in ("val", "test"):
+        _, levels, after = curves[split]
+        _, _, before = curves[f"{split}, before calibration"]
+        assert np.abs(after - levels).max() < 0.02  # on the diagonal
+        assert np.all(before[1:-1] < levels[1:-1] - 0.01)  # below it: sigma too small
+    # written before calibration existed (no std_uncalibrated): one solid curve per split
+    old = pd.read_parquet(make_final_dir(tmp_path / "old", n=300) / "predictions.parquet")
+    assert list(reliability_curves(old, "gaussian_nll")) == ["val", "test", "ideal"]
+
+
+@pytest.mark.parametrize("loss", ["gaussian_nll", "laplacian_nll"])
+def test_reliability_diagram_uses_the_runs_predictive_distribution(loss: str) -> None:
+    # errors drawn from the run's own distribution with the predicted std: calibrated by its intervals only
+    rng = np.random.default_rng(3)
+    std = rng.uniform(5, 20, 40_000)
+    noise = rng.laplace(0, 1 / math.sqrt(2), std.size) if loss == "laplacian_nll" else rng.normal(0, 1, std.size)
+    label = rng.uniform(50, 150, std.size)
+    pred = pd.DataFrame({"split": "val", "label": label, "mean": label + noise * std, "std": std})
+    other = "gaussian_nll" if loss == "laplacian_nll" else "laplacian_nll"
+    _, levels, own = reliability_curves(pred, loss)["val"]
+    _, _, wrong = reliability_curves(pred, other)["val"]
+    assert np.abs(own - levels).max() < 0.015
+    assert np.abs(wrong - levels).max() > 0.03
+    from tune_agb.report.final_page import reliability_figure
+
+    shape = "Laplacian" if loss == "laplacian_nll" else "Gaussian"
+    assert shape in reliability_figure(pred, loss).axes[0].get_title()
 
 
 @pytest.mark.parametrize(
@@ -357,10 +395,10 @@ def html_meta(text: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Some regimes for parameter")  # PED-ANOVA on 6 trials
-def test_report_of_a_file_uri_is_built_from_a_copy_and_written_back(
+def test_report_of_a_file_uri_is_read_and_written_through_its_location(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # file:// is the URI this machine can test (no network): the same copy-in, build, write-back path as s3/gs.
+    # file:// is the URI this machine can test (no network): read and written through pyarrow's filesystem, as s3/gs.
     root = make_experiment(tmp_path / "storage", name="remote", trials=6)
     uri = root.as_uri()
     assert run_cli(main, [uri + "/"]) == 0
@@ -369,7 +407,6 @@ def test_report_of_a_file_uri_is_built_from_a_copy_and_written_back(
     assert_self_contained(text)
     assert len(images(text)) == 4 and "Search report: remote" in text
     assert html_meta(text).startswith(f"{uri} — 6 trials") and "1 errored" in html_meta(text)  # trial folders read
-    assert "tune_agb_report_" not in text  # nothing names the temporary copy
     assert sorted(p.name for p in (root / "report").iterdir()) == ["index.html"]
 
 
