@@ -418,7 +418,7 @@ def resolved_config(plan: Plan) -> dict[str, Any]:
         },
         "config": plan.cfg.to_dict(),
     }
-    if len(plan.members) > 1:
+    if plan.kind != "single":
         first = plan.cfg.to_dict()
         doc["members"] = []
         for mp in plan.members:
