@@ -355,21 +355,9 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    results = run(
-        a.model,
-        input_dir=a.input_dir,
-        label_dir=a.label_dir,
-        out_dir=a.out_dir,
-        overwrite=a.overwrite,
-        alpha=a.alpha,
-        trees=a.trees,
-        min_samples_leaf=a.min_samples_leaf,
-        max_features=a.max_features,
-        seed=a.seed,
-        jobs=a.jobs,
-        texture_windows=a.texture_windows,
-        calibration=a.calibration,
-    )
+    options = ("input_dir", "label_dir", "out_dir", "overwrite", "alpha", "trees", "min_samples_leaf")
+    options += ("max_features", "seed", "jobs", "texture_windows", "calibration")
+    results = run(a.model, **{name: getattr(a, name) for name in options})
     print_summary(results)
     if a.out_dir:
         folders = ", ".join(str(Path(a.out_dir) / r.model) for r in results)

@@ -11,10 +11,11 @@ training or writing anything.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -84,41 +85,37 @@ class FinalOutcome:
         return "\n".join(parts)
 
 
-def _options(
-    overrides: Mapping[str, Any] | Sequence[str], epochs: int | None, seed: int | None, **options: Any
-) -> FinalOptions:
-    """The run's options: the keyword arguments, then ``epochs``/``seed``, then the overrides."""
-    given = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
-    opts = FinalOptions(**options, config_values=given)
-    return apply_final_overrides(opts, overrides)
+def _to_options(values: Mapping[str, Any]) -> FinalOptions:
+    """The :class:`FinalOptions` of :func:`run`'s keyword arguments ``values``: the options, then ``epochs`` and
+    ``seed``, then the overrides."""
+    names = {f.name for f in fields(FinalOptions)} - {"config_values"}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if k in names}
+    config = {k: values[k] for k in ("epochs", "seed") if values.get(k) is not None}
+    return apply_final_overrides(FinalOptions(**given, config_values=config), values.get("overrides", ()))
 
 
-def resolved_config(
-    *,
-    config: str | Path | None = None,
-    experiment: str | None = None,
-    input_dir: str | Path | None = None,
-    label_dir: str | Path | None = None,
-    out_dir: str | Path = "runs/final",
-    epochs: int | None = None,
-    seed: int | None = None,
-    ensemble: int = 1,
-    ensemble_top: int | None = None,
-    cv_final: str | None = None,
-    calibration: str = DEFAULT_METHOD,
-    resume: bool = False,
-    resume_from: str | Path | None = None,
-    overrides: Mapping[str, Any] | Sequence[str] = (),
-) -> dict[str, Any]:
-    """What :func:`run` with these arguments would train, validated but neither trained nor written: ``source``,
-    the data and out folders, ``final`` (kind, members, cv_final, calibration), the ``config`` and, for an
-    ensemble, each member's ``differences`` from the first member's config. Arguments as :func:`run`'s."""
-    opts = _options(
-        overrides, epochs, seed, config=_str(config), experiment=experiment, input_dir=_str(input_dir),
-        label_dir=_str(label_dir), out_dir=str(out_dir), ensemble=ensemble, ensemble_top=ensemble_top,
-        cv_final=cv_final, calibration=calibration, resume=resume, resume_from=_str(resume_from),
-    )  # fmt: skip
-    return _resolved(make_plan(opts, check_out=False))
+def resolved_config(**options: Any) -> dict[str, Any]:
+    """What :func:`run` with these arguments would train, validated but neither trained nor written.
+
+    Args:
+        **options: :func:`run`'s keyword arguments; those that matter only while training (``device``,
+            ``progress``, ``wandb``, ``epoch_checkpoints``) are accepted and ignored, and an out dir that holds a run
+            is not refused.
+
+    Returns:
+        ``source`` (where the config came from, in words), ``input_dir``, ``label_dir``, ``out_dir``, ``final``
+        (``kind``, ``members``, ``cv_final``, ``calibration``), ``config`` (every TrainConfig key) and, for an
+        ensemble, ``members``: per member its ``folder``, ``trial_id`` or ``fold``, and ``differences`` (the keys
+        whose values differ from the first member's config).
+
+    Raises:
+        TypeError: a name :func:`run` does not take.
+        TuneAgbError: one line for bad input, as :func:`run` raises it.
+    """
+    unknown = sorted(set(options) - set(inspect.signature(run).parameters))
+    if unknown:
+        raise TypeError(f"resolved_config() got unexpected keyword argument(s) {', '.join(unknown)}")
+    return _resolved(make_plan(_to_options(options), check_out=False))
 
 
 def run(
@@ -183,12 +180,7 @@ def run(
         TuneAgbError: one line for bad input (unknown key, missing experiment, an out dir holding a run without
             ``overwrite``...), before anything is written.
     """
-    opts = _options(
-        overrides, epochs, seed, config=_str(config), experiment=experiment, input_dir=_str(input_dir),
-        label_dir=_str(label_dir), out_dir=str(out_dir), ensemble=ensemble, ensemble_top=ensemble_top,
-        cv_final=cv_final, calibration=calibration, resume=resume, resume_from=_str(resume_from),
-        overwrite=overwrite,
-    )  # fmt: skip
+    opts = _to_options(locals())
     plan = make_plan(opts)
     resolve_device(device)
     data = DataSource(str(plan.input_dir), str(plan.label_dir), in_channels=plan.cfg.in_channels).open()
@@ -289,7 +281,3 @@ def _epoch_dir(where: bool | str | Path | None, member: Path, ensemble: bool) ->
     if where is True:
         return member / "checkpoints"
     return Path(where) / member.name if ensemble else Path(where)
-
-
-def _str(path: str | Path | None) -> str | None:
-    return None if path is None else str(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +131,6 @@ def _final_value(path: str, key: str, value: Any) -> Any:
     if not isinstance(value, str) or value.lower() not in allowed:
         raise TuneAgbError(f"--set {path}: must be one of {', '.join(allowed)}, got {value!r}")
     return value.lower()
-
-
-def final_options(**values: Any) -> dict[str, Any]:
-    """The :class:`FinalOptions` fields of ``values`` (a run's keyword arguments)."""
-    names = {f.name for f in fields(FinalOptions)}
-    return {k: v for k, v in values.items() if k in names}
 
 
 @dataclass
