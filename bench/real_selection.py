@@ -100,25 +100,28 @@ def timed(run: Path, fn, *args) -> dict[str, Any]:
 
 
 def baseline(method: str, seed: int, out: Path, data: list[str]) -> dict[str, Any]:
-    from tune_agb.baseline import main as baseline_main
+    import tune_agb.baseline
 
     run = out / "runs" / f"{method}_s{seed}"
-    model, extra = ("rf", ["--texture-windows", TEXTURE]) if method == "rf_texture" else (method, [])
+    model, windows = ("rf", TEXTURE) if method == "rf_texture" else (method, "")
 
-    def go() -> int:
-        argv = [*data, "--model", model, "--seed", str(seed), *extra, "--out-dir", str(run), "--overwrite"]
-        code = baseline_main(argv)
+    def go() -> None:
+        tune_agb.baseline.run([model], **folders(data), seed=seed, texture_windows=windows, out_dir=run, overwrite=True)
         for name in ("metrics.json", "predictions.parquet", "calibration.json"):  # OUT/MODEL/* -> OUT/*
             (run / model / name).replace(run / name)
-        return code
 
     return timed(run, go)
 
 
-def final(run: Path, flags: list[str], data: list[str]) -> dict[str, Any]:
-    from tune_agb.final_train import main as final_main
+def final(run: Path, options: dict[str, Any], data: list[str]) -> dict[str, Any]:
+    """A final_train run (``options``: :func:`tune_agb.final_train.run`'s arguments) into ``run``, unless it
+    finished; its metrics with the seconds it took."""
+    import tune_agb.final_train
 
-    return timed(run, final_main, [*data, *flags, "--out-dir", str(run), "--no-progress", "--overwrite"])
+    def go() -> None:
+        tune_agb.final_train.run(**options, **folders(data), out_dir=run, progress=False, overwrite=True)
+
+    return timed(run, go)
 
 
 def search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[str, float]:
@@ -159,26 +162,26 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
         if model in a.methods:
             rows.append(row(model, seed, baseline(model, seed, out, data)))
     if "default" in a.methods:
-        rows.append(row("default", seed, final(runs / f"default_s{seed}", ["--seed", str(seed)], data)))
+        rows.append(row("default", seed, final(runs / f"default_s{seed}", {"seed": seed}, data)))
     seeded = apply_changes(base, {"searcher.seed": seed, "fixed.seed": seed})
     if {"search", "top_k"} & set(a.methods):
         exp, secs = search(seeded, f"search_s{seed}", out, data)
         if "search" in a.methods:
-            rows.append(row("search", seed, final(runs / f"search_s{seed}", ["--experiment", exp], data), secs))
+            rows.append(row("search", seed, final(runs / f"search_s{seed}", {"experiment": exp}, data), secs))
         if "top_k" in a.methods:
-            flags = ["--experiment", exp, "--ensemble-top", str(a.top_k)]
-            rows.append(row("top_k", seed, final(runs / f"top_k_s{seed}", flags, data), secs))
+            options = {"experiment": exp, "ensemble_top": a.top_k}
+            rows.append(row("top_k", seed, final(runs / f"top_k_s{seed}", options, data), secs))
     if {"cv_search", "cv_folds", "cv_top_k", "cv_top_k_seeds"} & set(a.methods):
         cv = {"k": a.cv_k, "block_size": a.cv_block, "seed": seed}
         exp, secs = search(seeded | {"cv": cv}, f"cv_s{seed}", out, data)
         for method, mode in (("cv_search", "retrain"), ("cv_folds", "folds")):
             if method in a.methods:
-                flags = ["--experiment", exp, "--cv-final", mode]
-                rows.append(row(method, seed, final(runs / f"{method}_s{seed}", flags, data), secs))
-        for method, extra in (("cv_top_k", []), ("cv_top_k_seeds", ["--ensemble", str(a.seeds_per_config)])):
+                options = {"experiment": exp, "cv_final": mode}
+                rows.append(row(method, seed, final(runs / f"{method}_s{seed}", options, data), secs))
+        for method, seeds in (("cv_top_k", 1), ("cv_top_k_seeds", a.seeds_per_config)):
             if method in a.methods:
-                flags = ["--experiment", exp, "--ensemble-top", str(a.top_k), *extra]
-                rows.append(row(method, seed, final(runs / f"{method}_s{seed}", flags, data), secs))
+                options = {"experiment": exp, "ensemble_top": a.top_k, "ensemble": seeds}
+                rows.append(row(method, seed, final(runs / f"{method}_s{seed}", options, data), secs))
     return rows
 
 

@@ -182,16 +182,14 @@ def retrain(experiment: str, config: dict[str, Any], out: Path) -> tuple[float, 
 
     The output folder is named by the key (a hash of the config), so a config already trained (by another method,
     or an earlier run) is read back, not trained again."""
-    from tune_agb.final_train import main as final_main
+    import tune_agb.final_train
 
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     run = out / "final" / key
     metrics, timing = run / "metrics.json", out / "timings" / f"final_{key}.json"
     if not (metrics.exists() and timing.exists()):
         start = time.perf_counter()
-        code = final_main(["--experiment", experiment, "--out-dir", str(run), "--no-progress", "--overwrite"])
-        if code != 0:
-            raise SystemExit(f"final_train of {experiment} exited with {code}")
+        tune_agb.final_train.run(experiment=experiment, out_dir=run, progress=False, overwrite=True)
         timing.parent.mkdir(parents=True, exist_ok=True)
         timing.write_text(json.dumps({"final_s": time.perf_counter() - start}))
     return json.loads(metrics.read_text())["test_rmse"], json.loads(timing.read_text())["final_s"], key

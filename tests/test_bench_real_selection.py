@@ -152,8 +152,8 @@ def test_cv_top_k_seeds_trains_each_configuration_with_several_seeds(monkeypatch
     searched, finals = [], {}
     monkeypatch.setattr(rs, "search", lambda space, name, out, data: (searched.append(name), (f"/st/{name}", 1.0))[1])
 
-    def final(run, flags, data):  # what row() reads of a final_train run
-        finals[run.name] = flags
+    def final(run, options, data):  # what row() reads of a final_train run
+        finals[run.name] = options
         metrics = {f"test_{k}": 1.0 for k in rs.KEYS}
         return metrics | {"seconds": 2.0, "run": str(run), "test_n": 1, "uncalibrated": metrics}
 
@@ -161,6 +161,6 @@ def test_cv_top_k_seeds_trains_each_configuration_with_several_seeds(monkeypatch
     a = rs.parse_args(["--methods", "cv_top_k,cv_top_k_seeds", "--top-k", "2", "--seeds-per-config", "4"])
     rows = rs.run_seed(5, a, {"experiment": {}}, tmp_path, [])
     assert searched == ["cv_s5"]  # one cv search serves both
-    assert finals["cv_top_k_s5"] == ["--experiment", "/st/cv_s5", "--ensemble-top", "2"]
-    assert finals["cv_top_k_seeds_s5"] == ["--experiment", "/st/cv_s5", "--ensemble-top", "2", "--ensemble", "4"]
+    assert finals["cv_top_k_s5"] == {"experiment": "/st/cv_s5", "ensemble_top": 2, "ensemble": 1}
+    assert finals["cv_top_k_seeds_s5"] == {"experiment": "/st/cv_s5", "ensemble_top": 2, "ensemble": 4}
     assert [r["method"] for r in rows] == ["cv_top_k", "cv_top_k_seeds"] and rows[1]["seconds"] == 3.0

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tune_agb.errors import run_cli
-from tune_agb.final_train import main
+from tune_agb.final_train.cli import main
 
 SMALL = {"base_channels": 4, "depth": 2, "batch_size": 4, "epochs": 1}
 

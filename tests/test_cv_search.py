@@ -215,7 +215,7 @@ def test_resume_after_an_interruption_keeps_the_folds(tiny_data: Path, tmp_path:
 
 # -- final_train of a cross-validated search ----------------------------------------------------------------------
 def _final(cv_search: SimpleNamespace, out: Path, *flags: str) -> dict[str, Any]:
-    from tune_agb.final_train import main as final_main
+    from tune_agb.final_train.cli import main as final_main
 
     code = final_main(["--experiment", str(cv_search.exp), "--out-dir", str(out), "--no-progress", *flags])
     assert code == 0
@@ -297,7 +297,7 @@ def test_final_train_keeps_the_fold_models_as_an_ensemble(cv_search: SimpleNames
 
 def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) -> None:
     from tune_agb.errors import TuneAgbError
-    from tune_agb.final_train import main as final_main
+    from tune_agb.final_train.cli import main as final_main
 
     plain = _without_cv(cv_search, tmp_path / "plain")
     cases = [

@@ -13,7 +13,7 @@ from tune_agb.demo import main
 from tune_agb.demo_data import demo_data_dir, synth_scene, write_demo_dataset
 from tune_agb.engine.data import load_dataset
 from tune_agb.errors import run_cli
-from tune_agb.final_train import main as final_train_main
+from tune_agb.final_train.cli import main as final_train_main
 
 
 def test_deterministic(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""final_train end to end on generated tiles: outputs, TensorBoard read back, legacy flags, resume, ensembles of seeds
-and of a real search's best distinct configurations (--ensemble-top)."""
+"""final_train end to end on generated tiles: the Python API (run, resolved_config) and the command (--set,
+--print-config, the original script's flags), outputs, TensorBoard read back, resume, ensembles of seeds and of a real
+search's best distinct configurations (--ensemble-top)."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +20,16 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import tune_agb.final_train as final_train
 from tests.raster_helpers import write_tif
 from tests.search_helpers import ray_local, tiny_space, write_space  # noqa: F401 (fixture)
 from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.data import load_split
 from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
-from tune_agb.final_train import LEGACY_FLAGS, build_parser, config_overrides, main, top_trials
+from tune_agb.final_train.cli import LEGACY_FLAGS, main
 from tune_agb.predict import main as predict_main
-from tune_agb.runs import CALIBRATION_FILE, load_calibration, write_results
+from tune_agb.runs import CALIBRATION_FILE, load_calibration, read_metrics, write_results
 from tune_agb.search.experiment import Experiment
 from tune_agb.search.results import results_frame
 from tune_agb.search.space import parse_search_space
@@ -60,6 +64,22 @@ def train_args(tmp_path: Path, data: Path, out: Path, *extra: str, **config: obj
         "cpu",
         *extra,
     ]
+
+
+def nll(rows: pd.DataFrame, scale: float, loss: str) -> float:
+    """The mean NLL of the label of ``rows`` (predictions.parquet rows) under the uncalibrated std times ``scale``."""
+    r, std = (rows.label - rows["mean"]).to_numpy(), rows.std_uncalibrated.to_numpy() * scale
+    if loss == "laplacian_nll":
+        b = std / np.sqrt(2)
+        return float(np.mean(np.log(2 * b) + np.abs(r) / b))
+    return float(np.mean(0.5 * np.log(2 * np.pi * std**2) + 0.5 * (r / std) ** 2))
+
+
+def assert_minimises_val_nll(scale: float, val: pd.DataFrame, loss: str) -> None:
+    """The fitted factor on sigma is the best one for the val pixels: a slightly smaller or larger one is worse."""
+    assert scale > 0
+    best = nll(val, scale, loss)
+    assert best <= min(nll(val, scale * 0.97, loss), nll(val, scale * 1.03, loss)) + 1e-9
 
 
 @pytest.mark.slow
@@ -141,8 +161,7 @@ def test_outputs_metrics_predictions_and_tensorboard(
     assert (cal.method, cal.split, cal.n) == ("scale", "val", metrics["val_n"])
     assert metrics["calibration"] == cal.to_dict()
     val = table[table.split == "val"]
-    z2 = ((val.label - val["mean"]) / val.std_uncalibrated) ** 2
-    assert cal.scale == pytest.approx(float(np.sqrt(z2.mean())), rel=1e-4)  # the closed form, on val
+    assert_minimises_val_nll(cal.scale, val, "gaussian_nll")
     np.testing.assert_allclose(table["std"], table.std_uncalibrated * cal.scale, rtol=1e-5)
     before = metrics["uncalibrated"]
     for split in ("val", "test"):
@@ -202,38 +221,171 @@ LEGACY_VALUES: dict[str, tuple[list[str], object]] = {
 }
 
 
-@pytest.mark.parametrize("flag", list(LEGACY_FLAGS))
-def test_legacy_flag_sets_its_key(flag: str) -> None:
-    """Each of the original script's flags (final_train's own table) sets its config key, and only that one."""
-    key = LEGACY_FLAGS[flag]
-    args, value = LEGACY_VALUES[key]
-    assert config_overrides(build_parser().parse_args([flag, *args])) == {key: value}
-    assert config_overrides(build_parser().parse_args([])) == {}
+def printed_config(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    """``--print-config`` with ``argv``: the YAML it prints, parsed (exit code 0 checked)."""
+    assert run(["--print-config", *argv]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize(
-    ("argv", "expected"),
-    [
-        (["--no-amp"], {"amp": "none"}),
-        (["--no-bilinear"], {"upsampling": "transpose"}),
-        (["--gradient_clipping"], {"grad_clip": 1.0}),
-        (["--no-gradient_clipping"], {"grad_clip": 0.0}),
-        (["--loss_key", "l1"], {"loss": "mae"}),
-        (["--loss", "gaussian-nll"], {"loss": "gaussian_nll"}),
-        (["--seed", "4", "--epochs", "3"], {"seed": 4, "epochs": 3}),
-    ],
-)
-def test_other_flag_forms(argv: list[str], expected: dict) -> None:
-    assert config_overrides(build_parser().parse_args(argv)) == expected
+@pytest.mark.parametrize(("flag", "set_item"), [
+    (["--nb_epoch", "7"], "config.epochs=7"),
+    (["--batch_size", "2"], "config.batch_size=2"),
+    (["--base_learning_rate", "0.002"], "config.lr=0.002"),
+    (["--l2_lambda", "0.0005"], "config.weight_decay=0.0005"),
+    (["--optimizer", "SGD"], "config.optimizer=sgd"),
+    (["--momentum", "0.8"], "config.momentum=0.8"),
+    (["--gradient_clipping", "0.5"], "config.grad_clip=0.5"),
+    (["--num_ch", "13"], "config.in_channels=13"),
+    (["--amp"], "config.amp=auto"),
+    (["--no-amp"], "config.amp=none"),
+    (["--bilinear"], "config.upsampling=bilinear"),
+    (["--no-bilinear"], "config.upsampling=transpose"),
+    (["--loss_key", "Laplacian"], "config.loss=laplacian_nll"),
+    (["--loss_key", "l1"], "config.loss=mae"),
+    (["--gradient_clipping"], "config.grad_clip=1.0"),
+    (["--no-gradient_clipping"], "config.grad_clip=0.0"),
+    (["--seed", "4"], "config.seed=4"),
+    (["--ensemble", "3"], "final.ensemble=3"),
+    (["--calibration", "isotonic"], "final.calibration=isotonic"),
+])  # fmt: skip
+def test_a_flag_is_the_set_item_of_its_key(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str], set_item: str
+) -> None:
+    """Each of the original script's flags (and the newer ones) resolves to the same run as its ``--set`` item, and
+    changes the key it names."""
+    base = [
+        "--config",
+        small_config(tmp_path, amp="none", upsampling="transpose", grad_clip=0.3),
+        *data_args(tiny_data),
+    ]
+    by_flag = printed_config(capsys, *base, *flag)
+    by_set = printed_config(capsys, *base, "--set", set_item)
+    assert by_flag == by_set
+    plain = printed_config(capsys, *base)
+    path, _, text = set_item.partition("=")
+    section, key = path.split(".")
+    shown = {"ensemble": "members"}.get(key, key)  # the plan shows the number of members
+    assert by_flag[section][shown] == yaml.safe_load(text)
+    differs = {k for k in plain["config"] if plain["config"][k] != by_flag["config"][k]}
+    differs |= {k for k in plain["final"] if plain["final"][k] != by_flag["final"][k]}
+    assert differs <= {key, "kind", "members"}, (differs, key)
 
 
-def test_unknown_loss_is_one_line_listing_the_names() -> None:
-    with pytest.raises(TuneAgbError, match=r"--loss_key: unknown loss 'huber'; allowed: gaussian, gaussian_nll, .*l1"):
-        config_overrides(build_parser().parse_args(["--loss_key", "huber"]))
+def test_every_legacy_hyperparameter_flag_is_covered() -> None:
+    """The table of the original script's flags names an existing TrainConfig key for each one."""
+    from tune_agb.engine.config import TrainConfig
+
+    assert set(LEGACY_FLAGS.values()) <= set(TrainConfig().to_dict())
+
+
+def test_flags_win_over_set_and_set_over_the_config_file(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--config", small_config(tmp_path, lr=0.5), *data_args(tiny_data)]
+    assert printed_config(capsys, *base)["config"]["lr"] == 0.5
+    assert printed_config(capsys, *base, "--set", "config.lr=0.25")["config"]["lr"] == 0.25
+    assert printed_config(capsys, *base, "--set", "config.lr=0.25", "--lr", "0.125")["config"]["lr"] == 0.125
+    # the API: the same precedence, and resolved_config is what --print-config prints
+    doc = final_train.resolved_config(
+        config=small_config(tmp_path, lr=0.5, epochs=9), input_dir=tiny_data / "inputs",
+        label_dir=tiny_data / "labels", epochs=3, overrides={"config.lr": 0.25},
+    )  # fmt: skip
+    assert (doc["config"]["lr"], doc["config"]["epochs"], doc["config"]["base_channels"]) == (0.25, 3, 4)
+
+
+def test_print_config_applies_overrides_and_writes_nothing(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = [*data_args(tiny_data), "--out-dir", str(out), "--set", "config.lr=0.01", "--set", "final.ensemble=2"]
+    assert run(["--print-config", *argv, "--seed", "5"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# python -m tune_agb.final_train --set config.lr=0.01 --set final.ensemble=2")
+    doc = yaml.safe_load(text)
+    assert doc["config"]["lr"] == 0.01 and doc["config"]["seed"] == 5
+    assert (doc["final"]["kind"], doc["final"]["members"], doc["out_dir"]) == ("seeds", 2, str(out))
+    assert doc["input_dir"] == str(tiny_data / "inputs")
+    # an ensemble: each member's folder and how its config differs from the first member's (the seed here)
+    assert doc["members"] == [
+        {"folder": "members/member_00", "differences": {}},
+        {"folder": "members/member_01", "differences": {"seed": 6}},
+    ]
+    assert not out.exists()
+    # an out dir that holds a run: printed (it would need --overwrite to train), nothing in it touched
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    assert run(["--print-config", *argv]) == 0
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("model.lr=0.1", "--set model.lr: unknown section 'model'; allowed: config, final"),
+    ("config.learning_rate=0.1", "--set config.learning_rate: unknown key 'learning_rate'; valid keys: in_channels,"),
+    ("config.lr=fast", "--set config.lr: 'lr' must be a number, got 'fast'"),
+    ("config.optimizer=adam2", "--set config.optimizer: 'optimizer' must be one of"),
+    ("final.members=3", "--set final.members: unknown key 'members'; valid keys: ensemble, ensemble_top, cv_final,"),
+    ("final.ensemble=two", "--set final.ensemble: must be an integer, got 'two'"),
+    ("final.calibration=platt", "--set final.calibration: must be one of none, scale, isotonic, got 'platt'"),
+    ("final.ensemble=0", "--ensemble: must be >= 1, got 0"),
+    ("lr=0.1", "--set lr=0.1: expected SECTION.KEY=VALUE"),
+])  # fmt: skip
+def test_set_errors_are_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], item: str, message: str
+) -> None:
+    out = tmp_path / "run"
+    for extra in ([], ["--print-config"]):
+        assert run(["--set", item, "--out-dir", str(out), *extra]) == 2
+        captured = capsys.readouterr()
+        err = captured.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+        assert captured.out == ""
+    assert not out.exists()
+
+
+def test_set_error_through_python_m(tmp_path: Path) -> None:
+    """The real entry point: one line on stderr, exit 2, nothing written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "tune_agb.final_train", "--set", "config.nope=1", "--out-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: --set config.nope: unknown key 'nope'; valid keys: in_channels, ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_loss_is_one_line_listing_the_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--print-config", "--loss_key", "huber"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --loss_key: unknown loss 'huber'; allowed: gaussian, ")
+
+
+def test_api_run_on_the_demo_data_returns_what_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tune_agb.final_train.run on the demo data (its default): the outcome's metrics are metrics.json's, its summary
+    is what the command prints."""
+    out = tmp_path / "api"
+    outcome = final_train.run(
+        config=small_config(tmp_path), out_dir=out, epochs=1, device="cpu", progress=False,
+        overrides=["config.base_channels=4", "final.calibration=none"],
+    )  # fmt: skip
+    assert outcome.out == out and outcome.kind == "single" and outcome.members == []
+    assert outcome.metrics == read_metrics(out)
+    assert outcome.metrics["epochs"] == 1 and outcome.config.epochs == 1 and outcome.config.base_channels == 4
+    assert outcome.calibration.method == "none" == outcome.metrics["calibration"]["method"]
+    assert np.isfinite(outcome.metrics["test_rmse"]) and outcome.metrics["test_n"] > 0
+    assert yaml.safe_load((out / "config.yaml").read_text()) == outcome.config.to_dict()
+    assert str(out) in outcome.summary() and "test" in outcome.summary()
+    # the same run again is refused (one line) unless overwrite, and the run is left as it was
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(TuneAgbError, match=f"^{out}: already holds a run"):
+        final_train.run(out_dir=out, epochs=1, device="cpu", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
 @pytest.mark.slow
-def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path: Path) -> None:
+def test_legacy_flags_per_epoch_checkpoints_and_resume(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out, keep = tmp_path / "legacy", tmp_path / "all_ckpt"
     argv = [
         "--config",
@@ -277,11 +429,15 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     # Every legacy hyperparameter flag is on the command line (--amp and --bilinear in their --no- form) ...
     assert all(f in argv or f.replace("--", "--no-", 1) in argv for f in LEGACY_FLAGS)
-    # ... and the run's config.yaml holds the value each one set (test_legacy_flag_sets_its_key checks the values).
-    overrides = config_overrides(build_parser().parse_args(argv))
-    assert set(overrides) == set(LEGACY_FLAGS.values())
-    assert {k: cfg[k] for k in overrides} == overrides
-    assert (cfg["epochs"], cfg["lr"], cfg["amp"], cfg["upsampling"]) == (2, 0.002, "none", "transpose")
+    # ... the run's config.yaml holds the value each one set, and is the config --print-config resolves for them.
+    legacy = {"epochs": 2, "batch_size": 2, "lr": 0.002, "weight_decay": 0.0005, "optimizer": "sgd",
+              "momentum": 0.8, "grad_clip": 0.5, "in_channels": 14, "amp": "none", "upsampling": "transpose",
+              "loss": "laplacian_nll"}  # fmt: skip
+    assert set(legacy) == set(LEGACY_FLAGS.values())
+    assert {k: cfg[k] for k in legacy} == legacy
+    capsys.readouterr()
+    assert run(["--print-config", *argv]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["config"] == cfg
     assert sorted(p.name for p in keep.glob("*.pt")) == ["epoch_0001.pt", "epoch_0002.pt"]
 
     # --train_mode resume continues from a checkpoint: epoch 2 after resuming from epoch 1 reproduces epoch 2 of
@@ -327,13 +483,11 @@ def test_legacy_flags_per_epoch_checkpoints_and_resume(tiny_data: Path, tmp_path
     extended = load_checkpoint(out2 / "last.pt")
     assert extended["epoch"] == 3 and [h["epoch"] for h in extended["history"]] == [1, 2, 3]
     assert extended["history"][:2] == resumed["history"]
-    # Laplacian loss: the calibration factor minimises the Laplacian NLL, mean(|r| / b) with b = std / sqrt(2).
+    # Laplacian loss: the calibration factor minimises the Laplacian NLL of the val pixels.
     cal = load_calibration(out2 / CALIBRATION_FILE)
     table = pq.read_table(out2 / "predictions.parquet").to_pandas()
-    val = table[table.split == "val"]
-    b = val.std_uncalibrated / np.sqrt(2)
     assert cal.loss == "laplacian_nll"
-    assert cal.scale == pytest.approx(float(np.mean(np.abs(val.label - val["mean"]) / b)), rel=1e-4)
+    assert_minimises_val_nll(cal.scale, table[table.split == "val"], "laplacian_nll")
 
     # Without --train_mode resume the same out dir is refused, and nothing in it changes.
     before = {p.name: p.stat().st_mtime_ns for p in out2.iterdir()}
@@ -369,8 +523,7 @@ def test_ensemble_mean_and_total_variance(tiny_data: Path, tmp_path: Path) -> No
     np.testing.assert_allclose(rows.std_uncalibrated, std.numpy()[ti, rows.row, rows.col], rtol=1e-4, atol=1e-3)
     # The calibration is fitted on the ensemble's val prediction (total variance), not on a member's.
     cal = load_calibration(out / CALIBRATION_FILE)
-    z2 = ((rows.label - rows["mean"]) / rows.std_uncalibrated) ** 2
-    assert cal.scale == pytest.approx(float(np.sqrt(z2.mean())), rel=1e-4)
+    assert_minimises_val_nll(cal.scale, rows, "gaussian_nll")
     np.testing.assert_allclose(rows["std"], rows.std_uncalibrated * cal.scale, rtol=1e-5)
     assert metrics["val_nll"] <= metrics["uncalibrated"]["val_nll"]
     # and load_predictor on the ensemble folder gives the same (uncalibrated; predict applies the calibration).
@@ -469,19 +622,25 @@ SEARCH_ROWS = [
 ]
 
 
-def test_top_trials_ranks_best_epochs_and_counts_a_configuration_once(tmp_path: Path) -> None:
+def test_ensemble_top_takes_the_best_distinct_configurations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ensemble-top K plans the K best distinct configurations (ranked at each trial's best epoch, one per set of
+    searched values) as members, each with its trial's searched values, nothing trained (--print-config)."""
     exp = hand_made_search(tmp_path / "st", SEARCH_ROWS)
-    space, top, _ = top_trials(str(exp), 3)
-    assert space.metric == "val_rmse"
+    data = ["--input-dir", "in", "--label-dir", "lab"]
+    doc = printed_config(capsys, "--experiment", str(exp), "--ensemble-top", "3", *data)
     # b (2.5 at epoch 2) and a (3.0) sampled the same configuration: it counts once, as b; d has no finite value.
-    assert [(t.trial_id, t.value, t.epoch) for t in top] == [("b", 2.5, 2), ("c", 2.8, 1), ("e", 3.5, 2)]
-    assert top[0].duplicates == ("a",) and top[1].duplicates == ()
-    assert top[0].params == {"lr": 3e-3, "optimizer": "adamw"}  # momentum is inactive for adamw: left out
-    assert top[2].params == {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.85}
-    assert [t.trial_id for t in top_trials(str(exp), 1)[1]] == ["b"]
+    assert [m["trial_id"] for m in doc["members"]] == ["b", "c", "e"]
+    assert doc["final"]["kind"] == "configs" and doc["config"]["optimizer"] == "adamw"
+    assert doc["members"][1]["differences"] == {"lr": 1e-3, "optimizer": "sgd"}  # momentum 0.9: the default
+    assert doc["members"][2]["differences"] == {"lr": 1e-3, "optimizer": "sgd", "momentum": 0.85}
+    one = printed_config(capsys, "--experiment", str(exp), "--ensemble-top", "1", *data)
+    assert [m["trial_id"] for m in one["members"]] == ["b"]
     # mode max (e.g. val_r2): the highest value of each trial, the highest first
     exp_max = hand_made_search(tmp_path / "st2", SEARCH_ROWS, metric="val_r2", mode="max")
-    assert [(t.trial_id, t.value) for t in top_trials(str(exp_max), 3)[1]] == [("a", 5.0), ("e", 3.6), ("c", 2.8)]
+    doc = printed_config(capsys, "--experiment", str(exp_max), "--ensemble-top", "3", *data)
+    assert [m["trial_id"] for m in doc["members"]] == ["a", "e", "c"]
 
 
 @pytest.mark.parametrize(

@@ -352,7 +352,7 @@ def test_unreadable_test_maps_fail_the_cli_with_one_line(tmp_path: Path, capsys:
 
 @pytest.mark.slow
 def test_report_of_a_real_final_train_run(tiny_data: Path, tmp_path: Path) -> None:
-    from tune_agb.final_train import main as final_train
+    from tune_agb.final_train.cli import main as final_train
 
     out = tmp_path / "run"
     (tmp_path / "small.yaml").write_text(yaml.safe_dump({"base_channels": 4, "depth": 2, "batch_size": 4}))

@@ -274,43 +274,90 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check(a: argparse.Namespace) -> None:
-    for flag, value, ok, allowed in (
-        ("--alpha", a.alpha, a.alpha >= 0, ">= 0"),
-        ("--trees", a.trees, a.trees >= 1, ">= 1"),
-        ("--min-samples-leaf", a.min_samples_leaf, a.min_samples_leaf >= 1, ">= 1"),
-        ("--max-features", a.max_features, 0 < a.max_features <= 1, "in (0, 1]"),
-        ("--jobs", a.jobs, a.jobs >= 1 or a.jobs == -1, ">= 1, or -1 for every core"),
+def run(
+    models: Sequence[str] = ("ridge",),
+    *,
+    input_dir: str | Path | None = None,
+    label_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    overwrite: bool = False,
+    alpha: float = 1.0,
+    trees: int = 300,
+    min_samples_leaf: int = 5,
+    max_features: float = 0.33,
+    seed: int = 0,
+    jobs: int = 1,
+    texture_windows: str | Sequence[int] = (),
+    calibration: str = DEFAULT_METHOD,
+) -> list[BaselineResult]:
+    """Fit each baseline on the labelled train pixels, score it on val and test, and (with ``out_dir``) write
+    ``OUT_DIR/MODEL/`` (:func:`write_result`).
+
+    Args:
+        models: ``ridge`` and/or ``rf``, each fitted once.
+        input_dir: tile inputs folder holding ``{train,val,test}/`` (None with ``label_dir``: the demo data).
+        label_dir: tile labels folder, same layout.
+        out_dir: where to write each model's folder; None: nothing is written.
+        overwrite: allow an ``out_dir`` whose model folders already hold results.
+        alpha: ridge: L2 penalty on the normalised bands.
+        trees: rf: number of trees.
+        min_samples_leaf: rf: train pixels per leaf at least.
+        max_features: rf: share of the bands tried at each split, in (0, 1].
+        seed: rf: random state.
+        jobs: rf: parallel jobs (-1: every core).
+        texture_windows: windows (odd px sizes, e.g. ``"3,7,15"``) of the local standard deviation features.
+        calibration: variance recalibration fitted on val (``scale``, ``isotonic`` or ``none``).
+
+    Returns:
+        One :class:`BaselineResult` per model, in the order given (RMSE etc. in the label's unit).
+
+    Raises:
+        TuneAgbError: one line for a bad value or an out dir holding results without ``overwrite``.
+    """
+    for name, value, ok, allowed in (
+        ("alpha", alpha, alpha >= 0, ">= 0"),
+        ("trees", trees, trees >= 1, ">= 1"),
+        ("min-samples-leaf", min_samples_leaf, min_samples_leaf >= 1, ">= 1"),
+        ("max-features", max_features, 0 < max_features <= 1, "in (0, 1]"),
+        ("jobs", jobs, jobs >= 1 or jobs == -1, ">= 1, or -1 for every core"),
+        ("calibration", calibration, calibration in METHODS, ", ".join(METHODS)),
     ):
         if not ok:
-            raise TuneAgbError(f"{flag}: must be {allowed}, got {value}")
-    if a.out_dir and not a.overwrite:
-        for m in a.model:
-            if (Path(a.out_dir) / m / METRICS_FILE).exists():
+            raise TuneAgbError(f"--{name}: must be {allowed}, got {value}")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise TuneAgbError(f"--model: unknown {unknown or 'none given'}; allowed: {', '.join(MODELS)}")
+    if out_dir and not overwrite:
+        for m in models:
+            if (Path(out_dir) / m / METRICS_FILE).exists():
                 raise TuneAgbError(
-                    f"{Path(a.out_dir) / m}: already holds a baseline's results; use --overwrite or another --out-dir"
+                    f"{Path(out_dir) / m}: already holds a baseline's results; use --overwrite or another --out-dir"
                 )
+    text = texture_windows if isinstance(texture_windows, str) else ",".join(map(str, texture_windows))
+    windows = parse_windows(text, source="--texture-windows")
+    from tune_agb.store import DataSource
+
+    idir, ldir = data_dirs(input_dir, label_dir)
+    data = DataSource(str(idir), str(ldir)).open()  # memory maps of the packed store
+    tiles, norm = data.tiles, data.norm(standardize_target=False)
+    make = {
+        "ridge": lambda: Ridge(alpha),
+        "rf": lambda: RandomForest(trees, min_samples_leaf, max_features, seed, jobs),
+    }
+    results = []
+    for name in dict.fromkeys(models):
+        res = fit_baseline(make[name](), tiles, norm, calibration, windows)
+        results.append(res)
+        if out_dir:
+            write_result(Path(out_dir) / name, res, tiles, {"input_dir": str(idir), "label_dir": str(ldir)})
+    return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    _check(a)
-    windows = parse_windows(a.texture_windows, source="--texture-windows")
-    from tune_agb.store import DataSource
-
-    idir, ldir = data_dirs(a.input_dir, a.label_dir)
-    data = DataSource(str(idir), str(ldir)).open()  # memory maps of the packed store
-    tiles, norm = data.tiles, data.norm(standardize_target=False)
-    models = {
-        "ridge": lambda: Ridge(a.alpha),
-        "rf": lambda: RandomForest(a.trees, a.min_samples_leaf, a.max_features, a.seed, a.jobs),
-    }
-    results = []
-    for name in dict.fromkeys(a.model):
-        res = fit_baseline(models[name](), tiles, norm, a.calibration, windows)
-        results.append(res)
-        if a.out_dir:
-            write_result(Path(a.out_dir) / name, res, tiles, {"input_dir": str(idir), "label_dir": str(ldir)})
+    options = ("input_dir", "label_dir", "out_dir", "overwrite", "alpha", "trees", "min_samples_leaf")
+    options += ("max_features", "seed", "jobs", "texture_windows", "calibration")
+    results = run(a.model, **{name: getattr(a, name) for name in options})
     print_summary(results)
     if a.out_dir:
         folders = ", ".join(str(Path(a.out_dir) / r.model) for r in results)
