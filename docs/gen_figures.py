@@ -6,8 +6,10 @@ report page screenshot) from the repository root, then commit the PNGs:
     python docs/gen_figures.py
 
 It runs, in a temporary folder, what the tutorial shows: a small demo search (8 trials), the final training of its
-best configuration, the demo scene and the map of it. Everything runs with relative paths in that folder, so no
-path of this machine appears in a figure. Writes:
+best configuration, the demo scene and the map of it. Everything runs with relative paths in that folder, with the
+demo tiles cached there too (``TUNE_AGB_CACHE=cache``); the report page names its data folders by absolute path, so
+the page is screenshotted with that folder's path cut from it: no path of this machine appears in a figure. The PNGs
+are stored with a 256-colour palette to keep them small. Writes:
 
 - ``report.png``: the final run's report page, as headless Chromium renders it;
 - ``search-curves.png``: validation RMSE per epoch of every trial of the search (from its ``results.parquet``);
@@ -30,6 +32,7 @@ OUT = REPO / "docs" / "figures"
 def sh(*args: str, cwd: Path) -> None:
     """Run ``python -m ARGS`` in ``cwd`` with the repository importable; stop on failure."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env["TUNE_AGB_CACHE"] = str(cwd / "cache")
     print("$ python -m", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, check=True)
 
@@ -83,7 +86,7 @@ def demo_map(pred: Path, truth: Path, png: Path) -> None:
     with rasterio.open(truth) as src:
         true = src.read(1)
     vmax = float(np.nanpercentile(true, 99))
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=80)
     for ax, (title, img, cmap, top) in zip(
         axes,
         [
@@ -104,6 +107,10 @@ def demo_map(pred: Path, truth: Path, png: Path) -> None:
 
 
 def screenshot(page: Path, png: Path, work: Path) -> None:
+    """Headless Chromium's view of ``page`` with the path of ``work`` cut from its text."""
+    shown = work / "shown.html"
+    shown.write_text(page.read_text().replace(f"{work}/", "").replace(str(work), "."))
+    page = shown
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium is not installed: apt-get install chromium")
@@ -146,7 +153,12 @@ def main() -> None:
         search_curves(work / "ray_results" / "demo" / "results.parquet", OUT / "search-curves.png")
         demo_map(work / "demo_agb.tif", work / "demo_scene" / "agb_truth.tif", OUT / "demo-map.png")
         screenshot(work / "runs" / "demo-final" / "report" / "index.html", OUT / "report.png", work)
+    from PIL import Image
+
     for png in sorted(OUT.glob("*.png")):
+        with Image.open(png) as img:
+            small = img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        small.save(png, optimize=True)
         print(f"{png.relative_to(REPO)}: {png.stat().st_size // 1024} KiB")
 
 
