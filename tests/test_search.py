@@ -97,6 +97,16 @@ def test_summary_prints_the_best_trials_and_the_final_train_command(
 
 
 @pytest.mark.slow
+def test_trials_keep_rays_json_and_csv_logs_but_not_its_tensorboard_events(finished_search: SimpleNamespace) -> None:
+    trial_dirs = [p for p in finished_search.exp.iterdir() if (p / "params.json").exists()]
+    assert len(trial_dirs) == 6
+    for trial in trial_dirs:
+        assert (trial / "result.json").stat().st_size > 0 and (trial / "progress.csv").exists()
+        assert not list(trial.glob("events.out.tfevents*"))  # tune_agb's own runs are in STORAGE/NAME/tensorboard
+    assert list((finished_search.exp / "tensorboard").rglob("events.out.tfevents*"))
+
+
+@pytest.mark.slow
 def test_existing_experiment_and_missing_resume_fail_clearly(finished_search: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(TuneAgbError, match="a search already exists there"):
         main(finished_search.argv)

@@ -52,6 +52,7 @@ class Search:
         argv += ["--resume"] if resume else []
         env = {**os.environ, "RAY_TMPDIR": self.ray_tmp}
         env.pop("RAY_ADDRESS", None)
+        env.pop("RAY_AUTH_MODE", None)  # as in a user's shell (a Ray started in this process sets it)
         self.started = time.time()
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -215,6 +216,9 @@ def test_resumed_search_ends_with_num_samples_trials_and_complete_results(interr
     best = yaml.safe_load((ns.exp / "best.yaml").read_text())
     assert best["value"] == pytest.approx(df["val_rmse"].min())
     assert "python -m tune_agb.final_train --experiment" in ns.final_output
+    # Ray's own lines that were wrong for a user: the token warning of a private Ray, the /tmp/ray TensorBoard hint
+    assert "Token authentication" not in ns.final_output and "RAY_AUTH_MODE" not in ns.final_output
+    assert "To visualize your results with TensorBoard" not in ns.final_output
 
 
 def test_resume_with_another_space_file_fails_with_one_line(interrupted_twice: SimpleNamespace) -> None:

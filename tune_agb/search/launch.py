@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import threading
@@ -218,6 +219,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+# Ray's own per-trial loggers tune_agb reads (result.json) or leaves for users (progress.csv); not its TensorBoard one.
+_RAY_LOGGERS = ("ray.tune.logger.CSVLoggerCallback", "ray.tune.logger.JsonLoggerCallback")
+
+
 def init_ray(address: str | None) -> None:
     """Connect to Ray unless the caller already has: ``address`` None starts a local instance here (even when
     ``RAY_ADDRESS`` or a ``ray start`` cluster exists), ``auto`` or ``HOST:PORT`` joins a running cluster.
@@ -227,8 +232,23 @@ def init_ray(address: str | None) -> None:
     """
     import ray
 
+    # Ray Tune adds a TensorBoard logger to every search and then prints a hint pointing at its driver's staging
+    # folder (/tmp/ray/session_...), not at the experiment. tune_agb writes its own TensorBoard runs to
+    # STORAGE/NAME/tensorboard and reads Ray's result.json, so it asks for Ray's CSV and JSON loggers by name
+    # (Ray's RAY_TUNE_CALLBACKS) and turns the automatic ones off (TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1). A user who
+    # set TUNE_DISABLE_AUTO_CALLBACK_LOGGERS keeps their choice.
+    if "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ:
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        extra = [cb for cb in os.environ.get("RAY_TUNE_CALLBACKS", "").split(",") if cb.strip()]
+        os.environ["RAY_TUNE_CALLBACKS"] = ",".join([*extra, *_RAY_LOGGERS])
     if ray.is_initialized():  # a caller (tests, a notebook) already connected
         return
+    if not address or address == "local":
+        # A private instance, started for this search and shut down with it: Ray turns token authentication on when
+        # RAY_AUTH_MODE is unset and warns that it did. Ray reads the mode when it is imported, so this process can
+        # only pick "disabled" here (its Ray processes inherit it). Export RAY_AUTH_MODE=token before the command to
+        # keep tokens on a shared host. Joining a cluster (--address) keeps the cluster's mode and token.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address and address not in ("auto", "local") and "://" not in address:
         check_reachable(address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
