@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import yaml
 
 from tune_agb.errors import TuneAgbError
 
@@ -117,6 +120,24 @@ def read_table(location: str, columns: list[str] | None = None) -> pa.Table | No
         return pq.read_table(io.BytesIO(data), columns=columns)
     except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
         raise TuneAgbError(f"{location}: not a readable parquet table ({first_line(exc)})") from None
+
+
+def parse_document(data: bytes, where: str, fmt: str) -> Any:
+    """JSON (``fmt="json"``) or YAML (``"yaml"``) bytes read from ``where`` as Python data.
+
+    Raises:
+        TuneAgbError: one line naming ``where`` when the bytes are not valid JSON / YAML text.
+    """
+    try:
+        return json.loads(data) if fmt == "json" else yaml.safe_load(data.decode())
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise TuneAgbError(f"{where}: not valid {fmt.upper()} ({first_line(exc)})") from None
+
+
+def read_document(location: str, fmt: str) -> Any | None:
+    """The JSON or YAML file at ``location`` as Python data; None when there is none (see :func:`parse_document`)."""
+    data = read_bytes(location)
+    return None if data is None else parse_document(data, location, fmt)
 
 
 def write_atomic(location: str, data: bytes) -> None:

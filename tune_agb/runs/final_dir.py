@@ -27,7 +27,7 @@ import yaml
 
 from tune_agb.engine.calibration import IDENTITY, Calibration, calibration_from_dict
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import first_line, join, read_bytes, read_table, write_atomic
+from tune_agb.location import join, read_bytes, read_document, read_table, write_atomic
 
 if TYPE_CHECKING:  # torch: imported by the engine's data module
     from tune_agb.engine.data import TileSet
@@ -58,13 +58,9 @@ def read_metrics(folder: Folder) -> dict[str, Any]:
         TuneAgbError: when it is missing, not valid JSON or not a JSON object.
     """
     where = join(str(folder), METRICS_FILE)
-    data = read_bytes(where)
-    if data is None:
+    doc = read_document(where, "json")
+    if doc is None:
         raise TuneAgbError(f"{where}: not found (expected a final_train or baseline out dir)")
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TuneAgbError(f"{where}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(doc, dict):
         raise TuneAgbError(f"{where}: expected a JSON object of metrics, got {type(doc).__name__}")
     return doc
@@ -217,13 +213,9 @@ def read_ensemble(folder: Folder) -> dict[str, Any] | None:
         TuneAgbError: when it is not YAML, or its ``format``, ``kind`` or ``members`` are not as written.
     """
     where = join(str(folder), ENSEMBLE_FILE)
-    data = read_bytes(where)
-    if data is None:
+    doc = read_document(where, "yaml")
+    if doc is None:
         return None
-    try:
-        doc = yaml.safe_load(data.decode())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise TuneAgbError(f"{where}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(doc, dict) or doc.get("format") != ENSEMBLE_FORMAT:
         raise TuneAgbError(f"{where}: expected a mapping with format: {ENSEMBLE_FORMAT}")
     if doc.get("kind") not in ENSEMBLE_KINDS:

@@ -22,7 +22,16 @@ import pandas as pd
 import yaml
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import first_line, join, read_bytes, read_table, resolve, write_atomic
+from tune_agb.location import (
+    first_line,
+    join,
+    parse_document,
+    read_bytes,
+    read_document,
+    read_table,
+    resolve,
+    write_atomic,
+)
 from tune_agb.runs.ranking import is_missing, rank_trials
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
@@ -78,10 +87,8 @@ def read_search(experiment: str) -> SearchRecord | None:
         TuneAgbError: when the file is not valid YAML or not such a record.
     """
     where = join(experiment, SEARCH_FILE)
-    data = read_bytes(where)
-    if data is None:
-        return None
-    return SearchRecord.from_dict(_yaml(data, where), where)
+    doc = read_document(where, "yaml")
+    return None if doc is None else SearchRecord.from_dict(doc, where)
 
 
 def read_space(experiment: str, label: str | None = None) -> tuple[SearchSpace, SearchRecord]:
@@ -243,7 +250,7 @@ def read_best(experiment: str, required: bool = True) -> Best | None:
         if not required:
             return None
         raise TuneAgbError(f"{where}: cannot read the search's best.yaml ({why}); is this a finished search?")
-    d = _yaml(data, where)
+    d = parse_document(data, where, "yaml")
     if not isinstance(d, dict) or not isinstance(d.get("config"), dict):
         raise TuneAgbError(f"{where}: expected a mapping with a 'config' mapping")
     try:
@@ -278,21 +285,8 @@ def read_folds(experiment: str) -> FoldAssignment | None:
     from tune_agb.cv import FoldAssignment
 
     where = join(experiment, CV_FOLDS_FILE)
-    data = read_bytes(where)
-    if data is None:
-        return None
-    try:
-        raw = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TuneAgbError(f"{where}: not valid JSON ({first_line(exc)})") from None
-    return FoldAssignment.from_dict(raw, source=where)
-
-
-def _yaml(data: bytes, where: str) -> Any:
-    try:
-        return yaml.safe_load(data.decode())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise TuneAgbError(f"{where}: not valid YAML ({first_line(exc)})") from None
+    raw = read_document(where, "json")
+    return None if raw is None else FoldAssignment.from_dict(raw, source=where)
 
 
 # -- best.yaml + cv_folds.json of a cross-validated search ------------------------------------------------------
