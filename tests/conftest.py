@@ -44,3 +44,29 @@ def real_data() -> Path:
     if not (REAL_DATA / "inputs" / "train").is_dir():
         pytest.skip(f"real GEDI + Sentinel-1/2 tiles not found at {REAL_DATA} (../shared is absent)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """moto's S3 server on localhost for the whole session (tests/s3_server.py)."""
+    pytest.importorskip("moto.server", reason="the S3 tests need moto[s3] and flask (the test extra)")
+    from tests.s3_server import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server: object) -> Iterator[object]:
+    """The S3 server with its endpoint and credentials in the environment for this test (``AWS_ENDPOINT_URL``, ...)."""
+    from tests.s3_server import environment
+
+    gen = environment(s3_server)  # type: ignore[arg-type]
+    next(gen)
+    try:
+        yield s3_server
+    finally:
+        next(gen, None)
