@@ -37,7 +37,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="experiment name (default: the space file's name without .yaml)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="folder or s3:// / gs:// URI for experiments")
     p.add_argument("--resume", action="store_true", help="continue the experiment STORAGE/NAME")
-    p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT (default: start one here)")
+    p.add_argument(
+        "--address",
+        help="join a running Ray cluster: auto or HOST:PORT (default: start one here; as a Ray job: the job's cluster)",
+    )
     p.add_argument(
         "--set",
         action="append",

@@ -205,16 +205,17 @@ def check_cluster_resources(space: SearchSpace, cluster: dict[str, float]) -> No
         )
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds with one line when HOST:PORT does not answer (Ray itself retries for minutes)."""
+def check_reachable(address: str, timeout_s: float = 5.0, flag: str = "--address") -> None:
+    """Fail in seconds with one line (naming ``flag``, where the address came from) when HOST:PORT does not answer
+    (Ray itself retries for minutes)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise TuneAgbError(f"--address {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+        raise TuneAgbError(f"{flag} {address}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise TuneAgbError(
-            f"--address {address}: no Ray head node answers there ({exc.strerror or exc}); "
+            f"{flag} {address}: no Ray head node answers there ({exc.strerror or exc}); "
             f"start one with `ray start --head --port {port}` or check the address"
         ) from None
 
@@ -223,9 +224,27 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 _RAY_LOGGERS = ("ray.tune.logger.CSVLoggerCallback", "ray.tune.logger.JsonLoggerCallback")
 
 
+# Set by Ray's job supervisor for the entrypoint of a submitted job (`ray job submit`), with RAY_ADDRESS = the
+# cluster's GCS address; Ray's own ray.init reads it to attach the job's runtime_env and metadata. Ray documents
+# RAY_ADDRESS, not a "this is a job" flag: this name is the one the job supervisor sets (checked with Ray 2.60; the
+# Ray Jobs test fails if a Ray release renames it).
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def ray_job_address() -> str | None:
+    """The cluster a Ray job runs in (``RAY_ADDRESS``) when this process is a job's entrypoint, else None.
+
+    A plain command with ``RAY_ADDRESS`` exported in the shell is not a job: it returns None there.
+    """
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return address if address and RAY_JOB_ENV in os.environ else None
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to Ray unless the caller already has: ``address`` None starts a local instance here (even when
-    ``RAY_ADDRESS`` or a ``ray start`` cluster exists), ``auto`` or ``HOST:PORT`` joins a running cluster.
+    """Connect to Ray unless the caller already has: ``auto`` or ``HOST:PORT`` joins a running cluster; ``address``
+    None joins the job's cluster when the process runs as a Ray job (``ray job submit -- python -m tune_agb.search
+    ...``: Ray sets ``RAY_ADDRESS`` for it), else starts a private local instance here (even when ``RAY_ADDRESS`` or a
+    ``ray start`` cluster exists); ``local`` always starts one here.
 
     Raises:
         TuneAgbError: one line when ``HOST:PORT`` does not answer or the cluster cannot be joined.
@@ -243,23 +262,26 @@ def init_ray(address: str | None) -> None:
         os.environ["RAY_TUNE_CALLBACKS"] = ",".join([*extra, *_RAY_LOGGERS])
     if ray.is_initialized():  # a caller (tests, a notebook) already connected
         return
+    flag = "--address"
+    if not address and ray_job_address():
+        address, flag = ray_job_address(), "RAY_ADDRESS (set by Ray for this job)"
     if not address or address == "local":
         # A private instance, started for this search and shut down with it: Ray turns token authentication on when
         # RAY_AUTH_MODE is unset and warns that it did. Ray reads the mode when it is imported, so this process can
         # only pick "disabled" here (its Ray processes inherit it). Export RAY_AUTH_MODE=token before the command to
-        # keep tokens on a shared host. Joining a cluster (--address) keeps the cluster's mode and token.
+        # keep tokens on a shared host. Joining a cluster (--address, a Ray job) keeps the cluster's mode and token.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address and address not in ("auto", "local") and "://" not in address:
-        check_reachable(address)
+        check_reachable(address, flag=flag)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     # Trial processes log every checkpoint at INFO; the progress table and the error summary say what matters.
     kwargs["log_to_driver"] = False
     try:
         # "local" starts a fresh instance here even when a `ray start` cluster or RAY_ADDRESS exists: joining one
-        # is what --address is for.
+        # is what --address (or running as a Ray job) is for.
         ray.init(address=address or "local", **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TuneAgbError(f"--address {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]})") from None
+        raise TuneAgbError(f"{flag} {address}: cannot join the Ray cluster ({str(exc).splitlines()[0]})") from None
 
 
 def fit_noting_interrupt(tuner: Any) -> tuple[Any, bool]:
