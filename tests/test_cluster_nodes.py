@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import proc_helpers
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.demo_data import write_demo_dataset
 from tune_agb.runs import read_results
@@ -72,14 +73,10 @@ def _lose(cluster: object, node: object) -> None:
     """Kill a worker node at once, as if its machine went away: its worker processes (the trial's among them)
     with SIGKILL first, then its raylet and object store (``remove_node`` alone leaves the workers running until they
     notice the raylet is gone, and they go on training and reporting meanwhile)."""
-    import psutil
     from ray._private import ray_constants
 
-    raylet = psutil.Process(node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
-    workers = raylet.children(recursive=True)
-    for proc in workers:
-        proc.kill()
-    psutil.wait_procs(workers, timeout=10)
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    proc_helpers.kill(proc_helpers.descendants(raylet))
     cluster.remove_node(node, allow_graceful=False)
 
 

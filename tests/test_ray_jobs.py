@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import proc_helpers
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.runs import read_results
 from tune_agb.search.launch import RAY_JOB_ENV, ray_job_address
@@ -78,18 +79,9 @@ def head_node() -> Iterator[Head]:
     try:
         yield Head(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}", env=env)
     finally:
-        # Not `ray stop`: it stops every Ray on the machine, other test runs' too.
-        _stop_cluster_processes(temp)
-
-
-def _stop_cluster_processes(temp: str) -> None:
-    """Kill the processes of the cluster whose temp dir is ``temp`` (their command lines name it)."""
-    import psutil
-
-    procs = [p for p in psutil.process_iter(["cmdline"]) if any(temp in a for a in p.info["cmdline"] or ())]
-    for p in procs:
-        p.kill()
-    psutil.wait_procs(procs, timeout=10)
+        # Not `ray stop`: it stops every Ray on the machine, other test runs' too. The Ray client server started with
+        # the head is the one process whose command line names neither the temp dir nor the GCS port.
+        proc_helpers.kill(proc_helpers.naming(temp) + proc_helpers.naming(f"--port={client_port} "))
 
 
 def _cluster_node_ids(head: Head) -> set[str]:

@@ -1,0 +1,64 @@
+"""Finding and killing the processes of one Ray node or cluster in tests, by reading ``/proc`` (Linux): the tests
+that start Ray nodes end exactly those (`ray stop` would stop every Ray on the machine, other test runs' too)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...)."""
+    parent = {p: _ppid(p) for p in _pids()}
+    found, todo = [], [pid]
+    while todo:
+        kids = [p for p, pp in parent.items() if pp == todo[-1]]
+        todo.pop()
+        found += kids
+        todo += kids
+    return found
+
+
+def naming(text: str) -> list[int]:
+    """The processes whose command line contains ``text`` (e.g. a Ray temp dir)."""
+    out = []
+    for p in _pids():
+        try:
+            if text in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
+                out.append(p)
+        except OSError:
+            continue
+    return [p for p in out if p != os.getpid()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def kill(pids: list[int], timeout_s: float = 10) -> None:
+    """SIGKILL each of ``pids`` and wait (up to ``timeout_s``) until they are gone."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
