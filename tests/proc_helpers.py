@@ -39,7 +39,8 @@ def naming(text: str) -> list[int]:
     out = []
     for p in _pids():
         try:
-            if text in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"):
+            # arguments are NUL-terminated: read as "arg1 arg2 ... " (each followed by a space)
+            if text in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                 out.append(p)
         except OSError:
             continue
