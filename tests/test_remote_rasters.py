@@ -43,7 +43,10 @@ def local(tmp_path: Path) -> dict:
         tmp_path / "shots.parquet",
         {"lon_lowestmode": lon, "lat_lowestmode": lat, "agbd": rng.uniform(5, 300, 400), "l4_quality_flag": flag},
     )
-    return {"dir": tmp_path, "A": a, "B": b, "shots": shots, "img": img}
+    label = np.full((1, H, W), np.nan, np.float32)
+    label[0, flat[:200] // (2 * W), flat[:200] % (2 * W) % W] = rng.uniform(5, 300, 200)
+    labels = write_tif(tmp_path / "agb.tif", label)
+    return {"dir": tmp_path, "A": a, "B": b, "shots": shots, "labels": labels, "img": img}
 
 
 @pytest.fixture
@@ -51,7 +54,7 @@ def bucket(s3, local) -> dict:
     """The inputs uploaded to a fresh bucket: their s3:// URIs, a presigned and a public http URL of ``B.tif``."""
     name = s3.bucket()
     client = s3.client()
-    for key in ("A", "B", "shots"):
+    for key in ("A", "B", "shots", "labels"):
         client.upload_file(str(local[key]), name, f"in/{local[key].name}")
     client.put_object(Bucket=name, Key="in/bad.parquet", Body=b"not a parquet table")
     client.upload_file(str(local["B"]), name, "public/B.tif")
@@ -62,6 +65,7 @@ def bucket(s3, local) -> dict:
         "A": f"s3://{name}/in/A.tif",
         "B": f"s3://{name}/in/B.tif",
         "shots": f"s3://{name}/in/shots.parquet",
+        "labels": f"s3://{name}/in/agb.tif",
         "presigned_B": signed,
         "public_B": f"{s3.endpoint}/{name}/public/B.tif",
     }
@@ -164,6 +168,16 @@ def test_prepare_from_s3_equals_prepare_from_local_files(s3, local, bucket, caps
     assert {r["raster_path"] for r in rows} == {bucket["A"], bucket["presigned_B"]}
 
 
+def test_prepare_with_a_label_raster_on_s3(local, bucket, capsys):
+    out_local, out_s3 = local["dir"] / "ds_local", local["dir"] / "ds_s3"
+    for image, labels, out in ((local["A"], local["labels"], out_local), (bucket["A"], bucket["labels"], out_s3)):
+        argv = ["--image", str(image), "--labels", str(labels).replace("s3://", "/vsis3/"), "--out", str(out),
+                "--tile-size", str(T), "--block-size", "1"]  # fmt: skip
+        code, err = run_prepare(argv, capsys)
+        assert code == 0, err
+    assert same_dataset(out_local, out_s3) >= 4
+
+
 def test_predict_from_s3_vsis3_and_http_urls_equals_the_local_map(local, bucket, capsys):
     ckpt = known_unet_checkpoint(local["dir"] / "m.pt", C, scale=1.0, logvar_bias=0.5, target_mean=3.0)
     maps = {}
@@ -246,8 +260,9 @@ def test_wrong_credentials_are_one_line(s3, local, bucket, capsys, monkeypatch, 
         ("s3://{bucket}/in/nope.parquet", "s3://{bucket}/in/nope.parquet: GEDI points file not found"),
         ("s3://no-such-bucket-zz/s.parquet", "s3://no-such-bucket-zz/s.parquet: bucket 'no-such-bucket-zz' does not"),
         ("s3://{bucket}/in/bad.parquet", "s3://{bucket}/in/bad.parquet: not a readable points table ("),
+        ("https://h/s.parquet", "https://h/s.parquet: --gedi reads a local file or an s3:// (gs://, ...) URI, not"),
     ],
-    ids=["missing", "bucket", "not-parquet"],
+    ids=["missing", "bucket", "not-parquet", "https"],
 )
 def test_gedi_table_on_s3_that_cannot_be_read_is_one_line(local, bucket, capsys, shots, message):
     code, err = run_prepare(

@@ -5,7 +5,8 @@ writes ``DIR/inputs/{train,val,test}/NAME.npy`` (C, T, T) float32, ``DIR/labels/
 (NaN = no label), ``DIR/manifest.parquet`` (one row per tile: name, raster, split, offsets, bounds, CRS, labelled
 pixels) and ``DIR/prepare.json`` (the summary). ``--scene A.tif [A_S1.tif ...]``, repeated, takes one raster per
 Sentinel-2 tile or date instead of the one ``--image`` stack; the rasters must share a CRS. Rasters are read window
-by window and one after another, so memory does not grow with their size or number.
+by window and one after another, so memory does not grow with their size or number. Rasters may be remote
+(``s3://``, ``https://``, ``/vsis3/``, read by GDAL) and ``--gedi`` an ``s3://`` table (:mod:`tune_agb.geo.remote`).
 
 GEDI shots are read from the parquet (or csv) with a filter pushed down into the reader: the user's ``--filter``
 and the rasters' footprints in lon/lat, so shots elsewhere on the orbit are never reprojected; shots outside every
@@ -207,6 +208,10 @@ def read_points(
     suffix = PurePosixPath(urlsplit(source).path if remote else source).suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
         raise TuneAgbError(f"{source}: GEDI points must be .parquet or .csv, got {suffix or 'no extension'}")
+    if source.startswith(("http://", "https://")):
+        raise TuneAgbError(
+            f"{source}: --gedi reads a local file or an s3:// (gs://, ...) URI, not http(s); download it"
+        )
     if remote:
         problem = s3_object_problem(source, "GEDI points") if source.startswith("s3://") else None
         if problem is not None:

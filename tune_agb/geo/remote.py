@@ -142,11 +142,14 @@ def s3_object_problem(uri: str, what: str) -> str | None:
 
 
 def s3_error_line(uri: str, message: str) -> str:
-    """One line for an S3 error message: access denied (with what to check) or the message as it is."""
+    """One line for an S3 error message: access denied or server unreachable (with what to check), or the message
+    as it is."""
     low = message.lower()
     denied = ("access_denied", "accessdenied", "access denied", "access key id", "signature", "invalidaccesskeyid")
     if any(d in low for d in denied):
         return f"{uri}: access denied ({message[:200]}); check {_CREDENTIALS} and the bucket's permissions"
+    if any(d in low for d in ("network_connection", "could not connect", "resolve host", "failed to connect")):
+        return f"{uri}: cannot reach the server ({message[:200]}); check the URL or AWS_ENDPOINT_URL"
     return f"{uri}: cannot read it ({message[:200]})"
 
 
