@@ -5,7 +5,8 @@ writes ``DIR/inputs/{train,val,test}/NAME.npy`` (C, T, T) float32, ``DIR/labels/
 (NaN = no label), ``DIR/manifest.parquet`` (one row per tile: name, raster, split, offsets, bounds, CRS, labelled
 pixels) and ``DIR/prepare.json`` (the summary). ``--scene A.tif [A_S1.tif ...]``, repeated, takes one raster per
 Sentinel-2 tile or date instead of the one ``--image`` stack; the rasters must share a CRS. Rasters are read window
-by window and one after another, so memory does not grow with their size or number.
+by window and one after another, so memory does not grow with their size or number. Rasters may be remote
+(``s3://``, ``https://``, ``/vsis3/``, read by GDAL) and ``--gedi`` an ``s3://`` table (:mod:`tune_agb.geo.remote`).
 
 GEDI shots are read from the parquet (or csv) with a filter pushed down into the reader: the user's ``--filter``
 and the rasters' footprints in lon/lat, so shots elsewhere on the orbit are never reprojected; shots outside every
@@ -29,7 +30,8 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +58,7 @@ from tune_agb.geo.raster import (
     reproject_points,
     staged_dir,
 )
+from tune_agb.geo.remote import location_stem, s3_object_problem
 from tune_agb.geo.tiling import (
     PointLabels,
     anchor_block,
@@ -65,6 +68,7 @@ from tune_agb.geo.tiling import (
     span_split,
     window_starts,
 )
+from tune_agb.location import FILE_SCHEME, is_uri, open_location
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ def _snap(values: Sequence[float]) -> list[float]:
     return [float(round(v)) if abs(v - round(v)) < _SNAP_PX else v for v in values]
 
 
-def parse_filter(text: str, columns: Sequence[str], source: Path) -> pc.Expression:
+def parse_filter(text: str, columns: Sequence[str], source: str | Path) -> pc.Expression:
     """``"col==1"``, ``"col>=0.5"``, ``"col!=abc"`` -> a pyarrow expression (pushed down into the parquet reader)."""
     m = _FILTER_RE.match(text)
     if not m:
@@ -188,35 +192,47 @@ def footprint_filter(
 
 
 def read_points(
-    path: Path,
+    path: str | Path,
     value_column: str,
     lon_column: str,
     lat_column: str,
     filters: Sequence[str],
     boxes: Sequence[tuple[float, float, float, float]] | None = None,
 ) -> Shots:
-    """Read the shots in ``path`` (parquet or csv) that pass ``filters`` and lie in one of ``boxes`` (xmin, ymin,
-    xmax, ymax in the lon/lat columns' CRS; None: everywhere). Both are pushed down into the reader, so on parquet
-    row groups outside the boxes are skipped by their statistics."""
-    if not path.is_file():
-        raise TuneAgbError(f"{path}: GEDI points file not found")
-    suffix = path.suffix.lower()
+    """Read the shots in ``path`` (parquet or csv; a local path or a URI such as ``s3://bucket/shots.parquet``) that
+    pass ``filters`` and lie in one of ``boxes`` (xmin, ymin, xmax, ymax in the lon/lat columns' CRS; None:
+    everywhere). Both are pushed down into the reader, so on parquet row groups outside the boxes are skipped by
+    their statistics (on S3 they are never downloaded)."""
+    source = str(path)
+    remote = is_uri(source)
+    suffix = PurePosixPath(urlsplit(source).path if remote else source).suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
-        raise TuneAgbError(f"{path}: GEDI points must be .parquet or .csv, got {suffix or 'no extension'}")
+        raise TuneAgbError(f"{source}: GEDI points must be .parquet or .csv, got {suffix or 'no extension'}")
+    if source.startswith(("http://", "https://")):
+        raise TuneAgbError(
+            f"{source}: --gedi reads a local file or an s3:// (gs://, ...) URI, not http(s); download it"
+        )
+    if remote:
+        problem = s3_object_problem(source, "GEDI points") if source.startswith("s3://") else None
+        if problem is not None:
+            raise TuneAgbError(problem)
+    elif not Path(source.removeprefix(FILE_SCHEME)).expanduser().is_file():
+        raise TuneAgbError(f"{source}: GEDI points file not found")
+    fs, where_in_fs = open_location(source, label=f"--gedi {source}")
     try:
-        ds = pds.dataset(path, format="csv" if suffix == ".csv" else "parquet")
+        ds = pds.dataset(where_in_fs, filesystem=fs, format="csv" if suffix == ".csv" else "parquet")
         columns = list(ds.schema.names)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise TuneAgbError(f"{path}: not a readable points table ({str(exc).splitlines()[0][:200]})") from None
+        raise TuneAgbError(f"{source}: not a readable points table ({str(exc).splitlines()[0][:200]})") from None
     for flag, col in (("--value-column", value_column), ("--lon-column", lon_column), ("--lat-column", lat_column)):
         if col not in columns:
-            raise TuneAgbError(f"{flag} {col}: {path} has no such column (columns: {', '.join(columns)})")
+            raise TuneAgbError(f"{flag} {col}: {source} has no such column (columns: {', '.join(columns)})")
         kind = ds.schema.field(col).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)):
-            raise TuneAgbError(f"{flag} {col}: column of {path} is not numeric ({kind})")
+            raise TuneAgbError(f"{flag} {col}: column of {source} is not numeric ({kind})")
     user = None
     for f in filters:
-        e = parse_filter(f, columns, path)
+        e = parse_filter(f, columns, source)
         user = e if user is None else user & e
     where = user if boxes is None else footprint_filter(boxes, lon_column, lat_column)
     if boxes is not None and user is not None:
@@ -225,11 +241,13 @@ def read_points(
         passed = ds.count_rows(filter=user) if boxes is not None else None
         table = ds.to_table(columns=[lon_column, lat_column, value_column], filter=where)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-        raise TuneAgbError(f"{path}: cannot apply --filter ({str(exc).splitlines()[0][:200]})") from None
+        raise TuneAgbError(f"{source}: cannot apply --filter ({str(exc).splitlines()[0][:200]})") from None
+    except OSError as exc:  # a remote table that cannot be read after all (connection, permissions)
+        raise TuneAgbError(f"{source}: cannot read the points table ({str(exc).splitlines()[0][:200]})") from None
     passed = table.num_rows if passed is None else passed
     if passed == 0:
         what = " after --filter " + " and ".join(repr(f) for f in filters) if filters else ""
-        raise TuneAgbError(f"{path}: no GEDI shots{what} (the points table is empty)")
+        raise TuneAgbError(f"{source}: no GEDI shots{what} (the points table is empty)")
     x, y, v = (table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in table.column_names)
     return Shots(x, y, v, passed)
 
@@ -248,7 +266,7 @@ def scene_names(groups: Sequence[Sequence[str]]) -> list[str]:
     """One unique name per raster, from its first file's stem (``stem-2``, ``stem-3`` ... for repeated stems)."""
     names: list[str] = []
     for files in groups:
-        stem = Path(files[0]).stem
+        stem = location_stem(files[0])
         name, k = stem, 1
         while name in names:
             k += 1
@@ -301,7 +319,7 @@ def shots_on_scenes(args: argparse.Namespace, scenes: Sequence[Scene], summary: 
             boxes = None
             break
         boxes += found
-    gedi = Path(args.gedi)
+    gedi = str(args.gedi)
     shots = read_points(gedi, args.value_column, args.lon_column, args.lat_column, args.filter or [], boxes)
     x, y = reproject_points(shots.x, shots.y, points_crs, scenes[0].grid.crs)
     inside = np.zeros(x.shape, bool)

@@ -31,6 +31,14 @@ from rasterio.windows import Window
 
 from tune_agb.bands import S2_BANDS
 from tune_agb.errors import TuneAgbError
+from tune_agb.geo.remote import (
+    gdal_network_options,
+    is_remote,
+    location_stem,
+    raster_location,
+    raster_open_error,
+    remote_open_options,
+)
 from tune_agb.geo.tiling import PointLabels, pixels_inside, rasterize_points, window_starts
 
 # GDAL's block cache defaults to 5 % of RAM; a small fixed cache keeps the resident memory bounded and is enough
@@ -44,21 +52,38 @@ RESAMPLING = ("nearest", "bilinear", "cubic", "average")
 
 
 def gdal_env() -> rasterio.Env:
-    """A rasterio environment with a bounded block cache."""
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+    """A rasterio environment with a bounded block cache and the settings for remote reads: the S3 endpoint derived
+    from ``AWS_ENDPOINT_URL`` and retries of transient HTTP errors (:func:`tune_agb.geo.remote.gdal_network_options`;
+    settings exported in the environment win)."""
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, **gdal_network_options())
 
 
 def open_raster(path: str | Path, what: str = "image") -> rasterio.DatasetReader:
-    """Open a georeferenced raster or raise one clear :class:`TuneAgbError` (missing, unreadable, no CRS)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TuneAgbError(f"{path}: {what} file not found")
+    """Open a georeferenced raster or raise one clear :class:`TuneAgbError` (missing, unreadable, no CRS).
+
+    Args:
+        path: a local path (or ``file://`` URI), or a raster GDAL reads over the network: ``s3://bucket/key``,
+            ``https://host/x.tif`` (also a presigned URL), ``/vsis3/bucket/key``, ``/vsicurl/URL`` ... Give URIs as
+            strings (``Path`` turns ``s3://`` into ``s3:/``).
+        what: how errors name it (``image``, ``label raster``).
+
+    Raises:
+        TuneAgbError: one line naming the location: missing file, object or bucket, access denied, server
+            unreachable, not a raster, no georeference.
+    """
+    location = raster_location(path)
+    remote = is_remote(location)
+    if not remote and not Path(location).is_file():
+        raise TuneAgbError(f"{location}: {what} file not found")
     try:
-        with warnings.catch_warnings():  # a missing georeference is reported below as the one error line
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path)
+        with warnings.catch_warnings(), rasterio.Env(**remote_open_options(location)):
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # reported below as the one error line
+            ds = rasterio.open(location)
     except RasterioIOError as exc:
-        raise TuneAgbError(f"{path}: not a readable raster ({str(exc).splitlines()[0][:200]})") from None
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if remote:
+            raise TuneAgbError(raster_open_error(location, what, message)) from None
+        raise TuneAgbError(f"{location}: not a readable raster ({message[:200]})") from None
     if ds.crs is None:
         ds.close()
         raise TuneAgbError(f"{path}: has no CRS (a georeferenced GeoTIFF with a coordinate reference system is needed)")
@@ -180,7 +205,7 @@ class RasterStack:
             for k, ds in enumerate(datasets):
                 for b in range(1, ds.count + 1):
                     desc = ds.descriptions[b - 1]
-                    names.append(desc if desc else f"{Path(ds.name).stem}:{b}")
+                    names.append(desc if desc else f"{location_stem(ds.name)}:{b}")
                     origin.append((k, b))
             select = self._select(bands, names, paths) if bands else list(range(len(names)))
             self.band_names = [names[i] for i in select]
@@ -201,6 +226,7 @@ class RasterStack:
                 else:
                     self.order.append((k, [b]))
             self.views = views
+            self.names = [ds.name for ds in datasets]
             self.nodata = [_float_nodata(ds) for ds in datasets]
         except BaseException:
             self.close()
@@ -230,10 +256,20 @@ class RasterStack:
         return len(self.band_names)
 
     def read(self, window: Window) -> np.ndarray:
-        """(C, h, w) float32 of ``window`` (pixels of the grid), nodata and masked pixels as NaN."""
+        """(C, h, w) float32 of ``window`` (pixels of the grid), nodata and masked pixels as NaN.
+
+        Raises:
+            TuneAgbError: when a source cannot be read (e.g. a remote one that went away): one line naming it.
+        """
         parts = []
         for k, idx in self.order:
-            arr = self.views[k].read(idx, window=window, masked=True, out_dtype="float32", boundless=False)
+            try:
+                arr = self.views[k].read(idx, window=window, masked=True, out_dtype="float32", boundless=False)
+            except RasterioIOError as exc:
+                raise TuneAgbError(
+                    f"{self.names[k]}: cannot read window (row {window.row_off}, col {window.col_off}, "
+                    f"{window.height} x {window.width} px): {str(exc).strip()[:200]}"
+                ) from None
             parts.append(np.ma.filled(arr, np.nan).astype(np.float32, copy=False))
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
