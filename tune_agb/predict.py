@@ -233,8 +233,17 @@ def predict_raster(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tune_agb.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint .pt, final-train OUT_DIR, or ensemble OUT_DIR")
-    add_image_argument(p)
-    p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std)")
+    what = p.add_mutually_exclusive_group(required=True)
+    add_image_argument(what, required=False)
+    what.add_argument(
+        "--scenes",
+        action="append",
+        metavar="SCENES",
+        help="many scenes, mapped on Ray (repeatable): a glob (every match is a scene), a .txt file (a scene per "
+        "line), or one scene; images separated by commas are stacked band-wise. --out is then a folder: one COG "
+        "per scene and one mosaic VRT per CRS",
+    )
+    p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std); with --scenes an output folder")
     p.add_argument("--tile-size", type=int, default=512, help="window side in px (default 512)")
     p.add_argument(
         "--overlap",
@@ -251,8 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
         "none, or a calibration.json file",
     )
     add_stack_arguments(p)
-    p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF (always so with --scenes)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (with --scenes: map finished scenes again)"
+    )
+    ray = p.add_argument_group("many scenes on Ray (with --scenes)")
+    ray.add_argument("--address", default=None, help="join a running Ray cluster: auto or HOST:PORT (default: local)")
+    ray.add_argument("--workers", type=int, default=None, help="Ray workers (default: as many as the cluster holds)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per worker, e.g. 0.25 (default 0)")
+    ray.add_argument(
+        "--block-size", type=int, default=2048, help="px per side of the blocks a worker maps at once (default 2048)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -381,6 +400,12 @@ def predict_map(
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.scenes:
+        return _main_scenes(a)
+    ray_flags = ("address", "workers", "block_size")
+    used = [f"--{f.replace('_', '-')}" for f in ray_flags if getattr(a, f) != build_parser().get_default(f)]
+    if used:
+        raise TuneAgbError(f"{', '.join(used)}: for many scenes on Ray, give them with --scenes (not --image)")
     done = predict_map(
         a.model,
         a.image,
@@ -399,6 +424,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{done.out}: mean and std from {done.windows} windows ({models}, {done.device}; "
         f"calibration {done.calibration.method})"
+    )
+    return 0
+
+
+def _main_scenes(a: argparse.Namespace) -> int:
+    """``--scenes``: many scenes on Ray (see :func:`tune_agb.maps.map_scenes`)."""
+    from tune_agb.maps import map_scenes, parse_scenes
+
+    done = map_scenes(
+        a.model,
+        parse_scenes(a.scenes),
+        a.out,
+        tile_size=a.tile_size,
+        overlap=a.overlap,
+        block_size=a.block_size,
+        batch_size=a.batch_size,
+        device=a.device,
+        calibration=a.calibration,
+        stack=StackOptions.from_args(a),
+        address=a.address,
+        workers=a.workers,
+        cpus_per_worker=a.cpus_per_worker,
+        gpus_per_worker=a.gpus_per_worker,
+        overwrite=a.overwrite,
+        progress=a.progress,
+    )
+    for r in done.scenes:
+        print(f"{r.out}: {'kept (already mapped)' if r.kept else f'{len(r.plan)} blocks, {r.computed} computed now'}")
+    for m in done.mosaics:
+        print(f"{m}: mosaic")
+    print(
+        f"{len(done.scenes)} scenes: {done.computed} of {done.blocks} blocks computed "
+        f"({done.blocks - done.computed} already done) on {done.workers} workers"
     )
     return 0
 
