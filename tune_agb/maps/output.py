@@ -24,7 +24,6 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
 from tune_agb.errors import TuneAgbError
 from tune_agb.maps.plan import PARTIAL
@@ -63,7 +62,7 @@ def write_block(path: Path, data: np.ndarray, grid: SceneGrid, window: Window) -
         "height": data.shape[1],
         "width": data.shape[2],
         "crs": grid.crs,
-        "transform": window_transform(window, grid.transform),
+        "transform": grid.transform * Affine.translation(window.col_off, window.row_off),
         "nodata": float("nan"),
     }
     with rasterio.open(tmp, "w", **profile) as dst:
