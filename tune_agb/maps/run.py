@@ -55,6 +55,8 @@ class MapsSummary:
     computed: int
     pixels: int  # pixels of the scenes whose blocks this run computed (all of each such scene)
     seconds: float  # wall time of the block predictions (Ray start and model loading included)
+    startup_seconds: float  # of which joining Ray, starting the workers and loading the model on each
+    assemble_seconds: float  # of which assembling, validating and moving scene COGs (on the driver)
     workers: int
     worker_rss_anon_mb: float  # the largest RssAnon a worker reported after a block
     nodes: set[str] = field(default_factory=set)
@@ -137,7 +139,7 @@ def map_scenes(
     settings = WorkerSettings(
         str(model_path), device, cal, options, tile, ov, batch_size, max(1, math.floor(cpus_per_worker))
     )
-    facts: dict[str, Any] = {"rss": 0.0, "nodes": set(), "workers": 0, "seconds": 0.0}
+    facts: dict[str, Any] = {"rss": 0.0, "nodes": set(), "workers": 0, "seconds": 0.0, "startup": 0.0, "assemble": 0.0}
     bar = tqdm(total=total, initial=total - queued, desc="map", unit="block", disable=not progress)
     tags = {"model": str(model), "members": str(members), "calibration": cal.describe()}
     try:
@@ -154,7 +156,18 @@ def map_scenes(
     computed = sum(r.computed for r in results)
     pixels = sum(r.grid.height * r.grid.width for r in results if r.computed)
     return MapsSummary(
-        out, results, mosaics, total, computed, pixels, facts["seconds"], facts["workers"], facts["rss"], facts["nodes"]
+        out,
+        results,
+        mosaics,
+        total,
+        computed,
+        pixels,
+        facts["seconds"],
+        facts["startup"],
+        facts["assemble"],
+        facts["workers"],
+        facts["rss"],
+        facts["nodes"],
     )
 
 
@@ -242,6 +255,8 @@ def _run_blocks(
         facts["workers"] = n
         actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(BlockWorker)
         actors = [actor_cls.options(num_cpus=cpus, num_gpus=gpus).remote(settings) for _ in range(n)]
+        ray.get([a.ready.remote() for a in actors])  # Ray joined, workers started, the model loaded on each
+        facts["startup"] = time.perf_counter() - t0
         remaining = {name: len(blocks) for name, (_, blocks) in todo.items()}
         by_name = {r.scene.name: r for r in results}
         blocks_of = {name: {b.name: b for b in blocks} for name, (_, blocks) in todo.items()}
@@ -267,7 +282,9 @@ def _run_blocks(
                 bar.update(1)
                 remaining[scene] -= 1
                 if remaining[scene] == 0:
+                    t1 = time.perf_counter()
                     _finish_scene(r, out, tags)
+                    facts["assemble"] += time.perf_counter() - t1
         facts["seconds"] = time.perf_counter() - t0
         for a in actors:
             ray.kill(a)
