@@ -241,3 +241,31 @@ def test_blocks_tile_each_scene_exactly_and_scene_lists_name_their_images(tmp_pa
     assert scenes[0].images == (str(tmp_path / "t1_s2.tif"), str(tmp_path / "t1_s1.tif"))
     with pytest.raises(Exception, match="two scenes are named t2"):
         parse_scenes([str(listing), "/other/t2.tif"])
+
+
+@pytest.mark.slow
+def test_maps_to_s3_are_made_locally_then_uploaded_and_kept_on_rerun(cluster, model, s3, tmp_path):
+    whole = _image(64, 140, seed=7)
+    a = write_tif(tmp_path / "a.tif", whole[:, :, :100])
+    b = write_tif(tmp_path / "b.tif", whole[:, :, 40:], transform=grid_transform(origin=(600_400.0, 1_650_000.0)))
+    uri = f"s3://{s3.bucket()}/maps"
+    work = tmp_path / "work"
+    kwargs = {"tile_size": TILE, "block_size": TILE, "device": "cpu", "address": cluster.address, "progress": False}
+    done = map_scenes(model, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
+    assert done.mosaics == [f"{uri}/mosaic_EPSG32647.vrt"]
+    assert s3.keys(uri) == ["maps/a.tif", "maps/b.tif", "maps/mosaic_EPSG32647.vrt"]
+    assert list(work.iterdir()) == []  # nothing left locally: no staging, no COG, no VRT
+    local = tmp_path / "down"
+    local.mkdir()
+    for key in s3.keys(uri):
+        (local / key.rsplit("/", 1)[1]).write_bytes(s3.read(f"{uri}/{key.rsplit('/', 1)[1]}"))
+    from rio_cogeo.cogeo import cog_validate
+
+    single = predict_map(model, [a], tmp_path / "single_a.tif", tile_size=TILE, device="cpu", progress=False)
+    assert cog_validate(str(local / "a.tif"), quiet=True)[0]
+    _close(_read(local / "a.tif"), _read(single.out), float(np.nanmean(_read(single.out)[0])))
+    with rasterio.open(local / "mosaic_EPSG32647.vrt") as ds:  # the VRT names the scenes next to it
+        assert (ds.height, ds.width) == (64, 140)
+        assert np.isfinite(ds.read(1)).all()
+    again = map_scenes(model, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
+    assert [r.kept for r in again.scenes] == [True, True] and again.computed == 0

@@ -272,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument(
         "--block-size", type=int, default=2048, help="px per side of the blocks a worker maps at once (default 2048)"
     )
+    ray.add_argument(
+        "--work-dir",
+        default=None,
+        help="local folder for staged blocks and COGs before upload (default: --out when local, else "
+        "./.tune_agb_maps/<--out as a name>)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -402,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.scenes:
         return _main_scenes(a)
-    ray_flags = ("address", "workers", "block_size")
+    ray_flags = ("address", "workers", "block_size", "work_dir")
     used = [f"--{f.replace('_', '-')}" for f in ray_flags if getattr(a, f) != build_parser().get_default(f)]
     if used:
         raise TuneAgbError(f"{', '.join(used)}: for many scenes on Ray, give them with --scenes (not --image)")
@@ -449,9 +455,10 @@ def _main_scenes(a: argparse.Namespace) -> int:
         gpus_per_worker=a.gpus_per_worker,
         overwrite=a.overwrite,
         progress=a.progress,
+        work_dir=a.work_dir,
     )
     for r in done.scenes:
-        print(f"{r.out}: {'kept (already mapped)' if r.kept else f'{len(r.plan)} blocks, {r.computed} computed now'}")
+        print(f"{r.final}: {'kept (already mapped)' if r.kept else f'{len(r.plan)} blocks, {r.computed} computed now'}")
     for m in done.mosaics:
         print(f"{m}: mosaic")
     print(

@@ -62,7 +62,7 @@ def write_block(path: Path, data: np.ndarray, grid: SceneGrid, window: Window) -
         "height": data.shape[1],
         "width": data.shape[2],
         "crs": grid.crs,
-        "transform": grid.transform * Affine.translation(window.col_off, window.row_off),
+        "transform": grid.transform @ Affine.translation(window.col_off, window.row_off),
         "nodata": float("nan"),
     }
     with rasterio.open(tmp, "w", **profile) as dst:

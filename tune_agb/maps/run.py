@@ -22,8 +22,10 @@ from tqdm.auto import tqdm
 
 from tune_agb.errors import TuneAgbError
 from tune_agb.geo.raster import StackOptions, gdal_env
+from tune_agb.location import is_uri, resolve
 from tune_agb.maps.output import SceneGrid, crs_label, mosaic_vrt, scene_cog, validate_cog, write_block
 from tune_agb.maps.plan import PLAN_FORMAT, Block, Scene, Staging, block_plan
+from tune_agb.maps.remote import default_work_dir, final_location, remote_exists, upload
 from tune_agb.maps.worker import BlockWorker, WorkerSettings
 from tune_agb.predict import check_band_count, resolve_calibration, resolve_windows
 
@@ -37,20 +39,22 @@ class SceneResult:
     """One scene of a map: where its COG is, its grid, its blocks and how many of them this run computed."""
 
     scene: Scene
-    out: Path
+    out: Path  # in the work folder (where it stays for a local output)
+    final: str  # where the COG ends up: ``out`` or a URI
     grid: SceneGrid
     plan: list[Block] = field(repr=False)
     computed: int = 0
-    kept: bool = False  # the COG was already there (a finished scene of an earlier run)
+    kept: bool = False
+    done: bool = False  # its COG was made by this run  # the COG was already there (a finished scene of an earlier run)
 
 
 @dataclass
 class MapsSummary:
     """What :func:`map_scenes` did."""
 
-    out_dir: Path
+    out_dir: str
     scenes: list[SceneResult]
-    mosaics: list[Path]
+    mosaics: list[str]
     blocks: int
     computed: int
     pixels: int  # pixels of the scenes whose blocks this run computed (all of each such scene)
@@ -80,17 +84,18 @@ def map_scenes(
     gpus_per_worker: float = 0.0,
     overwrite: bool = False,
     progress: bool = True,
+    work_dir: str | Path | None = None,
 ) -> MapsSummary:
     """Map many scenes with a trained model on Ray: one COG per scene (bands ``mean`` and ``std``, NaN nodata) in
     ``out_dir``, and one mosaic VRT per CRS (``mosaic_EPSGnnnn.vrt``).
 
-    Resumable: finished blocks are staged in ``out_dir/.staging``; a rerun predicts only the blocks missing, and a
-    scene whose COG exists is kept (``overwrite`` redoes it).
+    Resumable: finished blocks are staged in ``WORK/.staging`` (``WORK``: ``out_dir`` itself when local); a rerun
+    predicts only the blocks missing, and a scene whose COG exists at ``out_dir`` is kept (``overwrite`` redoes it).
 
     Args:
         model: a checkpoint ``.pt``, a final training's out dir, or an ensemble's out dir.
         scenes: the scenes (see :func:`tune_agb.maps.parse_scenes`).
-        out_dir: local folder of the outputs.
+        out_dir: folder of the outputs: local, or ``s3://``/``gs://``... (made in ``work_dir``, then uploaded).
         tile_size: window side (px), as for :func:`tune_agb.predict.predict_map`.
         overlap: px shared by neighbouring windows (default: twice the model's seam margin).
         block_size: about the side (px) of the blocks a worker predicts at once: whole windows, at least one.
@@ -104,6 +109,8 @@ def map_scenes(
         gpus_per_worker: Ray GPUs per worker (fractions allowed, e.g. 0.25: four workers per GPU).
         overwrite: recompute scenes whose COG exists.
         progress: a progress bar over blocks.
+        work_dir: local folder where blocks are staged and COGs assembled (default: ``out_dir`` when local,
+            ``./.tune_agb_maps/<out_dir as a name>`` for a remote one).
 
     Raises:
         TuneAgbError: one line naming the scene, flag or model that is wrong (checked before Ray starts).
@@ -118,11 +125,14 @@ def map_scenes(
         raise TuneAgbError("--cpus-per-worker must be > 0 and --gpus-per-worker >= 0")
     if workers is not None and workers < 1:
         raise TuneAgbError(f"--workers: must be >= 1, got {workers}")
-    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
-        raise TuneAgbError(f"--out {out_dir}: multi-scene maps are written to a local (or mounted) folder")
-    out = Path(str(out_dir).removeprefix("file://")).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise TuneAgbError(f"--out {out}: exists and is not a folder (with --scenes, --out is the output folder)")
+    dest = str(out_dir) if is_uri(str(out_dir)) else resolve(str(out_dir))
+    if work_dir is not None:
+        out = Path(resolve(str(work_dir)))
+    else:
+        out = default_work_dir(dest) if is_uri(dest) else Path(dest)
+    for folder, flag in ((Path(dest), "--out"), (out, "--work-dir")):
+        if not is_uri(str(folder)) and folder.exists() and not folder.is_dir():
+            raise TuneAgbError(f"{flag} {folder}: exists and is not a folder (with --scenes it is a folder)")
     options = stack or StackOptions()
     cal = resolve_calibration(str(model), calibration)
     from tune_agb.engine.inference import load_predictor
@@ -131,7 +141,7 @@ def map_scenes(
     tile, ov = resolve_windows(tile_size, overlap, predictor)
     margin = predictor.margin if predictor.margin is not None else ov // 2
     model_path = Path(model).absolute()
-    results, todo = _plan(scenes, out, predictor, str(model), options, tile, ov, block_size, cal, overwrite)
+    results, todo = _plan(scenes, out, dest, predictor, str(model), options, tile, ov, block_size, cal, overwrite)
     total = sum(len(r.plan) for r in results)
     queued = sum(len(b) for _, b in todo.values())
     members = len(predictor.members)
@@ -148,15 +158,15 @@ def map_scenes(
                 results, todo, out, settings, tags, address, workers, cpus_per_worker, gpus_per_worker, bar, facts
             )
         for r in results:  # scenes whose blocks were all staged by an earlier run
-            if not r.kept and not r.out.exists():
+            if not r.kept and not r.done:
                 _finish_scene(r, out, tags)
     finally:
         bar.close()
-    mosaics = _mosaics(results, out, margin)
+    mosaics = _mosaics(results, out, dest, margin)
     computed = sum(r.computed for r in results)
     pixels = sum(r.grid.height * r.grid.width for r in results if r.computed)
     return MapsSummary(
-        out,
+        dest,
         results,
         mosaics,
         total,
@@ -174,6 +184,7 @@ def map_scenes(
 def _plan(
     scenes: Sequence[Scene],
     out: Path,
+    dest: str,
     predictor: Any,
     model: str,
     options: StackOptions,
@@ -198,13 +209,14 @@ def _plan(
     for scene in scenes:
         grid = grids[scene.name]
         blocks = block_plan(grid.height, grid.width, tile, overlap, block_size)
-        result = SceneResult(scene, out / f"{scene.name}.tif", grid, blocks)
+        name = f"{scene.name}.tif"
+        result = SceneResult(scene, out / name, final_location(dest, name), grid, blocks)
         results.append(result)
         staging = Staging(out, scene.name)
-        if result.out.exists() and not overwrite:
+        if remote_exists(result.final) and not overwrite:
             result.kept = True
             staging.remove()
-            log.info("%s: kept (use --overwrite to map it again)", result.out)
+            log.info("%s: kept (use --overwrite to map it again)", result.final)
             continue
         plan = {
             "format": PLAN_FORMAT,
@@ -327,10 +339,14 @@ def _finish_scene(r: SceneResult, out: Path, tags: dict[str, str]) -> None:
         blocks.append((path, b.window))
     scene_cog(r.out, r.grid, blocks, {**tags, "scene": r.scene.name}, staging.root)
     validate_cog(r.out)
+    if r.final != str(r.out):
+        upload(r.out, r.final)
+        r.out.unlink()
     staging.remove()
+    r.done = True
 
 
-def _mosaics(results: list[SceneResult], out: Path, margin: int) -> list[Path]:
+def _mosaics(results: list[SceneResult], out: Path, dest: str, margin: int) -> list[str]:
     """One mosaic VRT per CRS of the scenes' COGs (``mosaic_EPSGnnnn.vrt``); mosaics of CRSs no longer mapped stay."""
     by_crs: dict[str, list[SceneResult]] = {}
     for r in results:
@@ -338,6 +354,10 @@ def _mosaics(results: list[SceneResult], out: Path, margin: int) -> list[Path]:
     paths = []
     for label, rs in by_crs.items():
         path = out / f"mosaic_{label}.vrt"
-        mosaic_vrt(path, [(r.out, r.grid) for r in rs], margin)
-        paths.append(path)
+        mosaic_vrt(path, [(r.out, r.grid) for r in rs], margin)  # scenes named relative to it: a.tif, b.tif ...
+        final = final_location(dest, path.name)
+        if final != str(path):
+            upload(path, final)
+            path.unlink()
+        paths.append(final)
     return paths
