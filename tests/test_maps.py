@@ -269,3 +269,33 @@ def test_maps_to_s3_are_made_locally_then_uploaded_and_kept_on_rerun(cluster, mo
         assert np.isfinite(ds.read(1)).all()
     again = map_scenes(model, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
     assert [r.kept for r in again.scenes] == [True, True] and again.computed == 0
+
+
+def _worker_pids() -> list[int]:
+    """The pids of this machine's map workers (Ray names their processes ``ray::BlockWorker...``)."""
+    proc = subprocess.run(["pgrep", "-f", "ray::BlockWorker"], capture_output=True, text=True)
+    return [int(p) for p in proc.stdout.split()]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_map_is_restarted_and_the_map_completes(cluster, model, tmp_path):
+    src = write_tif(tmp_path / "w.tif", _image(200, 200, seed=8))
+    out = tmp_path / "maps"
+    argv = [sys.executable, "-m", "tune_agb.predict", "--model", str(model), "--scenes", str(src), "--out", str(out)]
+    argv += ["--tile-size", str(TILE), "--block-size", "16", "--address", cluster.address, "--device", "cpu"]
+    before = set(_worker_pids())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [*argv, "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while _staged(out) < 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    ours = sorted(set(_worker_pids()) - before)
+    assert ours and proc.poll() is None, "the map ended before a worker could be killed"
+    os.kill(ours[0], signal.SIGKILL)  # one worker of this map, mid-map
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "already done" in stdout
+    single = predict_map(model, [src], tmp_path / "single.tif", tile_size=TILE, device="cpu", progress=False)
+    _close(_read(out / "w.tif"), _read(single.out), float(np.nanmean(_read(single.out)[0])))

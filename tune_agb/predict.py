@@ -17,6 +17,10 @@ DEFLATE-compressed (``--cog``: a Cloud-Optimised GeoTIFF).
 The ``std`` band is calibrated with the model's ``calibration.json`` (fitted by final_train on the validation split,
 see :mod:`tune_agb.engine.calibration`) when it has one; ``--calibration none`` writes the model's raw std,
 ``--calibration FILE`` applies another file.
+
+Many scenes (``--scenes``, see :mod:`tune_agb.maps`): ``--scenes 'tiles/*.tif' --out MAPS/`` maps every scene on Ray
+(``--address`` joins a cluster; ``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker``), block by block on the
+same window grid, into one Cloud-Optimised GeoTIFF per scene and one mosaic VRT per CRS; a rerun resumes.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ def map_scenes(
         overlap: px shared by neighbouring windows (default: twice the model's seam margin).
         block_size: about the side (px) of the blocks a worker predicts at once: whole windows, at least one.
         batch_size: windows per forward pass.
-        device: the workers' device: ``auto`` (the GPU Ray gives the worker, if any), ``cpu``, ``cuda``.
+        device: the workers' device: ``auto`` (the GPU Ray gives a worker with ``gpus_per_worker`` > 0, else the
+            CPU), ``cpu``, ``cuda``.
         calibration: ``auto`` (the model's calibration.json if any), ``none``, or a calibration.json path.
         stack: band selection, resampling and Sentinel-2 digital-number scaling of every scene.
         address: None starts a local Ray here; ``auto`` or ``HOST:PORT`` joins a running cluster.
@@ -146,8 +148,18 @@ def map_scenes(
     queued = sum(len(b) for _, b in todo.values())
     members = len(predictor.members)
     del predictor
+    # Ray leaves GPUs visible to a worker that asked for none: "auto" would take one it was not given
+    worker_device = "cpu" if device == "auto" and gpus_per_worker == 0 else device
     settings = WorkerSettings(
-        str(model_path), device, cal, options, tile, ov, batch_size, max(1, math.floor(cpus_per_worker))
+        str(model_path),
+        worker_device,
+        cal,
+        options,
+        tile,
+        ov,
+        batch_size,
+        max(1, math.floor(cpus_per_worker)),
+        gpus_per_worker,
     )
     facts: dict[str, Any] = {"rss": 0.0, "nodes": set(), "workers": 0, "seconds": 0.0, "startup": 0.0, "assemble": 0.0}
     bar = tqdm(total=total, initial=total - queued, desc="map", unit="block", disable=not progress)
@@ -221,7 +233,8 @@ def _plan(
         plan = {
             "format": PLAN_FORMAT,
             "model": str(Path(model).absolute()),
-            "images": list(scene.images),
+            "model_files": [_stamp(str(p)) for p in _member_checkpoints(model)],
+            "images": [_stamp(p) for p in scene.images],
             "bands": list(options.bands or ()),
             "resampling": options.resampling,
             "s2_offset": options.s2_offset,
@@ -237,6 +250,21 @@ def _plan(
         if missing:
             todo[scene.name] = (result, missing)
     return results, todo
+
+
+def _member_checkpoints(model: str) -> list[Any]:
+    from tune_agb.engine.inference import member_checkpoints  # torch: imported only to map
+
+    return member_checkpoints(model)
+
+
+def _stamp(path: str) -> list[Any]:
+    """A file with its size and modification time (a changed model or image invalidates staged blocks)."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a URI (the rasters' own check has read it)
+        return [path]
+    return [path, st.st_size, st.st_mtime_ns]
 
 
 def _run_blocks(

@@ -51,6 +51,7 @@ class WorkerSettings:
     overlap: int
     batch_size: int
     threads: int  # torch intra-op threads (the worker's CPUs)
+    gpu_fraction: float = 0.0  # the worker's share of its GPU: caps torch's memory there (Ray does not isolate it)
 
 
 class BlockWorker:
@@ -64,6 +65,9 @@ class BlockWorker:
         torch.set_num_threads(max(1, settings.threads))
         self.settings = settings
         self.predictor = load_predictor(settings.model, device=settings.device)
+        dev = self.predictor.device
+        if dev.type == "cuda" and 0 < settings.gpu_fraction < 1:
+            torch.cuda.set_per_process_memory_fraction(settings.gpu_fraction, dev)
         self._env = gdal_env()
         self._env.__enter__()
         self._scene: Scene | None = None
