@@ -6,6 +6,7 @@ a band-count mismatch and an unreadable model are refused in one line before Ray
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +21,14 @@ import torch
 
 from tests.conftest import REPO
 from tests.raster_helpers import grid_transform, random_unet_checkpoint, write_tif
+from tune_agb.engine.calibration import Calibration
 from tune_agb.engine.checkpoint import load_checkpoint, save_checkpoint
 from tune_agb.engine.inference import load_predictor, member_from_state
 from tune_agb.errors import run_cli
 from tune_agb.maps import block_plan, map_scenes, parse_scenes
-from tune_agb.maps.plan import STAGING_DIR
+from tune_agb.maps.plan import STAGING_DIR, Staging
 from tune_agb.predict import main, predict_map, resolve_windows
+from tune_agb.runs import CALIBRATION_FILE, save_calibration
 
 C = 4
 TILE = 48
@@ -244,14 +247,18 @@ def test_blocks_tile_each_scene_exactly_and_scene_lists_name_their_images(tmp_pa
 
 
 @pytest.mark.slow
-def test_maps_to_s3_are_made_locally_then_uploaded_and_kept_on_rerun(cluster, model, s3, tmp_path):
+def test_maps_to_s3_are_made_locally_uploaded_calibrated_and_kept_on_rerun(cluster, model, s3, tmp_path):
     whole = _image(64, 140, seed=7)
     a = write_tif(tmp_path / "a.tif", whole[:, :, :100])
     b = write_tif(tmp_path / "b.tif", whole[:, :, 40:], transform=grid_transform(origin=(600_400.0, 1_650_000.0)))
+    run_dir = tmp_path / "run"  # a final training's out dir, with its calibration
+    run_dir.mkdir()
+    shutil.copy(model, run_dir / "best.pt")
+    save_calibration(Calibration("scale", 3.0, split="val", n=50), run_dir / CALIBRATION_FILE)
     uri = f"s3://{s3.bucket()}/maps"
     work = tmp_path / "work"
     kwargs = {"tile_size": TILE, "block_size": TILE, "device": "cpu", "address": cluster.address, "progress": False}
-    done = map_scenes(model, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
+    done = map_scenes(run_dir, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
     assert done.mosaics == [f"{uri}/mosaic_EPSG32647.vrt"]
     assert s3.keys(uri) == ["maps/a.tif", "maps/b.tif", "maps/mosaic_EPSG32647.vrt"]
     assert list(work.iterdir()) == []  # nothing left locally: no staging, no COG, no VRT
@@ -263,11 +270,14 @@ def test_maps_to_s3_are_made_locally_then_uploaded_and_kept_on_rerun(cluster, mo
 
     single = predict_map(model, [a], tmp_path / "single_a.tif", tile_size=TILE, device="cpu", progress=False)
     assert cog_validate(str(local / "a.tif"), quiet=True)[0]
-    _close(_read(local / "a.tif"), _read(single.out), float(np.nanmean(_read(single.out)[0])))
+    expected = _read(single.out) * np.array([1.0, 3.0], dtype=np.float32)[:, None, None]  # the std calibrated
+    _close(_read(local / "a.tif"), expected, float(np.nanmean(expected[0])))
+    with rasterio.open(local / "a.tif") as ds:
+        assert ds.tags()["calibration"] == "scale: sigma x 3 (fitted on 50 val pixels)"
     with rasterio.open(local / "mosaic_EPSG32647.vrt") as ds:  # the VRT names the scenes next to it
         assert (ds.height, ds.width) == (64, 140)
         assert np.isfinite(ds.read(1)).all()
-    again = map_scenes(model, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
+    again = map_scenes(run_dir, parse_scenes([str(a), str(b)]), uri, work_dir=work, **kwargs)
     assert [r.kept for r in again.scenes] == [True, True] and again.computed == 0
 
 
@@ -299,3 +309,18 @@ def test_a_worker_killed_mid_map_is_restarted_and_the_map_completes(cluster, mod
     assert "already done" in stdout
     single = predict_map(model, [src], tmp_path / "single.tif", tile_size=TILE, device="cpu", progress=False)
     _close(_read(out / "w.tif"), _read(single.out), float(np.nanmean(_read(single.out)[0])))
+
+
+def test_staging_keeps_blocks_of_the_same_plan_only_and_drops_partial_files(tmp_path):
+    blocks = block_plan(100, 100, 48, 32, 16)
+    staging = Staging(tmp_path, "scene")
+    assert staging.prepare({"tile": 48, "model": ["m.pt", 1, 2]}) is False
+    staging.block_path(blocks[0]).write_bytes(b"done")
+    (staging.blocks / f"{blocks[1].name}.tif.partial").write_bytes(b"half")  # a process killed mid-write
+    assert staging.prepare({"tile": 48, "model": ["m.pt", 1, 2]}) is True
+    assert staging.finished(blocks) == {blocks[0].name}
+    assert not list(staging.blocks.glob("*.partial"))
+    assert staging.prepare({"tile": 48, "model": ["m.pt", 1, 3]}) is False  # the model file changed
+    assert staging.finished(blocks) == set()
+    staging.remove()
+    assert not (tmp_path / STAGING_DIR).exists()
