@@ -365,7 +365,8 @@ def _finish_scene(r: SceneResult, out: Path, tags: dict[str, str]) -> None:
         if not path.is_file():
             raise TuneAgbError(f"{path}: a staged block is missing; run the command again to compute it")
         blocks.append((path, b.window))
-    scene_cog(r.out, r.grid, blocks, {**tags, "scene": r.scene.name}, staging.root)
+    with gdal_env():  # GDAL's block cache bounded while the COG driver copies the scene
+        scene_cog(r.out, r.grid, blocks, {**tags, "scene": r.scene.name}, staging.root)
     validate_cog(r.out)
     if r.final != str(r.out):
         upload(r.out, r.final)
