@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tune_agb.errors import TuneAgbError
 from tune_agb.geo.raster import StackOptions, gdal_env
-from tune_agb.location import is_uri, resolve
+from tune_agb.location import first_line, is_uri, resolve
 from tune_agb.maps.output import SceneGrid, crs_label, mosaic_vrt, scene_cog, validate_cog, write_block
 from tune_agb.maps.plan import PLAN_FORMAT, Block, Scene, Staging, block_plan
 from tune_agb.maps.remote import default_work_dir, final_location, remote_exists, upload
@@ -290,30 +291,25 @@ def _run_blocks(
     init_ray(address)
     try:
         n = _worker_count(ray.cluster_resources(), workers, cpus, gpus)
-        queue = [(results_scene, b) for results_scene, blocks in todo.values() for b in blocks]
+        queue = deque((results_scene, b) for results_scene, blocks in todo.values() for b in blocks)
         n = min(n, len(queue))
         facts["workers"] = n
         actor_cls = ray.remote(max_restarts=2, max_task_retries=2)(BlockWorker)
         actors = [actor_cls.options(num_cpus=cpus, num_gpus=gpus).remote(settings) for _ in range(n)]
-        ray.get([a.ready.remote() for a in actors])  # Ray joined, workers started, the model loaded on each
+        _get(ray, [a.ready.remote() for a in actors], "starting the workers")  # each has loaded the model
         facts["startup"] = time.perf_counter() - t0
         remaining = {name: len(blocks) for name, (_, blocks) in todo.items()}
-        by_name = {r.scene.name: r for r in results}
-        blocks_of = {name: {b.name: b for b in blocks} for name, (_, blocks) in todo.items()}
-        pending: dict[Any, Any] = {}
+        pending: dict[Any, tuple[SceneResult, Block]] = {}  # Ray reference -> the block it computes
         k = 0
         while queue or pending:
             while queue and len(pending) < n * IN_FLIGHT_PER_WORKER:
-                r, b = queue.pop(0)
-                ref = actors[k % n].predict.remote(r.scene, b)
-                pending[ref] = actors[k % n]
+                r, b = queue.popleft()
+                pending[actors[k % n].predict.remote(r.scene, b)] = (r, b)
                 k += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
-                pending.pop(ref)
-                scene, name, data, f = ray.get(ref)
-                r = by_name[scene]
-                block = blocks_of[scene][name]
+                r, block = pending.pop(ref)
+                scene, _, data, f = _get(ray, ref, f"{r.scene.name} block {block.name}")
                 write_block(Staging(out, scene).block_path(block), data, r.grid, block.window)
                 del data
                 r.computed += 1
@@ -331,6 +327,18 @@ def _run_blocks(
     finally:
         if started:
             ray.shutdown()
+
+
+def _get(ray: Any, refs: Any, what: str) -> Any:
+    """``ray.get`` with a worker's failure as one line: its own TuneAgbError message (an image a node cannot read),
+    or the first line of what Ray reports (a worker that died more often than it is restarted)."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+        raise TuneAgbError(f"{what}: failed on a Ray worker: {first_line(cause)}") from None
+    except ray.exceptions.RayError as exc:
+        raise TuneAgbError(f"{what}: the Ray worker was lost ({first_line(exc)})") from None
 
 
 def _worker_count(cluster: dict[str, float], workers: int | None, cpus: float, gpus: float) -> int:
