@@ -17,6 +17,10 @@ DEFLATE-compressed (``--cog``: a Cloud-Optimised GeoTIFF).
 The ``std`` band is calibrated with the model's ``calibration.json`` (fitted by final_train on the validation split,
 see :mod:`tune_agb.engine.calibration`) when it has one; ``--calibration none`` writes the model's raw std,
 ``--calibration FILE`` applies another file.
+
+Many scenes (``--scenes``, see :mod:`tune_agb.maps`): ``--scenes 'tiles/*.tif' --out MAPS/`` maps every scene on Ray
+(``--address`` joins a cluster; ``--workers``, ``--cpus-per-worker``, ``--gpus-per-worker``), block by block on the
+same window grid, into one Cloud-Optimised GeoTIFF per scene and one mosaic VRT per CRS; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import argparse
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +58,8 @@ from tune_agb.runs import load_calibration, model_calibration
 log = logging.getLogger(__name__)
 
 OUTPUT_BANDS = ("mean", "std")
+# how a finished GeoTIFF (or VRT) is copied into a Cloud-Optimised GeoTIFF
+COG_OPTIONS = {"driver": "COG", "COMPRESS": "DEFLATE", "PREDICTOR": "YES", "BIGTIFF": "IF_SAFER"}
 BLOCK = 256  # output GeoTIFF tile size (px); rows are flushed in whole block rows so no block is written twice
 
 
@@ -127,6 +133,54 @@ def output_profile(stack: RasterStack) -> dict:
     }
 
 
+def predict_row(
+    predictor: Predictor,
+    stack: RasterStack,
+    row: tuple[int, int, int, int],
+    cols: Sequence[tuple[int, int, int, int]],
+    batch_size: int = 8,
+    s2_pos: Sequence[int] = (),
+    s2_offset: float | None = None,
+    calibration: Calibration = IDENTITY,
+    done: Callable[[int], object] | None = None,
+) -> np.ndarray:
+    """The kept parts of one row of windows: float32 (2, keep rows, keep cols) of mean and calibrated std.
+
+    Args:
+        predictor: the model(s).
+        stack: the input rasters.
+        row: ``(start, stop, keep_start, keep_stop)`` of the row of windows (an entry of :func:`window_plan`).
+        cols: consecutive column windows of :func:`window_plan` (all of them for a full strip); the result spans
+            ``cols[0]``'s keep start to ``cols[-1]``'s keep stop.
+        batch_size: windows per forward pass.
+        s2_pos: positions of the Sentinel-2 bands to scale from digital numbers with ``s2_offset`` (none: as read).
+        s2_offset: the digital-number offset (used when ``s2_pos`` is not empty).
+        calibration: applied to the predicted std.
+        done: called with the number of windows after each forward pass (a progress bar's ``update``).
+    """
+    r0, r1, kr0, kr1 = row
+    x0 = cols[0][2]
+    strip = np.full((2, kr1 - kr0, cols[-1][3] - x0), np.nan, dtype=np.float32)
+    # windows of one width go through the model together (the last column can be narrower)
+    for width in sorted({c1 - c0 for c0, c1, _, _ in cols}, reverse=True):
+        same = [c for c in cols if c[1] - c[0] == width]
+        for k in range(0, len(same), batch_size):
+            batch = same[k : k + batch_size]
+            x = np.stack([stack.read(Window(c0, r0, width, r1 - r0)) for c0, _, _, _ in batch])
+            if s2_pos:
+                for xi in x:
+                    dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
+            mean, std = predictor.predict(x)
+            std_cal = calibration.std(std.float().cpu().numpy())
+            out = np.stack([mean.float().cpu().numpy(), std_cal], axis=1)
+            out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
+            for i, (c0, _, kc0, kc1) in enumerate(batch):
+                strip[:, :, kc0 - x0 : kc1 - x0] = out[i, :, kr0 - r0 : kr1 - r0, kc0 - c0 : kc1 - c0]
+            if done is not None:
+                done(len(batch))
+    return strip
+
+
 def predict_raster(
     predictor: Predictor,
     stack: RasterStack,
@@ -171,24 +225,8 @@ def predict_raster(
         pending = [strip[:, n:]] if n < strip.shape[1] else []
 
     bar = tqdm(total=len(rows) * len(cols), desc="predict", unit="window", disable=not progress)
-    for r0, r1, kr0, kr1 in rows:
-        strip = np.full((2, kr1 - kr0, w), np.nan, dtype=np.float32)
-        # windows of one width go through the model together (the last column can be narrower)
-        for width in sorted({c1 - c0 for c0, c1, _, _ in cols}, reverse=True):
-            same = [c for c in cols if c[1] - c[0] == width]
-            for k in range(0, len(same), batch_size):
-                batch = same[k : k + batch_size]
-                x = np.stack([stack.read(Window(c0, r0, width, r1 - r0)) for c0, _, _, _ in batch])
-                if s2_pos:
-                    for xi in x:
-                        dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
-                mean, std = predictor.predict(x)
-                std_cal = calibration.std(std.float().cpu().numpy())
-                out = np.stack([mean.float().cpu().numpy(), std_cal], axis=1)
-                out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
-                for i, (c0, _, kc0, kc1) in enumerate(batch):
-                    strip[:, :, kc0:kc1] = out[i, :, kr0 - r0 : kr1 - r0, kc0 - c0 : kc1 - c0]
-                bar.update(len(batch))
+    for row in rows:
+        strip = predict_row(predictor, stack, row, cols, batch_size, s2_pos, s2_offset, calibration, bar.update)
         pending.append(strip)
         write(final=False)
     bar.close()
@@ -199,8 +237,17 @@ def predict_raster(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tune_agb.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint .pt, final-train OUT_DIR, or ensemble OUT_DIR")
-    add_image_argument(p)
-    p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std)")
+    what = p.add_mutually_exclusive_group(required=True)
+    add_image_argument(what, required=False)
+    what.add_argument(
+        "--scenes",
+        action="append",
+        metavar="SCENES",
+        help="many scenes, mapped on Ray (repeatable): a glob (every match is a scene), a .txt file (a scene per "
+        "line), or one scene; images separated by commas are stacked band-wise. --out is then a folder: one COG "
+        "per scene and one mosaic VRT per CRS",
+    )
+    p.add_argument("--out", required=True, help="output GeoTIFF (bands: mean, std); with --scenes an output folder")
     p.add_argument("--tile-size", type=int, default=512, help="window side in px (default 512)")
     p.add_argument(
         "--overlap",
@@ -217,10 +264,40 @@ def build_parser() -> argparse.ArgumentParser:
         "none, or a calibration.json file",
     )
     add_stack_arguments(p)
-    p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--cog", action="store_true", help="write a Cloud-Optimised GeoTIFF (always so with --scenes)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (with --scenes: map finished scenes again)"
+    )
+    ray = p.add_argument_group("many scenes on Ray (with --scenes)")
+    ray.add_argument("--address", default=None, help="join a running Ray cluster: auto or HOST:PORT (default: local)")
+    ray.add_argument("--workers", type=int, default=None, help="Ray workers (default: as many as the cluster holds)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs per worker (default 1)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray GPUs per worker, e.g. 0.25 (default 0)")
+    ray.add_argument(
+        "--block-size", type=int, default=2048, help="px per side of the blocks a worker maps at once (default 2048)"
+    )
+    ray.add_argument(
+        "--work-dir",
+        default=None,
+        help="local folder for staged blocks and COGs before upload (default: --out when local, else "
+        "./.tune_agb_maps/<--out as a name>)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
+
+
+def check_band_count(raster: RasterStack, predictor: Predictor, model: str | Path, paths: Sequence[str]) -> None:
+    """Refuse a stack whose band count is not the model's input channels.
+
+    Raises:
+        TuneAgbError: one line naming the images, their band count and the model's.
+    """
+    if raster.count != predictor.in_channels:
+        expected = f" ({' '.join(BAND_NAMES)})" if predictor.in_channels == len(BAND_NAMES) else ""
+        raise TuneAgbError(
+            f"{', '.join(map(str, paths))}: {raster.count} bands, but the model {model} expects "
+            f"{predictor.in_channels}{expected}; pick bands with --bands"
+        )
 
 
 def resolve_calibration(model: str, option: str) -> Calibration:
@@ -300,12 +377,7 @@ def predict_map(
     paths = [str(p) for p in images]
     with gdal_env(), options.open(paths) as raster:
         predictor = load_predictor(model, device=device)
-        if raster.count != predictor.in_channels:
-            expected = f" ({' '.join(BAND_NAMES)})" if predictor.in_channels == len(BAND_NAMES) else ""
-            raise TuneAgbError(
-                f"{', '.join(paths)}: {raster.count} bands, but the model {model} expects "
-                f"{predictor.in_channels}{expected}; pick bands with --bands"
-            )
+        check_band_count(raster, predictor, model, paths)
         with staged_file(out, overwrite) as tmp:
             gtiff = tmp
             if cog:  # the COG driver only copies a finished dataset: write a plain GeoTIFF first
@@ -329,9 +401,7 @@ def predict_map(
                         calibration=cal,
                     )
                 if cog:
-                    rasterio.shutil.copy(
-                        gtiff, tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BIGTIFF="IF_SAFER"
-                    )
+                    rasterio.shutil.copy(gtiff, tmp, **COG_OPTIONS)
             finally:
                 if gtiff != tmp and gtiff.exists():
                     gtiff.unlink()
@@ -340,6 +410,12 @@ def predict_map(
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.scenes:
+        return _main_scenes(a)
+    ray_flags = ("address", "workers", "block_size", "work_dir")
+    used = [f"--{f.replace('_', '-')}" for f in ray_flags if getattr(a, f) != build_parser().get_default(f)]
+    if used:
+        raise TuneAgbError(f"{', '.join(used)}: for many scenes on Ray, give them with --scenes (not --image)")
     done = predict_map(
         a.model,
         a.image,
@@ -358,6 +434,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{done.out}: mean and std from {done.windows} windows ({models}, {done.device}; "
         f"calibration {done.calibration.method})"
+    )
+    return 0
+
+
+def _main_scenes(a: argparse.Namespace) -> int:
+    """``--scenes``: many scenes on Ray (see :func:`tune_agb.maps.map_scenes`)."""
+    from tune_agb.maps import map_scenes, parse_scenes
+
+    done = map_scenes(
+        a.model,
+        parse_scenes(a.scenes),
+        a.out,
+        tile_size=a.tile_size,
+        overlap=a.overlap,
+        block_size=a.block_size,
+        batch_size=a.batch_size,
+        device=a.device,
+        calibration=a.calibration,
+        stack=StackOptions.from_args(a),
+        address=a.address,
+        workers=a.workers,
+        cpus_per_worker=a.cpus_per_worker,
+        gpus_per_worker=a.gpus_per_worker,
+        overwrite=a.overwrite,
+        progress=a.progress,
+        work_dir=a.work_dir,
+    )
+    for r in done.scenes:
+        print(f"{r.final}: {'kept (already mapped)' if r.kept else f'{len(r.plan)} blocks, {r.computed} computed now'}")
+    for m in done.mosaics:
+        print(f"{m}: mosaic")
+    print(
+        f"{len(done.scenes)} scenes: {done.computed} of {done.blocks} blocks computed "
+        f"({done.blocks - done.computed} already done) on {done.workers} workers"
     )
     return 0
 
