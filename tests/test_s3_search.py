@@ -371,3 +371,80 @@ def test_an_endpoint_that_does_not_answer_is_one_line(s3: Any, monkeypatch: pyte
     assert str(err.value) == (
         f"s3://bucket/runs/exp/best.yaml: cannot reach the S3 endpoint AWS_ENDPOINT_URL=http://127.0.0.1:{port}"
     )
+
+
+def test_a_wrong_secret_and_a_key_without_permissions_are_told_apart(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tune_agb.store import list_tiles
+
+    bucket = s3.bucket()
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3.endpoint, region_name="us-east-1")
+    user = f"tune-agb-{bucket}"
+    iam.create_user(UserName=user)  # no policy: it may do nothing
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    tiles = [f"s3://{bucket}/in", f"s3://{bucket}/lab"]
+    with _iam_auth(s3):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"] + "x")
+        with pytest.raises(TuneAgbError, match=r"^s3://[^ ]+/in/train: the secret key does not fit the access key; "):
+            list_tiles(*tiles, "train")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        with pytest.raises(TuneAgbError, match=r"^s3://[^ ]+/in/train: access denied; check AWS_ACCESS_KEY_ID"):
+            list_tiles(*tiles, "train")
+
+
+def test_the_mirror_of_a_remote_experiment_goes_there_and_comes_back_in_another_cache(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pickle
+
+    import optuna
+
+    from tune_agb.search import sync
+
+    exp = f"s3://{s3.bucket()}/runs/exp"
+    monkeypatch.setenv("TUNE_AGB_CACHE", str(tmp_path / "cache_a"))
+    sync.clear(exp)
+    storage = sync.MirroredJournalStorage(exp)
+    study = optuna.create_study(study_name="exp", storage=storage)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 1.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 2)}, value=3.0
+        )
+    )
+    mirror = sync.mirror_dir(exp)
+    assert mirror.parent == tmp_path / "cache_a" / "experiments" and (mirror / "optuna.journal").is_file()
+    run = mirror / "tensorboard" / "t1"
+    run.mkdir(parents=True)
+    (run / "events.out.tfevents.1").write_bytes(b"epoch 1\n")
+    assert sorted(sync.push(exp)) == ["optuna.journal", "tensorboard/t1/events.out.tfevents.1"]
+    assert sync.push(exp) == []  # unchanged: not copied again
+    (run / "events.out.tfevents.1").write_bytes(b"epoch 1\nepoch 2\n")
+    assert sync.push(exp) == ["tensorboard/t1/events.out.tfevents.1"]
+    assert s3.read(f"{exp}/tensorboard/t1/events.out.tfevents.1") == b"epoch 1\nepoch 2\n"
+    pickled = pickle.dumps(storage)
+    assert str(mirror).encode() not in pickled  # it pickles as the experiment, not as this machine's folder
+
+    # another machine (another cache): --resume pulls the files, the unpickled storage opens the same study there
+    monkeypatch.setenv("TUNE_AGB_CACHE", str(tmp_path / "cache_b"))
+    assert sorted(sync.pull(exp)) == ["optuna.journal", "tensorboard/t1/events.out.tfevents.1"]
+    again = pickle.loads(pickled)
+    assert sync.mirror_dir(exp).parent == tmp_path / "cache_b" / "experiments"
+    (trial,) = optuna.load_study(study_name="exp", storage=again).trials
+    assert trial.value == 3.0 and trial.params == {"x": 1.0}
+    assert sync.push(exp) == []  # what was pulled is not copied back
+    # a local copy that goes further than the stored one (the search stopped before its last copy) is kept
+    local = sync.mirror_dir(exp) / "tensorboard" / "t1" / "events.out.tfevents.1"
+    local.write_bytes(b"epoch 1\nepoch 2\nepoch 3\n")
+    assert sync.pull(exp) == [] and local.read_bytes().endswith(b"epoch 3\n")
+    assert sync.push(exp) == ["tensorboard/t1/events.out.tfevents.1"]
+    # any other local copy is replaced by the stored one
+    local.write_bytes(b"something else")
+    assert sync.pull(exp) == ["tensorboard/t1/events.out.tfevents.1"] and local.read_bytes().endswith(b"epoch 3\n")
+    # a new search under the same name starts without the old journal, here and there
+    sync.clear(exp)
+    assert not sync.mirror_dir(exp).exists()
+    assert not any(k.endswith("/optuna.journal") for k in s3.keys(exp))

@@ -8,7 +8,7 @@ half a file. Importing this module imports neither Ray nor torch.
 Remote storage is opened the way AWS's own tools open it: credentials and region from the environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, or a profile/instance role)
 and an S3-compatible server (MinIO, Ceph, a cloud vendor's S3) named by ``AWS_ENDPOINT_URL``. What an object store
-answers (access denied, no such bucket, unknown key, endpoint unreachable) is worded once, by :func:`reason`.
+answers (access denied, no such bucket, unknown key, endpoint unreachable) is worded once, by :func:`failure`.
 """
 
 from __future__ import annotations
@@ -198,24 +198,18 @@ _STORE_ANSWERS: tuple[tuple[str, str], ...] = (
 _BUCKET_IN_MESSAGE = re.compile(r"[Bb]ucket '([^']+)'")
 
 
-def reason(exc: BaseException) -> str:
-    """Why a filesystem call failed, in one line: an object store's answer in plain words (what to check), else the
-    first line of the message (see :func:`first_line`).
+def store_answer(exc: BaseException) -> str | None:
+    """An object store's answer in a filesystem error, in plain words with what to check; None when it holds none.
 
-    Example: ``AWS Error ACCESS_DENIED during HeadObject operation: ...`` becomes ``access denied; check
+    Example: ``... AWS Error ACCESS_DENIED during HeadObject operation: ...`` becomes ``access denied; check
     AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions``.
     """
-    return store_answer(exc) or first_line(exc)
-
-
-def store_answer(exc: BaseException) -> str | None:
-    """An object store's answer in an exception (:func:`reason`), in plain words; None when it holds none."""
     text = str(exc)
     for pattern, words in _STORE_ANSWERS:
         if re.search(pattern, text):
             bucket = _BUCKET_IN_MESSAGE.search(text)
             endpoint = os.environ.get("AWS_ENDPOINT_URL")
-            where = f" AWS_ENDPOINT_URL={endpoint}" if endpoint else " (AWS_ENDPOINT_URL names a non-AWS server)"
+            where = f" AWS_ENDPOINT_URL={endpoint}" if endpoint else " (AWS_ENDPOINT_URL names an S3-compatible one)"
             return words.format(bucket=f" {bucket.group(1)}" if bucket else "", endpoint=where)
     return None
 
@@ -236,7 +230,7 @@ def check_bucket(location: str, label: str | None = None) -> None:
         label: how the error names it (default: ``location``), e.g. ``--storage s3://bucket/runs``.
 
     Raises:
-        TuneAgbError: ``LABEL: the bucket BUCKET does not exist ...``, or what the store answered (:func:`reason`).
+        TuneAgbError: ``LABEL: the bucket BUCKET does not exist ...``, or what the store answered (:func:`failure`).
     """
     if not is_uri(location):
         return

@@ -123,6 +123,7 @@ def pull(experiment_uri: str) -> list[str]:
         return []
     fs, root = open_location(experiment_uri)
     mirror = mirror_dir(experiment_uri)
+    done: dict[str, tuple[int, int]] = {}  # files now the same here and there: not copied back by the next push
     try:
         infos = [fs.get_file_info(f"{root}/{OPTUNA_JOURNAL}")]
         infos += fs.get_file_info(pafs.FileSelector(f"{root}/{TENSORBOARD_DIR}", recursive=True, allow_not_found=True))
@@ -134,16 +135,18 @@ def pull(experiment_uri: str) -> list[str]:
             stored = read_path(fs, info.path) or b""
             local = mirror / rel
             mine = local.read_bytes() if local.is_file() else None
-            if mine is not None and mine.startswith(stored):
-                continue
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(local.name + TMP_SUFFIX)
-            tmp.write_bytes(stored)
-            os.replace(tmp, local)
-            written.append(rel)
+            if mine is None or not mine.startswith(stored):
+                local.parent.mkdir(parents=True, exist_ok=True)
+                tmp = local.with_name(local.name + TMP_SUFFIX)
+                tmp.write_bytes(stored)
+                os.replace(tmp, local)
+                written.append(rel)
+                mine = stored
+            if mine == stored:
+                done[rel] = (len(stored), local.stat().st_mtime_ns)
     except OSError as exc:
         raise failure(experiment_uri, "cannot copy its study/TensorBoard files here", exc) from None
-    _pushed.pop(experiment_uri, None)
+    _pushed[experiment_uri] = done
     return written
 
 
