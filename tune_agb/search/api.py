@@ -110,10 +110,8 @@ class SearchOutcome:
             lines.append(f"TensorBoard (HParams table, curves): tensorboard --logdir {exp}/{TENSORBOARD_DIR}")
         if self.best is not None:
             b = self.best
-            lines.append(
-                f"best: trial {b.trial_id} epoch {b.epoch} {space.metric}={b.value:.4g} "
-                f"(checkpoint {b.checkpoint}/{CHECKPOINT_FILE})"
-            )
+            kept = f"checkpoint {b.checkpoint}/{CHECKPOINT_FILE}" if b.checkpoint else "its checkpoint was not kept"
+            lines.append(f"best: trial {b.trial_id} epoch {b.epoch} {space.metric}={b.value:.4g} ({kept})")
             lines.append("\nnext, train the final model:")
             name = exp.rstrip("/").rsplit("/", 1)[-1]
             lines.append(f"  python -m tune_agb.final_train --experiment {exp} --out-dir runs/{name}-final")
