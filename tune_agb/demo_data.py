@@ -218,9 +218,10 @@ def demo_data_dir() -> Path:
 
 def data_dirs(
     input_dir: str | Path | None, label_dir: str | Path | None, default: tuple[str | Path, str | Path] | None = None
-) -> tuple[Path, Path]:
+) -> tuple[str, str]:
     """The tile folders a command works on: ``--input-dir``/``--label-dir`` when given, else ``default`` (the folders
-    a space file or an experiment names), else the demo dataset (generated once into the cache).
+    a space file or an experiment names), else the demo dataset (generated once into the cache). As given: a local
+    path, or a ``s3://``/``gs://`` URI (kept whole: never made a ``Path``).
 
     Raises:
         TuneAgbError: when only one of the two flags is given.
@@ -228,8 +229,8 @@ def data_dirs(
     if (input_dir is None) != (label_dir is None):
         raise TuneAgbError("--input-dir and --label-dir go together (give both, or neither for the demo data)")
     if input_dir is not None and label_dir is not None:
-        return Path(input_dir), Path(label_dir)
+        return str(input_dir), str(label_dir)
     if default is not None:
-        return Path(default[0]), Path(default[1])
+        return str(default[0]), str(default[1])
     demo = demo_data_dir()
-    return demo / "inputs", demo / "labels"
+    return str(demo / "inputs"), str(demo / "labels")

@@ -4,6 +4,11 @@ path (the prefix removed); local paths are made absolute (``~`` expanded); any o
 
 Writes go next to their target first and are moved in place, so a reader (or a process killed mid-write) never sees
 half a file. Importing this module imports neither Ray nor torch.
+
+Remote storage is opened the way AWS's own tools open it: credentials and region from the environment
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``/``AWS_DEFAULT_REGION``, or a profile/instance role)
+and an S3-compatible server (MinIO, Ceph, a cloud vendor's S3) named by ``AWS_ENDPOINT_URL``. What an object store
+answers (access denied, no such bucket, unknown key, endpoint unreachable) is worded once, by :func:`failure`.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +60,7 @@ def open_location(location: str, label: str | None = None) -> Folder:
             return pafs.FileSystem.from_uri(location)
         return pafs.LocalFileSystem(), str(Path(location.removeprefix(FILE_SCHEME)).expanduser().absolute())
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise TuneAgbError(f"{label or location}: cannot open it ({first_line(exc)})") from None
+        raise failure(label or location, "cannot open it", exc) from None
 
 
 def join(location: str, *names: str) -> str:
@@ -100,9 +107,12 @@ def read_bytes(location: str) -> bytes | None:
     """
     fs, path = open_location(location)
     try:
-        return read_path(fs, path)
+        data = read_path(fs, path)
+        if data is None and is_uri(location):
+            check_bucket(location)  # a missing bucket is said as such, not as a missing file
+        return data
     except OSError as exc:
-        raise TuneAgbError(f"{location}: cannot read it ({first_line(exc)})") from None
+        raise failure(location, "cannot read it", exc) from None
 
 
 def read_table(location: str, columns: list[str] | None = None) -> pa.Table | None:
@@ -153,7 +163,7 @@ def write_atomic(location: str, data: bytes) -> None:
             fs.create_dir(parent, recursive=True)
         write_path_atomic(fs, path, data)
     except OSError as exc:
-        raise TuneAgbError(f"{location}: cannot write it ({first_line(exc)})") from None
+        raise failure(location, "cannot write it", exc) from None
 
 
 def exists(location: str) -> bool:
@@ -169,3 +179,69 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# What object stores answer, in pyarrow's words (``AWS Error ACCESS_DENIED during HeadObject operation: ...``), as
+# (pattern, the words users see). HEAD requests carry no error body: a wrong key then reads as ACCESS_DENIED.
+_CREDENTIALS = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions"
+_STORE_ANSWERS: tuple[tuple[str, str], ...] = (
+    (r"INVALID_ACCESS_KEY_ID|InvalidAccessKeyId", "the access key is not known to the endpoint; " + _CREDENTIALS),
+    (r"SIGNATURE_DOES_NOT_MATCH|SignatureDoesNotMatch", "the secret key does not fit the access key; " + _CREDENTIALS),
+    (r"ACCESS_DENIED|AccessDenied|Forbidden|HTTP response code: 403", "access denied; " + _CREDENTIALS),
+    (r"EXPIRED_TOKEN|ExpiredToken", "the session token has expired; renew the credentials (AWS_SESSION_TOKEN)"),
+    (r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '[^']*' not found", "the bucket{bucket} does not exist"),
+    (
+        r"NETWORK_CONNECTION|curlCode: [67]\b|Could not connect|Couldn't resolve host",
+        "cannot reach the S3 endpoint{endpoint}",
+    ),
+)
+_BUCKET_IN_MESSAGE = re.compile(r"[Bb]ucket '([^']+)'")
+
+
+def store_answer(exc: BaseException) -> str | None:
+    """An object store's answer in a filesystem error, in plain words with what to check; None when it holds none.
+
+    Example: ``... AWS Error ACCESS_DENIED during HeadObject operation: ...`` becomes ``access denied; check
+    AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions``.
+    """
+    text = str(exc)
+    for pattern, words in _STORE_ANSWERS:
+        if re.search(pattern, text):
+            bucket = _BUCKET_IN_MESSAGE.search(text)
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")
+            where = f" AWS_ENDPOINT_URL={endpoint}" if endpoint else " (AWS_ENDPOINT_URL names an S3-compatible one)"
+            return words.format(bucket=f" {bucket.group(1)}" if bucket else "", endpoint=where)
+    return None
+
+
+def failure(location: str, doing: str, exc: BaseException) -> TuneAgbError:
+    """The one-line error of a failed filesystem call on ``location``: ``LOCATION: ANSWER`` for an object store's
+    answer (``s3://b/x: access denied; check ...``), else ``LOCATION: DOING (first line of the message)``."""
+    answer = store_answer(exc)
+    return TuneAgbError(f"{location}: {answer}" if answer else f"{location}: {doing} ({first_line(exc)})")
+
+
+def check_bucket(location: str, label: str | None = None) -> None:
+    """Fail with one line when the bucket of a remote ``location`` does not exist or cannot be reached with the
+    credentials at hand (nothing is checked for a local path, which is created as needed).
+
+    Args:
+        location: a folder or file, e.g. ``s3://bucket/runs``.
+        label: how the error names it (default: ``location``), e.g. ``--storage s3://bucket/runs``.
+
+    Raises:
+        TuneAgbError: ``LABEL: the bucket BUCKET does not exist ...``, or what the store answered (:func:`failure`).
+    """
+    if not is_uri(location):
+        return
+    fs, path = open_location(location, label)
+    bucket = path.split("/", 1)[0]
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:
+        raise failure(label or location, "cannot look at its bucket", exc) from None
+    if not found:
+        raise TuneAgbError(
+            f"{label or location}: the bucket {bucket} does not exist (create it first, or check its name"
+            f"{' and AWS_ENDPOINT_URL' if os.environ.get('AWS_ENDPOINT_URL') else ''})"
+        )

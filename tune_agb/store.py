@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from tune_agb.bands import BAND_NAMES, SPLITS
 from tune_agb.engine.data import NormStats, StatsAccumulator, TileSet, check_npy, list_split, unreadable_npy
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import open_location
+from tune_agb.location import check_bucket, failure, open_location
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,13 @@ def _list_uri(input_dir: str, label_dir: str, split: str) -> list[TileFile]:
         folder = f"{root.rstrip('/')}/{split}"
         try:
             infos = fs.get_file_info(pafs.FileSelector(folder, recursive=False))
-        except (FileNotFoundError, OSError):
+        except FileNotFoundError:
+            check_bucket(uri)  # a missing bucket is said as such
             raise TuneAgbError(
                 f"{uri.rstrip('/')}/{split}: split folder '{split}' is missing (expected {{train,val,test}}/NAME.npy)"
             ) from None
+        except OSError as exc:  # what the object store answered (access denied, no such bucket, ...)
+            raise failure(f"{uri.rstrip('/')}/{split}", "cannot list the tiles", exc) from None
         found[kind] = {
             i.base_name[:-4]: (f"{uri.rstrip('/')}/{split}/{i.base_name}", i.size or 0, int(i.mtime_ns or 0))
             for i in infos

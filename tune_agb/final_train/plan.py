@@ -150,8 +150,8 @@ class Plan:
     folders, out dir, the checkpoint it resumes, where the config came from, and its members."""
 
     cfg: TrainConfig
-    input_dir: Path
-    label_dir: Path
+    input_dir: str  # a local path or a s3:// / gs:// URI
+    label_dir: str
     out: Path
     resume: dict[str, Any] | None
     source: str

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import FILE_SCHEME, exists, is_uri, join, write_atomic
+from tune_agb.location import FILE_SCHEME, check_bucket, exists, is_uri, join, write_atomic
 from tune_agb.runs import METRICS_FILE, PREDICTIONS_FILE, RESULTS_FILE, SEARCH_FILE
 
 REPORT_DIR = "report"
@@ -43,6 +43,7 @@ def build_page(folder: str | Path, unit: str = "") -> str:
     from tune_agb.report.search_page import search_page
 
     where = str(folder).rstrip("/") or str(folder)
+    check_bucket(where)  # a wrong bucket or credentials: said as such, not as a folder of the wrong kind
     if exists(join(where, RESULTS_FILE)) and exists(join(where, SEARCH_FILE)):
         return search_page(where)
     if exists(join(where, METRICS_FILE)) and exists(join(where, PREDICTIONS_FILE)):

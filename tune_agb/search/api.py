@@ -61,7 +61,8 @@ class SearchOutcome:
         unfinished: trials started but neither finished nor failed (an interrupted search).
         incomplete: why the search is not complete, "" when it is (a spent time budget counts as complete).
         failures: one ``"TRIAL_ID: last error line"`` per failed trial.
-        report_page: the HTML report page written into the experiment (None for remote storage or on failure).
+        report_page: the HTML report page written into the experiment (its path, or URI for remote storage; None
+            when it could not be drawn).
     """
 
     results: pd.DataFrame
@@ -86,6 +87,7 @@ class SearchOutcome:
         from tune_agb.runs import BEST_FILE, RESULTS_FILE
         from tune_agb.search.experiment import CHECKPOINT_FILE, OPTUNA_JOURNAL, TENSORBOARD_DIR
         from tune_agb.search.results import summary
+        from tune_agb.search.sync import mirror_dir
 
         space, exp = self.space, self.experiment
         lines = [f"\nbest trials by {space.metric} ({space.mode}, best epoch of each trial):"]
@@ -96,15 +98,20 @@ class SearchOutcome:
         lines.append(f"\nresults: {exp}/{RESULTS_FILE}  best: {exp}/{BEST_FILE}")
         if self.report_page is not None:
             lines.append(f"report page: {self.report_page}")
-        if not is_uri(exp):
+        if is_uri(exp):
+            local = mirror_dir(exp)
+            lines.append(f"Optuna study: {exp}/{OPTUNA_JOURNAL}; here: optuna-dashboard {local}/{OPTUNA_JOURNAL}")
+            lines.append(
+                f"TensorBoard (HParams table, curves): tensorboard --logdir {exp}/{TENSORBOARD_DIR}; "
+                f"here: tensorboard --logdir {local}/{TENSORBOARD_DIR}"
+            )
+        else:
             lines.append(f"Optuna study: optuna-dashboard {exp}/{OPTUNA_JOURNAL}")
             lines.append(f"TensorBoard (HParams table, curves): tensorboard --logdir {exp}/{TENSORBOARD_DIR}")
         if self.best is not None:
             b = self.best
-            lines.append(
-                f"best: trial {b.trial_id} epoch {b.epoch} {space.metric}={b.value:.4g} "
-                f"(checkpoint {b.checkpoint}/{CHECKPOINT_FILE})"
-            )
+            kept = f"checkpoint {b.checkpoint}/{CHECKPOINT_FILE}" if b.checkpoint else "its checkpoint was not kept"
+            lines.append(f"best: trial {b.trial_id} epoch {b.epoch} {space.metric}={b.value:.4g} ({kept})")
             lines.append("\nnext, train the final model:")
             name = exp.rstrip("/").rsplit("/", 1)[-1]
             lines.append(f"  python -m tune_agb.final_train --experiment {exp} --out-dir runs/{name}-final")
@@ -274,14 +281,18 @@ def _load_space(
 
 
 def _resolve_data(space: SearchSpace, input_dir: str | Path | None, label_dir: str | Path | None) -> tuple[str, str]:
-    """Absolute tile folders: the arguments, else the space's ``data`` (relative to its file), else the demo data."""
+    """Tile folders as stored: the arguments, else the space's ``data`` (relative to its file), else the demo data.
+    Local folders are made absolute; ``s3://``/``gs://`` URIs are kept as given."""
     from tune_agb.demo_data import data_dirs
+    from tune_agb.location import is_uri, resolve
 
     data = space.settings["data"]
     base = Path(space.source).parent
-    stored = (base / data["input_dir"], base / data["label_dir"]) if data["input_dir"] is not None else None
+    stored = None
+    if data["input_dir"] is not None:
+        stored = tuple(d if is_uri(d) else str(base / d) for d in (data["input_dir"], data["label_dir"]))
     inp, lab = data_dirs(input_dir, label_dir, stored)
-    return str(inp.resolve()), str(lab.resolve())
+    return resolve(inp), resolve(lab)
 
 
 def _prepare(
@@ -295,6 +306,7 @@ def _prepare(
     quiet: bool,
 ) -> _Plan:
     """Validate the space, the overrides, the experiment folder and the data: all before Ray starts."""
+    from tune_agb.location import check_bucket
     from tune_agb.search.experiment import Experiment
 
     given, path, resolved, changes = _load_space(space, overrides)
@@ -303,6 +315,7 @@ def _prepare(
             raise TuneAgbError("name: give the experiment's name (the space is not a file to name it after)")
         name = Path(path).stem
     exp = Experiment.at(storage, name)
+    check_bucket(exp.storage, label=f"--storage {exp.storage}")  # a wrong bucket or credentials: one line, now
     stored_data = None
     if resume:
         changes, stored_data = _check_resume(exp, given, changes, quiet)
@@ -335,6 +348,7 @@ def _check_resume(
 
     from tune_agb.search.space import parse_search_space
     from tune_agb.search.state import fill_pruned_checkpoints, repair_experiment_state
+    from tune_agb.search.sync import pull
 
     stored = exp.read_search()
     if stored is None or not tune.Tuner.can_restore(exp.uri):
@@ -359,6 +373,7 @@ def _check_resume(
         if not quiet:
             print(f"resume: {name} was cut short by the interruption; restored it from its backup", flush=True)
     fill_pruned_checkpoints(exp.uri)
+    pull(exp.uri)  # a remote experiment's journal and TensorBoard runs, into this machine's mirror of it
     return recorded, stored.get("data")
 
 
@@ -378,12 +393,15 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 
 def _outcome(grid: Any, plan: _Plan, interrupted: bool) -> SearchOutcome:
-    """Write results.parquet, best.yaml and (local experiments) the report page; collect the outcome."""
-    from tune_agb.location import is_uri
+    """Copy a remote experiment's journal and TensorBoard runs there, write results.parquet, best.yaml and the report
+    page; collect the outcome."""
+    from tune_agb.report import write_report_or_warn
     from tune_agb.search.launch import unfinished_trials
     from tune_agb.search.results import refresh_results
+    from tune_agb.search.sync import push_or_warn
 
     exp = plan.exp
+    push_or_warn(exp.uri)
     df, best = refresh_results(exp.uri, plan.space, plan.input_dir, plan.label_dir)
     failures = []
     for result in grid:
@@ -391,12 +409,8 @@ def _outcome(grid: Any, plan: _Plan, interrupted: bool) -> SearchOutcome:
             lines = [ln for ln in str(result.error).splitlines() if ln.strip()]
             trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
             failures.append(f"{trial_id}: {lines[-1].strip() if lines else type(result.error).__name__}")
-    page = None
-    if not is_uri(exp.uri):
-        from tune_agb.report import write_report_or_warn
-
-        written = write_report_or_warn(exp.uri)
-        page = str(written) if written is not None else None
+    written = write_report_or_warn(exp.uri)
+    page = str(written) if written is not None else None
     return SearchOutcome(
         results=df,
         best=best,

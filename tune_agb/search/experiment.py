@@ -8,8 +8,10 @@
     TRIAL/result.json                Ray's per-trial results (JSON lines)
     TRIAL/checkpoint_NNNNNN/         checkpoint.pt (the engine's state; with cv, ``folds``: one per fold) +
                                      results.jsonl (every report up to it)
-    optuna.journal                   the Optuna study (named NAME; local experiments), for optuna-dashboard
-    tensorboard/                     HParams table and per-epoch curves, one run per trial (local experiments)
+    optuna.journal                   the Optuna study (named NAME), for optuna-dashboard (s3:// / gs://: copied
+                                     from the driver's local mirror, see tune_agb.search.sync)
+    tensorboard/                     HParams table and per-epoch curves, one run per trial (idem)
+    report/index.html                the report page (tune_agb.report)
     wandb/                           W&B's files of the trials' runs, with --wandb (local experiments)
 
 Every file tune_agb writes there is written next to its target and moved in place, so a reader (or a search

@@ -33,18 +33,21 @@ def _silent(line: str) -> None:
     return None
 
 
-def optuna_storage(exp: Experiment, quiet: bool = False) -> Any:
-    """The Optuna study's storage for a new search: the journal file ``STORAGE/NAME/optuna.journal``.
+def optuna_storage(exp: Experiment) -> Any:
+    """The Optuna study's storage for a new search: a journal (Optuna's JournalStorage) that optuna-dashboard opens.
 
-    None (Optuna's in-memory storage, pickled with Ray's searcher state) for an ``s3://``/``gs://`` experiment. The
-    JournalStorage pickles as its file path, so the searcher Ray restores on ``--resume`` reopens the same file and
-    study. A journal already there is the leftover of a start that failed before its search began (a fresh start
-    is refused where Ray's state exists): it is replaced.
+    A local experiment writes ``STORAGE/NAME/optuna.journal`` itself; an ``s3://``/``gs://`` one writes it in the
+    driver's local mirror of the experiment and copies it to ``STORAGE/NAME/optuna.journal`` while the search runs
+    (:class:`tune_agb.search.sync.MirroredJournalStorage`). The storage pickles as its file (local) or the
+    experiment's URI (remote), so the searcher Ray restores on ``--resume`` reopens the same study. A journal
+    already there is the leftover of a start that failed before its search began (a fresh start is refused where
+    Ray's state exists): it is replaced.
     """
     if is_uri(exp.uri):
-        if not quiet:
-            print(f"note: the Optuna study is kept in memory only ({exp.uri} is not a local folder)", flush=True)
-        return None
+        from tune_agb.search.sync import MirroredJournalStorage, clear
+
+        clear(exp.uri)
+        return MirroredJournalStorage(exp.uri)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -81,7 +84,7 @@ def build_tuner_parts(
         mode=space.mode,
         points_to_evaluate=list(se["points_to_evaluate"]) or None,
         sampler=sampler,
-        storage=optuna_storage(exp, quiet),
+        storage=optuna_storage(exp),
         study_name=exp.name,
     )
     if sc["type"] == "asha":
@@ -97,7 +100,12 @@ def build_tuner_parts(
     callbacks: list[Any] = [StateBackupCallback(exp.uri)]
     say = _silent if quiet else _say
     if is_uri(exp.uri):
-        say(f"note: no TensorBoard HParams logs for {exp.uri} (written for local experiments only)", flush=True)
+        # Written on the driver, into its local mirror of the experiment; MirrorSync (after it) copies them there.
+        from tune_agb.search.sync import MirrorSync, mirror_dir
+
+        logdir = str(mirror_dir(exp.uri) / TENSORBOARD_DIR)
+        callbacks.append(TensorBoardCallback(logdir, space.metric, space.mode, mirror_of=exp.uri))
+        callbacks.append(MirrorSync(exp.uri))
     else:
         callbacks.append(TensorBoardCallback(f"{exp.uri}/{TENSORBOARD_DIR}", space.metric, space.mode))
     if wandb:

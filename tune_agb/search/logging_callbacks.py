@@ -4,7 +4,8 @@
 (user attribute ``ray_trial_id``), and a Ray trial that errored (Optuna: FAIL) and then finished after ``--resume``
 is added to the study as a COMPLETE trial with its parameters and value (Optuna cannot change a finished trial).
 
-:class:`TensorBoardCallback` writes under ``STORAGE/NAME/tensorboard/`` (local experiments only): one run per trial
+:class:`TensorBoardCallback` writes under ``STORAGE/NAME/tensorboard/`` (for an ``s3://``/``gs://`` experiment into
+the driver's local mirror of it, copied there by :mod:`tune_agb.search.sync`): one run per trial
 (``tensorboard/TRIAL_ID``) with the trial's hyperparameters (HParams session), each reported metric per epoch
 (``val_rmse``, ``val_r2``, ``train_loss``, ``lr``, ...) and the best value of the search metric so far
 (``hparams/best_val_rmse``); the run ``tensorboard/`` itself holds the HParams experiment (every hyperparameter and
@@ -30,7 +31,21 @@ BEST_PREFIX = "hparams/best_"
 
 
 class StudySearch(OptunaSearch):
-    """OptunaSearch that tags Optuna trials with their Ray trial id and records trials finished after an error."""
+    """OptunaSearch that tags Optuna trials with their Ray trial id and records trials finished after an error.
+
+    With a storage that has a ``push()`` (:class:`tune_agb.search.sync.MirroredJournalStorage`, the study of a remote
+    experiment), the journal is copied to the experiment each time Ray saves the searcher's state, just before.
+    """
+
+    def __init__(self, *args: Any, storage: Any = None, **kwargs: Any):
+        super().__init__(*args, storage=storage, **kwargs)
+        self.mirrored_journal = storage if callable(getattr(storage, "push", None)) else None
+
+    def save(self, checkpoint_path: str) -> None:
+        # Journal first: the stored journal is never older than the stored searcher state that refers to its trials.
+        if getattr(self, "mirrored_journal", None) is not None:
+            self.mirrored_journal.push()
+        super().save(checkpoint_path)
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -89,15 +104,19 @@ class TensorBoardCallback(Callback):
     """Write the HParams table and per-epoch scalars of a search under ``logdir`` (a local folder).
 
     Args:
-        logdir: ``STORAGE/NAME/tensorboard``.
+        logdir: ``STORAGE/NAME/tensorboard``; for a remote experiment, the local mirror's (see ``mirror_of``).
         metric, mode: the search metric (its best-so-far is logged as ``hparams/best_METRIC``).
+        mirror_of: the remote experiment (``s3://``/``gs://``) whose local mirror ``logdir`` is in: an unpickled
+            callback (a resume, maybe on another machine) writes to this machine's mirror of it
+            (:func:`tune_agb.search.sync.mirror_dir`).
 
     Picklable (Ray keeps the callbacks in ``tuner.pkl``): open writers are not pickled and are reopened after a
     resume, purging the epochs a resumed trial runs again.
     """
 
-    def __init__(self, logdir: str, metric: str, mode: str):
+    def __init__(self, logdir: str, metric: str, mode: str, mirror_of: str | None = None):
         self.logdir = logdir
+        self.mirror_of = mirror_of
         self.metric = metric
         self.mode = mode
         self.writers: dict[str, Any] = {}
@@ -111,6 +130,13 @@ class TensorBoardCallback(Callback):
         state["writers"] = {}
         state["experiment_written"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.__dict__.setdefault("mirror_of", None) is not None:
+            from tune_agb.search.sync import mirror_dir
+
+            self.logdir = str(mirror_dir(self.mirror_of) / Path(self.logdir).name)
 
     def better_than(self, a: float, b: float) -> bool:
         return a < b if self.mode == "min" else a > b
