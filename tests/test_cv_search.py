@@ -340,6 +340,10 @@ def test_a_cv_searchs_final_section_chooses_folds_and_a_flag_retrain(
         "single", "retrain", "flag/--set"
     )  # fmt: skip
     assert "retrained on train+val" in doc["source"]
+    from tune_agb.errors import TuneAgbError  # an error about the recipe's value says where it came from
+
+    with pytest.raises(TuneAgbError, match=r"cannot change them .*\(cv_final: folds: from the final: section of "):
+        final_main(["--experiment", str(exp), "--lr", "0.1", "--out-dir", str(tmp_path / "never")])
 
 
 def test_search_report_shows_the_spread_over_folds(cv_search: SimpleNamespace) -> None:

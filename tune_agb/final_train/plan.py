@@ -288,7 +288,7 @@ def make_plan(opts: FinalOptions, check_out: bool = True) -> Plan:
         given = ", ".join(sorted(layers)) or "--train_mode resume"
         raise TuneAgbError(
             f"--cv-final folds keeps the search's trained fold models; {given} cannot change them "
-            "(use --cv-final retrain to train the configuration again)"
+            f"(use --cv-final retrain to train the configuration again){_recipe_note(opts, '--cv-final')}"
         )
     if space is not None:  # K configurations x N seeds: member_{k * N + i} is configuration k with seed + i
         members = []
