@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     data = ["--input-dir", str(data_dir / "inputs"), "--label-dir", str(data_dir / "labels")]
     base = yaml.safe_load(Path(a.space).read_text())
     base["experiment"]["time_budget_s"] = None  # every search runs all its trials, whatever the machine's speed
+    base.pop("final", None)  # each method says how its final model is built: the space's final: recipe is not used
     base = apply_changes(base, dict(parse_change(s, "--set") for s in a.set))
     out = Path(a.out or tempfile.mkdtemp(prefix="real_selection_"))
     (out / "runs").mkdir(parents=True, exist_ok=True)

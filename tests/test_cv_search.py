@@ -312,6 +312,40 @@ def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) 
         assert not (tmp_path / "never").exists()  # nothing written
 
 
+def test_a_cv_searchs_final_section_chooses_folds_and_a_flag_retrain(
+    cv_search: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A space's final: {cv_final: folds} (here written into a copy of the search's folder) makes final_train
+    --experiment keep the k fold models with no flag; --cv-final retrain overrides it (--print-config: nothing runs)."""
+    import shutil
+
+    from tune_agb.final_train.cli import main as final_main
+
+    exp = tmp_path / "st" / "cv"
+    shutil.copytree(cv_search.exp, exp)
+    record = yaml.safe_load((exp / "search.yaml").read_text())
+    record["space"]["final"] = {"cv_final": "folds", "calibration": "isotonic"}
+    (exp / "search.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+    def printed(*flags: str) -> dict[str, Any]:
+        assert final_main(["--experiment", str(exp), "--print-config", *flags]) == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    doc = printed()
+    assert (doc["final"]["kind"], doc["final"]["members"], doc["final"]["cv_final"]) == ("folds", K, "folds")
+    assert doc["final"]["from"]["cv_final"] == "search space" and doc["final"]["calibration"] == "isotonic"
+    assert [m["fold"] for m in doc["members"]] == list(range(K))
+    doc = printed("--cv-final", "retrain")
+    assert (doc["final"]["kind"], doc["final"]["cv_final"], doc["final"]["from"]["cv_final"]) == (
+        "single", "retrain", "flag/--set"
+    )  # fmt: skip
+    assert "retrained on train+val" in doc["source"]
+    from tune_agb.errors import TuneAgbError  # an error about the recipe's value says where it came from
+
+    with pytest.raises(TuneAgbError, match=r"cannot change them .*\(cv_final: folds: from the final: section of "):
+        final_main(["--experiment", str(exp), "--lr", "0.1", "--out-dir", str(tmp_path / "never")])
+
+
 def test_search_report_shows_the_spread_over_folds(cv_search: SimpleNamespace) -> None:
     """The report page of a cv search: the best-trials table has each trial's sd over folds at its best epoch, and a
     section gives the best trial's per-fold values with each fold's tiles and labelled pixels (cv_folds.json)."""

@@ -268,7 +268,9 @@ def test_a_flag_is_the_set_item_of_its_key(
     assert by_flag[section][shown] == yaml.safe_load(text)
     differs = {k for k in plain["config"] if plain["config"][k] != by_flag["config"][k]}
     differs |= {k for k in plain["final"] if plain["final"][k] != by_flag["final"][k]}
-    assert differs <= {key, "kind", "members"}, (differs, key)
+    assert differs <= {key, "kind", "members", "from"}, (differs, key)
+    if section == "final":  # --print-config says where the value came from
+        assert (plain["final"]["from"][key], by_flag["final"]["from"][key]) == ("default", "flag/--set")
 
 
 def test_every_legacy_hyperparameter_flag_is_covered() -> None:

@@ -20,14 +20,24 @@ from pathlib import Path
 from typing import Any
 
 from tune_agb.cv import merge_train_val
-from tune_agb.engine.calibration import DEFAULT_METHOD, Calibration, fit_calibration
+from tune_agb.engine.calibration import Calibration, fit_calibration
 from tune_agb.engine.config import TrainConfig, save_config
 from tune_agb.engine.device import resolve_device
 from tune_agb.final_train.ensemble import combined, cv_fold_states, ensemble_loss, ensemble_out_of_fold
 from tune_agb.final_train.outputs import member_record, members_table, metrics_table, write_ensemble_file, write_plots
-from tune_agb.final_train.plan import FinalOptions, Plan, apply_final_overrides, clear_run, holds_run, make_plan
+from tune_agb.final_train.plan import (
+    RECIPE_KEYS,
+    FinalOptions,
+    Plan,
+    apply_final_overrides,
+    apply_recipe,
+    clear_run,
+    holds_run,
+    make_plan,
+)
 from tune_agb.final_train.plan import resolved_config as _resolved
 from tune_agb.final_train.training import MemberOutput, keep_fold_model, train_member
+from tune_agb.overrides import parse_overrides
 from tune_agb.runs import (
     CALIBRATION_FILE,
     TileMaps,
@@ -87,11 +97,16 @@ class FinalOutcome:
 
 def _to_options(values: Mapping[str, Any]) -> FinalOptions:
     """The :class:`FinalOptions` of :func:`run`'s keyword arguments ``values``: the options, then ``epochs`` and
-    ``seed``, then the overrides."""
-    names = {f.name for f in fields(FinalOptions)} - {"config_values"}
-    given = {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if k in names}
+    ``seed``, then the overrides; the experiment's recipe (its space's ``final`` section) sets the options of
+    :data:`~tune_agb.final_train.plan.RECIPE_KEYS` that neither an argument (not None) nor an override gives."""
+    names = {f.name for f in fields(FinalOptions)} - {"config_values", "origin"}
+    given = {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if k in names and v is not None}
     config = {k: values[k] for k in ("epochs", "seed") if values.get(k) is not None}
-    return apply_final_overrides(FinalOptions(**given, config_values=config), values.get("overrides", ()))
+    overrides = parse_overrides(values.get("overrides", ()))
+    opts = apply_final_overrides(FinalOptions(**given, config_values=config), overrides)
+    origin = {k: "argument" for k in RECIPE_KEYS if k in given}
+    origin |= {k: "flag/--set" for k in RECIPE_KEYS if f"final.{k}" in overrides}
+    return apply_recipe(opts, origin)
 
 
 def resolved_config(**options: Any) -> dict[str, Any]:
@@ -104,7 +119,8 @@ def resolved_config(**options: Any) -> dict[str, Any]:
 
     Returns:
         ``source`` (where the config came from, in words), ``input_dir``, ``label_dir``, ``out_dir``, ``final``
-        (``kind``, ``members``, ``cv_final``, ``calibration``), ``config`` (every TrainConfig key) and, for an
+        (``kind``, ``members``, ``ensemble_top``, ``ensemble``, ``cv_final``, ``calibration``, and ``from``: where
+        each of these four options came from), ``config`` (every TrainConfig key) and, for an
         ensemble, ``members``: per member its ``folder``, ``trial_id`` or ``fold``, and ``differences`` (the keys
         whose values differ from the first member's config).
 
@@ -127,10 +143,10 @@ def run(
     out_dir: str | Path = "runs/final",
     epochs: int | None = None,
     seed: int | None = None,
-    ensemble: int = 1,
+    ensemble: int | None = None,
     ensemble_top: int | None = None,
     cv_final: str | None = None,
-    calibration: str = DEFAULT_METHOD,
+    calibration: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
@@ -143,7 +159,9 @@ def run(
     """Train the final model (or ensemble), evaluate it on val and test, recalibrate its variance, write the run.
 
     Precedence of the config: built-in defaults < the experiment's best config < the ``config`` file <
-    ``epochs``/``seed`` < ``overrides``. Everything is validated before anything is written.
+    ``epochs``/``seed`` < ``overrides``. Precedence of ``ensemble``, ``ensemble_top``, ``cv_final`` and
+    ``calibration``: their defaults < the experiment's recipe (the ``final`` section of its search space) < these
+    arguments (when not None) < ``final.KEY`` overrides. Everything is validated before anything is written.
 
     Args:
         config: a YAML/JSON file of TrainConfig keys.
@@ -154,12 +172,17 @@ def run(
         out_dir: the run's folder.
         epochs: training epochs (sets ``config.epochs``).
         seed: the seed (of the first member; member ``i`` of an ensemble of seeds gets ``seed + i``).
-        ensemble: train N members with seeds seed..seed+N-1 (with ``ensemble_top``: N seeds of each configuration).
+        ensemble: train N members with seeds seed..seed+N-1 (with ``ensemble_top``: N seeds of each configuration);
+            None: the experiment's recipe, else 1.
         ensemble_top: with ``experiment``: train its K best distinct configurations (by the search's metric at each
-            trial's best epoch, :func:`tune_agb.runs.rank_trials`) as an ensemble, each with its own config.
+            trial's best epoch, :func:`tune_agb.runs.rank_trials`) as an ensemble, each with its own config; None:
+            the experiment's recipe, else its best configuration alone (``overrides={"final.ensemble_top": None}``
+            drops a recipe's).
         cv_final: with a cross-validated ``experiment``: ``retrain`` (default: on train+val for the epochs the fold
-            mean was best at) or ``folds`` (keep the best trial's k fold models, no training).
-        calibration: variance recalibration: ``scale`` (one factor on sigma), ``isotonic`` or ``none``.
+            mean was best at) or ``folds`` (keep the best trial's k fold models, no training); None: the
+            experiment's recipe, else retrain.
+        calibration: variance recalibration: ``scale`` (one factor on sigma, the default), ``isotonic`` or ``none``;
+            None: the experiment's recipe, else scale.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace a run already in ``out_dir`` (its model files are removed first).
         resume: continue one model from ``resume_from`` (default ``out_dir/last.pt``) with its own config; only

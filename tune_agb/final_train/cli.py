@@ -9,6 +9,8 @@ The flags of the original training script are accepted with their meanings (``--
 Every hyperparameter flag is a ``--set config.KEY=VALUE`` (``--nb_epoch 5`` is ``--set config.epochs=5``) and every
 ensemble/calibration flag a ``--set final.KEY=VALUE``; flags are applied after the ``--set`` items.
 Precedence: built-in defaults < the experiment's best config < ``--config`` file < ``--set`` items and flags.
+With ``--experiment``, the ``final:`` section of the search's space (its recipe: ensemble_top, ensemble, cv_final,
+calibration) replaces the defaults of those flags; the flags and ``--set final.KEY`` override it.
 ``--print-config`` prints the resolved configuration (YAML) and exits without training or writing anything.
 Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML/JSON file of hyperparameters (TrainConfig keys)")
-    g.add_argument("--experiment", help="search experiment folder STORAGE/NAME: retrain its best.yaml config")
+    g.add_argument("--experiment", help="search experiment folder STORAGE/NAME: retrain its best.yaml config, or "
+                   "build what its space's final: section says (the flags below override it)")  # fmt: skip
     g.add_argument("--input-dir", "--train_input_data_dir", dest="input_dir",
                    help="INPUT_DIR holding {train,val,test}/NAME.npy (default: the demo data)")  # fmt: skip
     g.add_argument("--label-dir", "--train_label_data_dir", dest="label_dir", help="LABEL_DIR, same layout")
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config.KEY (any TrainConfig key) or final.KEY (ensemble, ensemble_top, cv_final, "
                    f"calibration, epochs, seed), value read as YAML; repeatable. {FORM.split(' ', 1)[1]}")  # fmt: skip
     g.add_argument("--print-config", action="store_true",
-                   help="print the resolved configuration (YAML) and exit without training or writing")  # fmt: skip
+                   help="print the resolved configuration (YAML; final.from: where each option came from) and exit "
+                   "without training or writing")  # fmt: skip
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (offline without WANDB_API_KEY)")
     g.add_argument("--wandb-project", default="tune_agb")

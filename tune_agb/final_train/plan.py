@@ -4,12 +4,16 @@ from :func:`tune_agb.final_train.run`'s arguments and ``--set final.KEY`` overri
 
 Precedence of a member's config: built-in defaults < the experiment's best config (or, with ``ensemble_top``, the
 trial's) < the ``config`` file < ``config.KEY`` overrides (the command line's flags and ``--set config.KEY``).
+Precedence of the run's options (ensemble_top, ensemble, cv_final, calibration): final_train's defaults < the
+experiment's recipe (the ``final`` section of its search space, :func:`read_recipe`) < run()'s arguments and
+``final.KEY`` overrides (flags, ``--set final.KEY``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +26,7 @@ from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_va
 from tune_agb.engine.train import init_state
 from tune_agb.errors import TuneAgbError
 from tune_agb.location import resolve
-from tune_agb.overrides import parse_overrides
+from tune_agb.overrides import apply_overrides, parse_overrides
 from tune_agb.runs import (
     CALIBRATION_FILE,
     ENSEMBLE_FILE,
@@ -34,16 +38,18 @@ from tune_agb.runs import (
     read_best,
     read_cv_best,
     read_results,
+    read_search,
     read_space,
 )
-from tune_agb.search.space import SearchSpace
+from tune_agb.search.space import CV_FINAL, SearchSpace, parse_search_space
+from tune_agb.search.space import FINAL_KEYS as RECIPE_KEYS
 
 log = logging.getLogger("tune_agb.final_train")
 
 # Files that mark a folder as holding a run.
 RUN_MARKERS = ("config.yaml", METRICS_FILE, "best.pt", "last.pt", "members")
-# What final_train does with a spatial k-fold search: retrain on train+val, or keep the fold models.
-CV_FINAL = ("retrain", "folds")
+# CV_FINAL (from the search space's schema): what final_train does with a spatial k-fold search: retrain on
+# train+val, or keep the fold models. RECIPE_KEYS: the options a search space's final section may set.
 # A previous run's files that would otherwise be read with the new one's (predict loads every members/member_*):
 # removed from an out dir before a run replaces it (overwrite).
 REPLACED_ON_OVERWRITE = ("members", "best.pt", "last.pt", "config.yaml", METRICS_FILE, ENSEMBLE_FILE, CALIBRATION_FILE)
@@ -69,6 +75,8 @@ class FinalOptions:
         resume_from: the checkpoint to continue from.
         overwrite: replace a run already in ``out_dir``.
         config_values: TrainConfig keys set over every member's config (flags and ``--set config.KEY``).
+        origin: where each of :data:`RECIPE_KEYS` came from: ``default``, ``search space`` (the experiment's recipe),
+            ``argument`` (run()'s) or ``flag/--set`` (a ``final.KEY`` override).
     """
 
     config: str | None = None
@@ -84,6 +92,7 @@ class FinalOptions:
     resume_from: str | None = None
     overwrite: bool = False
     config_values: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, str] = field(default_factory=dict)
 
 
 # The keys of ``--set final.KEY``: the run's options, and the two config keys a run is most often changed by.
@@ -133,6 +142,46 @@ def _final_value(path: str, key: str, value: Any) -> Any:
     return value.lower()
 
 
+def read_recipe(experiment: str) -> dict[str, Any] | None:
+    """The recipe of a search's final model: the ``final`` section of the space it ran (its search.yaml's space, with
+    the search's own ``final.KEY`` overrides applied), as given; None when the folder has no search.yaml or its space
+    no final section.
+
+    Raises:
+        TuneAgbError: one line naming search.yaml when it, or its space's final section, is invalid.
+    """
+    record = read_search(experiment)
+    if record is None:
+        return None
+    changes = {k: v for k, v in record.overrides.items() if str(k).startswith("final.")}
+    if record.space.get("final") is None and not changes:
+        return None
+    source = f"{resolve(experiment)}/search.yaml (space)"
+    return parse_search_space(apply_overrides(record.space, changes), source=source).final
+
+
+def apply_recipe(opts: FinalOptions, given: Mapping[str, str]) -> FinalOptions:
+    """``opts`` with the experiment's recipe (:func:`read_recipe`) set for each of :data:`RECIPE_KEYS` not in
+    ``given`` (key -> where it was given), and ``origin`` saying where each came from. Without an experiment, or
+    with one whose space has no final section, only ``origin`` changes."""
+    recipe = read_recipe(opts.experiment) if opts.experiment else None
+    changes = {k: v for k, v in (recipe or {}).items() if k not in given}
+    origin = {k: given.get(k, "search space" if k in changes else "default") for k in RECIPE_KEYS}
+    return replace(opts, origin=origin, **changes)
+
+
+def _recipe_note(opts: FinalOptions, message: str) -> str:
+    """Appended to an error ``message`` about the run's options that names (by its flag) an option the experiment's
+    recipe set, so that the line says where the value came from."""
+    named = [k for k in RECIPE_KEYS if re.search(rf"--{k.replace('_', '-')}(?![\w-])", message)]
+    keys = [k for k in named if opts.origin.get(k) == "search space"]
+    if not keys:
+        return ""
+    values = ", ".join(f"{k}: {getattr(opts, k)}" for k in keys)
+    where = f"the final: section of {opts.experiment}'s search space"
+    return f" ({values}: from {where}; a flag or --set final.KEY=VALUE overrides it)"
+
+
 @dataclass
 class MemberPlan:
     """One model of the run: its config, its folder, and the search trial it comes from (None: not from a search) or
@@ -160,6 +209,9 @@ class Plan:
     cv: CVBest | None = None  # the experiment is a spatial k-fold search
     cv_final: str | None = None  # then: retrain (on train+val) or folds (keep the k fold models)
     calibration: str = DEFAULT_METHOD
+    ensemble_top: int | None = None  # the options asked for: configurations (None: the best one) ...
+    ensemble: int = 1  # ... and seeds per configuration
+    origin: dict[str, str] = field(default_factory=dict)  # where each option came from (FinalOptions.origin)
 
     @property
     def kind(self) -> str:
@@ -181,13 +233,17 @@ def make_plan(opts: FinalOptions, check_out: bool = True) -> Plan:
     values: dict[str, Any] = {}
     source = "defaults"
     data: dict[str, Any] = {}
-    check_options(opts)
     top: list[RankedTrial] = []
     space: SearchSpace | None = None
     cv: CVBest | None = None
     cv_final: str | None = None
+    try:  # an error about an option the experiment's recipe set says so
+        check_options(opts)
+        if opts.ensemble_top is not None:
+            space, top, data = top_trials(opts.experiment, opts.ensemble_top)
+    except TuneAgbError as exc:
+        raise TuneAgbError(f"{exc}{_recipe_note(opts, str(exc))}") from None
     if opts.ensemble_top is not None:
-        space, top, data = top_trials(opts.experiment, opts.ensemble_top)
         if space.cv is None and opts.cv_final is not None:
             raise TuneAgbError(f"--cv-final: {opts.experiment} has no cv: section; drop --cv-final")
         if space.cv is not None:  # each of the K retrained on train+val for the epoch its fold mean was best at
@@ -232,7 +288,7 @@ def make_plan(opts: FinalOptions, check_out: bool = True) -> Plan:
         given = ", ".join(sorted(layers)) or "--train_mode resume"
         raise TuneAgbError(
             f"--cv-final folds keeps the search's trained fold models; {given} cannot change them "
-            "(use --cv-final retrain to train the configuration again)"
+            f"(use --cv-final retrain to train the configuration again){_recipe_note(opts, '--cv-final')}"
         )
     if space is not None:  # K configurations x N seeds: member_{k * N + i} is configuration k with seed + i
         members = []
@@ -272,7 +328,10 @@ def make_plan(opts: FinalOptions, check_out: bool = True) -> Plan:
     if resume is None and cv_final != "folds":
         for m in members:  # init_weights: a missing or mismatched file is one error line before anything trains
             init_state(m.cfg)
-    return Plan(cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final, opts.calibration)
+    return Plan(
+        cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final, opts.calibration,
+        ensemble_top=opts.ensemble_top, ensemble=opts.ensemble, origin=dict(opts.origin),
+    )  # fmt: skip
 
 
 def seeded_members(
@@ -398,7 +457,9 @@ def _raw_yaml(path: str) -> dict[str, Any]:
 
 def resolved_config(plan: Plan) -> dict[str, Any]:
     """What a run would train, as ``--print-config`` prints it: where the config came from, the data and out
-    folders, the ensemble, the config, and per member of an ensemble its keys that differ from the first's."""
+    folders, the final model (kind, members, the options and where each came from: ``default``, ``search space``,
+    ``argument`` or ``flag/--set``), the config, and per member of an ensemble its keys that differ from the
+    first's."""
     doc: dict[str, Any] = {
         "source": plan.source,
         "input_dir": str(plan.input_dir),
@@ -407,8 +468,11 @@ def resolved_config(plan: Plan) -> dict[str, Any]:
         "final": {
             "kind": plan.kind,
             "members": len(plan.members),
+            "ensemble_top": plan.ensemble_top,
+            "ensemble": plan.ensemble,
             "cv_final": plan.cv_final,
             "calibration": plan.calibration,
+            "from": {k: plan.origin.get(k, "default") for k in RECIPE_KEYS},
         },
         "config": plan.cfg.to_dict(),
     }

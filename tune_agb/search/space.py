@@ -1,6 +1,6 @@
 """The search-space file: YAML schema, validation (before Ray starts) and conversion to an Optuna define-by-run space.
 
-A space file has seven sections, and an optional eighth (``cv``); only ``params`` is required::
+A space file has seven sections, and two optional ones (``cv``, ``final``); only ``params`` is required::
 
     experiment: {metric: val_rmse, mode: min, num_samples: 16, max_concurrent: 2, time_budget_s: null,
                  max_failures: 2}
@@ -15,9 +15,14 @@ A space file has seven sections, and an optional eighth (``cv``); only ``params`
       optimizer: {type: categorical, choices: [adamw, sgd]}
       momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
     cv:         {k: 3, block_size: 2, block_m: null, seed: 0, positions: auto, manifest: null}
+    final:      {ensemble_top: 3, ensemble: 1, cv_final: null, calibration: scale}
 
 ``cv`` turns on spatial k-fold cross-validation (:mod:`tune_agb.cv`): every trial trains k models and reports the
 mean over folds (what ASHA and Optuna act on) and the spread.
+
+``final`` is the recipe of the final model (:data:`FINAL_KEYS`, named after ``tune_agb.final_train``'s options):
+``python -m tune_agb.final_train --experiment STORAGE/NAME`` takes it as its defaults, and its flags (or
+``--set final.KEY=VALUE``) override it. Keys left out keep final_train's defaults; the search itself ignores it.
 
 Every name in ``fixed`` and ``params`` is a :class:`~tune_agb.engine.config.TrainConfig` field. Errors name the file
 and the key (``demo.yaml: params.lr.low: ...``) and are raised as :class:`~tune_agb.errors.TuneAgbError`.
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from tune_agb.cv import POSITION_SOURCES
+from tune_agb.engine.calibration import METHODS
 from tune_agb.engine.config import (
     TrainConfig,
     coerce_value,
@@ -95,6 +101,11 @@ PARAM_KEYS: dict[str, set[str]] = {
     "int": {"type", "low", "high", "log", "step", "when"},
     "categorical": {"type", "choices", "when"},
 }
+# The ``final`` section (the final model's recipe), when given: each key is final_train's option of that name, and a
+# key left out keeps final_train's default (ensemble_top: null, the best configuration alone; ensemble: 1;
+# cv_final: null, retrain for a cv search; calibration: scale).
+FINAL_KEYS = ("ensemble_top", "ensemble", "cv_final", "calibration")
+CV_FINAL = ("retrain", "folds")  # a cv search's final model: retrained on train+val, or its k fold models kept
 SCHEDULERS = ("asha", "fifo")  # fifo: every trial runs to max_t (the baseline of bench/search_efficiency.py)
 SEARCHERS = ("optuna", "random")  # random: Optuna's RandomSampler, same define-by-run space
 
@@ -153,6 +164,7 @@ class SearchSpace:
     fixed: dict[str, Any]
     params: list[ParamSpec]
     cv: dict[str, Any] | None = None  # the cv section with defaults filled in; None: no cross-validation
+    final: dict[str, Any] | None = None  # the final section's keys as given (validated); None: none given
 
     # -- convenient views of the settings ------------------------------------------------------------------
     @property
@@ -226,6 +238,8 @@ class SearchSpace:
         out = {**copy.deepcopy(self.settings), "fixed": dict(self.fixed), "params": params}
         if self.cv is not None:
             out["cv"] = dict(self.cv)
+        if self.final is not None:
+            out["final"] = dict(self.final)
         return out
 
     def fingerprint(self) -> str:
@@ -353,6 +367,45 @@ def _validate_cv(source: str, raw: Any) -> dict[str, Any] | None:
     return cv
 
 
+def _validate_final(source: str, raw: Any, settings: dict[str, Any], cv: dict[str, Any] | None) -> dict | None:
+    """The ``final`` section as given, its values checked (None when absent or empty): each key's type and allowed
+    values, and the combinations final_train refuses, so that a recipe fails before the search rather than after."""
+    if raw is None or raw == {}:
+        return None
+    if not isinstance(raw, dict):
+        raise _fail(source, "final", f"must be a mapping {{ensemble_top: ..., calibration: ...}}, got {raw!r}")
+    _check_keys(source, "final", raw, FINAL_KEYS)
+    out = dict(raw)
+    for key, what in (
+        ("ensemble_top", "the number of best distinct configurations"),
+        ("ensemble", "seeds per configuration"),
+    ):
+        v = out.get(key)
+        if key not in out or (v is None and key == "ensemble_top"):
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            null = " or null (the best configuration alone)" if key == "ensemble_top" else ""
+            raise _fail(source, f"final.{key}", f"must be an integer >= 1 ({what}){null}, got {v!r}")
+    for key, allowed in (("cv_final", CV_FINAL), ("calibration", METHODS)):
+        v = out.get(key)
+        if key not in out or (v is None and key == "cv_final"):
+            continue
+        if not isinstance(v, str) or v.lower() not in allowed:
+            null = " or null (retrain, for a cv search)" if key == "cv_final" else ""
+            raise _fail(source, f"final.{key}", f"must be one of {', '.join(allowed)}{null}, got {v!r}")
+        out[key] = v.lower()
+    top, cv_final, n = out.get("ensemble_top"), out.get("cv_final"), settings["experiment"]["num_samples"]
+    if top is not None and top > n:
+        raise _fail(source, "final.ensemble_top", f"must be <= experiment.num_samples ({n}), got {top}")
+    if cv_final is not None and cv is None:
+        raise _fail(source, "final.cv_final", f"needs a cv: section (a spatial k-fold search); got {cv_final!r}")
+    if cv_final == "folds" and top is not None:
+        raise _fail(source, "final.cv_final", "folds keeps one trial's fold models; it cannot go with ensemble_top")
+    if cv_final is not None and out.get("ensemble", 1) != 1:
+        raise _fail(source, "final.ensemble", f"must be 1 with cv_final ({cv_final}), got {out['ensemble']}")
+    return out
+
+
 def _validate_param(source: str, name: str, raw: Any, earlier: dict[str, ParamSpec]) -> ParamSpec:
     key = f"params.{name}"
     if name not in field_types():
@@ -418,13 +471,13 @@ def _validate_param(source: str, name: str, raw: Any, earlier: dict[str, ParamSp
 
 def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
     """Validate a search space given as plain data (a parsed YAML document)."""
+    sections = [*SECTIONS, "fixed", "params", "cv", "final"]
     if not isinstance(raw, dict):
-        raise TuneAgbError(
-            f"{source}: expected a mapping with sections {', '.join([*SECTIONS, 'fixed', 'params', 'cv'])}"
-        )
-    _check_keys(source, "", raw, [*SECTIONS, "fixed", "params", "cv"])
+        raise TuneAgbError(f"{source}: expected a mapping with sections {', '.join(sections)}")
+    _check_keys(source, "", raw, sections)
     settings = _validate_settings(source, raw)
     cv = _validate_cv(source, raw.get("cv"))
+    final = _validate_final(source, raw.get("final"), settings, cv)
 
     fixed_raw = raw.get("fixed") or {}
     if not isinstance(fixed_raw, dict):
@@ -453,7 +506,7 @@ def parse_search_space(raw: Any, source: str = "search space") -> SearchSpace:
             raise _fail(source, "params.epochs", "the epoch budget is scheduler.max_t (ASHA decides who gets it)")
         params[name] = _validate_param(source, name, spec, params)
 
-    space = SearchSpace(source=source, settings=settings, fixed=fixed, params=list(params.values()), cv=cv)
+    space = SearchSpace(source=source, settings=settings, fixed=fixed, params=list(params.values()), cv=cv, final=final)
     space.base_config()  # fixed values that only clash together (logvar_min >= logvar_max) fail here
     for i, point in enumerate(settings["searcher"]["points_to_evaluate"]):
         _validate_point(space, point, f"searcher.points_to_evaluate[{i}]")
