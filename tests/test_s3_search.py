@@ -264,18 +264,6 @@ def _cli(main: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tupl
     return code, err[-1] if err else ""
 
 
-@contextlib.contextmanager
-def _iam_auth(s3: Any) -> Iterator[None]:
-    """moto's server checks credentials (IAM) while inside: the test's access key is then unknown to it."""
-    import requests
-
-    requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"0", timeout=10).raise_for_status()
-    try:
-        yield
-    finally:
-        requests.post(f"{s3.endpoint}/moto-api/reset-auth", data=b"inf", timeout=10).raise_for_status()
-
-
 def test_wrong_bucket_missing_experiment_and_tile_folders_are_one_line(
     s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -341,14 +329,15 @@ def test_wrong_credentials_are_one_line_naming_what_to_check(
     space = str(write_space(tmp_path / "space.yaml", _space()))
     exp = f"s3://{bucket}/runs/exp"
     check = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    with _iam_auth(s3):
+    with s3.credential_checks():
         code, line = _cli(search_main, ["--space", space, "--storage", f"s3://{bucket}/runs", "--name", "exp"], capsys)
         assert (code, line) == (
             2,
             f"error: --storage s3://{bucket}/runs: access denied; {check}, and the bucket's permissions",
         )
         code, line = _cli(final_main, ["--experiment", exp, "--out-dir", str(tmp_path / "f")], capsys)
-        assert code == 2 and f"{exp}/best.yaml: cannot read the search's best.yaml (access denied; {check}" in line
+        # final_train reads the search's recipe (search.yaml, its final: section) first
+        assert code == 2 and f"{exp}/search.yaml: access denied; {check}" in line, line
         code, line = _cli(report_main, [exp], capsys)
         assert code == 2 and line.startswith(f"error: {exp}: access denied; {check}"), line
         tiles = ["--input-dir", f"s3://{bucket}/in", "--label-dir", f"s3://{bucket}/lab"]
@@ -390,7 +379,7 @@ def test_a_wrong_secret_and_a_key_without_permissions_are_told_apart(
     iam.create_user(UserName=user)  # no policy: it may do nothing
     key = iam.create_access_key(UserName=user)["AccessKey"]
     tiles = [f"s3://{bucket}/in", f"s3://{bucket}/lab"]
-    with _iam_auth(s3):
+    with s3.credential_checks():
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"] + "x")
         with pytest.raises(TuneAgbError, match=r"^s3://[^ ]+/in/train: the secret key does not fit the access key; "):

@@ -183,11 +183,17 @@ def first_line(exc: BaseException) -> str:
 
 # What object stores answer, in pyarrow's words (``AWS Error ACCESS_DENIED during HeadObject operation: ...``), as
 # (pattern, the words users see). HEAD requests carry no error body: a wrong key then reads as ACCESS_DENIED.
-_CREDENTIALS = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions"
+CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions"
 _STORE_ANSWERS: tuple[tuple[str, str], ...] = (
-    (r"INVALID_ACCESS_KEY_ID|InvalidAccessKeyId", "the access key is not known to the endpoint; " + _CREDENTIALS),
-    (r"SIGNATURE_DOES_NOT_MATCH|SignatureDoesNotMatch", "the secret key does not fit the access key; " + _CREDENTIALS),
-    (r"ACCESS_DENIED|AccessDenied|Forbidden|HTTP response code: 403", "access denied; " + _CREDENTIALS),
+    (
+        r"INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|Access Key Id you provided does not exist",
+        "the access key is not known to the endpoint; " + CREDENTIALS_HINT,
+    ),
+    (
+        r"SIGNATURE_DOES_NOT_MATCH|SignatureDoesNotMatch|signature we calculated does not match",
+        "the secret key does not fit the access key; " + CREDENTIALS_HINT,
+    ),
+    (r"ACCESS_DENIED|AccessDenied|Forbidden|HTTP response code: 403", "access denied; " + CREDENTIALS_HINT),
     (r"EXPIRED_TOKEN|ExpiredToken", "the session token has expired; renew the credentials (AWS_SESSION_TOKEN)"),
     (r"NO_SUCH_BUCKET|NoSuchBucket|Bucket '[^']*' not found", "the bucket{bucket} does not exist"),
     (
@@ -198,8 +204,9 @@ _STORE_ANSWERS: tuple[tuple[str, str], ...] = (
 _BUCKET_IN_MESSAGE = re.compile(r"[Bb]ucket '([^']+)'")
 
 
-def store_answer(exc: BaseException) -> str | None:
-    """An object store's answer in a filesystem error, in plain words with what to check; None when it holds none.
+def store_answer(exc: BaseException | str) -> str | None:
+    """An object store's answer in a filesystem error (or an error message: pyarrow's, GDAL's), in plain words with
+    what to check; None when it holds none.
 
     Example: ``... AWS Error ACCESS_DENIED during HeadObject operation: ...`` becomes ``access denied; check
     AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and the bucket's permissions``.
@@ -241,7 +248,10 @@ def check_bucket(location: str, label: str | None = None) -> None:
     except OSError as exc:
         raise failure(label or location, "cannot look at its bucket", exc) from None
     if not found:
-        raise TuneAgbError(
-            f"{label or location}: the bucket {bucket} does not exist (create it first, or check its name"
-            f"{' and AWS_ENDPOINT_URL' if os.environ.get('AWS_ENDPOINT_URL') else ''})"
-        )
+        raise TuneAgbError(no_bucket(label or location, bucket))
+
+
+def no_bucket(label: str, bucket: str) -> str:
+    """The one line for a location whose bucket does not exist."""
+    endpoint = " and AWS_ENDPOINT_URL" if os.environ.get("AWS_ENDPOINT_URL") else ""
+    return f"{label}: the bucket {bucket} does not exist (create it first, or check its name{endpoint})"

@@ -18,7 +18,15 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.location import FILE_SCHEME, first_line, open_location
+from tune_agb.location import (
+    CREDENTIALS_HINT,
+    FILE_SCHEME,
+    check_bucket,
+    failure,
+    no_bucket,
+    open_location,
+    store_answer,
+)
 
 # AWS's own S3 hosts take virtual-hosted requests (bucket.s3.amazonaws.com); other S3-compatible servers (MinIO,
 # Ceph, moto, ...) are addressed path-style (host/bucket/key), as boto3 does for a custom endpoint.
@@ -28,7 +36,6 @@ HTTP_RETRY = {"GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1"}
 # GDAL lists a remote raster's "folder" to look for side-car files (.aux.xml, .ovr, .msk): one request per open at
 # best, a long listing (or a wait on a presigned URL) at worst. Remote opens skip it.
 REMOTE_OPEN = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
-_CREDENTIALS = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
 
 
 def is_remote(location: str) -> bool:
@@ -126,31 +133,16 @@ def s3_object_problem(uri: str, what: str) -> str | None:
     try:
         kind = fs.get_file_info(path).type
     except OSError as exc:
-        return s3_error_line(uri, first_line(exc))
+        return str(failure(uri, "cannot read it", exc))
     if kind == pafs.FileType.File:
         return None
-    bucket = path.split("/", 1)[0]
     try:
-        bucket_kind = fs.get_file_info(bucket).type
-    except OSError:
-        bucket_kind = None
-    if bucket_kind == pafs.FileType.NotFound:
-        return f"{uri}: bucket {bucket!r} does not exist"
+        check_bucket(uri)
+    except TuneAgbError as exc:
+        return str(exc)
     if kind == pafs.FileType.Directory:
         return f"{uri}: is a folder (an S3 prefix), not a file"
     return f"{uri}: {what} file not found"
-
-
-def s3_error_line(uri: str, message: str) -> str:
-    """One line for an S3 error message: access denied or server unreachable (with what to check), or the message
-    as it is."""
-    low = message.lower()
-    denied = ("access_denied", "accessdenied", "access denied", "access key id", "signature", "invalidaccesskeyid")
-    if any(d in low for d in denied):
-        return f"{uri}: access denied ({message[:200]}); check {_CREDENTIALS} and the bucket's permissions"
-    if any(d in low for d in ("network_connection", "could not connect", "resolve host", "failed to connect")):
-        return f"{uri}: cannot reach the server ({message[:200]}); check the URL or AWS_ENDPOINT_URL"
-    return f"{uri}: cannot read it ({message[:200]})"
 
 
 def raster_open_error(location: str, what: str, message: str) -> str:
@@ -163,7 +155,7 @@ def raster_open_error(location: str, what: str, message: str) -> str:
     uri = s3_uri(location)
     if "bucket does not exist" in low:
         bucket = uri.removeprefix("s3://").split("/", 1)[0] if uri else ""
-        return f"{location}: bucket {bucket!r} does not exist" if bucket else f"{location}: {message}"
+        return no_bucket(location, bucket) if bucket else f"{location}: {message}"
     if "response code: 404" in low:
         return f"{location}: {what} file not found (HTTP 404)"
     if "response code: 401" in low or "response code: 403" in low:
@@ -171,16 +163,15 @@ def raster_open_error(location: str, what: str, message: str) -> str:
     if "could not resolve host" in low or "failed to connect" in low or "could not connect" in low:
         return f"{location}: cannot reach the server ({message[:200]}); check the URL or AWS_ENDPOINT_URL"
     if "aws_secret_access_key" in low and "not defined" in low:
-        return (
-            f"{location}: no AWS credentials found; set {_CREDENTIALS}, or AWS_NO_SIGN_REQUEST=YES for a public bucket"
-        )
+        return f"{location}: no AWS credentials found; {CREDENTIALS_HINT} (or AWS_NO_SIGN_REQUEST=YES: public bucket)"
     if uri is not None:
         if any(s in low for s in ("not recognized", "does not exist", "access key id", "signature", "access denied")):
             problem = s3_object_problem(uri, what)
             if problem is not None:
                 return problem.replace(uri, location, 1)
             if "not recognized" not in low:
-                return s3_error_line(location, message)
+                answer = store_answer(message)
+                return f"{location}: {answer}" if answer else f"{location}: cannot read it ({message[:200]})"
     elif "does not exist in the file system" in low:
         return f"{location}: {what} file not found"
     return f"{location}: not a readable raster ({message[:200]})"
