@@ -63,3 +63,11 @@ def kill(pids: list[int], timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def end_command(pid: int, ray_tmp: str) -> None:
+    """End what is left of a command started in its own session (``start_new_session=True``) and of the Ray it
+    started: its process group, and every process naming its Ray temp dir ``ray_tmp``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    kill(naming(ray_tmp))

@@ -194,7 +194,10 @@ def test_predict_from_s3_vsis3_and_http_urls_equals_the_local_map(local, bucket,
     [
         ("s3://{bucket}/in/nope.tif", "s3://{bucket}/in/nope.tif: image file not found"),
         ("/vsis3/{bucket}/in/nope.tif", "/vsis3/{bucket}/in/nope.tif: image file not found"),
-        ("s3://no-such-bucket-zz/in/A.tif", "s3://no-such-bucket-zz/in/A.tif: the bucket no-such-bucket-zz does not exist"),
+        (
+            "s3://no-such-bucket-zz/in/A.tif",
+            "s3://no-such-bucket-zz/in/A.tif: the bucket no-such-bucket-zz does not exist",
+        ),
         ("s3://{bucket}/in", "s3://{bucket}/in: is a folder (an S3 prefix), not a file"),
         ("s3://{bucket}/in/bad.parquet", "s3://{bucket}/in/bad.parquet: not a readable raster ("),
         ("{endpoint}/{bucket}/public/nope.tif", "{endpoint}/{bucket}/public/nope.tif: image file not found (HTTP 404)"),
@@ -247,7 +250,10 @@ def test_wrong_credentials_are_one_line(s3, local, bucket, capsys, monkeypatch, 
     ("shots", "message"),
     [
         ("s3://{bucket}/in/nope.parquet", "s3://{bucket}/in/nope.parquet: GEDI points file not found"),
-        ("s3://no-such-bucket-zz/s.parquet", "s3://no-such-bucket-zz/s.parquet: the bucket no-such-bucket-zz does not exist"),
+        (
+            "s3://no-such-bucket-zz/s.parquet",
+            "s3://no-such-bucket-zz/s.parquet: the bucket no-such-bucket-zz does not exist",
+        ),
         ("s3://{bucket}/in/bad.parquet", "s3://{bucket}/in/bad.parquet: not a readable points table ("),
         ("https://h/s.parquet", "https://h/s.parquet: --gedi reads a local file or an s3:// (gs://, ...) URI, not"),
     ],

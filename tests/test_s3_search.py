@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from tests import proc_helpers
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.errors import TuneAgbError, run_cli
 from tune_agb.location import read_bytes, read_table
@@ -69,16 +70,7 @@ class _Command:
 
     def cleanup(self) -> None:
         """Kill what is left of this command's Ray (its process group, and processes naming its temp dir)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid_dir in Path("/proc").glob("[0-9]*"):
-            try:
-                cmd = (pid_dir / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if self.ray_tmp.encode() in cmd:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
+        proc_helpers.end_command(self.proc.pid, self.ray_tmp)
 
     def output(self) -> str:
         return self.log.read_text()

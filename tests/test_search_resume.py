@@ -4,7 +4,6 @@ stays num_samples, ASHA's rungs are rebuilt; and --resume with another space fil
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import signal
@@ -20,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests import proc_helpers
 from tests.search_helpers import tiny_space, write_space
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.experiment import read_trial_rows
@@ -67,16 +67,7 @@ class Search:
         """Kill what is left of this search's Ray (its process group, and processes naming its temp dir)."""
         if self.proc.poll() is None:
             self.proc.wait(timeout=60)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid_dir in Path("/proc").glob("[0-9]*"):
-            try:
-                cmd = (pid_dir / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if self.ray_tmp.encode() in cmd:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(int(pid_dir.name), signal.SIGKILL)
+        proc_helpers.end_command(self.proc.pid, self.ray_tmp)
 
     def output(self) -> str:
         return self.log.read_text()
