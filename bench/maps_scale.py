@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -109,7 +110,8 @@ def agreement(a_path: Path, b_path: Path) -> tuple[float, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=2048, help="scene side in px (default 2048)")
-    p.add_argument("--memory-size", type=int, default=0, help="also map a scene this large with 1 worker (0: no)")
+    p.add_argument("--memory-size", type=int, default=0, help="also map a scene this large (0: no)")
+    p.add_argument("--memory-workers", type=int, default=1, help="workers for the --memory-size scene (default 1)")
     p.add_argument("--channels", type=int, default=14)
     p.add_argument("--base-channels", type=int, default=8)
     p.add_argument("--depth", type=int, default=2)
@@ -160,7 +162,15 @@ def main() -> int:
     try:
         runs = [(1, scene, a.size), (2, scene, a.size)]
         if a.memory_size:
-            runs.append((1, write_scene(work / "large.tif", a.memory_size, a.channels, seed=1), a.memory_size))
+            large = write_scene(work / "large.tif", a.memory_size, a.channels, seed=1)
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            decoded = 4 * a.channels * a.memory_size**2
+            print(
+                f"[maps_scale] large scene: {decoded / 1e9:.2f} GB as float32, RAM {ram / 1e9:.1f} GB, "
+                f"RAM / {a.memory_workers} workers = {ram / a.memory_workers / 1e9:.1f} GB",
+                flush=True,
+            )
+            runs.append((a.memory_workers, large, a.memory_size))
         for workers, src, size in runs:
             out = work / f"ray_{workers}w_{size}"
             shutil.rmtree(out, ignore_errors=True)  # from scratch: nothing staged by an earlier bench
@@ -206,7 +216,10 @@ def main() -> int:
         "block_size": a.block_size,
         "cpus": os.cpu_count(),
         "machine": platform.node(),
+        # the bench process: the single-process predict_map and every map_scenes driver (blocks written here)
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+    print(f"[maps_scale] peak RSS of this process (predict_map + the drivers): {meta['driver_peak_rss_mb']} MB")
     print(
         f"\nscene {a.size} x {a.size} x {a.channels}, U-Net base {a.base_channels} depth {a.depth}, "
         f"tile {a.tile_size}, block {a.block_size}, {os.cpu_count()} CPU cores\n"
