@@ -22,7 +22,19 @@ PAGES = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
 # Commands removed in 0.2: a page may name them only on a line that says they were removed.
 REMOVED_COMMANDS = {"tune_agb.pretrain"}
 # Flags of other tools the docs show (ray start, tensorboard, mkdocs, .ci/newest).
-OTHER_TOOLS = {"--head", "--port", "--logdir", "--strict", "--site-dir", "--freeze", "--help"}
+# flags of ray start / ray job, tensorboard, mkdocs and .ci/newest that the docs show
+OTHER_TOOLS = {
+    "--head",
+    "--port",
+    "--logdir",
+    "--strict",
+    "--site-dir",
+    "--freeze",
+    "--help",
+    "--working-dir",
+    "--runtime-env-json",
+    "--follow",
+}
 
 
 def _hooks() -> ModuleType:
