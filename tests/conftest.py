@@ -11,6 +11,11 @@ import pytest
 
 from tune_agb.demo_data import write_demo_dataset
 
+# Ray reads its authentication mode once per process, when it is first used: every Ray instance this test process
+# starts (ray_local, ray.cluster_utils.Cluster fixtures) and the processes they spawn must agree on one mode, or the
+# driver cannot talk to a later instance ("Failed to start GCS"). Subprocess commands get their own environment.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "gedi-s1s2-real"
 
