@@ -39,6 +39,7 @@ from tune_agb.runs import (
     read_predictions,
     read_results,
     read_search,
+    read_space,
     read_test_maps,
     save_calibration,
     write_best,
@@ -128,6 +129,20 @@ def test_search_record_round_trip_and_broken_ones_are_one_line(tmp_path: Path) -
         with pytest.raises(TuneAgbError, match=f"^{re.escape(exp)}/search.yaml: {message}") as err:
             read_search(exp)
         assert "\n" not in str(err.value)
+
+
+def test_read_space_is_the_space_the_search_ran_with_its_overrides(tmp_path: Path) -> None:
+    # the ranking metric and mode of a search started with --set are the overridden ones (the report and
+    # --ensemble-top rank by them); older records' flag names (seed, num_samples) count too
+    exp = str(tmp_path / "exp")
+    overrides = {"experiment.mode": "max", "experiment.metric": "val_mae", "num_samples": 7, "seed": 5}
+    write_search(exp, SearchRecord(tiny_space(), overrides))
+    space, record = read_space(exp)
+    assert (space.metric, space.mode, space.settings["experiment"]["num_samples"]) == ("val_mae", "max", 7)
+    assert space.settings["searcher"]["seed"] == 5
+    assert record.space == tiny_space()  # the record keeps the file's space and the overrides apart
+    write_search(exp, SearchRecord(tiny_space(), {}))
+    assert read_space(exp)[0].mode == "min"
 
 
 def test_results_round_trip_and_mixed_config_types(tmp_path: Path) -> None:

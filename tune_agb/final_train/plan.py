@@ -26,7 +26,7 @@ from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_va
 from tune_agb.engine.train import init_state
 from tune_agb.errors import TuneAgbError
 from tune_agb.location import resolve
-from tune_agb.overrides import apply_overrides, parse_overrides
+from tune_agb.overrides import parse_overrides
 from tune_agb.runs import (
     CALIBRATION_FILE,
     ENSEMBLE_FILE,
@@ -153,11 +153,10 @@ def read_recipe(experiment: str) -> dict[str, Any] | None:
     record = read_search(experiment)
     if record is None:
         return None
-    changes = {k: v for k, v in record.overrides.items() if str(k).startswith("final.")}
-    if record.space.get("final") is None and not changes:
+    ran = record.ran_space()
+    if ran.get("final") is None:
         return None
-    source = f"{resolve(experiment)}/search.yaml (space)"
-    return parse_search_space(apply_overrides(record.space, changes), source=source).final
+    return parse_search_space(ran, source=f"{resolve(experiment)}/search.yaml (space)").final
 
 
 def apply_recipe(opts: FinalOptions, given: Mapping[str, str]) -> FinalOptions:

@@ -32,6 +32,7 @@ from tune_agb.location import (
     resolve,
     write_atomic,
 )
+from tune_agb.overrides import apply_overrides
 from tune_agb.runs.ranking import is_missing, rank_trials
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
@@ -54,6 +55,17 @@ class SearchRecord:
     overrides: dict[str, Any]
     data: dict[str, Any] = field(default_factory=dict)
     space_file: str | None = None
+
+    @property
+    def changes(self) -> dict[str, Any]:
+        """The overrides by dotted path (``experiment.num_samples``), older records' flag names translated."""
+        from tune_agb.search.api import FLAG_PATHS
+
+        return {FLAG_PATHS.get(k, k): v for k, v in self.overrides.items()}
+
+    def ran_space(self) -> dict[str, Any]:
+        """The space mapping the search ran: ``space`` with the overrides applied."""
+        return apply_overrides(self.space, self.changes) if self.overrides else self.space
 
     def to_dict(self) -> dict[str, Any]:
         """The mapping search.yaml holds (keys in the order written)."""
@@ -92,7 +104,8 @@ def read_search(experiment: str) -> SearchRecord | None:
 
 
 def read_space(experiment: str, label: str | None = None) -> tuple[SearchSpace, SearchRecord]:
-    """The search space of a search folder (parsed and checked) and its record.
+    """The search space a search folder ran (its search.yaml's space with the search's overrides; parsed and
+    checked) and its record.
 
     Raises:
         TuneAgbError: one line (starting with ``label`` when given) when there is no search.yaml or it is invalid.
@@ -107,7 +120,7 @@ def read_space(experiment: str, label: str | None = None) -> tuple[SearchSpace, 
         raise TuneAgbError(f"{prefix}{exc}") from None
     if record is None:
         raise TuneAgbError(f"{prefix}{where} not found; expected a search's folder STORAGE/NAME")
-    return parse_search_space(record.space, source=where), record
+    return parse_search_space(record.ran_space(), source=where), record
 
 
 # -- results.parquet --------------------------------------------------------------------------------------------

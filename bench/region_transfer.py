@@ -1,0 +1,224 @@
+"""Region transfer on the two real regions (issue 31): train on one region's tiles, test on every tile of the other,
+both ways; the documented recipe beside the per-pixel forests fitted on the same labels.
+
+    python bench/region_transfer.py [--a ../shared/data/gedi-s1s2-real] [--b ../shared/data/gedi-s1s2-real-b]
+        [--seeds 0] [--methods rf,rf_texture,recipe] [--directions ab,ba] [--out DIR] [--json FILE]
+
+A direction ``ab`` trains on region A's train tiles, selects and calibrates on A's val tiles, and tests on all of
+region B's tiles (its train, val and test): the layout is a folder of links under ``--out`` (``ab/data``). Methods:
+
+- ``rf``, ``rf_texture``: ``tune_agb.baseline --model rf`` (the texture forest with ``--texture-windows 3,7,15``),
+  as in ``bench/real_selection.py``;
+- ``recipe``: what the README tells a user to run, with no further flags: ``python -m tune_agb.search --space
+  search_spaces/real-cpu.yaml`` on the direction's train+val, then ``python -m tune_agb.final_train --experiment``
+  (the space's ``final:`` section builds the final model). Seed 0 runs the space as shipped (its time budget
+  included, so ``minutes`` is what a user waits on this machine); another seed sets ``searcher.seed`` and
+  ``fixed.seed``.
+
+Every run is scored on the other region's labelled pixels: RMSE, R², the shares of labels inside the calibrated
+1-sigma and 2-sigma intervals (and uncalibrated), and the intervals' mean full width in metres (so that a wider
+interval is not the only fix: a calibration that reaches its coverage by widening everywhere shows here).
+Two sigma factors are also tried on the recipe's test pixels, without training anything:
+
+- ``right``: the NLL factor fitted on the test pixels themselves (what would have been right; a reference, not a
+  method);
+- ``cross``: the factor that was right in the *other* direction, applied on top of the shipped calibration: what a
+  user who has measured one region shift would widen by (needs both directions).
+
+Everything is kept under ``--out``; a rerun reads back finished searches and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_selection import baseline, final, run_test, search  # same folder: one way to run and read a method
+from search_efficiency import apply_changes
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+METHODS = ["rf", "rf_texture", "recipe"]
+SPLITS = ("train", "val", "test")
+
+
+def transfer_layout(train_region: Path, test_region: Path, where: Path) -> list[str]:
+    """The dataset layout of one direction under ``where`` as links: train and val from ``train_region``'s train and
+    val splits, test = every tile of ``test_region``. Returns the ``--input-dir/--label-dir`` flags.
+
+    Raises:
+        SystemExit: a tile name found in both regions (the layout could not tell them apart), or an empty split.
+    """
+    picks = {
+        "train": [("train", train_region)],
+        "val": [("val", train_region)],
+        "test": [(s, test_region) for s in SPLITS],
+    }
+    seen: dict[str, Path] = {}
+    for side in ("inputs", "labels"):
+        for split, sources in picks.items():
+            folder = where / side / split
+            folder.mkdir(parents=True, exist_ok=True)
+            names = []
+            for source_split, region in sources:
+                for f in sorted((region / side / source_split).glob("*.npy")):
+                    if side == "inputs":
+                        if f.stem in seen and seen[f.stem] != f:
+                            raise SystemExit(f"{f}: the tile name {f.stem!r} is in both regions ({seen[f.stem]})")
+                        seen[f.stem] = f
+                    link = folder / f.name
+                    if not link.exists():
+                        os.symlink(f.resolve(), link)
+                    names.append(f.stem)
+            if not names:
+                raise SystemExit(f"{where}: no {side} tile for {split} (from {[str(r) for _, r in sources]})")
+    return ["--input-dir", str(where / "inputs"), "--label-dir", str(where / "labels")]
+
+
+def score(run: str | Path, factor: float = 1.0) -> dict[str, float]:
+    """A finished run's test figures; ``factor`` multiplies its calibrated sigma."""
+    from tune_agb.engine.calibration import sigma_halfwidth
+
+    d, _, loss = run_test(run)
+    y, mu = d["label"].to_numpy(np.float64), d["mean"].to_numpy(np.float64)
+    err = np.abs(y - mu)
+    out = {
+        "n": len(d),
+        "rmse": float(np.sqrt(np.mean(err**2))),
+        "r2": float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2)),
+        "bias": float(np.mean(mu - y)),
+    }
+    for prefix, col, f in (("", "std", factor), ("raw_", "std_uncalibrated", 1.0)):
+        sd = d[col].to_numpy(np.float64) * f
+        for k in (1, 2):
+            half = sigma_halfwidth(k, loss) * sd
+            out[f"{prefix}within_{k}sigma"] = float(np.mean(err <= half))
+            out[f"{prefix}width_{k}sigma"] = float(np.mean(2 * half))
+    return out
+
+
+def right_factor(run: str | Path) -> float:
+    """The NLL factor on the *calibrated* sigma fitted on the run's test pixels (1: the calibration was right)."""
+    from tune_agb.engine.calibration import fit_scale
+
+    d, _, loss = run_test(run)
+    y, mu, sd = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std"))
+    return fit_scale(y, mu, sd**2, loss)
+
+
+def run_direction(name: str, seed: int, a: argparse.Namespace, out: Path, data: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for method in ("rf", "rf_texture"):
+        if method in a.methods:
+            m = baseline(method, seed, out, data)
+            rows.append({"direction": name, "method": method, "seed": seed, "seconds": m["seconds"], "run": m["run"]})
+    if "recipe" in a.methods:
+        space = yaml.safe_load(Path(a.space).read_text())
+        if seed != 0:
+            space = apply_changes(space, {"searcher.seed": seed, "fixed.seed": seed})
+        exp, secs = search(space, f"recipe_s{seed}", out, data)
+        m = final(out / "runs" / f"recipe_s{seed}", {"experiment": exp}, data)
+        rows.append(
+            {
+                "direction": name,
+                "method": "recipe",
+                "seed": seed,
+                "seconds": m["seconds"] + secs,
+                "search_seconds": secs,
+                "run": m["run"],
+            }
+        )
+    for r in rows:
+        r |= score(r["run"])
+    return rows
+
+
+def cross_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recipe's rows of each direction scored again with the factor that was right in the other direction."""
+    out = []
+    recipe = {(r["direction"], r["seed"]): r for r in rows if r["method"] == "recipe"}
+    for (direction, seed), r in recipe.items():
+        other = next((o for (d, s), o in recipe.items() if d != direction and s == seed), None)
+        if other is None:
+            continue
+        f = right_factor(other["run"])
+        out.append({"direction": direction, "method": "recipe, cross factor", "seed": seed, "factor": f}
+                   | score(r["run"], f))  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
+    lines = [
+        "| direction | seed | method | test labels | RMSE (m) | R² | bias (m) | 1σ coverage (raw) | 2σ coverage (raw) "
+        "| 1σ / 2σ width (m) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows + extra:
+        minutes = f"{r['seconds'] / 60:.1f}" if "seconds" in r else f"factor {r['factor']:.2f}"
+        lines.append(
+            f"| {r['direction']} | {r['seed']} | {r['method']} | {r['n']} | {r['rmse']:.2f} | {r['r2']:.3f} | "
+            f"{r['bias']:+.2f} | {r['within_1sigma'] * 100:.1f} % ({r['raw_within_1sigma'] * 100:.1f} %) | "
+            f"{r['within_2sigma'] * 100:.1f} % ({r['raw_within_2sigma'] * 100:.1f} %) | "
+            f"{r['width_1sigma']:.1f} / {r['width_2sigma']:.1f} | {minutes} |"
+        )
+    lines.append("")
+    for r in rows:
+        if r["method"] == "recipe":
+            lines.append(f"- {r['direction']} seed {r['seed']}: factor right for the test pixels "
+                         f"{right_factor(r['run']):.2f} (on the shipped calibration)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--a", default=str(SHARED / "gedi-s1s2-real"), help="region A's dataset folder")
+    p.add_argument("--b", default=str(SHARED / "gedi-s1s2-real-b"), help="region B's dataset folder")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--directions", default="ab,ba", help="ab: train on A, test on B; ba: the other way")
+    p.add_argument("--space", default=str(ROOT / "search_spaces" / "real-cpu.yaml"))
+    p.add_argument("--out", help="folder for layouts, searches and runs (default: a temporary one)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    a = p.parse_args(argv)
+    a.methods = [m for m in a.methods.split(",") if m]
+    if bad := [m for m in a.methods if m not in METHODS]:
+        p.error(f"--methods: unknown {bad}; allowed: {', '.join(METHODS)}")
+    a.directions = [d for d in a.directions.split(",") if d]
+    if bad := [d for d in a.directions if d not in ("ab", "ba")]:
+        p.error(f"--directions: unknown {bad}; allowed: ab, ba")
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    torch.set_num_threads(1)  # the recipe's trials run one torch thread each; final_train sets its own
+    out = Path(a.out or tempfile.mkdtemp(prefix="region_transfer_"))
+    regions = {"a": Path(a.a), "b": Path(a.b)}
+    rows = []
+    for seed in a.seeds:
+        for d in a.directions:
+            data = transfer_layout(regions[d[0]], regions[d[1]], out / d / "data")
+            rows += run_direction(f"{d[0].upper()}→{d[1].upper()}", seed, a, out / d, data)
+    extra = cross_rows(rows)
+    print(f"\nmachine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}; out: {out}\n")
+    print(markdown(rows, extra))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": rows, "cross": extra}, indent=1, default=str))
+    return 0 if all(math.isfinite(r["rmse"]) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
