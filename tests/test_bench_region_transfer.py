@@ -1,4 +1,4 @@
-"""bench/region_transfer.py: the transfer layout, the test figures (coverage and interval width) and the cross factor."""
+"""bench/region_transfer.py: the transfer layout, the test figures (coverage, interval width), the cross factor."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_transfer_layout_trains_on_one_region_and_tests_on_every_tile_of_the_oth
 def test_transfer_layout_refuses_a_tile_name_in_both_regions(tmp_path):
     a = region(tmp_path / "a", "tile_", {"train": 2, "val": 1, "test": 1})
     b = region(tmp_path / "b", "tile_", {"train": 2, "val": 1, "test": 1})
-    with pytest.raises(SystemExit, match="tile_train0.*in both regions"):
+    with pytest.raises(SystemExit, match=r"tile_train0.*in both regions"):
         rt.transfer_layout(a, b, tmp_path / "ab")
 
 
