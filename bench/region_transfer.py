@@ -61,11 +61,17 @@ def transfer_layout(train_region: Path, test_region: Path, where: Path) -> list[
     Raises:
         SystemExit: a tile name found in both regions (the layout could not tell them apart), or an empty split.
     """
-    picks = {
-        "train": [("train", train_region)],
-        "val": [("val", train_region)],
-        "test": [(s, test_region) for s in SPLITS],
-    }
+    picks = {"train": [("train", train_region)], "val": [("val", train_region)]}
+    return layout(picks | {"test": [(s, test_region) for s in SPLITS]}, where)
+
+
+def pooled_layout(regions: list[Path], where: Path) -> list[str]:
+    """Both regions in one layout, each split the union of the regions' own (``pooled``: train on both)."""
+    return layout({s: [(s, r) for r in regions] for s in SPLITS}, where)
+
+
+def layout(picks: dict[str, list[tuple[str, Path]]], where: Path) -> list[str]:
+    """Links under ``where`` for each split of ``picks`` (split -> the (split, region) folders it takes)."""
     seen: dict[str, Path] = {}
     for side in ("inputs", "labels"):
         for split, sources in picks.items():
@@ -87,8 +93,9 @@ def transfer_layout(train_region: Path, test_region: Path, where: Path) -> list[
     return ["--input-dir", str(where / "inputs"), "--label-dir", str(where / "labels")]
 
 
-def score(run: str | Path, factor: float = 1.0) -> dict[str, float]:
-    """A finished run's test figures; ``factor`` multiplies its calibrated sigma."""
+def score(run: str | Path, factor: float = 1.0, regions: dict[str, set[str]] | None = None) -> dict[str, float]:
+    """A finished run's test figures; ``factor`` multiplies its calibrated sigma; ``regions`` (name -> tile names)
+    adds each region's test RMSE (``rmse_NAME``)."""
     from tune_agb.engine.calibration import sigma_halfwidth
 
     d, _, loss = run_test(run)
@@ -100,12 +107,17 @@ def score(run: str | Path, factor: float = 1.0) -> dict[str, float]:
         "r2": float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2)),
         "bias": float(np.mean(mu - y)),
     }
+    if regions:  # pooled: each region's own test RMSE too
+        for key, names in regions.items():
+            pick = d["tile"].isin(names).to_numpy()
+            out[f"rmse_{key}"] = float(np.sqrt(np.mean(err[pick] ** 2))) if pick.any() else math.nan
     for prefix, col, f in (("", "std", factor), ("raw_", "std_uncalibrated", 1.0)):
         sd = d[col].to_numpy(np.float64) * f
         for k in (1, 2):
             half = sigma_halfwidth(k, loss) * sd
             out[f"{prefix}within_{k}sigma"] = float(np.mean(err <= half))
             out[f"{prefix}width_{k}sigma"] = float(np.mean(2 * half))
+            out[f"{prefix}median_width_{k}sigma"] = float(np.median(2 * half))
     return out
 
 
@@ -118,7 +130,9 @@ def right_factor(run: str | Path) -> float:
     return fit_scale(y, mu, sd**2, loss)
 
 
-def run_direction(name: str, seed: int, a: argparse.Namespace, out: Path, data: list[str]) -> list[dict[str, Any]]:
+def run_direction(
+    name: str, seed: int, a: argparse.Namespace, out: Path, data: list[str], regions: dict[str, set[str]] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for method in ("rf", "rf_texture"):
         if method in a.methods:
@@ -141,14 +155,14 @@ def run_direction(name: str, seed: int, a: argparse.Namespace, out: Path, data: 
             }
         )
     for r in rows:
-        r |= score(r["run"])
+        r |= score(r["run"], regions=regions)
     return rows
 
 
 def cross_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The recipe's rows of each direction scored again with the factor that was right in the other direction."""
     out = []
-    recipe = {(r["direction"], r["seed"]): r for r in rows if r["method"] == "recipe"}
+    recipe = {(r["direction"], r["seed"]): r for r in rows if r["method"] == "recipe" and r["direction"] != "pooled"}
     for (direction, seed), r in recipe.items():
         other = next((o for (d, s), o in recipe.items() if d != direction and s == seed), None)
         if other is None:
@@ -162,7 +176,7 @@ def cross_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
     lines = [
         "| direction | seed | method | test labels | RMSE (m) | R² | bias (m) | 1σ coverage (raw) | 2σ coverage (raw) "
-        "| 1σ / 2σ width (m) | minutes |",
+        "| 1σ / 2σ width, median (mean), m | minutes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows + extra:
@@ -171,9 +185,14 @@ def markdown(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
             f"| {r['direction']} | {r['seed']} | {r['method']} | {r['n']} | {r['rmse']:.2f} | {r['r2']:.3f} | "
             f"{r['bias']:+.2f} | {r['within_1sigma'] * 100:.1f} % ({r['raw_within_1sigma'] * 100:.1f} %) | "
             f"{r['within_2sigma'] * 100:.1f} % ({r['raw_within_2sigma'] * 100:.1f} %) | "
-            f"{r['width_1sigma']:.1f} / {r['width_2sigma']:.1f} | {minutes} |"
+            f"{r['median_width_1sigma']:.1f} / {r['median_width_2sigma']:.1f} "
+            f"({r['width_1sigma']:.1f} / {r['width_2sigma']:.1f}) | {minutes} |"
         )
     lines.append("")
+    for r in rows:
+        if "rmse_A" in r:
+            lines.append(f"- pooled seed {r['seed']} {r['method']}: test RMSE on region A's test tiles "
+                         f"{r['rmse_A']:.2f} m, on region B's {r['rmse_B']:.2f} m")  # fmt: skip
     for r in rows:
         if r["method"] == "recipe":
             lines.append(f"- {r['direction']} seed {r['seed']}: factor right for the test pixels "
@@ -187,7 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b", default=str(SHARED / "gedi-s1s2-real-b"), help="region B's dataset folder")
     p.add_argument("--seeds", default="0")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--directions", default="ab,ba", help="ab: train on A, test on B; ba: the other way")
+    p.add_argument(
+        "--directions",
+        default="ab,ba",
+        help="ab: train on A, test on B; ba: the other way; pooled: both regions' own splits pooled",
+    )
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "real-cpu.yaml"))
     p.add_argument("--out", help="folder for layouts, searches and runs (default: a temporary one)")
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -196,8 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad := [m for m in a.methods if m not in METHODS]:
         p.error(f"--methods: unknown {bad}; allowed: {', '.join(METHODS)}")
     a.directions = [d for d in a.directions.split(",") if d]
-    if bad := [d for d in a.directions if d not in ("ab", "ba")]:
-        p.error(f"--directions: unknown {bad}; allowed: ab, ba")
+    if bad := [d for d in a.directions if d not in ("ab", "ba", "pooled")]:
+        p.error(f"--directions: unknown {bad}; allowed: ab, ba, pooled")
     a.seeds = [int(s) for s in a.seeds.split(",")]
     return a
 
@@ -210,8 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in a.seeds:
         for d in a.directions:
-            data = transfer_layout(regions[d[0]], regions[d[1]], out / d / "data")
-            rows += run_direction(f"{d[0].upper()}→{d[1].upper()}", seed, a, out / d, data)
+            if d == "pooled":
+                data = pooled_layout(list(regions.values()), out / d / "data")
+                tiles = {k.upper(): {p.stem for p in r.glob("labels/test/*.npy")} for k, r in regions.items()}
+                rows += run_direction("pooled", seed, a, out / d, data, tiles)
+            else:
+                data = transfer_layout(regions[d[0]], regions[d[1]], out / d / "data")
+                rows += run_direction(f"{d[0].upper()}→{d[1].upper()}", seed, a, out / d, data)
     extra = cross_rows(rows)
     print(f"\nmachine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}; out: {out}\n")
     print(markdown(rows, extra))

@@ -83,3 +83,20 @@ def test_cross_rows_apply_the_factor_right_in_the_other_direction(tmp_path):
     assert cross["A→B"]["factor"] == pytest.approx(1.0, rel=0.05)
     assert cross["B→A"]["width_1sigma"] == pytest.approx(4.0 * cross["B→A"]["factor"])
     assert cross["B→A"]["within_1sigma"] > 0.9  # over-wide for the easier direction
+
+
+def test_pooled_layout_keeps_each_regions_split_and_score_gives_each_regions_rmse(tmp_path):
+    a = region(tmp_path / "a", "tile_a", {"train": 2, "val": 1, "test": 1})
+    b = region(tmp_path / "b", "tile_b", {"train": 3, "val": 1, "test": 2})
+    rt.pooled_layout([a, b], tmp_path / "pooled")
+    got = {s: sorted(p.stem for p in (tmp_path / "pooled/labels" / s).iterdir()) for s in rt.SPLITS}
+    assert got["train"] == ["tile_atrain0", "tile_atrain1", "tile_btrain0", "tile_btrain1", "tile_btrain2"]
+    assert got["test"] == ["tile_atest0", "tile_btest0", "tile_btest1"]
+    y = np.zeros(6)
+    run = fake_run(tmp_path / "run", y, np.array([1.0, 1.0, 3.0, 3.0, 3.0, 3.0]), np.ones(6), scale=1.0)
+    d = pd.read_parquet(run / "predictions.parquet")
+    d["tile"] = ["tile_atest0"] * 2 + ["tile_btest0"] * 4 + ["tile_atest0"] * 3  # the 3 val rows: not counted
+    d.to_parquet(run / "predictions.parquet")
+    s = rt.score(run, regions={"A": {"tile_atest0"}, "B": {"tile_btest0", "tile_btest1"}})
+    assert (s["rmse_A"], s["rmse_B"]) == (pytest.approx(1.0), pytest.approx(3.0))
+    assert s["rmse"] == pytest.approx(np.sqrt((2 + 4 * 9) / 6))
