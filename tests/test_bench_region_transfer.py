@@ -76,6 +76,7 @@ def test_cross_rows_apply_the_factor_right_in_the_other_direction(tmp_path):
         y = rng.normal(20, 5, 3000)
         run = fake_run(tmp_path / direction, y, y + rng.normal(0, noise, y.size), np.full(y.size, 2.0), scale=1.0)
         rows.append({"direction": direction, "method": "recipe", "seed": 0, "run": str(run)})
+        rows[-1]["right_factor"] = rt.right_factor(run)
     rows.append({"direction": "A→B", "method": "rf", "seed": 0, "run": rows[0]["run"]})  # not the recipe: ignored
     cross = {r["direction"]: r for r in rt.cross_rows(rows)}
     assert set(cross) == {"A→B", "B→A"}
