@@ -346,6 +346,7 @@ def _check_resume(
     """
     from ray import tune
 
+    from tune_agb.runs import SearchRecord
     from tune_agb.search.space import parse_search_space
     from tune_agb.search.state import fill_pruned_checkpoints, repair_experiment_state
     from tune_agb.search.sync import pull
@@ -362,7 +363,7 @@ def _check_resume(
             f"resume with the same file, or start a new search with another --name"
         )
     # Searches started before --set recorded the convenience flags' names (num_samples: 3).
-    recorded = {FLAG_PATHS.get(k, k): v for k, v in stored["overrides"].items()}
+    recorded = SearchRecord.from_dict(stored, f"{exp.uri}/search.yaml").changes
     for path, value in changes.items():
         if recorded.get(path) != value:
             raise TuneAgbError(
