@@ -22,6 +22,18 @@ from tune_agb.errors import TuneAgbError
 
 FORM = "SECTION.KEY=VALUE (e.g. experiment.num_samples=12)"
 
+# The search command's convenience flags (dest -> the space key they set, as a ``--set`` path). Also the keys under
+# which searches started before ``--set`` existed recorded their overrides in search.yaml.
+FLAG_PATHS: dict[str, str] = {
+    "num_samples": "experiment.num_samples",
+    "max_concurrent": "experiment.max_concurrent",
+    "time_budget": "experiment.time_budget_s",
+    "max_failures": "experiment.max_failures",
+    "cpus_per_trial": "resources.cpu",
+    "gpus_per_trial": "resources.gpu",
+    "seed": "searcher.seed",
+}
+
 
 def parse_override(item: str, flag: str = "--set") -> tuple[str, Any]:
     """One ``SECTION.KEY=VALUE`` item as (``SECTION.KEY``, the value read as YAML).

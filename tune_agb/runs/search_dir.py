@@ -32,7 +32,7 @@ from tune_agb.location import (
     resolve,
     write_atomic,
 )
-from tune_agb.overrides import apply_overrides
+from tune_agb.overrides import FLAG_PATHS, apply_overrides
 from tune_agb.runs.ranking import is_missing, rank_trials
 
 if TYPE_CHECKING:  # torch: imported where folds are used, not with this module
@@ -59,8 +59,6 @@ class SearchRecord:
     @property
     def changes(self) -> dict[str, Any]:
         """The overrides by dotted path (``experiment.num_samples``), older records' flag names translated."""
-        from tune_agb.search.api import FLAG_PATHS
-
         return {FLAG_PATHS.get(k, k): v for k, v in self.overrides.items()}
 
     def ran_space(self) -> dict[str, Any]:

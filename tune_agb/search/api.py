@@ -31,17 +31,6 @@ if TYPE_CHECKING:
     from tune_agb.search.space import SearchSpace
 
 DEFAULT_STORAGE = "ray_results"
-# The command line's convenience flags (dest -> the space key they set). Also the keys under which searches started
-# before ``--set`` existed recorded their overrides in search.yaml.
-FLAG_PATHS: dict[str, str] = {
-    "num_samples": "experiment.num_samples",
-    "max_concurrent": "experiment.max_concurrent",
-    "time_budget": "experiment.time_budget_s",
-    "max_failures": "experiment.max_failures",
-    "cpus_per_trial": "resources.cpu",
-    "gpus_per_trial": "resources.gpu",
-    "seed": "searcher.seed",
-}
 
 
 @dataclasses.dataclass

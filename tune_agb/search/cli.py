@@ -19,8 +19,8 @@ from typing import Any
 import yaml
 
 from tune_agb.errors import TuneAgbError
-from tune_agb.overrides import FORM, format_overrides, parse_overrides
-from tune_agb.search.api import DEFAULT_STORAGE, FLAG_PATHS, resolved_config, run
+from tune_agb.overrides import FLAG_PATHS, FORM, format_overrides, parse_overrides
+from tune_agb.search.api import DEFAULT_STORAGE, resolved_config, run
 
 
 class _Parser(argparse.ArgumentParser):
