@@ -199,6 +199,12 @@ def outer_splits(labels: dict[str, int], k: int, val_share: float) -> list[dict[
     if not 2 <= k <= len(labels):
         raise SystemExit(f"--outer-k: must be 2 to {len(labels)} (the tiles); got {k}")
     order = sorted(labels, key=lambda n: tuple(int(v) for v in TILE.match(n).groups())[::-1])  # column, then row
+    return strip_folds(order, labels, k, val_share)
+
+
+def strip_folds(order: list[str], labels: dict[str, int], k: int, val_share: float) -> list[dict[str, list[str]]]:
+    """K outer folds of the tiles in ``order`` (a line through the ground, so that neighbours stay together): K
+    contiguous strips holding about as many of ``labels`` each; a fold's val follows its strip (wrapping round)."""
     total = sum(labels.values())
     strips: list[list[str]] = [[] for _ in range(k)]
     seen = 0

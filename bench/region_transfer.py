@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -46,7 +47,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_selection import baseline, final, run_test, search  # same folder: one way to run and read a method
+from real_selection import TILE, baseline, final, outer_data, outer_splits, run_test, search, strip_folds, tile_labels
 from search_efficiency import apply_changes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +95,60 @@ def layout(picks: dict[str, list[tuple[str, Path]]], where: Path) -> list[str]:
     return ["--input-dir", str(where / "inputs"), "--label-dir", str(where / "labels")]
 
 
-def score(run: str | Path, factor: float = 1.0, regions: dict[str, set[str]] | None = None) -> dict[str, float]:
-    """A finished run's test figures; ``factor`` multiplies its calibrated sigma; ``regions`` (name -> tile names)
-    adds each region's test RMSE (``rmse_NAME``)."""
+def pooled_cv_folds(regions: dict[str, Path], k: int, val_share: float) -> list[dict[str, dict[str, list[str]]]]:
+    """K outer folds over every tile of every region: each region is cut into K strips on its own (``tile_ROW_COL``
+    names along the grid, as ``real_selection.py --outer-k``; other names in the order of the number they end with,
+    each tile its own block, neighbouring ids kept together), and fold j tests on strip j of every region, with its
+    val the tiles that follow the strip in each region (``val_share`` of that region's labels). Returns, per fold,
+    region key -> {split: tile names}.
+
+    Raises:
+        SystemExit: fewer tiles in a region than folds.
+    """
+    per_region = {}
+    for key, root in regions.items():
+        labels = tile_labels(root)
+        if len(labels) < k:
+            raise SystemExit(f"--outer-k {k}: {root} has only {len(labels)} tiles")
+        if all(TILE.match(n) for n in labels):
+            per_region[key] = outer_splits(labels, k, val_share)
+        else:
+            order = sorted(labels, key=lambda n: (int(re.search(r"(\d*)$", n).group(1) or -1), n))
+            per_region[key] = strip_folds(order, labels, k, val_share)
+    return [{key: folds[j] for key, folds in per_region.items()} for j in range(k)]
+
+
+def pooled_cv_layout(regions: dict[str, Path], fold: dict[str, dict[str, list[str]]], where: Path) -> list[str]:
+    """The dataset layout of one pooled outer fold under ``where`` (links into each region); the data flags."""
+    for key, names in fold.items():
+        flags = outer_data(regions[key], names, where)
+    return flags
+
+
+def test_rows(runs: str | Path | list) -> tuple[Any, str]:
+    """The test rows of one finished run, or of several (outer folds: each tile tested once) pooled, and the loss."""
+    import pandas as pd
+
+    got = [run_test(r) for r in (runs if isinstance(runs, list) else [runs])]
+    return pd.concat([d for d, _, _ in got]), got[0][2]
+
+
+def score(
+    runs: str | Path | list,
+    factor: float = 1.0,
+    regions: dict[str, set[str]] | None = None,
+    skip: set[str] = frozenset(),
+    offset: float = 0.0,
+) -> dict[str, float]:
+    """A finished run's test figures (several runs: their test rows pooled); ``factor`` multiplies the calibrated
+    sigma and ``offset`` is added to the mean; ``regions`` (name -> tile names) adds each region's test RMSE
+    (``rmse_NAME``); the tiles in ``skip`` are left out."""
     from tune_agb.engine.calibration import sigma_halfwidth
 
-    d, _, loss = run_test(run)
-    y, mu = d["label"].to_numpy(np.float64), d["mean"].to_numpy(np.float64)
+    d, loss = test_rows(runs)
+    if skip:
+        d = d[~d["tile"].isin(skip)]
+    y, mu = d["label"].to_numpy(np.float64), d["mean"].to_numpy(np.float64) + offset
     err = np.abs(y - mu)
     out = {
         "n": len(d),
@@ -122,11 +170,11 @@ def score(run: str | Path, factor: float = 1.0, regions: dict[str, set[str]] | N
     return out
 
 
-def right_factor(run: str | Path) -> float:
-    """The NLL factor on the *calibrated* sigma fitted on the run's test pixels (1: the calibration was right)."""
+def right_factor(runs: str | Path | list) -> float:
+    """The NLL factor on the *calibrated* sigma fitted on the test pixels (1: the calibration was right)."""
     from tune_agb.engine.calibration import fit_scale
 
-    d, _, loss = run_test(run)
+    d, loss = test_rows(runs)
     y, mu, sd = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std"))
     return fit_scale(y, mu, sd**2, loss)
 
@@ -161,10 +209,57 @@ def run_direction(
     return rows
 
 
+def pooled_cv(
+    seed: int, a: argparse.Namespace, regions: dict[str, Path], out: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every method on each pooled outer fold; one row per method over the folds (each tile tested once, each
+    region's RMSE beside the whole), and the per-fold rows."""
+    folds = pooled_cv_folds(regions, a.outer_k, a.outer_val_share)
+    per_fold = []
+    for j, fold in enumerate(folds):
+        print(f"pooled outer fold {j}: " + "; ".join(f"{s} {sum(len(f[s]) for f in fold.values())} tiles"
+                                                     for s in SPLITS), flush=True)  # fmt: skip
+        data = pooled_cv_layout(regions, fold, out / f"fold{j}" / "data")
+        per_fold += [r | {"fold": j} for r in run_direction(f"pooled CV fold {j}", seed, a, out / f"fold{j}", data)]
+    tiles = {k.upper(): {n for f in folds for n in f[k]["test"]} for k in regions}
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in per_fold):
+        mine = [r for r in per_fold if r["method"] == method]
+        runs = [r["run"] for r in mine]
+        row = {"direction": f"pooled CV (k={a.outer_k})", "method": method, "seed": seed, "run": runs}
+        row["seconds"] = sum(r["seconds"] for r in mine)
+        if method == "recipe":
+            row["right_factor"] = right_factor(runs)
+        rows.append(row | score(runs, regions=tiles))
+    return rows, per_fold
+
+
+def local_rows(rows: list[dict[str, Any]], regions: dict[str, Path]) -> list[dict[str, Any]]:
+    """Every transfer row (A→B, B→A) scored again after a correction fitted on the labels of the tested region's own
+    val tiles (a user mapping a new region has GEDI footprints there too): ``as shipped`` (the same remaining tiles,
+    nothing refitted), ``local scale`` (the sigma factor refitted on those labels) and ``local offset + scale`` (the
+    mean shifted by their mean residual, then the factor refitted). The val tiles are then left out of the score."""
+    from tune_agb.engine.calibration import fit_scale
+
+    out = []
+    for r in (r for r in rows if "→" in r["direction"]):
+        target = regions[r["direction"][-1].lower()]
+        fit = {p.stem for p in (target / "labels" / "val").glob("*.npy")}
+        d, loss = test_rows(r["run"])
+        d = d[d["tile"].isin(fit)]
+        y, mu, sd = (d[c].to_numpy(np.float64) for c in ("label", "mean", "std"))
+        offset = float(np.mean(y - mu))
+        for name, off in (("as shipped", None), ("local scale", 0.0), ("local offset + scale", offset)):
+            f = 1.0 if off is None else fit_scale(y, mu + off, sd**2, loss)
+            row = {"direction": r["direction"], "method": f"{r['method']}, {name}", "seed": r["seed"], "factor": f}
+            out.append(row | {"offset": off or 0.0, "fit_n": len(d)} | score(r["run"], f, skip=fit, offset=off or 0.0))
+    return out
+
+
 def cross_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The recipe's rows of each direction scored again with the factor that was right in the other direction."""
     out = []
-    recipe = {(r["direction"], r["seed"]): r for r in rows if r["method"] == "recipe" and r["direction"] != "pooled"}
+    recipe = {(r["direction"], r["seed"]): r for r in rows if r["method"] == "recipe" and "→" in r["direction"]}
     for (direction, seed), r in recipe.items():
         other = next((o for (d, s), o in recipe.items() if d != direction and s == seed), None)
         if other is None:
@@ -183,6 +278,7 @@ def markdown(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
     ]
     for r in rows + extra:
         minutes = f"{r['seconds'] / 60:.1f}" if "seconds" in r else f"factor {r['factor']:.2f}"
+        minutes += f", offset {r['offset']:+.2f}" if r.get("offset") else ""
         lines.append(
             f"| {r['direction']} | {r['seed']} | {r['method']} | {r['n']} | {r['rmse']:.2f} | {r['r2']:.3f} | "
             f"{r['bias']:+.2f} | {r['within_1sigma'] * 100:.1f} % ({r['raw_within_1sigma'] * 100:.1f} %) | "
@@ -193,7 +289,7 @@ def markdown(rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
     lines.append("")
     for r in rows:
         if "rmse_A" in r:
-            lines.append(f"- pooled seed {r['seed']} {r['method']}: test RMSE on region A's test tiles "
+            lines.append(f"- {r['direction']} seed {r['seed']} {r['method']}: test RMSE on region A's test tiles "
                          f"{r['rmse_A']:.2f} m, on region B's {r['rmse_B']:.2f} m")  # fmt: skip
     for r in rows:
         if r["method"] == "recipe":
@@ -211,8 +307,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--directions",
         default="ab,ba",
-        help="ab: train on A, test on B; ba: the other way; pooled: both regions' own splits pooled",
+        help="ab: train on A, test on B; ba: the other way; pooled: both regions' own splits pooled; pooledcv: "
+        "outer spatial folds over every tile of both regions (--outer-k)",
     )
+    p.add_argument("--outer-k", type=int, default=3, help="pooledcv: outer folds (each tile a test tile once)")
+    p.add_argument("--outer-val-share", type=float, default=0.15, help="pooledcv: share of a region's labels in val")
     p.add_argument("--space", default=str(ROOT / "search_spaces" / "real-cpu.yaml"))
     p.add_argument("--out", help="folder for layouts, searches and runs (default: a temporary one)")
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -221,8 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad := [m for m in a.methods if m not in METHODS]:
         p.error(f"--methods: unknown {bad}; allowed: {', '.join(METHODS)}")
     a.directions = [d for d in a.directions.split(",") if d]
-    if bad := [d for d in a.directions if d not in ("ab", "ba", "pooled")]:
-        p.error(f"--directions: unknown {bad}; allowed: ab, ba, pooled")
+    if bad := [d for d in a.directions if d not in ("ab", "ba", "pooled", "pooledcv")]:
+        p.error(f"--directions: unknown {bad}; allowed: ab, ba, pooled, pooledcv")
     a.seeds = [int(s) for s in a.seeds.split(",")]
     return a
 
@@ -232,21 +331,25 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the recipe's trials run one torch thread each; final_train sets its own
     out = Path(a.out or tempfile.mkdtemp(prefix="region_transfer_"))
     regions = {"a": Path(a.a), "b": Path(a.b)}
-    rows = []
+    rows, fold_rows = [], []
     for seed in a.seeds:
         for d in a.directions:
-            if d == "pooled":
+            if d == "pooledcv":
+                got = pooled_cv(seed, a, regions, out / d)
+                rows += got[0]
+                fold_rows += got[1]
+            elif d == "pooled":
                 data = pooled_layout(list(regions.values()), out / d / "data")
                 tiles = {k.upper(): {p.stem for p in r.glob("labels/test/*.npy")} for k, r in regions.items()}
                 rows += run_direction("pooled", seed, a, out / d, data, tiles)
             else:
                 data = transfer_layout(regions[d[0]], regions[d[1]], out / d / "data")
                 rows += run_direction(f"{d[0].upper()}→{d[1].upper()}", seed, a, out / d, data)
-    extra = cross_rows(rows)
+    extra = cross_rows(rows) + local_rows(rows, regions)
     print(f"\nmachine: {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}; out: {out}\n")
     print(markdown(rows, extra))
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "cross": extra}, indent=1, default=str))
+        Path(a.json).write_text(json.dumps({"rows": rows, "cross": extra, "folds": fold_rows}, indent=1, default=str))
     return 0 if all(math.isfinite(r["rmse"]) for r in rows) else 1
 
 

@@ -101,3 +101,78 @@ def test_pooled_layout_keeps_each_regions_split_and_score_gives_each_regions_rms
     s = rt.score(run, regions={"A": {"tile_atest0"}, "B": {"tile_btest0", "tile_btest1"}})
     assert (s["rmse_A"], s["rmse_B"]) == (pytest.approx(1.0), pytest.approx(3.0))
     assert s["rmse"] == pytest.approx(np.sqrt((2 + 4 * 9) / 6))
+
+
+def named_region(root: Path, names: dict[str, list[str]]) -> Path:
+    for side in ("inputs", "labels"):
+        for split, tiles in names.items():
+            (root / side / split).mkdir(parents=True, exist_ok=True)
+            for n in tiles:
+                np.save(root / side / split / f"{n}.npy", np.zeros((1, 2, 2), np.float32))
+    return root
+
+
+def test_pooled_cv_folds_test_every_tile_of_both_regions_once_in_strips(tmp_path):
+    grid = [f"tile_{r}_{c}" for r in range(2) for c in range(3)]  # region A: a 2 x 3 grid
+    a = named_region(tmp_path / "a", {"train": grid[:4], "val": grid[4:5], "test": grid[5:]})
+    ids = [f"tile_b{i}" for i in (8, 9, 10, 11, 100, 101)]  # region B: ids, each tile its own block
+    b = named_region(tmp_path / "b", {"train": ids[2:], "val": ids[:1], "test": ids[1:2]})
+    folds = rt.pooled_cv_folds({"a": a, "b": b}, 3, 0.15)
+    assert len(folds) == 3
+    for key, names in (("a", grid), ("b", ids)):
+        tested = [n for f in folds for n in f[key]["test"]]
+        assert sorted(tested) == sorted(names)  # every tile a test tile exactly once
+        for f in folds:
+            parts = [set(f[key][s]) for s in rt.SPLITS]
+            assert set.union(*parts) == set(names) and sum(map(len, parts)) == len(names)  # disjoint, all used
+            assert f[key]["val"]  # each region has val tiles in each fold
+    # region A by grid column (then row), region B by the number its name ends with: neighbours stay together
+    assert folds[0]["a"]["test"] == ["tile_0_0", "tile_1_0"]
+    assert [f["b"]["test"] for f in folds] == [
+        ["tile_b8", "tile_b9"],
+        ["tile_b10", "tile_b11"],
+        ["tile_b100", "tile_b101"],
+    ]
+    flags = rt.pooled_cv_layout({"a": a, "b": b}, folds[1], tmp_path / "fold1")
+    assert flags == ["--input-dir", str(tmp_path / "fold1/inputs"), "--label-dir", str(tmp_path / "fold1/labels")]
+    got = sorted(p.stem for p in (tmp_path / "fold1/labels/test").iterdir())
+    assert got == sorted(folds[1]["a"]["test"] + folds[1]["b"]["test"])
+    with pytest.raises(SystemExit, match="only 6 tiles"):
+        rt.pooled_cv_folds({"a": a, "b": b}, 7, 0.15)
+
+
+def test_score_pools_the_test_rows_of_several_runs(tmp_path):
+    y = np.zeros(4)
+    one = fake_run(tmp_path / "f0", y, np.ones(4), np.ones(4), scale=1.0)
+    two = fake_run(tmp_path / "f1", y, np.full(4, 3.0), np.ones(4), scale=1.0)
+    s = rt.score([one, two])
+    assert s["n"] == 8 and s["rmse"] == pytest.approx(np.sqrt((4 + 36) / 8)) and s["bias"] == pytest.approx(2.0)
+    assert rt.right_factor([one, two]) == pytest.approx(np.sqrt(5.0), rel=0.02)
+
+
+def test_local_rows_fit_offset_and_scale_on_the_tested_regions_val_tiles_and_score_the_rest(tmp_path):
+    regions = {
+        "a": named_region(tmp_path / "a", {"val": ["tile_0_0"]}),
+        "b": named_region(tmp_path / "b", {"val": ["tile_b1"]}),
+    }
+    rng = np.random.default_rng(2)
+    n = 3000
+    y = rng.normal(20, 5, 2 * n)
+    mu = y + 4.0 + rng.normal(0, 2.0, 2 * n)  # biased by +4 m on the region it was not trained on
+    run = fake_run(tmp_path / "run", y, mu, np.full(2 * n, 1.0), scale=1.0)
+    d = pd.read_parquet(run / "predictions.parquet")
+    d["tile"] = ["tile_b1"] * n + ["tile_b2"] * n + ["tile_b1"] * 3  # the first half: B's val tile
+    d.to_parquet(run / "predictions.parquet")
+    rows = [{"direction": "A→B", "method": "recipe", "seed": 0, "run": str(run)},
+            {"direction": "pooled", "method": "recipe", "seed": 0, "run": str(run)}]  # fmt: skip
+    got = {r["method"]: r for r in rt.local_rows(rows, regions)}
+    assert set(got) == {"recipe, as shipped", "recipe, local scale", "recipe, local offset + scale"}  # pooled: none
+    assert all(r["n"] == n and r["fit_n"] == n for r in got.values())  # fitted on B's val tile, scored on the rest
+    shipped, offset = got["recipe, as shipped"], got["recipe, local offset + scale"]
+    assert shipped["factor"] == 1.0 and shipped["bias"] == pytest.approx(4.0, abs=0.2)
+    assert offset["offset"] == pytest.approx(-4.0, abs=0.2) and abs(offset["bias"]) < 0.2
+    assert offset["rmse"] == pytest.approx(2.0, rel=0.05)
+    assert offset["rmse"] < shipped["rmse"]
+    assert offset["factor"] == pytest.approx(2.0, rel=0.05)  # residual sd 2 against sigma 1 (Gaussian NLL)
+    assert offset["within_1sigma"] == pytest.approx(0.68, abs=0.03)
+    assert got["recipe, local scale"]["factor"] > 4.0  # without the offset, only widening covers the bias
