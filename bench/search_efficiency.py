@@ -217,7 +217,7 @@ def seed_rows(seed: int, found: dict[str, dict[str, Any]]) -> list[dict[str, Any
             "test_rmse": f["test_rmse"],
             "search_s": round(f["search_s"], 1),
             "final_s": round(f["final_s"], 1),
-            "best_config": {k: f["best"]["config"][k] for k in f["searched"]},
+            "best_config": {k: f["best"].config[k] for k in f["searched"]},
         }
         if ref is not None:
             row["epoch_share"] = row["trial_epochs"] / len(ref["df"])
