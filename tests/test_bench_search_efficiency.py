@@ -14,9 +14,9 @@ import search_efficiency as se
 from tune_agb.runs import Best
 
 
-def _results(trials: dict[str, list[float]], start: float = 0.0) -> pd.DataFrame:
+def _results(trials: dict[str, list[float]]) -> pd.DataFrame:
     """A results table: one row per trial and epoch; trials report in turn, epoch by epoch."""
-    rows, t = [], start
+    rows, t = [], 0.0
     for epoch in range(1, max(map(len, trials.values())) + 1):
         for tid, vals in trials.items():
             if epoch <= len(vals):
@@ -60,9 +60,10 @@ def test_summary_takes_median_and_worst_over_seeds():
             seed,
             {"random_full": _found(ref, {"lr": 1}), "x": _found(_results({"b": [40.0 * (1 + gap)] * n}), {"lr": 2})},
         )
-    s = {r["method"]: r for r in se.summarise(rows)}["x"]
+    summary = se.summarise(rows)
+    s = {r["method"]: r for r in summary}["x"]
     assert s["seeds"] == 3
     assert s["epoch_share_median"] == pytest.approx(0.4) and s["epoch_share_worst"] == pytest.approx(0.5)
     assert s["val_gap_median"] == pytest.approx(0.01) and s["val_gap_worst"] == pytest.approx(0.06)
-    lines = se.target_lines(se.summarise(rows))
+    lines = se.target_lines(summary)
     assert any("x: trial-epochs share, median <= 40 %: met" in ln and "worst <= 5 %: MISSED" in ln for ln in lines)
