@@ -3,7 +3,6 @@ define-by-run space samples what the file says (checked with a real Optuna study
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +61,12 @@ def test_the_demo_space_trains_its_trials_enough_steps_before_the_first_rung() -
     RMSE jumped by tens of percent from epoch to epoch, and which search found the best model was luck (bench/
     RESULTS.md, "Search efficiency with epochs that train"). The demo keeps at least 16 steps before its first rung."""
     from tune_agb.demo_data import demo_data_dir
+    from tune_agb.engine.train import _batch_starts  # the engine's own rule for the batches of a pass
 
     demo = load_search_space(REPO / "search_spaces" / "demo.yaml")
     train_tiles = len(list((demo_data_dir() / "inputs" / "train").glob("*.npy")))
     config = demo.base_config()
-    steps = math.ceil(train_tiles / config.batch_size) if not config.steps_per_epoch else config.steps_per_epoch
+    steps = config.steps_per_epoch or len(_batch_starts(train_tiles, config.batch_size, config.norm))
     assert steps * demo.settings["scheduler"]["grace_period"] >= 16, (train_tiles, config.batch_size)
 
 
