@@ -47,6 +47,21 @@ def naming(text: str) -> list[int]:
     return [p for p in out if p != os.getpid()]
 
 
+def with_env(name: str, value: str) -> list[int]:
+    """The processes started with ``name=value`` in their environment. Ray's workers inherit the driver's
+    environment but rename themselves (``ray::IDLE``, ``ray::ImplicitFunc.train``), so their command line does not
+    name the driver's Ray temp dir; killed with their driver they would go on training and writing results."""
+    entry = b"\0" + f"{name}={value}".encode() + b"\0"
+    out = []
+    for p in _pids():
+        try:
+            if entry in b"\0" + Path(f"/proc/{p}/environ").read_bytes():
+                out.append(p)
+        except OSError:
+            continue
+    return [p for p in out if p != os.getpid()]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -67,7 +82,8 @@ def kill(pids: list[int], timeout_s: float = 10) -> None:
 
 def end_command(pid: int, ray_tmp: str) -> None:
     """End what is left of a command started in its own session (``start_new_session=True``) and of the Ray it
-    started: its process group, and every process naming its Ray temp dir ``ray_tmp``."""
+    started: its process group, every process naming its Ray temp dir ``ray_tmp``, and every process started with
+    ``RAY_TMPDIR=ray_tmp`` (the command's own environment: Ray's workers)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    kill(naming(ray_tmp))
+    kill(naming(ray_tmp) + with_env("RAY_TMPDIR", ray_tmp))

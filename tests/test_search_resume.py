@@ -21,13 +21,23 @@ import yaml
 
 from tests import proc_helpers
 from tests.search_helpers import tiny_space, write_space
+from tune_agb.demo_data import write_demo_dataset
 from tune_agb.errors import TuneAgbError
 from tune_agb.search.experiment import read_trial_rows
 from tune_agb.search.state import repair_experiment_state
 
 pytestmark = pytest.mark.slow  # every test here reads one search run through the CLI with two interruptions
 
-MAX_T = 10  # rungs at 5 and 10 epochs: a trial at epoch 3 or 4 is certainly still running
+MAX_T = 40
+GRACE = 20  # rungs at 20 and 40 epochs: a trial whose last epoch is 3 to 19 is certainly still running
+# The interrupt comes when a trial has just reported epoch 3 to 9, and that trial must still be mid-run (epoch 19 at
+# most) once the search has stopped. With one epoch in each window (a tenth of a second on 32 px tiles) both missed
+# about one run in ten: the poller did not see a resumed search's last trials go through epoch 3, or Ray's stop on
+# SIGINT came after the trial had passed the first rung. Tiles of 64 px and these windows give seconds for each.
+# (A third cause: the killed search's Ray workers, left running, reported epochs after the resume had started;
+# proc_helpers.end_command now ends them too.)
+TRIGGER = range(3, 10)
+MID_RUN = range(3, GRACE)
 NUM_SAMPLES = 5
 
 
@@ -36,7 +46,7 @@ def _space() -> dict[str, Any]:
         experiment__num_samples=NUM_SAMPLES,
         experiment__max_failures=1,
         scheduler__max_t=MAX_T,
-        scheduler__grace_period=5,
+        scheduler__grace_period=GRACE,
         scheduler__reduction_factor=2,
     )
 
@@ -93,22 +103,23 @@ def _latest(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _running_point(exp: Path, after: float) -> Callable[[], Any]:
-    """>= 2 trials have reported, and one of them just reported epoch 3 (after ``after``): it is mid-run, and Ray
-    has saved the experiment state with one of its checkpoints (it does so after every 2 checkpoints of a trial)."""
+    """>= 2 trials have reported, and one of them last reported an epoch in TRIGGER (after ``after``): it is
+    mid-run, and Ray has saved the experiment state with one of its checkpoints (it does so after every 2
+    checkpoints of a trial)."""
 
     def cond() -> Any:
         rows = [r for r in read_trial_rows(str(exp)) if "epoch" in r]
         latest = _latest(rows)
-        mid = [t for t, r in latest.items() if r["epoch"] == 3 and r["wall_time"] > after]
+        mid = [t for t, r in latest.items() if r["epoch"] in TRIGGER and r["wall_time"] > after]
         return (rows, mid[0]) if len(latest) >= 2 and mid else None
 
     return cond
 
 
 def _mid_run(rows: list[dict[str, Any]], after: float) -> str:
-    """A trial that was certainly running when the search stopped: its last epoch is 3 or 4 (before ASHA's first
-    rung at 5)."""
-    mid = [t for t, r in _latest(rows).items() if r["epoch"] in (3, 4) and r["wall_time"] > after]
+    """A trial that was certainly running when the search stopped: its last epoch is in MID_RUN (before ASHA's
+    first rung)."""
+    mid = [t for t, r in _latest(rows).items() if r["epoch"] in MID_RUN and r["wall_time"] > after]
     assert mid, "no trial was mid-run at the interrupt (it came too late to test continuation)"
     return mid[0]
 
@@ -129,14 +140,20 @@ def _check_interrupted_trial_went_on(
 
 
 @pytest.fixture(scope="module")
-def interrupted_twice(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+def slow_tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny data's grid with 64 px tiles: epochs slow enough for the interrupt windows above."""
+    return write_demo_dataset(tmp_path_factory.mktemp("slow") / "demo", tile=64, grid=(4, 4), seed=3)
+
+
+@pytest.fixture(scope="module")
+def interrupted_twice(slow_tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """start -> kill -9 -> --resume -> SIGINT -> --resume to the end, on one experiment."""
     root = tmp_path_factory.mktemp("resume")
     space = write_space(root / "space.yaml", _space())
     exp = root / "st" / "exp"
-    ns = SimpleNamespace(root=root, space=space, exp=exp, data=tiny_data)
+    ns = SimpleNamespace(root=root, space=space, exp=exp, data=slow_tiles)
 
-    first = Search(root, tiny_data, space, resume=False, tag="a")
+    first = Search(root, slow_tiles, space, resume=False, tag="a")
     try:
         ns.before_kill, ns.kill_trial = _wait_until(_running_point(exp, 0.0), first)
         ns.killed_at = time.time()
@@ -147,7 +164,7 @@ def interrupted_twice(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         first.cleanup()
 
-    second = Search(root, tiny_data, space, resume=True, tag="b")
+    second = Search(root, slow_tiles, space, resume=True, tag="b")
     try:
         ns.resumed_at = second.started
         mid_run = _running_point(exp, second.started)
@@ -170,7 +187,7 @@ def interrupted_twice(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory)
     finally:
         second.cleanup()
 
-    third = Search(root, tiny_data, space, resume=True, tag="c")
+    third = Search(root, slow_tiles, space, resume=True, tag="c")
     ns.third_started = third.started
     ns.final_rc = third.wait()
     ns.final_output = third.output()
@@ -214,7 +231,9 @@ def test_resumed_search_ends_with_num_samples_trials_and_complete_results(interr
 
 def test_resume_with_another_space_file_fails_with_one_line(interrupted_twice: SimpleNamespace) -> None:
     ns = interrupted_twice
-    other = write_space(ns.root / "other.yaml", {**_space(), "scheduler": {**_space()["scheduler"], "max_t": 9}})
+    other = write_space(
+        ns.root / "other.yaml", {**_space(), "scheduler": {**_space()["scheduler"], "max_t": MAX_T - 1}}
+    )
     argv = [sys.executable, "-m", "tune_agb.search", "--space", str(other), "--storage", str(ns.root / "st")]
     proc = subprocess.run([*argv, "--name", "exp", "--resume"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
