@@ -148,6 +148,11 @@ def folders(data: list[str]) -> dict[str, str]:
     return {"input_dir": flags["--input-dir"], "label_dir": flags["--label-dir"]} if flags else {}
 
 
+def run_name(method: str, seed: int) -> str:
+    """The experiment folder of one method and seed under ``OUT/runs``."""
+    return f"{method}_s{seed}"
+
+
 def run_search(space: dict[str, Any], name: str, out: Path, data: list[str]) -> tuple[pd.DataFrame, Best, float]:
     """Run (or reuse, when it finished with the same space) one search; its results, best.yaml and search seconds."""
     path = out / "spaces" / f"{name}.yaml"
@@ -348,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         for i, seed in enumerate(seeds):
             found: dict[str, dict[str, Any]] = {}
             for m in methods:
-                name = f"{m}_s{seed}"
+                name = run_name(m, seed)
                 df, best, secs = run_search(method_space(base, m, variants, seed), name, out, data)
                 test, final_s, key = retrain(str(out / "runs" / name), best.config, out)
                 shared = key in retrained  # counted once: the methods that found this config share its model

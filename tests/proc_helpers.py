@@ -34,17 +34,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def naming(text: str) -> list[int]:
-    """The processes whose command line contains ``text`` (e.g. a Ray temp dir)."""
+def _each(name: str) -> list[tuple[int, bytes]]:
+    """``/proc/PID/<name>`` of every process but this one that can be read."""
     out = []
     for p in _pids():
+        if p == os.getpid():
+            continue
         try:
-            # arguments are NUL-terminated: read as "arg1 arg2 ... " (each followed by a space)
-            if text in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                out.append(p)
+            out.append((p, Path(f"/proc/{p}/{name}").read_bytes()))
         except OSError:
             continue
-    return [p for p in out if p != os.getpid()]
+    return out
+
+
+def naming(text: str) -> list[int]:
+    """The processes whose command line contains ``text`` (e.g. a Ray temp dir)."""
+    # arguments are NUL-terminated: read as "arg1 arg2 ... " (each followed by a space)
+    return [p for p, raw in _each("cmdline") if text in raw.replace(b"\0", b" ").decode(errors="replace")]
 
 
 def with_env(name: str, value: str) -> list[int]:
@@ -52,14 +58,7 @@ def with_env(name: str, value: str) -> list[int]:
     environment but rename themselves (``ray::IDLE``, ``ray::ImplicitFunc.train``), so their command line does not
     name the driver's Ray temp dir; killed with their driver they would go on training and writing results."""
     entry = b"\0" + f"{name}={value}".encode() + b"\0"
-    out = []
-    for p in _pids():
-        try:
-            if entry in b"\0" + Path(f"/proc/{p}/environ").read_bytes():
-                out.append(p)
-        except OSError:
-            continue
-    return [p for p in out if p != os.getpid()]
+    return [p for p, raw in _each("environ") if entry in b"\0" + raw]
 
 
 def _alive(pid: int) -> bool:
