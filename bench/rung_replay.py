@@ -22,20 +22,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from tune_agb.runs import read_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_efficiency import REFERENCE, run_name
 
 DEFAULT_SCHEDULES = ("1,4:4", "1,3,9:3", "2,8:4", "2,6:3", "3,9:3", "4:4", "4,8:2", "6:4")
 
 
 def curves(runs: Path, seed: int) -> np.ndarray:
     """The val RMSE curves (trials x epochs) of random search to max_t for one seed."""
-    df = pd.read_parquet(runs / f"random_full_s{seed}" / "results.parquet")
+    where = runs / run_name(REFERENCE, seed)
+    df = read_results(str(where), columns=["trial_id", "epoch", "val_rmse"])
+    if df.empty:
+        raise SystemExit(f"{where}: no results.parquet (run bench/search_efficiency.py with {REFERENCE} first)")
     wide = df.pivot(index="trial_id", columns="epoch", values="val_rmse")
     if wide.isna().any().any():
-        raise SystemExit(f"{runs / f'random_full_s{seed}'}: not every trial ran every epoch")
+        raise SystemExit(f"{where}: not every trial ran every epoch")
     return wide.to_numpy()
 
 
@@ -87,11 +96,11 @@ def main(argv: list[str] | None = None) -> dict:
     for k in range(n_epochs):
         per = [fidelity[s][k] for s in seeds]
         print(f"{k + 1:>5}  " + "  ".join(f"{v:>7.2f}" for v in per) + f"  {np.mean(per):>5.2f}")
-    rng = np.random.default_rng(0)
     out = {"fidelity": fidelity, "schedules": {}}
     print("\nschedule    share of trial-epochs (median)   gap (median)   P(gap > 5 %)")
     for text in a.schedule or DEFAULT_SCHEDULES:
         rungs, factor = parse_schedule(text)
+        rng = np.random.default_rng(0)  # the same trial orders for every schedule, whichever others ran
         shares, gaps = [], []
         for c in data.values():
             for _ in range(a.orders):
