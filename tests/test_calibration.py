@@ -144,7 +144,7 @@ def test_none_is_the_identity_and_nan_stays_nan() -> None:
         assert np.isnan(cal.std(np.sqrt(var))[1])
     np.testing.assert_array_equal(IDENTITY.variance(var), var)
     np.testing.assert_array_equal(Calibration("scale", 2.0).std(np.float32([1.5])), np.float32([3.0]))
-    with pytest.raises(TuneAgbError, match="calibration method 'platt': allowed: none, scale, isotonic"):
+    with pytest.raises(TuneAgbError, match="calibration method 'platt': allowed: none, scale, isotonic, distance"):
         fit_calibration("platt", np.ones(3), np.zeros(3), var)
 
 
@@ -169,7 +169,7 @@ GOOD = {"format": "tune_agb.calibration/1", "method": "isotonic", "scale": 1.0, 
         ({"scale": -2.0}, "'scale' must be a finite number > 0, got -2.0"),
         ({"scale": float("nan")}, "'scale' must be a finite number > 0, got nan"),
         ({"scale": "2"}, "'scale' must be a finite number > 0, got '2'"),
-        ({"method": "platt"}, "'method' must be one of none, scale, isotonic, got 'platt'"),
+        ({"method": "platt"}, "'method' must be one of none, scale, isotonic, distance, got 'platt'"),
         ({"format": "other/2"}, "'format' must be 'tune_agb.calibration/1', got 'other/2'"),
         ({"log_var": [1.0, 3.0, 2.0]}, "'log_var' must be strictly increasing"),
         ({"log_var_calibrated": [2.0, 1.0, 3.0]}, "'log_var_calibrated' must be nondecreasing"),
@@ -233,3 +233,77 @@ def test_reliability_plot_is_a_png_with_content(tmp_path: Path) -> None:
         assert img.format == "PNG" and min(img.size) >= 300
         lo, hi = img.convert("L").getextrema()
         assert hi - lo > 100
+
+
+# -- distance: sigma widened by the input bands' distance from the train pixels ------------------------------------
+def shifted_pixels(n: int, shift: float, factor: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Pixels whose bands (4, n) are drawn around ``shift`` (the train pixels' are around 0), and labels whose true
+    sigma is the predicted one x ``factor`` x max(1, d / d_ref): the miscalibration the method models."""
+    rng = np.random.default_rng(seed)
+    bands = rng.normal(shift, 1.0, (4, n))
+    d = np.sqrt((bands**2).sum(axis=0))
+    mean, sigma = rng.gamma(2.0, 60.0, n), np.exp(rng.uniform(np.log(5.0), np.log(80.0), n))
+    true_sigma = sigma * factor * np.maximum(1.0, d / REF_4D)
+    return mean + true_sigma * rng.normal(0, 1, n), mean, sigma**2, bands
+
+
+REF_4D = math.sqrt(3.357)  # median of a chi-square with 4 degrees of freedom, square-rooted
+
+
+def test_distance_widens_sigma_where_the_bands_leave_the_train_pixels() -> None:
+    """Fitted on val pixels like the train pixels, ``distance`` recovers the factor and keeps its coverage on pixels
+    far from them, where one factor fitted on val (``scale``) covers far too few labels."""
+    reference = np.random.default_rng(9).normal(0.0, 1.0, (20_000, 4))
+    *fit, bands = shifted_pixels(20_000, 0.0, 1.6, seed=1)
+    cal = fit_calibration("distance", *fit, split="val", bands=bands, reference=reference)
+    scale = fit_calibration("scale", *fit, split="val")
+    assert cal.method == "distance" and cal.scale == pytest.approx(1.6, rel=0.03) and cal.n == 20_000
+    assert cal.distance_ref == pytest.approx(REF_4D, rel=0.03) and len(cal.band_icov) == 4
+    y, mean, var, far = shifted_pixels(20_000, 1.5, 1.6, seed=2)  # a new region: every band shifted 1.5 sd
+    sd = cal.std(np.sqrt(var), far)
+    np.testing.assert_allclose(sd**2, cal.variance(var, far), rtol=1e-9)
+    np.testing.assert_allclose(coverage(y, mean, sd, (ONE_SIGMA, TWO_SIGMA)), (ONE_SIGMA, TWO_SIGMA), atol=0.015)
+    assert coverage(y, mean, scale.std(np.sqrt(var)), (ONE_SIGMA,))[0] < ONE_SIGMA - 0.1
+    assert np.all(cal.widening(far) >= 1.0) and cal.widening(far).mean() > 1.3
+    assert "distance: sigma x 1.6" in cal.describe() and "4 input bands" in cal.describe()
+
+
+def test_distance_needs_the_bands_and_keeps_nan() -> None:
+    *fit, fit_bands = shifted_pixels(500, 0.0, 1.0, seed=3)
+    cal = fit_calibration("distance", *fit, bands=fit_bands, reference=np.random.default_rng(0).normal(size=(80, 4)))
+    var = np.array([1.0, np.nan, 4.0], dtype=np.float32)
+    bands = np.zeros((4, 3))
+    bands[2, 2] = np.nan  # a missing band: no evidence of shift, the scale alone
+    out = cal.variance(var, bands)
+    assert out.dtype == np.float32 and np.isnan(out[1])
+    assert cal.widening(bands)[2] == 1.0
+    with pytest.raises(TuneAgbError, match="needs the bands of the pixels it calibrates"):
+        cal.variance(var)
+    with pytest.raises(TuneAgbError, match="fitted on 4 input bands; the pixels to calibrate have 3"):
+        cal.std(np.sqrt(var), np.zeros((3, 3)))
+    with pytest.raises(TuneAgbError, match="needs more train pixels with finite bands than bands, got 3 pixels"):
+        fit_calibration("distance", np.ones(3), np.zeros(3), var, bands=bands, reference=np.ones((3, 4)))
+
+
+def test_distance_file_round_trip_and_bad_fields(tmp_path: Path) -> None:
+    y, mean, var, bands = shifted_pixels(2_000, 0.5, 1.2, seed=5)
+    cal = fit_calibration(
+        "distance", y, mean, var, bands=bands, reference=np.random.default_rng(0).normal(size=(99, 4))
+    )
+    path = tmp_path / CALIBRATION_FILE
+    save_calibration(cal, path)
+    back = load_calibration(path)
+    assert back == cal
+    np.testing.assert_array_equal(back.variance(var, bands), cal.variance(var, bands))
+    good = json.loads(path.read_text())
+    for change, message in (
+        ({"band_icov": good["band_icov"][:3]}, "'band_icov' must be 4 rows of 4 numbers, one per band of 'band_mean'"),
+        ({"band_icov": [[1.0]] * 4}, "'band_icov' must be 4 rows of 4 numbers"),
+        ({"band_icov": [1.0, 2.0]}, "'band_icov' must be a list of rows"),
+        ({"distance_ref": 0.0}, "'distance_ref' must be > 0 (method distance)"),
+        ({"distance_ref": -1.0}, "'distance_ref' must be a finite number >= 0"),
+        ({"band_mean": [1.0, "x", 0.0, 0.0]}, "'band_mean' must be a list of numbers"),
+    ):
+        path.write_text(json.dumps(good | change))
+        with pytest.raises(TuneAgbError, match=re.escape(f"{path}: {message}")):
+            load_calibration(path)

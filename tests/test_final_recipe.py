@@ -48,7 +48,7 @@ def printed(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
         ({"ensemble_top": 5}, None, "final.ensemble_top: must be <= experiment.num_samples (4), got 5"),
         ({"ensemble": 0}, None, "final.ensemble: must be an integer >= 1 (seeds per configuration), got 0"),
         ({"ensemble": True}, None, "final.ensemble: must be an integer >= 1"),
-        ({"calibration": "platt"}, None, "final.calibration: must be one of none, scale, isotonic, got 'platt'"),
+        ({"calibration": "platt"}, None, "final.calibration: must be one of none, scale, isotonic, distance, got"),
         ({"cv_final": "refit"}, {"k": 2}, "final.cv_final: must be one of retrain, folds or null"),
         ({"cv_final": "retrain"}, None, "final.cv_final: needs a cv: section (a spatial k-fold search)"),
         ({"cv_final": "folds", "ensemble_top": 2}, {"k": 2}, "final.cv_final: folds keeps one trial's fold models; "

@@ -327,7 +327,7 @@ def test_print_config_applies_overrides_and_writes_nothing(
     ("config.optimizer=adam2", "--set config.optimizer: 'optimizer' must be one of"),
     ("final.members=3", "--set final.members: unknown key 'members'; valid keys: ensemble, ensemble_top, cv_final,"),
     ("final.ensemble=two", "--set final.ensemble: must be an integer, got 'two'"),
-    ("final.calibration=platt", "--set final.calibration: must be one of none, scale, isotonic, got 'platt'"),
+    ("final.calibration=platt", "--set final.calibration: must be one of none, scale, isotonic, distance, got 'platt'"),
     ("final.ensemble=0", "--ensemble: must be >= 1, got 0"),
     ("lr=0.1", "--set lr=0.1: expected SECTION.KEY=VALUE"),
 ])  # fmt: skip
@@ -598,6 +598,33 @@ def test_calibration_none_keeps_the_models_variance(
     assert "calibration: none" in printed and " before " not in printed
     assert (out / "plots" / "val_reliability.png").is_file()
     assert run(train_args(tmp_path, tiny_data, tmp_path / "x", "--calibration", "platt")) == 2
+
+
+def test_calibration_distance_widens_by_the_pixels_bands(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--calibration distance: calibration.json holds the train pixels' band statistics; every written std is the
+    uncalibrated one x the factor x max(1, d / d_ref) of that pixel's own bands (read back from the input tiles), and
+    the factor minimises the val NLL with the widening applied."""
+    out = tmp_path / "dist"
+    assert run(train_args(tmp_path, tiny_data, out, "--epochs", "1", "--calibration", "distance")) == 0
+    cal = load_calibration(out / CALIBRATION_FILE)
+    assert cal.method == "distance" and cal.split == "val" and len(cal.band_mean) == 14
+    x = []
+    for f in sorted((tiny_data / "labels" / "train").glob("*.npy")):
+        x.append(np.load(tiny_data / "inputs" / "train" / f.name)[:, np.isfinite(np.load(f))].T)
+    x = np.concatenate(x)
+    x = x[np.isfinite(x).all(axis=1)]  # pixels with a missing band (clouds) are left out of the statistics
+    np.testing.assert_allclose(cal.band_mean, x.mean(axis=0), rtol=1e-3, atol=1e-4)  # float16 store
+    table = pq.read_table(out / "predictions.parquet").to_pandas()
+    where = table[["split", "tile", "row", "col"]].itertuples(index=False)
+    bands = np.stack([np.load(tiny_data / "inputs" / split / f"{t}.npy")[:, r, c] for split, t, r, c in where], axis=1)
+    g = cal.widening(bands)
+    assert g.max() > 1.0 and (g == 1.0).any()  # some pixels lie further from the train pixels than their median
+    np.testing.assert_allclose(table["std"], table.std_uncalibrated * cal.scale * g, rtol=2e-3)
+    val = table[table.split == "val"].assign(std_uncalibrated=lambda d: d.std_uncalibrated * g[table.split == "val"])
+    assert_minimises_val_nll(cal.scale, val, cal.loss)
+    assert "calibration: distance: sigma x" in capsys.readouterr().out
 
 
 # -- ensembles of the best distinct configurations of a search (--ensemble-top K) -------------------------------

@@ -16,7 +16,7 @@ from tests.raster_helpers import (
     random_unet_checkpoint,
     write_tif,
 )
-from tune_agb.engine.calibration import Calibration
+from tune_agb.engine.calibration import Calibration, fit_calibration
 from tune_agb.engine.inference import load_predictor
 from tune_agb.errors import run_cli
 from tune_agb.predict import main
@@ -190,6 +190,18 @@ def test_the_models_calibration_is_applied_to_the_std_band(tmp_path, capsys):
     _, std, _ = predict("iso", "--model", str(run_dir), "--calibration", str(tmp_path / "iso.json"))
     np.testing.assert_allclose(std, np.sqrt(iso.variance(np.float64(raw_sd) ** 2)), rtol=1e-5)
     assert np.sqrt(iso.variance(np.float64(raw_sd) ** 2)) == pytest.approx(raw_sd * np.exp(0.5), rel=1e-9)
+    # distance: each pixel's std widened by its own bands' distance from the train pixels' (here: the noise bands'
+    # mean and unit covariance, band 0's position values far off except near row 0, col 0)
+    ref = np.random.default_rng(1).normal(size=(5_000, C))
+    ref[:, 0] += 50.0
+    y, mean, var = np.ones(10), np.zeros(10), np.ones(10)
+    dist = fit_calibration("distance", y, mean, var, bands=np.zeros((C, 10)), reference=ref)
+    save_calibration(dist, tmp_path / "dist.json")
+    _, std, tags = predict("dist", "--model", str(run_dir), "--calibration", str(tmp_path / "dist.json"))
+    g = dist.widening(img)
+    assert g.min() == 1.0 and g.max() > 10.0  # the widening varies across the map
+    np.testing.assert_allclose(std, raw_sd * dist.scale * g, rtol=1e-5)
+    assert tags["calibration"].startswith("distance: sigma x")
 
 
 def test_ensemble_calibration_scales_the_total_std(tmp_path, capsys):
@@ -212,7 +224,10 @@ def test_ensemble_calibration_scales_the_total_std(tmp_path, capsys):
     ("content", "message"),
     [
         ('{"format": "tune_agb.calibration/1", "method": "scale", "scale": -1}', "'scale' must be a finite number > 0"),
-        ('{"format": "tune_agb.calibration/1", "method": "platt"}', "'method' must be one of none, scale, isotonic"),
+        (
+            '{"format": "tune_agb.calibration/1", "method": "platt"}',
+            "'method' must be one of none, scale, isotonic, distance",
+        ),
         ("not json", "not a readable calibration JSON file"),
     ],
 )

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from tune_agb.demo_data import data_dirs
-from tune_agb.engine.calibration import DEFAULT_METHOD, METHODS, Calibration, fit_calibration
+from tune_agb.engine.calibration import DEFAULT_METHOD, METHODS, Calibration, fit_calibration, labelled_bands
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats
 from tune_agb.engine.metrics import regression_metrics
 from tune_agb.errors import TuneAgbError, run_cli
@@ -203,8 +203,14 @@ def fit_baseline(
         mean, var = model.predict(px.x)
         raw[split] = Prediction(px.tile, px.flat, px.y, mean, var, {})
     val = raw["val"]
-    cal = fit_calibration(calibration, val.y, val.mean, val.var, LOSS, split="val")
-    preds = {split: pr.calibrated(cal) for split, pr in raw.items()}
+    shift = {}
+    if calibration == "distance":  # the input bands of the val pixels, and of the train pixels the model fitted
+        shift = {
+            "bands": val.bands(tiles["val"].inputs),
+            "reference": labelled_bands(tiles["train"].inputs, tiles["train"].labels),
+        }
+    cal = fit_calibration(calibration, val.y, val.mean, val.var, LOSS, split="val", **shift)
+    preds = {split: pr.calibrated(cal, tiles[split].inputs) for split, pr in raw.items()}
 
     def scores(prs: dict[str, Prediction]) -> dict[str, float]:
         return {f"{s}_{k}": v for s, pr in prs.items() for k, v in _metrics(pr.y, pr.mean, pr.var).items()}

@@ -171,7 +171,8 @@ def predict_row(
                 for xi in x:
                     dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
             mean, std = predictor.predict(x)
-            std_cal = calibration.std(std.float().cpu().numpy())
+            bands = np.moveaxis(x, 1, 0) if calibration.needs_bands else None  # (C, B, h, w): as the tiles read
+            std_cal = calibration.std(std.float().cpu().numpy(), bands)
             out = np.stack([mean.float().cpu().numpy(), std_cal], axis=1)
             out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
             for i, (c0, _, kc0, kc1) in enumerate(batch):

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from tune_agb.cv import merge_train_val
-from tune_agb.engine.calibration import Calibration, fit_calibration
+from tune_agb.engine.calibration import Calibration, fit_calibration, labelled_bands
 from tune_agb.engine.config import TrainConfig, save_config
 from tune_agb.engine.device import resolve_device
+from tune_agb.errors import TuneAgbError
 from tune_agb.final_train.ensemble import combined, cv_fold_states, ensemble_loss, ensemble_out_of_fold
 from tune_agb.final_train.outputs import member_record, members_table, metrics_table, write_ensemble_file, write_plots
 from tune_agb.final_train.plan import (
@@ -214,6 +215,11 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
     fold_states = cv_fold_states(plan)
+    if fold_states is not None and plan.calibration == "distance":
+        raise TuneAgbError(
+            "--calibration distance: not available with the out-of-fold calibration of a cv search (its fold models "
+            "trained on different tiles); use scale or isotonic"
+        )
     members: list[MemberOutput] = []
     if plan.kind == "folds":
         kept = zip(fold_states[0], plan.members, strict=True)
@@ -250,10 +256,14 @@ def run(
     else:
         if plan.cv is not None:
             log.warning("calibration: fitted on val, which this retrain trained on (the fold models are gone)")
-        cal = fit_calibration(plan.calibration, val.y, val.mean, val.var, loss, split="val")
+        shift = {}
+        if plan.calibration == "distance":  # the bands of the val pixels, and of the pixels the model was fitted on
+            ref = labelled_bands(fit_tiles["train"].inputs, fit_tiles["train"].labels)
+            shift = {"bands": val.bands(tiles["val"].inputs), "reference": ref}
+        cal = fit_calibration(plan.calibration, val.y, val.mean, val.var, loss, split="val", **shift)
         fit_on = "val" + (" (in-sample: trained on)" if plan.cv is not None else "")
     save_calibration(cal, out / CALIBRATION_FILE)
-    preds = {split: pr.calibrated(cal) for split, pr in uncalibrated.items()}
+    preds = {split: pr.calibrated(cal, tiles[split].inputs) for split, pr in uncalibrated.items()}
     metrics: dict[str, Any] = {}
     if plan.kind == "single":
         metrics["best_epoch"] = members[0].metrics["best_epoch"]

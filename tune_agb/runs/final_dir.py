@@ -80,10 +80,25 @@ class Prediction:
     var: np.ndarray
     maps: dict[int, tuple[np.ndarray, np.ndarray]]
 
-    def calibrated(self, cal: Calibration) -> Prediction:
-        """The same prediction with every variance (pixels and maps) mapped by ``cal``."""
-        maps = {k: (m, cal.variance(v)) for k, (m, v) in self.maps.items()}
-        return replace(self, var=cal.variance(self.var), maps=maps)
+    def calibrated(self, cal: Calibration, inputs: Any = None) -> Prediction:
+        """The same prediction with every variance (pixels and maps) mapped by ``cal``; ``inputs``: the split's input
+        tiles (N, C, H, W), needed when ``cal.needs_bands``."""
+        if not cal.needs_bands:
+            maps = {k: (m, cal.variance(v)) for k, (m, v) in self.maps.items()}
+            return replace(self, var=cal.variance(self.var), maps=maps)
+        if inputs is None:
+            raise TuneAgbError(f"calibration {cal.method!r}: needs the input tiles of the pixels it calibrates")
+        maps = {k: (m, cal.variance(v, np.asarray(inputs[k]))) for k, (m, v) in self.maps.items()}
+        return replace(self, var=cal.variance(self.var, self.bands(inputs)), maps=maps)
+
+    def bands(self, inputs: Any) -> np.ndarray:
+        """The input bands (C, pixels) of the labelled pixels, from the split's input tiles (N, C, H, W)."""
+        w = inputs.shape[-1]
+        out = np.full((inputs.shape[1], self.tile.size), np.nan)
+        for t in np.unique(self.tile):
+            pick = self.tile == t
+            out[:, pick] = np.asarray(inputs[int(t)])[:, self.flat[pick] // w, self.flat[pick] % w]
+        return out
 
     def metrics(self, loss: str) -> dict[str, float]:
         """:func:`tune_agb.engine.metrics.labelled_metrics` of the labelled pixels (target units)."""
