@@ -143,8 +143,6 @@ def score(
     """A finished run's test figures (several runs: their test rows pooled); ``factor`` multiplies the calibrated
     sigma and ``offset`` is added to the mean; ``regions`` (name -> tile names) adds each region's test RMSE
     (``rmse_NAME``); the tiles in ``skip`` are left out."""
-    from tune_agb.engine.calibration import sigma_halfwidth
-
     d, loss = test_rows(runs)
     if skip:
         d = d[~d["tile"].isin(skip)]
@@ -161,12 +159,21 @@ def score(
             pick = d["tile"].isin(names).to_numpy()
             out[f"rmse_{key}"] = float(np.sqrt(np.mean(err[pick] ** 2))) if pick.any() else math.nan
     for prefix, col, f in (("", "std", factor), ("raw_", "std_uncalibrated", 1.0)):
-        sd = d[col].to_numpy(np.float64) * f
-        for k in (1, 2):
-            half = sigma_halfwidth(k, loss) * sd
-            out[f"{prefix}within_{k}sigma"] = float(np.mean(err <= half))
-            out[f"{prefix}width_{k}sigma"] = float(np.mean(2 * half))
-            out[f"{prefix}median_width_{k}sigma"] = float(np.median(2 * half))
+        out |= interval_figures(err, d[col].to_numpy(np.float64) * f, loss, prefix)
+    return out
+
+
+def interval_figures(err: np.ndarray, sd: np.ndarray, loss: str, prefix: str = "") -> dict[str, float]:
+    """The shares of absolute errors ``err`` inside the 1σ and 2σ intervals of sigma ``sd`` (under the run's
+    distribution) and the intervals' full width, mean and median over the pixels."""
+    from tune_agb.engine.calibration import sigma_halfwidth
+
+    out = {}
+    for k in (1, 2):
+        half = sigma_halfwidth(k, loss) * sd
+        out[f"{prefix}within_{k}sigma"] = float(np.mean(err <= half))
+        out[f"{prefix}width_{k}sigma"] = float(np.mean(2 * half))
+        out[f"{prefix}median_width_{k}sigma"] = float(np.median(2 * half))
     return out
 
 

@@ -39,8 +39,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_selection import run_test  # same folder: one reader of a run's test rows
+from region_transfer import interval_figures
 
-from tune_agb.engine.calibration import Calibration, fit_band_distance, fit_scale, labelled_bands, sigma_halfwidth
+from tune_agb.engine.calibration import Calibration, fit_band_distance, fit_scale, labelled_bands
 
 ALPHAS = np.round(np.arange(0.0, 3.0001, 0.05), 2)
 CALIBRATIONS = ("shipped", "distance", "distance, alpha on val", "right")
@@ -116,14 +117,8 @@ def calibrated(sample: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def figures(y: np.ndarray, mu: np.ndarray, sd: np.ndarray, loss: str) -> dict[str, float]:
-    err = np.abs(y - mu)
     out: dict[str, float] = {"n": int(y.size), "still_right": fit_scale(y, mu, sd**2, loss)}
-    for k in (1, 2):
-        half = sigma_halfwidth(k, loss) * sd
-        out[f"within_{k}sigma"] = float(np.mean(err <= half))
-        out[f"median_width_{k}sigma"] = float(np.median(2 * half))
-        out[f"width_{k}sigma"] = float(np.mean(2 * half))
-    return out
+    return out | interval_figures(np.abs(y - mu), sd, loss)
 
 
 def score(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
