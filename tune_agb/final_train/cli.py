@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "fitted on the fold models' out-of-fold predictions")  # fmt: skip
     g.add_argument("--calibration", type=str.lower, choices=METHODS,
                    help="recalibrate the predicted variance on the validation split: one factor on sigma (scale, "
-                   "default), a nondecreasing map of the variance (isotonic), or not at all (none)")  # fmt: skip
+                   "default), a nondecreasing map of the variance (isotonic), one factor and a widening where a "
+                   "pixel's bands lie far from the train pixels' (distance), or not at all (none)")  # fmt: skip
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config.KEY (any TrainConfig key) or final.KEY (ensemble, ensemble_top, cv_final, "
                    f"calibration, epochs, seed), value read as YAML; repeatable. {FORM.split(' ', 1)[1]}")  # fmt: skip
