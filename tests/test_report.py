@@ -37,7 +37,8 @@ SPACE_FILE = REPO / "search_spaces" / "demo.yaml"
 
 def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: int = 0) -> Path:
     """An experiment folder as a finished ASHA search leaves it (results.parquet, search.yaml, best.yaml), with
-    trials sampled from the demo space, stopped at ASHA's rungs (1, 4, 16 epochs), and one errored trial."""
+    trials sampled from the demo space, stopped at its ASHA rungs (first rung, next rung, max_t), and one errored
+    trial."""
     space = load_search_space(SPACE_FILE)
     exp = Experiment.at(str(storage), name)
     exp.write_search({"space_file": str(SPACE_FILE), "space": space.to_dict(), "overrides": {}, "data": {}})
@@ -54,7 +55,9 @@ def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: i
         # A response surface: lr matters most, then the optimizer; noise on top.
         quality = abs(math.log10(cfg["lr"] / 3e-3)) * 8 + (4 if cfg["optimizer"] == "sgd" else 0)
         final = 20 + quality + rng.normal(0, 1)
-        budget = 16 if i < 3 else (1 if final > 28 else 4 if final > 24 else 16)
+        sched = space.settings["scheduler"]
+        first, second, top = sched["grace_period"], sched["grace_period"] * sched["reduction_factor"], space.max_t
+        budget = top if i < 3 else (first if final > 28 else second if final > 24 else top)
         errored = i == 5
         budget = 3 if errored else budget
         trial_id = f"t{i:03d}"
@@ -73,7 +76,7 @@ def make_experiment(storage: Path, name: str = "demo", trials: int = 14, seed: i
                     "train_loss": val / 10,
                     "lr": cfg["lr"],
                     "wall_time": t0 + 30 * i + 5 * epoch,
-                    "config": cfg | {"epochs": 16},
+                    "config": cfg | {"epochs": space.max_t},
                     "checkpoint_dir_name": f"checkpoint_{epoch - 1:06d}",
                     "_trial_path": str(path),
                 }
