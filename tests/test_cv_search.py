@@ -305,6 +305,7 @@ def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) 
         (["--experiment", str(cv_search.exp), "--cv-final", "folds", "--lr", "0.1"], "cannot change them"),
         (["--experiment", str(cv_search.exp), "--ensemble-top", "2", "--cv-final", "folds"], "--cv-final folds alone"),
         (["--cv-final", "retrain"], "needs --experiment"),
+        (["--experiment", str(cv_search.exp), "--calibration", "distance"], "distance: not available with the out-of"),
     ]
     for argv, expected in cases:
         with pytest.raises(TuneAgbError, match=expected):

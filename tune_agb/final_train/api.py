@@ -210,16 +210,16 @@ def run(
     data = DataSource(str(plan.input_dir), str(plan.label_dir), in_channels=plan.cfg.in_channels).open()
     tiles = data.tiles
     out = plan.out
-    if plan.resume is None and opts.overwrite and holds_run(out):
-        clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
     fold_states = cv_fold_states(plan)
-    if fold_states is not None and plan.calibration == "distance":
+    if fold_states is not None and plan.calibration == "distance":  # before anything is cleared or written
         raise TuneAgbError(
             "--calibration distance: not available with the out-of-fold calibration of a cv search (its fold models "
             "trained on different tiles); use scale or isotonic"
         )
+    if plan.resume is None and opts.overwrite and holds_run(out):
+        clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"final training ({plan.source}) on {plan.input_dir} -> {out}", file=sys.stderr)
     members: list[MemberOutput] = []
     if plan.kind == "folds":
         kept = zip(fold_states[0], plan.members, strict=True)
