@@ -265,6 +265,34 @@ def test_final_train_retrains_the_best_cv_config_on_train_and_val(cv_search: Sim
     assert "val (in-sample: trained on)" in page and f"best trial {best.trial_id} at epoch {best.epoch}" in page
 
 
+def test_final_train_calibrates_distance_on_the_out_of_fold_pixels(cv_search: SimpleNamespace, tmp_path: Path) -> None:
+    """--calibration distance after a cv search: the widening's reference is every labelled train+val pixel (what the
+    fold models were fitted on), and s is fitted on the out-of-fold pixels, each widened by its own bands' distance
+    (read from the tile and position the fold model predicted)."""
+    from tune_agb.cv import merge_train_val
+    from tune_agb.engine.calibration import calibration_from_dict, fit_band_distance, fit_scale, labelled_bands
+
+    out = tmp_path / "distance"
+    m = _final(cv_search, out, "--calibration", "distance")
+    best, oof = _oof(cv_search)
+    cal = m["calibration"]
+    assert (cal["method"], cal["split"], cal["n"]) == ("distance", "out-of-fold", oof.y.size)
+    data = cv_search.data
+    tiles = DataSource(str(data / "inputs"), str(data / "labels")).open().tiles
+    both = merge_train_val(tiles)["train"]
+    band_mean, band_icov, ref = fit_band_distance(labelled_bands(both.inputs, both.labels))
+    assert cal["band_mean"] == pytest.approx(list(band_mean)) and cal["distance_ref"] == pytest.approx(ref)
+    assert np.asarray(cal["band_icov"]) == pytest.approx(np.asarray(band_icov))
+    where = {n: (s, i) for s in ("train", "val") for i, n in enumerate(tiles[s].names)}
+    pixels = zip(oof.tile, oof.flat, strict=True)  # each out-of-fold pixel's bands, looked up one by one
+    bands = np.stack([np.asarray(tiles[where[t][0]].inputs[where[t][1]]).reshape(14, -1)[:, f] for t, f in pixels], 1)
+    g = calibration_from_dict(cal, "metrics.json").widening(bands)
+    assert g.max() > 1.0  # some out-of-fold pixels lie further out than the train pixels' median
+    s = fit_scale(oof.y, oof.mean, oof.var * g**2, best.config["loss"])
+    assert cal["scale"] == pytest.approx(s, rel=1e-6)
+    assert cal["scale"] != pytest.approx(fit_scale(oof.y, oof.mean, oof.var, best.config["loss"]), rel=1e-3)
+
+
 def test_final_train_keeps_the_fold_models_as_an_ensemble(cv_search: SimpleNamespace, tmp_path: Path) -> None:
     """--cv-final folds: no training; the k fold models are the members (predict loads them), the test prediction is
     their combination, calibrated on the out-of-fold predictions."""
@@ -305,7 +333,6 @@ def test_final_train_cv_flag_errors(cv_search: SimpleNamespace, tmp_path: Path) 
         (["--experiment", str(cv_search.exp), "--cv-final", "folds", "--lr", "0.1"], "cannot change them"),
         (["--experiment", str(cv_search.exp), "--ensemble-top", "2", "--cv-final", "folds"], "--cv-final folds alone"),
         (["--cv-final", "retrain"], "needs --experiment"),
-        (["--experiment", str(cv_search.exp), "--calibration", "distance"], "distance: not available with the out-of"),
     ]
     for argv, expected in cases:
         with pytest.raises(TuneAgbError, match=expected):

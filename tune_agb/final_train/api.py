@@ -23,8 +23,13 @@ from tune_agb.cv import merge_train_val
 from tune_agb.engine.calibration import Calibration, fit_calibration, labelled_bands
 from tune_agb.engine.config import TrainConfig, save_config
 from tune_agb.engine.device import resolve_device
-from tune_agb.errors import TuneAgbError
-from tune_agb.final_train.ensemble import combined, cv_fold_states, ensemble_loss, ensemble_out_of_fold
+from tune_agb.final_train.ensemble import (
+    combined,
+    cv_fold_states,
+    ensemble_loss,
+    ensemble_out_of_fold,
+    out_of_fold_bands,
+)
 from tune_agb.final_train.outputs import member_record, members_table, metrics_table, write_ensemble_file, write_plots
 from tune_agb.final_train.plan import (
     RECIPE_KEYS,
@@ -211,11 +216,6 @@ def run(
     tiles = data.tiles
     out = plan.out
     fold_states = cv_fold_states(plan)
-    if fold_states is not None and plan.calibration == "distance":  # before anything is cleared or written
-        raise TuneAgbError(
-            "--calibration distance: not available with the out-of-fold calibration of a cv search (its fold models "
-            "trained on different tiles); use scale or isotonic"
-        )
     if plan.resume is None and opts.overwrite and holds_run(out):
         clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,13 @@ def run(
     uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     val = uncalibrated["val"]
     if fold_states is not None:  # val is training data here: the out-of-fold predictions are the honest sample
-        y, mean, var = ensemble_out_of_fold(fold_states, tiles, plan, device)
-        cal = fit_calibration(plan.calibration, y, mean, var, loss, split="out-of-fold")
+        oof = ensemble_out_of_fold(fold_states, tiles, plan, device)
+        y = oof.y
+        shift = {}
+        if plan.calibration == "distance":  # the out-of-fold pixels' bands; the fold models were fitted on train+val
+            both = merge_train_val(tiles)["train"]
+            shift = {"bands": out_of_fold_bands(oof, tiles), "reference": labelled_bands(both.inputs, both.labels)}
+        cal = fit_calibration(plan.calibration, y, oof.mean, oof.var, loss, split="out-of-fold", **shift)
         models = f"{plan.cv.folds.k} fold models" + (f" of each of {len(fold_states)} trials" * (len(fold_states) > 1))
         fit_on = f"out-of-fold predictions of the {models} ({y.size} pixels)"
     else:

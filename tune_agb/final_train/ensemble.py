@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_agb.cv import out_of_fold
+from tune_agb.cv import CV_SPLITS, OutOfFold, out_of_fold
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import TileSet
 from tune_agb.engine.inference import combine_members
@@ -72,14 +72,29 @@ def cv_fold_states(plan: Plan) -> list[list[dict[str, Any]]] | None:
 
 def ensemble_out_of_fold(
     per_config: list[list[dict[str, Any]]], tiles: dict[str, TileSet], plan: Plan, device: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> OutOfFold:
     """The out-of-fold prediction of the run: each labelled train/val pixel predicted by the fold model(s) that
     validated on it, combined over the configurations like the members (mean of means; mean of variances +
-    variance of means). Returns ``(y, mean, var)`` (float64 host arrays, one entry per pixel)."""
+    variance of means), with where each pixel is (``tile``, ``flat``)."""
     oofs = [out_of_fold(states, tiles, plan.cv.folds, device=device) for states in per_config]
     first = oofs[0]
     if any(not (np.array_equal(o.tile, first.tile) and np.array_equal(o.flat, first.flat)) for o in oofs[1:]):
         raise RuntimeError("out-of-fold predictions of the configurations cover different pixels")
     means, varis = (torch.from_numpy(np.stack([getattr(o, a) for o in oofs])) for a in ("mean", "var"))
     mean, var = combine_members(means, varis)
-    return first.y, mean.numpy(), var.numpy()
+    return replace(first, mean=mean.numpy(), var=var.numpy())
+
+
+def out_of_fold_bands(oof: OutOfFold, tiles: dict[str, TileSet]) -> np.ndarray:
+    """The input bands (C, pixels) of the out-of-fold pixels, in their order, read from the train and val tiles
+    (what ``--calibration distance`` measures the distance of)."""
+    where = {n: (s, i) for s in CV_SPLITS for i, n in enumerate(tiles[s].names)}
+    out = np.zeros((0, oof.tile.size))
+    for name in np.unique(oof.tile):
+        split, i = where[str(name)]
+        x = np.asarray(tiles[split].inputs[i : i + 1][0], dtype=np.float64)
+        if out.shape[0] == 0:
+            out = np.full((x.shape[0], oof.tile.size), np.nan)
+        pick = oof.tile == name
+        out[:, pick] = x.reshape(x.shape[0], -1)[:, oof.flat[pick]]
+    return out
