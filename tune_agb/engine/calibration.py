@@ -237,6 +237,17 @@ def labelled_bands(inputs: Any, labels: Any, chunk: int = 16) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, np.shape(inputs)[1]))
 
 
+def pixel_bands(inputs: Any, tile: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The input bands (C, pixels) of pixels given by ``tile`` (index into ``inputs`` (N, C, H, W)) and ``flat``
+    (row * W + col), in their order, float64; each tile is read once."""
+    w = inputs.shape[-1]
+    out = np.full((inputs.shape[1], np.size(tile)), np.nan)
+    for t in np.unique(tile):
+        pick = tile == t
+        out[:, pick] = np.asarray(inputs[int(t)])[:, flat[pick] // w, flat[pick] % w]
+    return out
+
+
 def fit_band_distance(reference: np.ndarray) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...], float]:
     """``(band_mean, band_icov, distance_ref)`` of the ``distance`` method from the train pixels' bands (pixels, C):
     their mean, the (pseudo-)inverse of their covariance and their own median Mahalanobis distance."""

@@ -250,14 +250,13 @@ def run(
     val = uncalibrated["val"]
     if fold_states is not None:  # val is training data here: the out-of-fold predictions are the honest sample
         oof = ensemble_out_of_fold(fold_states, tiles, plan, device)
-        y = oof.y
         shift = {}
         if plan.calibration == "distance":  # the out-of-fold pixels' bands; the fold models were fitted on train+val
             both = merge_train_val(tiles)["train"]
-            shift = {"bands": out_of_fold_bands(oof, tiles), "reference": labelled_bands(both.inputs, both.labels)}
-        cal = fit_calibration(plan.calibration, y, oof.mean, oof.var, loss, split="out-of-fold", **shift)
+            shift = {"bands": out_of_fold_bands(oof, both), "reference": labelled_bands(both.inputs, both.labels)}
+        cal = fit_calibration(plan.calibration, oof.y, oof.mean, oof.var, loss, split="out-of-fold", **shift)
         models = f"{plan.cv.folds.k} fold models" + (f" of each of {len(fold_states)} trials" * (len(fold_states) > 1))
-        fit_on = f"out-of-fold predictions of the {models} ({y.size} pixels)"
+        fit_on = f"out-of-fold predictions of the {models} ({oof.y.size} pixels)"
     else:
         if plan.cv is not None:
             log.warning("calibration: fitted on val, which this retrain trained on (the fold models are gone)")

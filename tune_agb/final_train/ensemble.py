@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tune_agb.cv import CV_SPLITS, OutOfFold, out_of_fold
+from tune_agb.cv import OutOfFold, out_of_fold
+from tune_agb.engine.calibration import pixel_bands
 from tune_agb.engine.config import TrainConfig
 from tune_agb.engine.data import TileSet
 from tune_agb.engine.inference import combine_members
@@ -85,16 +86,8 @@ def ensemble_out_of_fold(
     return replace(first, mean=mean.numpy(), var=var.numpy())
 
 
-def out_of_fold_bands(oof: OutOfFold, tiles: dict[str, TileSet]) -> np.ndarray:
-    """The input bands (C, pixels) of the out-of-fold pixels, in their order, read from the train and val tiles
-    (what ``--calibration distance`` measures the distance of)."""
-    where = {n: (s, i) for s in CV_SPLITS for i, n in enumerate(tiles[s].names)}
-    out = np.zeros((0, oof.tile.size))
-    for name in np.unique(oof.tile):
-        split, i = where[str(name)]
-        x = np.asarray(tiles[split].inputs[i : i + 1][0], dtype=np.float64)
-        if out.shape[0] == 0:
-            out = np.full((x.shape[0], oof.tile.size), np.nan)
-        pick = oof.tile == name
-        out[:, pick] = x.reshape(x.shape[0], -1)[:, oof.flat[pick]]
-    return out
+def out_of_fold_bands(oof: OutOfFold, tiles: TileSet) -> np.ndarray:
+    """The input bands (C, pixels) of the out-of-fold pixels, in their order, from ``tiles``: the train and val
+    tiles stacked (:func:`tune_agb.cv.merge_train_val`), which hold every tile the fold models validated on."""
+    row = {name: i for i, name in enumerate(tiles.names)}
+    return pixel_bands(tiles.inputs, np.array([row[str(t)] for t in oof.tile], dtype=np.int64), oof.flat)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from tune_agb.engine.calibration import IDENTITY, Calibration, calibration_from_dict
+from tune_agb.engine.calibration import IDENTITY, Calibration, calibration_from_dict, pixel_bands
 from tune_agb.errors import TuneAgbError
 from tune_agb.location import join, read_bytes, read_document, read_table, write_atomic
 
@@ -93,12 +93,7 @@ class Prediction:
 
     def bands(self, inputs: Any) -> np.ndarray:
         """The input bands (C, pixels) of the labelled pixels, from the split's input tiles (N, C, H, W)."""
-        w = inputs.shape[-1]
-        out = np.full((inputs.shape[1], self.tile.size), np.nan)
-        for t in np.unique(self.tile):
-            pick = self.tile == t
-            out[:, pick] = np.asarray(inputs[int(t)])[:, self.flat[pick] // w, self.flat[pick] % w]
-        return out
+        return pixel_bands(inputs, self.tile, self.flat)
 
     def metrics(self, loss: str) -> dict[str, float]:
         """:func:`tune_agb.engine.metrics.labelled_metrics` of the labelled pixels (target units)."""
