@@ -176,3 +176,22 @@ def test_local_rows_fit_offset_and_scale_on_the_tested_regions_val_tiles_and_sco
     assert offset["factor"] == pytest.approx(2.0, rel=0.05)  # residual sd 2 against sigma 1 (Gaussian NLL)
     assert offset["within_1sigma"] == pytest.approx(0.68, abs=0.03)
     assert got["recipe, local scale"]["factor"] > 4.0  # without the offset, only widening covers the bias
+
+
+def test_recipe_space_adds_the_cv_section_and_its_changes_only_to_recipe_cv(tmp_path):
+    from tune_agb.search.space import load_search_space
+
+    changes = ["--cv-set", "experiment.num_samples=12", "--cv-set", "experiment.time_budget_s=900"]
+    a = rt.parse_args(["--cv-k", "4", *changes])
+    shipped = rt.recipe_space("recipe", 0, a)
+    assert "cv" not in shipped and shipped["experiment"]["num_samples"] == 24  # the recipe as a user runs it
+    seeded = rt.recipe_space("recipe_cv", 3, a)
+    assert seeded["cv"] == {"k": 4, "block_size": 2, "seed": 3}
+    assert seeded["searcher"]["seed"] == 3 and seeded["fixed"]["seed"] == 3
+    assert seeded["experiment"]["num_samples"] == 12 and seeded["experiment"]["time_budget_s"] == 900
+    path = tmp_path / "space.yaml"
+    path.write_text(rt.yaml.safe_dump(seeded))
+    space = load_search_space(path)  # what the search reads: valid, and the final: recipe kept
+    assert space.cv["k"] == 4 and space.final["calibration"] == "distance"
+    with pytest.raises(SystemExit, match="cv-set"):
+        rt.parse_args(["--cv-set", "experiment.num_samples"])  # no value: one clear error

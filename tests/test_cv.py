@@ -141,6 +141,28 @@ def test_fallback_is_one_block_per_tile_with_a_warning(tmp_path: Path, caplog: p
         build_assignment({**CV, "block_size": None, "block_m": 500.0}, tiles, str(tmp_path / "inputs"))
 
 
+def test_names_that_give_positions_in_part_keep_their_blocks_and_the_rest_are_one_block_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # two datasets pooled: one named on its tile grid, the other by ids (as ../shared's regions A and B)
+    grid = grid_names(4, 4)
+    ids = [f"tile_b{i}" for i in range(5)]
+    tiles = make_tiles(split_names(grid + ids))
+    with caplog.at_level(logging.WARNING):
+        plan = build_assignment(CV, tiles, str(tmp_path / "inputs"))
+    assert "16 of 21 tile names give positions" in caplog.text and "the other 5 (tile_b" in caplog.text
+    assert plan.positions == "tile names (tile_ROW_COL), 5 tiles one block each"
+    check_folds(plan, tiles)
+    block = dict(zip(plan.names, plan.blocks, strict=True))
+    for name in grid:  # neighbours on the grid share a block of 2 x 2 tiles, as without the other dataset
+        r, c = (int(v) for v in name.split("_")[1:])
+        assert block[name] == f"{r // 2}/{c // 2}"
+    assert len({block[n] for n in ids}) == 5 and not {block[n] for n in ids} & {block[n] for n in grid}
+    assert len(set(plan.blocks)) == 4 + 5
+    with pytest.raises(TuneAgbError, match=r"cv\.positions: names asked for, but tile 'tile_b"):
+        build_assignment({**CV, "positions": "names"}, tiles, str(tmp_path / "inputs"))  # asked for: still refused
+
+
 def test_more_folds_than_blocks_and_a_fold_without_labels_fail_naming_the_field(tmp_path: Path) -> None:
     tiles = make_tiles(split_names(grid_names(4, 4)))  # 4 blocks of 2 x 2 tiles
     with pytest.raises(TuneAgbError, match=r"cv\.k: 5 folds, .* only 4 blocks .*lower cv\.k to at most 4"):

@@ -2,8 +2,9 @@
 
 Positions come from prepare's ``manifest.parquet`` (map bounds, one row per tile) wherever there is one; the tile
 names (``tile_ROW_COL``, ``[RASTER_]rROW_cCOL``) are parsed only for datasets without a manifest, and a set of names
-without positions gets one block per tile. See :mod:`tune_agb.cv` for the steps. No Ray, no torch (pyarrow only to
-read a manifest, which may lie on ``s3://`` or ``gs://`` like the tiles).
+without positions gets one block per tile (where only some names give positions, each of the others does). See
+:mod:`tune_agb.cv` for the steps. No Ray, no torch (pyarrow only to read a manifest, which may lie on ``s3://`` or
+``gs://`` like the tiles).
 """
 
 from __future__ import annotations
@@ -102,6 +103,36 @@ def positions_from_names(names: Iterable[str], tile_hw: tuple[int, int]) -> Posi
             )
         return Positions("names", source, "px", (float(h), float(w)), (0.0, 0.0), places)
     return None
+
+
+def positions_in_part(names: Iterable[str], tile_hw: tuple[int, int]) -> Positions | None:
+    """Positions where only some names give them (datasets pooled from sources named differently): the names that
+    follow the pattern most of them follow are placed by it, every other tile is its own block; None when no name
+    follows a pattern.
+
+    Args:
+        names: the tile names.
+        tile_hw: a tile's height and width in pixels.
+
+    Returns:
+        The positions (kind ``names``), or None.
+    """
+    names = list(names)
+    counts = {pattern: sum(bool(pattern.match(n)) for n in names) for pattern in (_TILE_INDEX, _PIXEL_OFFSET)}
+    pattern = max(counts, key=counts.__getitem__)
+    placed = [n for n in names if pattern.match(n)]
+    if not placed:
+        return None
+    found = positions_from_names(placed, tile_hw)
+    assert found is not None  # every name in placed follows the pattern
+    rest = [n for n in names if not pattern.match(n)]
+    log.warning(
+        "cv: no manifest; %d of %d tile names give positions (%s), the other %d (%s ...) are each their own block",
+        len(placed), len(names), found.source, len(rest), rest[0],
+    )  # fmt: skip
+    found.places |= positions_per_tile(rest).places
+    found.source += f", {len(rest)} tiles one block each"
+    return found
 
 
 def positions_per_tile(names: Iterable[str]) -> Positions:
@@ -250,5 +281,8 @@ def tile_positions(cv: Mapping[str, Any], names: list[str], tile_hw: tuple[int, 
         raise TuneAgbError(
             f"cv.positions: names asked for, but tile {bad!r} is not named tile_ROW_COL, rROW_cCOL or RASTER_rROW_cCOL"
         )
+    found = positions_in_part(names, tile_hw)
+    if found is not None:
+        return found
     log.warning("cv: no manifest and the tile names give no positions: every tile is its own block")
     return positions_per_tile(names)
