@@ -42,6 +42,7 @@ from real_selection import run_test  # same folder: one reader of a run's test r
 from region_transfer import interval_figures
 
 from tune_agb.engine.calibration import Calibration, fit_band_distance, fit_scale, labelled_bands
+from tune_agb.engine.calibration import pixel_bands as engine_pixel_bands
 
 ALPHAS = np.round(np.arange(0.0, 3.0001, 0.05), 2)
 CALIBRATIONS = ("shipped", "distance", "distance, alpha on val", "right")
@@ -56,16 +57,13 @@ def band_distance(data: Path) -> Calibration:
 
 
 def pixel_bands(data: Path, split: str, rows: Any) -> np.ndarray:
-    """The bands of each prediction row (``tile``, ``row``, ``col``) of one split, in the rows' order."""
-    out = np.full((len(rows), 0), np.nan)
-    tiles, r, c = (rows[k].to_numpy() for k in ("tile", "row", "col"))
-    for t in np.unique(tiles):
-        x = np.load(data / "inputs" / split / f"{t}.npy", mmap_mode="r")
-        if out.shape[1] == 0:
-            out = np.full((len(rows), x.shape[0]), np.nan)
-        pick = tiles == t
-        out[pick] = np.asarray(x[:, r[pick], c[pick]]).T
-    return out
+    """The bands (pixels, C) of each prediction row (``tile``, ``row``, ``col``) of one split, in the rows' order:
+    the split's tiles named in the rows, gathered by :func:`tune_agb.engine.calibration.pixel_bands`."""
+    names = list(dict.fromkeys(rows["tile"]))
+    inputs = np.stack([np.load(data / "inputs" / split / f"{t}.npy") for t in names])
+    tile = rows["tile"].map({n: i for i, n in enumerate(names)}).to_numpy(np.int64)
+    flat = rows["row"].to_numpy(np.int64) * inputs.shape[-1] + rows["col"].to_numpy(np.int64)
+    return engine_pixel_bands(inputs, tile, flat).T
 
 
 def run_sample(run: Path) -> dict[str, Any]:
