@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from tests.ensemble_helpers import precision_mixture
 from tests.raster_helpers import (
     CRS_UTM,
     grid_transform,
@@ -267,8 +268,9 @@ def test_ensemble_of_different_configurations(tmp_path, capsys):
     code, err = run(["--model", str(ens), "--image", str(src), "--out", str(out)], capsys)
     assert code == 0, err
     mean, std, _ = read_map(out)
-    np.testing.assert_allclose(mean, means.mean(0), rtol=1e-5, atol=1e-3)
-    np.testing.assert_allclose(std, np.sqrt(varis.mean(0) + means.var(0)), rtol=1e-5, atol=1e-3)
+    want_mean, want_var = precision_mixture(means, varis)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(std, np.sqrt(want_var), rtol=1e-5, atol=1e-3)
 
 
 def test_predict_map_is_the_python_api_of_the_command(tmp_path):
@@ -295,3 +297,22 @@ def test_predict_map_is_the_python_api_of_the_command(tmp_path):
     with pytest.raises(TuneAgbError, match=r"^--batch-size: must be >= 1, got 0$"):
         predict_map(ckpt, [src], tmp_path / "bad.tif", batch_size=0)
     assert not (tmp_path / "bad.tif").exists() and no_partials(tmp_path)
+
+
+def test_combine_members_weights_each_member_by_its_precision_at_each_pixel():
+    import torch
+
+    from tune_agb.engine.inference import combine_members
+
+    # two members agree within their sigma; a third runs away at pixel 1 and says so with a large variance there
+    means = torch.tensor([[10.0, 12.0], [11.0, 13.0], [10.5, -80.0]], dtype=torch.float64)
+    varis = torch.tensor([[4.0, 4.0], [4.0, 4.0], [4.0, 400.0]], dtype=torch.float64)
+    mean, var = combine_members(means, varis)
+    want_mean, want_var = precision_mixture(means.numpy(), varis.numpy())
+    np.testing.assert_allclose(mean.numpy(), want_mean)
+    np.testing.assert_allclose(var.numpy(), want_var)
+    assert mean[0] == pytest.approx(10.5) and var[0] == pytest.approx(4.0 + 1 / 6)  # equal variances: the plain mean
+    assert 11.0 < mean[1] < 12.5  # the plain mean would be -18.3: the unsure member counts 1/100 of the others
+    assert var[1] > 4.0 + 0.5 * (13.0 - 12.0) ** 2 / 2  # its spread still widens the interval a little
+    one_mean, one_var = combine_members(means[:1], varis[:1])
+    assert torch.equal(one_mean, means[0]) and torch.equal(one_var, varis[0])  # one member: as it is

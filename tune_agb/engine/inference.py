@@ -52,7 +52,7 @@ class Member:
 class Predictor:
     """Mean and standard deviation (label units) for raw (B, C, H, W) inputs; NaN inputs are handled.
 
-    With several members: ensemble mean, and total variance = mean of the variances + variance of the means.
+    With several members: their precision-weighted mixture (:func:`combine_members`).
     """
 
     def __init__(self, members: list[Member], device: torch.device):
@@ -81,9 +81,17 @@ class Predictor:
 
 
 def combine_members(means: torch.Tensor, varis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(members, ...) means and variances -> ensemble mean and total variance (mean of the variances + variance of
-    the means; a single member is returned as it is)."""
-    return means.mean(0), varis.mean(0) + means.var(0, unbiased=False)
+    """(members, ...) means and variances -> ensemble mean and total variance, each member weighted at each pixel by
+    its own precision (1 / variance): ``w = (1/v) / sum(1/v)``, mean ``sum(w m)``, variance ``sum(w (v + (m -
+    mean)^2))`` (the mixture's: the members' variances plus their spread). A member that says it does not know a
+    pixel (a runaway under input shift comes with a large variance) counts less there; with equal variances this
+    is the plain mean and mean variance + variance of the means. A single member is returned as it is."""
+    if means.shape[0] == 1:
+        return means[0], varis[0]
+    w = varis.clamp_min(torch.finfo(varis.dtype).tiny).reciprocal()
+    w = w / w.sum(0)
+    mean = (w * means).sum(0)
+    return mean, (w * (varis + (means - mean) ** 2)).sum(0)
 
 
 def load_member(path: Path, device: torch.device) -> Member:
