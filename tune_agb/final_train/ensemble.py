@@ -25,8 +25,9 @@ log = logging.getLogger("tune_agb.final_train")
 
 
 def combined(evals: list[SplitEval]) -> Prediction:
-    """The members' predictions of one split combined (mean of means; mean of variances + variance of means), on
-    the host. Every member predicted the same pixels in the same order."""
+    """The members' predictions of one split combined, precision-weighted
+    (:func:`~tune_agb.engine.inference.combine_members`), on the host. Every member predicted the same pixels in the
+    same order."""
 
     def host(t: torch.Tensor) -> np.ndarray:
         return t.float().cpu().numpy()
@@ -75,8 +76,8 @@ def ensemble_out_of_fold(
     per_config: list[list[dict[str, Any]]], tiles: dict[str, TileSet], plan: Plan, device: str
 ) -> OutOfFold:
     """The out-of-fold prediction of the run: each labelled train/val pixel predicted by the fold model(s) that
-    validated on it, combined over the configurations like the members (mean of means; mean of variances +
-    variance of means), with where each pixel is (``tile``, ``flat``)."""
+    validated on it, combined over the configurations like the members
+    (:func:`~tune_agb.engine.inference.combine_members`), with where each pixel is (``tile``, ``flat``)."""
     oofs = [out_of_fold(states, tiles, plan.cv.folds, device=device) for states in per_config]
     first = oofs[0]
     if any(not (np.array_equal(o.tile, first.tile) and np.array_equal(o.flat, first.flat)) for o in oofs[1:]):
