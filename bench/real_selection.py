@@ -13,8 +13,9 @@ the fold models' out-of-fold predictions):
 - ``rf_texture``: the same forest with ``--texture-windows 3,7,15`` (each band's local standard deviation over 3, 7
   and 15 px windows as features: the strongest baseline without a network, not in the default ``--methods``);
 - ``default``: ``tune_agb.final_train --seed s``, the engine's default configuration;
-- ``search``: ``tune_agb.search`` of ``--space`` on one validation split (searcher seed and ``fixed.seed`` = s),
-  then ``final_train --experiment`` (the best configuration retrained on train, selected on val);
+- ``search``: ``tune_agb.search`` of ``--space`` on one validation split (its ``cv:`` section dropped; searcher
+  seed and ``fixed.seed`` = s), then ``final_train --experiment`` (the best configuration retrained on train,
+  selected on val);
 - ``top_k``: ``final_train --experiment (the search above) --ensemble-top K``;
 - ``cv_search``: the same space with ``cv: {k, block_size, seed: s}`` (spatial k-fold over train+val), then
   ``final_train --experiment`` (``--cv-final retrain``: the best configuration retrained on train+val for the epoch
@@ -164,8 +165,8 @@ def run_seed(seed: int, a: argparse.Namespace, base: dict[str, Any], out: Path, 
     if "default" in a.methods:
         rows.append(row("default", seed, final(runs / f"default_s{seed}", {"seed": seed}, data)))
     seeded = apply_changes(base, {"searcher.seed": seed, "fixed.seed": seed})
-    if {"search", "top_k"} & set(a.methods):
-        exp, secs = search(seeded, f"search_s{seed}", out, data)
+    if {"search", "top_k"} & set(a.methods):  # selection on val: without the space's cv section, if it has one
+        exp, secs = search({k: v for k, v in seeded.items() if k != "cv"}, f"search_s{seed}", out, data)
         if "search" in a.methods:
             rows.append(row("search", seed, final(runs / f"search_s{seed}", {"experiment": exp}, data), secs))
         if "top_k" in a.methods:

@@ -12,13 +12,18 @@ region B's tiles (its train, val and test): the layout is a folder of links unde
 - ``recipe``: what the README tells a user to run, with no further flags: ``python -m tune_agb.search --space
   search_spaces/real-cpu.yaml`` on the direction's train+val, then ``python -m tune_agb.final_train --experiment``
   (the space's ``final:`` section builds the final model). Seed 0 runs the space as shipped (its time budget
-  included, so ``minutes`` is what a user waits on this machine); another seed sets ``searcher.seed`` and
-  ``fixed.seed``.
-- ``recipe_cv``: the recipe with model selection on spatial folds of the training region's train+val tiles rather
-  than on its val tiles alone: the same space with ``cv: {k: --cv-k, block_size: --cv-block, seed}`` and any
-  ``--cv-set`` changes (a cv trial trains k models, so fewer trials fit the time), then ``final_train --experiment``
-  (the space's ``final:`` section: its ensemble members retrained on train+val, the sigma calibration fitted on the
-  search's out-of-fold pixels).
+  included, so ``minutes`` is what a user waits on this machine); another seed sets ``searcher.seed``,
+  ``fixed.seed`` and ``cv.seed``. Since the sixth run the shipped space selects on 3 spatial folds (its ``cv:``
+  section); the ``recipe`` rows of earlier runs selected on val: ``--space`` of that file
+  (``git show 92c3c44:search_spaces/real-cpu.yaml``) runs it again.
+- ``recipe_cv``: the recipe with model selection on spatial folds of the training region's train+val tiles: the same
+  space with ``cv: {k: --cv-k, block_size: --cv-block, seed}`` and any ``--cv-set`` changes (a cv trial trains k
+  models, so fewer trials fit the time), then ``final_train --experiment`` (the space's ``final:`` section: its
+  ensemble members retrained on train+val, the sigma calibration fitted on the search's out-of-fold pixels). On the
+  val-selection space with ``--cv-set experiment.num_samples=12 --cv-set searcher.n_startup_trials=5 --cv-set
+  experiment.time_budget_s=1080`` it is the space shipped since the sixth run.
+- ``recipe_cv_seeds``: recipe_cv's search (run once, shared), its final with ``--ensemble 3``: three seeds of each
+  of the 3 configurations (9 members; ``real_selection.py``'s ``cv_top_k_seeds``).
 
 Every run is scored on the other region's labelled pixels: RMSE, R², the shares of labels inside the calibrated
 1-sigma and 2-sigma intervals (and uncalibrated), and the intervals' full width in metres, median and mean over
@@ -57,7 +62,10 @@ from search_efficiency import apply_changes, parse_change
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-METHODS = ["rf", "rf_texture", "recipe", "recipe_cv"]
+METHODS = ["rf", "rf_texture", "recipe", "recipe_cv", "recipe_cv_seeds"]
+# final_train options of a method beyond its search space's final: section, and the search it shares
+FINAL_OPTIONS = {"recipe_cv_seeds": {"ensemble": 3}}
+SEARCH_OF = {"recipe_cv_seeds": "recipe_cv"}
 SPLITS = ("train", "val", "test")
 
 
@@ -193,11 +201,13 @@ def right_factor(runs: str | Path | list) -> float:
 
 def recipe_space(method: str, seed: int, a: argparse.Namespace) -> dict[str, Any]:
     """The space document a recipe method searches: ``--space`` as shipped for seed 0 (another seed sets the
-    searcher's and the trials' seed); ``recipe_cv`` adds a ``cv:`` section (``--cv-k`` folds of ``--cv-block``
-    blocks, the seed's fold draw) and the ``--cv-set`` changes."""
+    searcher's, the trials' and the cv section's fold draw seed); ``recipe_cv`` sets the ``cv:`` section to
+    ``--cv-k`` folds of ``--cv-block`` blocks (the seed's fold draw) and applies the ``--cv-set`` changes."""
     space = yaml.safe_load(Path(a.space).read_text())
     if seed != 0:
         space = apply_changes(space, {"searcher.seed": seed, "fixed.seed": seed})
+        if "cv" in space:
+            space = apply_changes(space, {"cv.seed": seed})
     if method == "recipe_cv":
         space = apply_changes(space, {"cv": {"k": a.cv_k, "block_size": a.cv_block, "seed": seed}} | a.cv_set)
     return space
@@ -211,11 +221,12 @@ def run_direction(
         if method in a.methods:
             m = baseline(method, seed, out, data)
             rows.append({"direction": name, "method": method, "seed": seed, "seconds": m["seconds"], "run": m["run"]})
-    for method in ("recipe", "recipe_cv"):
+    for method in ("recipe", "recipe_cv", "recipe_cv_seeds"):
         if method not in a.methods:
             continue
-        exp, secs = search(recipe_space(method, seed, a), f"{method}_s{seed}", out, data)
-        m = final(out / "runs" / f"{method}_s{seed}", {"experiment": exp}, data)
+        searched = SEARCH_OF.get(method, method)
+        exp, secs = search(recipe_space(searched, seed, a), f"{searched}_s{seed}", out, data)
+        m = final(out / "runs" / f"{method}_s{seed}", {"experiment": exp} | FINAL_OPTIONS.get(method, {}), data)
         rows.append(
             {
                 "direction": name,

@@ -183,12 +183,19 @@ def test_recipe_space_adds_the_cv_section_and_its_changes_only_to_recipe_cv(tmp_
 
     changes = ["--cv-set", "experiment.num_samples=12", "--cv-set", "experiment.time_budget_s=900"]
     a = rt.parse_args(["--cv-k", "4", *changes])
-    shipped = rt.recipe_space("recipe", 0, a)
-    assert "cv" not in shipped and shipped["experiment"]["num_samples"] == 24  # the recipe as a user runs it
+    file = rt.yaml.safe_load(Path(a.space).read_text())
+    assert rt.recipe_space("recipe", 0, a) == file  # the recipe as a user runs it
+    other = rt.recipe_space("recipe", 2, a)  # another seed: the searcher's, the trials' and the fold draw's
+    assert other["searcher"]["seed"] == other["fixed"]["seed"] == other["cv"]["seed"] == 2
+    assert {k: v for k, v in other["cv"].items() if k != "seed"} == {k: v for k, v in file["cv"].items() if k != "seed"}
     seeded = rt.recipe_space("recipe_cv", 3, a)
     assert seeded["cv"] == {"k": 4, "block_size": 2, "seed": 3}
     assert seeded["searcher"]["seed"] == 3 and seeded["fixed"]["seed"] == 3
     assert seeded["experiment"]["num_samples"] == 12 and seeded["experiment"]["time_budget_s"] == 900
+    # a space that selects on val (the earlier recipe): recipe keeps it so, whatever the seed
+    val = tmp_path / "val.yaml"
+    val.write_text(rt.yaml.safe_dump({k: v for k, v in file.items() if k != "cv"}))
+    assert "cv" not in rt.recipe_space("recipe", 1, rt.parse_args(["--space", str(val)]))
     path = tmp_path / "space.yaml"
     path.write_text(rt.yaml.safe_dump(seeded))
     space = load_search_space(path)  # what the search reads: valid, and the final: recipe kept
