@@ -14,7 +14,7 @@ mode changes how the test tiles are normalised, and nothing else:
 - ``adabn`` (U-Nets only): the trained normalisation, then every BatchNorm layer's running mean and variance
   re-estimated on the test tiles (a copy of each member; the run is not touched).
 
-U-Net runs are scored as their ensembles predict (``combine_members``); the forests are
+U-Net runs are scored as their ensembles predict (``Predictor``); the forests are
 ``tune_agb.baseline.RandomForest`` fitted on the labelled train pixels (train statistics), one per ``--forest-seeds``
 seed. Every row gives the RMSE and the bias (mean of prediction − label) on the test tiles' labelled pixels.
 """
@@ -34,7 +34,7 @@ import torch
 
 from tune_agb.baseline import RandomForest, labelled_pixels
 from tune_agb.engine.data import NormStats, TileSet, compute_norm_stats, load_split
-from tune_agb.engine.inference import Predictor, combine_members, load_predictor, predict_target_units
+from tune_agb.engine.inference import Member, Predictor, load_predictor
 
 UNET_MODES = ("trained", "own", "own_mean", "adabn")
 FOREST_MODES = ("trained", "own", "own_mean")
@@ -73,23 +73,23 @@ def _score(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
 
 
 def unet_rows(predictor: Predictor, test: TileSet, modes: tuple[str, ...] = UNET_MODES) -> dict[str, dict[str, float]]:
-    """The ensemble's RMSE and bias on the labelled pixels of ``test`` under each mode."""
+    """The ensemble's RMSE and bias on the labelled pixels of ``test`` under each mode: its members with their
+    normalisation (and, for ``adabn``, their BatchNorm statistics) changed, predicting as ``Predictor`` does."""
     own = compute_norm_stats(test, standardize_target=False)
     x_raw = torch.as_tensor(np.asarray(test.inputs, dtype=np.float32))
     labels = np.asarray(test.labels, dtype=np.float32)
     mask = np.isfinite(labels)
+    chunks = [x_raw[i : i + BATCH] for i in range(0, len(x_raw), BATCH)]
     out = {}
     for mode in modes:
-        means, varis = [], []
+        members = []
         for m in predictor.members:
             norm = restat(m.norm, own, mode)
-            batches = [norm.normalize(x_raw[i : i + BATCH]) for i in range(0, len(x_raw), BATCH)]
-            model = adabn(m.model, batches) if mode == "adabn" else m.model
-            got = [predict_target_units(model, x, m.config, norm, predictor.amp) for x in batches]
-            means.append(torch.cat([g[0] for g in got]))
-            varis.append(torch.cat([g[1] for g in got]))
-        mean, _ = combine_members(torch.stack(means), torch.stack(varis))
-        out[mode] = _score(mean.numpy()[mask], labels[mask])
+            model = adabn(m.model, [norm.normalize(x) for x in chunks]) if mode == "adabn" else m.model
+            members.append(Member(model, m.config, norm, m.margin))
+        changed = Predictor(members, predictor.device)
+        mean = torch.cat([changed.predict(x)[0] for x in chunks])
+        out[mode] = _score(mean.cpu().numpy()[mask], labels[mask])
     return out
 
 
