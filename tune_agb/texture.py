@@ -2,7 +2,9 @@
 
 The texture forest (``python -m tune_agb.baseline --texture-windows 3,7,15``) adds them to each pixel's bands; on
 the real tiles it is the best baseline (bench/RESULTS.md, "Canopy texture"). The U-Net does not use them: as extra
-input channels they measured no gain, and that option was removed in tune_agb 0.2.
+input channels they measured no gain on region A's 17 tiles, and that option was removed in tune_agb 0.2; given
+to the shipped recipe on both regions' 47 tiles (``bench/texture_tiles.py``) they did not help either
+(bench/RESULTS.md, "Two regions, seventh run").
 """
 
 from __future__ import annotations
