@@ -94,17 +94,18 @@ def unet_rows(predictor: Predictor, test: TileSet, modes: tuple[str, ...] = UNET
 
 
 def forest_rows(
-    train: TileSet, test: TileSet, seed: int = 0, modes: tuple[str, ...] = FOREST_MODES
-) -> dict[str, dict[str, float]]:
-    """A random forest fitted on ``train``'s labelled pixels (train statistics), scored on ``test`` in each mode."""
+    train: TileSet, test: TileSet, seeds: tuple[int, ...] = (0,), modes: tuple[str, ...] = FOREST_MODES
+) -> dict[int, dict[str, dict[str, float]]]:
+    """Per seed, a random forest fitted on ``train``'s labelled pixels (train statistics), scored on ``test`` in each
+    mode (the pixels of each split are read once for all seeds)."""
     norm = compute_norm_stats(train, standardize_target=False)
     own = compute_norm_stats(test, standardize_target=False)
     px = labelled_pixels(train, norm)
-    forest = RandomForest(seed=seed).fit(px.x, px.y)
+    tests = {mode: labelled_pixels(test, restat(norm, own, mode)) for mode in modes}
     out = {}
-    for mode in modes:
-        tp = labelled_pixels(test, restat(norm, own, mode))
-        out[mode] = _score(forest.predict(tp.x)[0], tp.y)
+    for seed in seeds:
+        forest = RandomForest(seed=seed).fit(px.x, px.y)
+        out[seed] = {mode: _score(forest.predict(tp.x)[0], tp.y) for mode, tp in tests.items()}
     return out
 
 
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += [{"model": Path(run).name, "mode": k} | v for k, v in got.items()]
     if a.forest_seeds:
         train = load_split(data / "inputs", data / "labels", "train")
-        for seed in (int(s) for s in a.forest_seeds.split(",")):
-            got = forest_rows(train, test, seed)
+        seeds = tuple(int(s) for s in a.forest_seeds.split(","))
+        for seed, got in forest_rows(train, test, seeds).items():
             rows += [{"model": f"rf_s{seed}", "mode": k} | v for k, v in got.items()]
     print("| model | " + " | ".join(UNET_MODES) + " |\n|---|" + "---|" * len(UNET_MODES))
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -91,6 +91,6 @@ def test_own_statistics_undo_a_shift_of_the_new_tiles_for_the_unet_and_the_fores
     assert abs(b["adabn"]["bias"] - a["adabn"]["bias"]) < moved / 4
     assert a["trained"]["n"] == int(np.isfinite(plain.labels).sum())
     train = tiles("train", 6, 2)
-    fa, fb = ss.forest_rows(train, plain), ss.forest_rows(train, shifted)
+    fa, fb = ss.forest_rows(train, plain)[0], ss.forest_rows(train, shifted)[0]
     assert fb["own_mean"]["rmse"] == pytest.approx(fa["own_mean"]["rmse"], rel=1e-6)
     assert fb["trained"]["rmse"] > fa["trained"]["rmse"] + 0.5
