@@ -8,7 +8,8 @@ method, score the pooled test pixels of its outer folds under several sigma fact
 ``outerJ/searches/cv_sSEED``. Nothing is trained. For each run the factor on sigma is fitted on the sample its
 calibration was fitted on, two ways:
 
-- ``nll``: what final_train ships (``--calibration scale``): the factor that minimises the NLL of the sample;
+- ``nll``: the factor that minimises the NLL of the sample (what ``--calibration scale`` fitted until 0.2; it now
+  fits a 68.27 % quantile, :func:`tune_agb.engine.calibration.fit_scale`);
 - ``coverage``: the factor whose calibrated central intervals best match their nominal levels on the sample (least
   squares over the reliability diagram's 20 levels, under the run's own distribution; a grid of 2,000 factors).
 
@@ -16,8 +17,8 @@ The sample is the val split (``predictions.parquet``'s val rows) for a single-sp
 predictions of the best trial's fold models for ``cv_search`` and ``cv_folds`` (recomputed from the search's
 checkpoint, as final_train does). ``cv_top_k`` is left out: its sample combines several trials' fold models.
 Each factor is applied to the run's uncalibrated test sigma; a row gives the pooled test coverage of the 68.27 % and
-95.45 % intervals (``within_1sigma`` / ``within_2sigma``), with ``raw`` (factor 1) and ``test`` (the NLL factor
-fitted on the test pixels themselves: what would have been right) for reference.
+95.45 % intervals (``within_1sigma`` / ``within_2sigma``), with ``raw`` (factor 1) and ``test`` (``fit_scale``
+on the test pixels themselves: what would have been right) for reference.
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tune_agb.engine.calibration import RELIABILITY_LEVELS, fit_scale, interval_halfwidth, sigma_halfwidth
+from tune_agb.engine.calibration import RELIABILITY_LEVELS, interval_halfwidth, sigma_halfwidth
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_selection import right_scale_on_test, run_test  # same folder: one reader of a run's test rows
 
 METHODS = ["ridge", "rf", "default", "search", "top_k", "cv_search", "cv_folds"]
 FACTORS = ["raw", "nll", "coverage", "test"]
+
+
+def nll_scale(r: np.ndarray, sd: np.ndarray, loss: str) -> float:
+    """The NLL-optimal factor on sigma ``sd`` for residuals ``r``: Gaussian ``sqrt(mean((r / sd)^2))``, Laplacian
+    ``mean(|r| / b)`` with ``b = sd / sqrt(2)``."""
+    z = np.abs(r) / sd
+    return float(np.mean(z * np.sqrt(2))) if loss == "laplacian_nll" else float(np.sqrt(np.mean(z**2)))
 
 
 def coverage_scale(r: np.ndarray, sd: np.ndarray, loss: str, levels: tuple[float, ...] = RELIABILITY_LEVELS) -> float:
@@ -82,7 +90,7 @@ def transfer(out: Path, method: str, seed: int) -> dict[str, Any] | None:
         sd = t["std_uncalibrated"].to_numpy(float)
         got = {
             "raw": 1.0,
-            "nll": fit_scale(y, mean, var, loss),
+            "nll": nll_scale(y - mean, np.sqrt(var), loss),
             "coverage": coverage_scale(y - mean, np.sqrt(var), loss),
             "test": right_scale_on_test(t, loss),
         }

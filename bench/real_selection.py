@@ -258,7 +258,8 @@ def run_test(run: str | Path) -> tuple[Any, dict[str, Any], str]:
 
 
 def right_scale_on_test(test: Any, loss: str) -> float:
-    """The NLL sigma factor fitted on the test rows themselves (uncalibrated sigma): what would have been right."""
+    """The sigma factor (``fit_scale``) fitted on the test rows themselves (uncalibrated sigma): what would have
+    been right."""
     from tune_agb.engine.calibration import fit_scale
 
     y, mu, raw = (test[c].to_numpy(float) for c in ("label", "mean", "std_uncalibrated"))

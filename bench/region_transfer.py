@@ -31,8 +31,8 @@ the pixels (so that a wider interval is not the only fix: a calibration that rea
 everywhere shows here).
 Two sigma factors are also tried on the recipe's test pixels, without training anything:
 
-- ``right``: the NLL factor fitted on the test pixels themselves (what would have been right; a reference, not a
-  method);
+- ``right``: the factor (``fit_scale``) fitted on the test pixels themselves (what would have been right; a
+  reference, not a method);
 - ``cross``: the factor that was right in the *other* direction, applied on top of the shipped calibration: what a
   user who has measured one region shift would widen by (needs both directions).
 
@@ -191,7 +191,7 @@ def interval_figures(err: np.ndarray, sd: np.ndarray, loss: str, prefix: str = "
 
 
 def right_factor(runs: str | Path | list) -> float:
-    """The NLL factor on the *calibrated* sigma fitted on the test pixels (1: the calibration was right)."""
+    """The factor (``fit_scale``) on the *calibrated* sigma fitted on the test pixels (1: the calibration was right)."""
     from tune_agb.engine.calibration import fit_scale
 
     d, loss = test_rows(runs)

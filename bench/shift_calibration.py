@@ -10,7 +10,8 @@ folds) with its dataset layout beside it in ``../data``. Nothing is trained.
 The shift signal is the Mahalanobis distance ``d`` of a pixel's 14 input bands from the labelled train pixels'
 bands (their mean and covariance): how far the pixel lies from what the model was fitted on, computed from inputs
 only, so it is known on a region without labels. ``d_ref`` is the median distance of the train pixels themselves.
-Calibrations, each fitted on the run's val pixels by NLL (``fit_scale``) on the uncalibrated sigma:
+Calibrations, each fitted on the run's val pixels by ``fit_scale`` (a 68.27 % quantile since 0.3, the NLL factor
+before) on the uncalibrated sigma:
 
 - ``shipped``: what final_train wrote (one factor on sigma, fitted on val);
 - ``distance``: the engine's ``--calibration distance`` (:mod:`tune_agb.engine.calibration`), sigma x s x
@@ -18,8 +19,8 @@ Calibrations, each fitted on the run's val pixels by NLL (``fit_scale``) on the 
   refitted on val with the widening applied. Its form was chosen on the forests' runs of seed 0, before any
   recipe run was read (bench/RESULTS.md);
 - ``distance, alpha on val``: sigma x s x max(1, d / d_ref) ** alpha, alpha (0 to 3 in steps of 0.05) and s
-  fitted together on val by NLL: what val alone says of the widening;
-- ``right``: the shipped sigma times the NLL factor fitted on the test pixels themselves (a reference).
+  fitted together on val (alpha by NLL, s by ``fit_scale``): what val alone says of the widening;
+- ``right``: the shipped sigma times ``fit_scale`` fitted on the test pixels themselves (a reference).
 
 A row: test labels, 1σ / 2σ coverage, the 1σ / 2σ interval's full width (median, mean), the median of d on val and
 on test, and the factor still right for the test pixels after the calibration (1: right).

@@ -110,10 +110,13 @@ def test_coverage_scale_recovers_the_factor_sigma_is_off_by(loss):
     true = 1.7 * sd  # the residuals' real standard deviation: sigma is 1.7 times too small
     r = rng.normal(0, true) if loss == "gaussian_nll" else rng.laplace(0, true / np.sqrt(2))
     assert ct.coverage_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
-    # heavy tails: one wild residual moves the NLL factor (an RMS), not the coverage factor (a quantile match)
+    assert ct.nll_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
+    # heavy tails: one wild residual moves the NLL factor (an RMS), not the coverage factor (a quantile match), nor
+    # the shipped one (a 68.27 % quantile)
     r[0], sd[0] = 1e4, 1.0
     assert ct.coverage_scale(r, sd, loss) == pytest.approx(1.7, rel=0.02)
-    assert fit_scale(r, np.zeros_like(r), sd**2, loss) > 1.7 * 1.1
+    assert fit_scale(r, np.zeros_like(r), sd**2, loss) == pytest.approx(1.7, rel=0.02)
+    assert ct.nll_scale(r, sd, loss) > 1.7 * 1.1
 
 
 def test_outer_val_share_must_be_a_share(capsys):

@@ -316,3 +316,26 @@ def test_combine_members_weights_each_member_by_its_precision_at_each_pixel():
     assert var[1] > 4.0 + 0.5 * (13.0 - 12.0) ** 2 / 2  # its spread still widens the interval a little
     one_mean, one_var = combine_members(means[:1], varis[:1])
     assert torch.equal(one_mean, means[0]) and torch.equal(one_var, varis[0])  # one member: as it is
+
+
+def test_combine_members_bounds_an_overconfident_members_weight():
+    import torch
+
+    from tune_agb.engine.inference import MAX_WEIGHT_RATIO, combine_members
+
+    # pixel 0: member 0 is far off and claims sigma 0.1 m (the failure seen on real tiles); pixel 1: the variances
+    # differ by less than the bound, so the weights are the plain precision ones
+    means = torch.tensor([[-1.3, 10.0], [30.0, 11.0], [31.0, 12.0]], dtype=torch.float64)
+    varis = torch.tensor([[0.01, 2.0], [50.0, 4.0], [60.0, 6.0]], dtype=torch.float64)
+    mean, var = combine_members(means, varis)
+    w = np.array([MAX_WEIGHT_RATIO / 50, 1 / 50, 1 / 60])  # member 0 floored at a quarter of the median variance
+    assert mean[0].item() == pytest.approx((w * means[:, 0].numpy()).sum() / w.sum())
+    assert abs(30.0 - mean[0].item()) / var[0].sqrt().item() < 2  # the others' spread keeps label 30 inside 2 sigma
+    unbounded = precision_mixture(means.numpy(), varis.numpy(), ratio=None)
+    assert abs(30.0 - unbounded[0][0]) / np.sqrt(unbounded[1][0]) > 20  # what plain precision weights gave
+    np.testing.assert_allclose(mean[1].item(), unbounded[0][1])
+    np.testing.assert_allclose(var[1].item(), unbounded[1][1])
+    # two members: the median is their mean variance
+    m2, _ = combine_members(means[:2, :1], varis[:2, :1])
+    w2 = np.array([1 / max(0.01, 25.005 / MAX_WEIGHT_RATIO), 1 / 50])
+    assert m2.item() == pytest.approx((w2 * np.array([-1.3, 30.0])).sum() / w2.sum())

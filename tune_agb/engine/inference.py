@@ -52,7 +52,7 @@ class Member:
 class Predictor:
     """Mean and standard deviation (label units) for raw (B, C, H, W) inputs; NaN inputs are handled.
 
-    With several members: their precision-weighted mixture (:func:`combine_members`).
+    With several members: their mixture, weighted by each member's bounded precision (:func:`combine_members`).
     """
 
     def __init__(self, members: list[Member], device: torch.device):
@@ -80,15 +80,27 @@ class Predictor:
         return mean, var.sqrt()
 
 
+# No member weighs more at a pixel than this many times a member with the median variance there.
+MAX_WEIGHT_RATIO = 4.0
+
+
 def combine_members(means: torch.Tensor, varis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(members, ...) means and variances -> ensemble mean and total variance, each member weighted at each pixel by
-    its own precision (1 / variance): ``w = (1/v) / sum(1/v)``, mean ``sum(w m)``, variance ``sum(w (v + (m -
-    mean)^2))`` (the mixture's: the members' variances plus their spread). A member that says it does not know a
-    pixel (a runaway under input shift comes with a large variance) counts less there; with equal variances this
-    is the plain mean and mean variance + variance of the means. A single member is returned as it is."""
-    if means.shape[0] == 1:
+    its own precision, bounded: ``w = 1 / max(v, median(v) / 4)``, normalised to sum to 1; mean ``sum(w m)``,
+    variance ``sum(w (v + (m - mean)^2))`` (the mixture's: the members' variances plus their spread).
+
+    A member that says it does not know a pixel (a runaway under input shift comes with a large variance) counts
+    less there. A member that claims a far smaller variance than the others counts at most 4 times a member with
+    the median variance (:data:`MAX_WEIGHT_RATIO`): one overconfident member (a wrong mean with sigma 0.1 m) must
+    not take a pixel over, and the others' spread stays in its variance. With equal variances this is the plain
+    mean and mean variance + variance of the means. A single member is returned as it is. Measured in
+    ``bench/RESULTS.md`` (issue 31)."""
+    k = means.shape[0]
+    if k == 1:
         return means[0], varis[0]
-    w = varis.clamp_min(torch.finfo(varis.dtype).tiny).reciprocal()
+    ordered = varis.sort(0).values
+    median = 0.5 * (ordered[(k - 1) // 2] + ordered[k // 2])
+    w = torch.maximum(varis, median / MAX_WEIGHT_RATIO).clamp_min(torch.finfo(varis.dtype).tiny).reciprocal()
     w = w / w.sum(0)
     mean = (w * means).sum(0)
     return mean, (w * (varis + (means - mean) ** 2)).sum(0)

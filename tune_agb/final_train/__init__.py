@@ -11,11 +11,11 @@ experiment's best config < the ``config`` file < ``epochs``/``seed`` < ``overrid
 
 Ensembles: ``ensemble=N`` trains one configuration with N seeds; ``ensemble_top=K`` (with ``experiment``) trains the
 K best distinct configurations of the search, each with its own config. Either way members go to
-``OUT/members/member_KK/``, ``OUT/ensemble.yaml`` says where each came from, and the ensemble predicts the mean of the
-members' means with the mean of their variances plus the variance of their means as its variance
-(:mod:`tune_agb.final_train.ensemble`). With ``experiment``, the ``final`` section of the search's space (its recipe:
-``ensemble_top``, ``ensemble``, ``cv_final``, ``calibration``) gives those options' defaults; arguments that are not
-None and ``final.KEY`` overrides win over it.
+``OUT/members/member_KK/``, ``OUT/ensemble.yaml`` says where each came from, and the ensemble predicts the mixture of
+the members, each weighted at each pixel by its precision, bounded
+(:func:`tune_agb.engine.inference.combine_members`). With ``experiment``, the ``final`` section of the search's space
+(its recipe: ``ensemble_top``, ``ensemble``, ``cv_final``, ``calibration``) gives those options' defaults; arguments
+that are not None and ``final.KEY`` overrides win over it.
 
 After training, the predicted variance is recalibrated on the validation split (:mod:`tune_agb.engine.calibration`,
 saved as ``OUT/calibration.json``); predictions, maps, plots and the ``val_*``/``test_*`` metrics are calibrated,

@@ -1,6 +1,7 @@
-"""The ensemble maths of a final run: members combined into one predictive distribution (mean of the members'
-means; mean of their variances plus the variance of their means), the out-of-fold prediction of a cross-validated
-search's fold models combined the same way, and the loss an ensemble is scored and calibrated under."""
+"""The ensemble maths of a final run: members combined into one predictive distribution (each weighted at each pixel
+by its bounded precision, :func:`~tune_agb.engine.inference.combine_members`), the out-of-fold prediction of a
+cross-validated search's fold models combined the same way, and the loss an ensemble is scored and calibrated
+under."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ log = logging.getLogger("tune_agb.final_train")
 
 
 def combined(evals: list[SplitEval]) -> Prediction:
-    """The members' predictions of one split combined, precision-weighted
+    """The members' predictions of one split combined, weighted by their bounded precision
     (:func:`~tune_agb.engine.inference.combine_members`), on the host. Every member predicted the same pixels in the
     same order."""
 

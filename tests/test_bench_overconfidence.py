@@ -1,0 +1,50 @@
+"""bench/overconfidence.py: the member combinations and sigma-factor estimators it compares on finished runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import overconfidence as oc
+
+
+def test_combinations_differ_only_where_a_member_is_overconfident():
+    # pixel 0: members agree and report similar variances; pixel 1: member 0 is far off and claims sigma 0.1
+    means = np.array([[10.0, -1.0], [11.0, 30.0], [12.0, 31.0]])
+    varis = np.array([[4.0, 0.01], [5.0, 50.0], [6.0, 60.0]])
+    got = {rule: oc.combine(means, varis, rule) for rule in oc.COMBINES}
+    np.testing.assert_array_equal(got.pop("best")[0], means[0])  # the first member alone
+    for mean, var in got.values():
+        assert 10.0 < mean[0] < 12.0 and 4.0 < var[0] < 7.0
+    assert got["mean"][0][1] == pytest.approx(20.0)
+    assert got["precision"][0][1] < 0.0  # the overconfident member takes the pixel
+    # the floor: member 0 weighs at most 4 times the median member (weights 4 : 1 : 50/60)
+    w = np.array([4 / 50, 1 / 50, 1 / 60])
+    assert got["floor"][0][1] == pytest.approx((w * means[:, 1]).sum() / w.sum())
+    assert got["random_effects"][0][1] > 15.0
+    # the mixture's variance covers the members' spread in every rule but the precision one
+    for rule in ("mean", "floor", "random_effects"):
+        mean, var = got[rule]
+        assert abs(30.0 - mean[1]) / np.sqrt(var[1]) < 2.0, rule
+    assert abs(30.0 - got["precision"][0][1]) / np.sqrt(got["precision"][1][1]) > 20
+
+
+@pytest.mark.parametrize("loss", ["gaussian_nll", "laplacian_nll"])
+def test_estimators_agree_on_calibrated_samples_and_only_the_nll_one_follows_an_outlier(loss):
+    rng = np.random.default_rng(0)
+    sd = np.full(20_000, 2.0)
+    r = (
+        (rng.normal(size=sd.size) if loss == "gaussian_nll" else rng.laplace(scale=np.sqrt(0.5), size=sd.size))
+        * 3.0
+        * sd
+    )
+    for est in oc.ESTIMATORS:
+        assert oc.factor(r, sd, loss, est) == pytest.approx(3.0, rel=0.04), est
+    r[0] = 1e5  # one pixel 50,000 sigmas off
+    assert oc.factor(r, sd, loss, "nll") > 4.0
+    for est in ("median", "q68"):
+        assert oc.factor(r, sd, loss, est) == pytest.approx(3.0, rel=0.04), est
