@@ -23,7 +23,8 @@ variance is always ``sum(w (v + (m - mean)^2))``):
 - ``floor``: ``w ~ 1 / max(v, median(v) / 4)``: precision weights, but no member counts more than 4 times a member
   with the median variance (a member that claims a far smaller variance than the others gains no more);
 - ``random_effects``: ``w ~ 1 / (v + tau^2)``, ``tau^2`` the variance of the members' means at the pixel (members
-  that disagree by more than their variances say are weighted alike).
+  that disagree by more than their variances say are weighted alike);
+- ``sigma``: ``w ~ 1 / sqrt(v)``: between equal and precision weights.
 
 estimators of the factor ``s`` on sigma, fitted on the out-of-fold pixels with the ``distance`` widening applied
 (``z = r / (sigma g)``; ``h(p)`` the half-width of the distribution's central ``p`` interval in sigmas):
@@ -52,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from region_transfer import interval_figures  # same folder: one definition of coverage and width
 
-COMBINES = ("best", "mean", "precision", "floor", "random_effects")
+COMBINES = ("best", "mean", "precision", "floor", "random_effects", "sigma")
 ESTIMATORS = ("nll", "median", "q68")
 FLOOR_RATIO = 4.0
 
@@ -70,6 +71,8 @@ def combine(means: np.ndarray, varis: np.ndarray, rule: str) -> tuple[np.ndarray
         w = 1 / np.maximum(v, np.median(v, axis=0) / FLOOR_RATIO)
     elif rule == "random_effects":
         w = 1 / (v + means.var(axis=0))
+    elif rule == "sigma":
+        w = 1 / np.sqrt(v)
     else:
         raise ValueError(rule)
     w = w / w.sum(0)

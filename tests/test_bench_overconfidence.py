@@ -26,11 +26,14 @@ def test_combinations_differ_only_where_a_member_is_overconfident():
     w = np.array([4 / 50, 1 / 50, 1 / 60])
     assert got["floor"][0][1] == pytest.approx((w * means[:, 1]).sum() / w.sum())
     assert got["random_effects"][0][1] > 15.0
+    ws = 1 / np.sqrt(varis[:, 1])
+    assert got["sigma"][0][1] == pytest.approx((ws * means[:, 1]).sum() / ws.sum())
     # the mixture's variance covers the members' spread in every rule but the precision one
     for rule in ("mean", "floor", "random_effects"):
         mean, var = got[rule]
         assert abs(30.0 - mean[1]) / np.sqrt(var[1]) < 2.0, rule
-    assert abs(30.0 - got["precision"][0][1]) / np.sqrt(got["precision"][1][1]) > 20
+    z = {rule: abs(30.0 - got[rule][0][1]) / np.sqrt(got[rule][1][1]) for rule in ("precision", "sigma")}
+    assert z["precision"] > 20 and 2 < z["sigma"] < z["precision"]  # sigma weights: in between, still taken over
 
 
 @pytest.mark.parametrize("loss", ["gaussian_nll", "laplacian_nll"])
