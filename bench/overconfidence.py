@@ -51,24 +51,29 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibration_transfer import nll_scale  # same folder: the NLL factor of earlier runs
 from region_transfer import interval_figures  # same folder: one definition of coverage and width
 
 COMBINES = ("best", "mean", "precision", "floor", "random_effects", "sigma")
 ESTIMATORS = ("nll", "median", "q68")
-FLOOR_RATIO = 4.0
 
 
 def combine(means: np.ndarray, varis: np.ndarray, rule: str) -> tuple[np.ndarray, np.ndarray]:
-    """(members, pixels) means and variances -> the mixture's mean and variance under weighting ``rule``."""
-    v = np.maximum(varis, np.finfo(np.float64).tiny)
+    """(members, pixels) means and variances -> the mixture's mean and variance under weighting ``rule``; ``floor``
+    is the engine's :func:`~tune_agb.engine.inference.combine_members`, the rule that ships."""
     if rule == "best":
         return means[0], varis[0]
+    if rule == "floor":
+        import torch
+
+        from tune_agb.engine.inference import combine_members
+
+        return tuple(t.numpy() for t in combine_members(torch.from_numpy(means), torch.from_numpy(varis)))
+    v = np.maximum(varis, np.finfo(np.float64).tiny)
     if rule == "mean":
         w = np.ones_like(v)
     elif rule == "precision":
         w = 1 / v
-    elif rule == "floor":
-        w = 1 / np.maximum(v, np.median(v, axis=0) / FLOOR_RATIO)
     elif rule == "random_effects":
         w = 1 / (v + means.var(axis=0))
     elif rule == "sigma":
@@ -85,11 +90,7 @@ def factor(r: np.ndarray, sd: np.ndarray, loss: str, estimator: str) -> float:
     from tune_agb.engine.calibration import interval_halfwidth
 
     if estimator == "nll":  # the closed forms final_train shipped until this comparison
-        return (
-            float(np.mean(np.abs(r) / (sd / np.sqrt(2))))
-            if loss == "laplacian_nll"
-            else float(np.sqrt(np.mean((r / sd) ** 2)))
-        )
+        return nll_scale(r, sd, loss)
     p = {"median": 0.5, "q68": 0.6827}[estimator]
     return float(np.quantile(np.abs(r) / sd, p) / interval_halfwidth(p, loss))
 
@@ -158,11 +159,12 @@ def variants(s: dict[str, Any]) -> dict[tuple[str, str], dict[str, np.ndarray | 
         om, ov = combine(s["oof_m"], s["oof_v"], rule)
         tm, tv = combine(s["test_m"], s["test_v"], rule)
         r, sd = s["oof_y"] - om, np.sqrt(ov) * s["oof_g"]
+        max_z2 = float(np.max((r / sd) ** 2))
         for est in ESTIMATORS:
             f = factor(r, sd, s["loss"], est)
             out[rule, est] = {
                 "factor": f,
-                "max_z2": float(np.max((r / sd) ** 2)),
+                "max_z2": max_z2,
                 "err": tm - s["test_y"],  # signed: prediction - label
                 "sd": np.sqrt(tv) * s["test_g"] * f,
             }
