@@ -24,7 +24,13 @@ variance is always ``sum(w (v + (m - mean)^2))``):
   with the median variance (a member that claims a far smaller variance than the others gains no more);
 - ``random_effects``: ``w ~ 1 / (v + tau^2)``, ``tau^2`` the variance of the members' means at the pixel (members
   that disagree by more than their variances say are weighted alike);
-- ``sigma``: ``w ~ 1 / sqrt(v)``: between equal and precision weights.
+- ``sigma``: ``w ~ 1 / sqrt(v)``: between equal and precision weights;
+- ``median``: the member whose mean is the median of the members' (the middle two alike for an even count);
+- ``screen``: equal weights among the members whose mean lies within ``SCREEN`` times the members' median sigma of
+  the median mean (all members if none does): the equal-weight mixture without a member far off the others;
+- ``floor_linear``: ``floor``, then its mean mapped by ``a + b mean``, ``a`` and ``b`` the least-squares fit of the
+  labels on the mean over the out-of-fold pixels (undoes a shrinkage towards the mean label that the fold models
+  show).
 
 estimators of the factor ``s`` on sigma, fitted on the out-of-fold pixels with the ``distance`` widening applied
 (``z = r / (sigma g)``; ``h(p)`` the half-width of the distribution's central ``p`` interval in sigmas):
@@ -54,7 +60,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibration_transfer import nll_scale  # same folder: the NLL factor of earlier runs
 from region_transfer import interval_figures  # same folder: one definition of coverage and width
 
-COMBINES = ("best", "mean", "precision", "floor", "random_effects", "sigma")
+COMBINES = ("best", "mean", "precision", "floor", "random_effects", "sigma", "median", "screen", "floor_linear")
+SCREEN = 3.0  # screen: how many median sigmas a member's mean may lie from the median mean
 ESTIMATORS = ("nll", "median", "q68")
 
 
@@ -63,7 +70,7 @@ def combine(means: np.ndarray, varis: np.ndarray, rule: str) -> tuple[np.ndarray
     is the engine's :func:`~tune_agb.engine.inference.combine_members`, the rule that ships."""
     if rule == "best":
         return means[0], varis[0]
-    if rule == "floor":
+    if rule in ("floor", "floor_linear"):  # floor_linear's map is fitted in variants
         import torch
 
         from tune_agb.engine.inference import combine_members
@@ -78,6 +85,13 @@ def combine(means: np.ndarray, varis: np.ndarray, rule: str) -> tuple[np.ndarray
         w = 1 / (v + means.var(axis=0))
     elif rule == "sigma":
         w = 1 / np.sqrt(v)
+    elif rule == "median":
+        k = len(means)
+        rank = means.argsort(0).argsort(0)
+        w = ((rank == (k - 1) // 2) | (rank == k // 2)).astype(np.float64)
+    elif rule == "screen":
+        w = (np.abs(means - np.median(means, 0)) <= SCREEN * np.median(np.sqrt(v), 0)).astype(np.float64)
+        w[:, w.sum(0) == 0] = 1.0
     else:
         raise ValueError(rule)
     w = w / w.sum(0)
@@ -158,6 +172,9 @@ def variants(s: dict[str, Any]) -> dict[tuple[str, str], dict[str, np.ndarray | 
     for rule in COMBINES:
         om, ov = combine(s["oof_m"], s["oof_v"], rule)
         tm, tv = combine(s["test_m"], s["test_v"], rule)
+        if rule == "floor_linear":
+            b, a = np.polyfit(om, s["oof_y"], 1)
+            om, tm = a + b * om, a + b * tm
         r, sd = s["oof_y"] - om, np.sqrt(ov) * s["oof_g"]
         max_z2 = float(np.max((r / sd) ** 2))
         for est in ESTIMATORS:

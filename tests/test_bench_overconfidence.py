@@ -34,6 +34,31 @@ def test_combinations_differ_only_where_a_member_is_overconfident():
         assert abs(30.0 - mean[1]) / np.sqrt(var[1]) < 2.0, rule
     z = {rule: abs(30.0 - got[rule][0][1]) / np.sqrt(got[rule][1][1]) for rule in ("precision", "sigma")}
     assert z["precision"] > 20 and 2 < z["sigma"] < z["precision"]  # sigma weights: in between, still taken over
+    np.testing.assert_allclose(got["median"][0], [11.0, 30.0])  # the middle member, its own variance
+    np.testing.assert_allclose(got["median"][1], [5.0, 50.0])
+    # screen: member 0 lies 31 m from the median mean, more than 3 median sigmas (3 * sqrt(50)): the other two alike
+    np.testing.assert_allclose(got["screen"][0], [11.0, 30.5])
+    np.testing.assert_allclose(got["floor_linear"][0], got["floor"][0])  # the map is fitted in variants
+
+
+def test_median_of_an_even_count_and_screen_keeps_all_when_none_is_near():
+    means = np.array([[1.0, 0.0], [2.0, 100.0], [3.0, 0.0], [20.0, 100.0]])
+    varis = np.ones_like(means)
+    np.testing.assert_allclose(oc.combine(means, varis, "median")[0], [2.5, 50.0])  # the middle two alike
+    # pixel 1: every member 50 m from the median mean (50) with sigma 1: none near, all kept
+    np.testing.assert_allclose(oc.combine(means, varis, "screen")[0], [2.0, 50.0])  # pixel 0: 20 screened
+
+
+def test_floor_linear_undoes_a_shrinkage_the_out_of_fold_pixels_show():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 40, size=(2, 500))  # out-of-fold and test labels
+    shrunk = 10 + 0.5 * (truth - 10)  # members that predict every label halfway to 10 m
+    s = {"loss": "gaussian_nll", "oof_y": truth[0], "test_y": truth[1], "oof_g": 1.0, "test_g": 1.0}
+    s |= {"oof_m": np.stack([shrunk[0]] * 3), "test_m": np.stack([shrunk[1]] * 3)}
+    s |= {"oof_v": np.full((3, 500), 4.0), "test_v": np.full((3, 500), 4.0)}
+    got = oc.variants(s)
+    assert np.abs(got["floor", "q68"]["err"]).mean() > 5.0
+    np.testing.assert_allclose(got["floor_linear", "q68"]["err"], 0.0, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss", ["gaussian_nll", "laplacian_nll"])
