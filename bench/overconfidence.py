@@ -2,7 +2,7 @@
 is fitted, compared side by side on the same finished runs. Nothing is trained.
 
     python bench/region_transfer.py --directions pooledcv --methods recipe_cv ... --out DIR   # first: the runs
-    python bench/overconfidence.py --out DIR --seeds 0,2 [--directions pooledcv,ab,ba] [--json FILE]
+    python bench/overconfidence.py --out DIR --seeds 0,2 [--directions pooledcv,ab,ba] [--runaway SD] [--json FILE]
 
 For each pooled outer fold's ``recipe_cv_s<seed>`` run, or a transfer direction's (``ab``: trained on region A,
 tested on B), the shipped recipe (a cross-validated search's top configurations retrained on train+val, ``distance``
@@ -221,7 +221,20 @@ def bases(out: Path, direction: str, folds: list[int]) -> list[tuple[Any, Path]]
     return [(direction, out / direction)]
 
 
-def rows_for_seed(out: Path, seed: int, where: list[tuple[Any, Path]]) -> list[dict[str, Any]]:
+def with_runaway(s: dict[str, Any], sd: float, seed: int = 0) -> dict[str, Any]:
+    """``s`` with its last final member made a runaway on the test pixels: its mean lowered by ``|N(0, sd)|`` at
+    each pixel and its variance grown by the square of that (a member that runs away knows it less there, as the
+    fifth run's did), or, with ``sd`` negative, lowered by ``|N(0, -sd)|`` with its variance left as it was (one
+    that does not know it). The fold models are left alone: the runaway appears on the new region only."""
+    off = np.abs(np.random.default_rng(seed).normal(0.0, abs(sd), size=s["test_m"].shape[1]))
+    m, v = s["test_m"].copy(), s["test_v"].copy()
+    m[-1] -= off
+    if sd > 0:
+        v[-1] += off**2
+    return s | {"test_m": m, "test_v": v}
+
+
+def rows_for_seed(out: Path, seed: int, where: list[tuple[Any, Path]], runaway: float = 0.0) -> list[dict[str, Any]]:
     rows, pooled = [], {}
     for j, base in where:
         run, exp = base / "runs" / f"recipe_cv_s{seed}", base / "searches" / f"recipe_cv_s{seed}"
@@ -229,6 +242,8 @@ def rows_for_seed(out: Path, seed: int, where: list[tuple[Any, Path]]) -> list[d
             print(f"{run}: not finished, skipped", flush=True)
             continue
         s = fold_sample(run, exp, base / "data")
+        if runaway:
+            s = with_runaway(s, runaway)
         shipped = json.loads((run / "metrics.json").read_text())
         print(f"seed {seed} fold {j}: shipped factor {shipped['calibration']['scale']:.4f}, test RMSE "
               f"{shipped['test_rmse']:.4f}; {edge_share(s)}", flush=True)  # fmt: skip
@@ -271,12 +286,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--folds", default="0,1,2", help="pooledcv: the outer folds")
     p.add_argument("--directions", default="pooledcv", help="pooledcv, ab, ba (comma-separated)")
     p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--runaway", type=float, default=0.0, metavar="SD", help="make the last member a runaway on test (with_runaway)"
+    )
     a = p.parse_args(argv)
     rows = []
     folds = [int(f) for f in a.folds.split(",")]
     for direction in a.directions.split(","):
         for seed in (int(s) for s in a.seeds.split(",")):
-            rows += rows_for_seed(a.out, seed, bases(a.out, direction, folds))
+            rows += rows_for_seed(a.out, seed, bases(a.out, direction, folds), a.runaway)
     print(markdown(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

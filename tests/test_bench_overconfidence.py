@@ -76,3 +76,22 @@ def test_estimators_agree_on_calibrated_samples_and_only_the_nll_one_follows_an_
     assert oc.factor(r, sd, loss, "nll") > 4.0
     for est in ("median", "q68"):
         assert oc.factor(r, sd, loss, est) == pytest.approx(3.0, rel=0.04), est
+
+
+def test_a_made_runaway_moves_only_the_last_members_test_pixels_and_floor_discounts_it():
+    rng = np.random.default_rng(2)
+    y = rng.uniform(5, 40, size=(2, 400))
+    s = {"test_y": y[1], "oof_y": y[0], "oof_m": np.stack([y[0]] * 3), "oof_v": np.full((3, 400), 9.0)}
+    s |= {"test_m": np.stack([y[1] + 1, y[1] - 1, y[1]]), "test_v": np.full((3, 400), 9.0)}
+    known, unknown = oc.with_runaway(s, 20.0), oc.with_runaway(s, -20.0)
+    for r in (known, unknown):
+        np.testing.assert_array_equal(r["test_m"][:2], s["test_m"][:2])
+        np.testing.assert_array_equal(r["oof_m"], s["oof_m"])
+        assert 12 < np.sqrt(np.mean((r["test_m"][2] - y[1]) ** 2)) < 28  # the runaway: |N(0, 20)| below the label
+    np.testing.assert_allclose(known["test_v"][2] - 9.0, (s["test_m"][2] - known["test_m"][2]) ** 2)
+    np.testing.assert_array_equal(unknown["test_v"], s["test_v"])
+    rmse = {(n, rule): np.sqrt(np.mean((oc.combine(r["test_m"], r["test_v"], rule)[0] - y[1]) ** 2))
+            for n, r in (("known", known), ("unknown", unknown)) for rule in ("mean", "floor", "median")}  # fmt: skip
+    assert rmse["known", "floor"] < 0.5 * rmse["known", "mean"]  # its grown variance discounts it
+    assert rmse["unknown", "floor"] > 0.8 * rmse["unknown", "mean"]  # without that, the floor does not
+    assert rmse["unknown", "median"] < 0.5 * rmse["unknown", "mean"]  # the median member is one of the other two
