@@ -79,7 +79,7 @@ def test_one_trial_at_a_time_repeats_a_seeded_search_exactly(
 ) -> None:
     """With ``max_concurrent: 1`` nothing depends on which trial reports first: a rerun of the same seed proposes the
     same configurations, stops them at the same rungs and scores every epoch alike (what the search-space reference
-    promises; with trials side by side it does not hold, bench/RESULTS.md)."""
+    promises; with trials side by side it need not hold: bench/RESULTS.md, "Same seed, another search")."""
     space = write_space(tmp_path / "tiny.yaml", tiny_space(experiment__max_concurrent=1, experiment__num_samples=3))
     cols = ["config/lr", "config/optimizer", "epoch", "val_rmse"]
     runs = [
