@@ -1,0 +1,155 @@
+"""The recipe's U-Net ensemble blended with a per-pixel forest (issue 31), scored side by side on the same finished
+runs. Nothing is trained.
+
+    python bench/region_transfer.py --methods rf,rf_texture,recipe_cv --directions pooledcv ... --out DIR  # first
+    python bench/blend.py --out DIR --seeds 0 [--directions pooledcv,ab,ba] [--weights 0,0.25,0.5,0.75,1] [--json F]
+
+For a transfer direction (``ab``: trained on region A, tested on every tile of B) the runs are
+``DIR/ab/runs/{recipe_cv,rf,rf_texture}_s<seed>``; for ``pooledcv`` each outer fold's runs
+(``DIR/pooledcv/fold<j>/runs/...``), their test pixels pooled (each tile tested once). The test pixels of the recipe
+and of each forest are matched by tile, row and column, and every weight ``w`` on the U-Net scores the mixture of
+the two predictive distributions (calibrated sigmas as each run ships them):
+
+    mean = w m_u + (1 - w) m_f,    var = w (s_u^2 + (m_u - mean)^2) + (1 - w) (s_f^2 + (m_f - mean)^2)
+
+``w = 1`` is the recipe as shipped, ``w = 0`` the forest (with the forest's own sigma). The weights are fixed before
+looking at any test pixel (no weight is fitted on test); ``0.5`` is the candidate. A row: direction, seed, forest,
+w, test RMSE, bias, R², 1σ / 2σ coverage (Gaussian intervals: both runs' losses are Gaussian in the shipped
+recipe; a Laplace run is read with its own half-widths) and median 1σ width, and the correlation of the two models'
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_selection import run_test  # same folder: a finished run's test rows, calibration and loss
+
+KEY = ["tile", "row", "col"]
+
+
+def runs_of(out: Path, direction: str, method: str, seed: int) -> list[Path]:
+    """The finished runs of one method: one per outer fold for ``pooledcv``, else the direction's one run."""
+    if direction == "pooledcv":
+        folds = sorted((out / direction).glob("fold*"), key=lambda p: int(p.name[4:]))
+        return [f / "runs" / f"{method}_s{seed}" for f in folds]
+    return [out / direction / "runs" / f"{method}_s{seed}"]
+
+
+def paired(unet_runs: list[Path], forest_runs: list[Path]) -> tuple[Any, str]:
+    """The test pixels of both models matched by tile, row and column (outer folds pooled), and the U-Net's loss."""
+    import pandas as pd
+
+    frames, loss = [], "gaussian_nll"
+    for u, f in zip(unet_runs, forest_runs, strict=True):
+        du, _, loss = run_test(u)
+        df, _, _ = run_test(f)
+        m = du[[*KEY, "label", "mean", "std"]].merge(
+            df[[*KEY, "label", "mean", "std"]], on=KEY, suffixes=("_u", "_f"), validate="one_to_one"
+        )
+        if len(m) != len(du) or len(m) != len(df):
+            raise SystemExit(f"{u} and {f}: {len(du)} and {len(df)} test pixels, {len(m)} in common")
+        if not np.allclose(m["label_u"], m["label_f"]):
+            raise SystemExit(f"{u} and {f}: the labels differ at matched pixels")
+        frames.append(m)
+    return pd.concat(frames, ignore_index=True), loss
+
+
+def mixture(mu: np.ndarray, su: np.ndarray, mf: np.ndarray, sf: np.ndarray, w: float) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and sigma of the two-component mixture with weight ``w`` on the first component."""
+    mean = w * mu + (1 - w) * mf
+    var = w * (su**2 + (mu - mean) ** 2) + (1 - w) * (sf**2 + (mf - mean) ** 2)
+    return mean, np.sqrt(var)
+
+
+def blend_rows(d: Any, weights: list[float], loss: str) -> list[dict[str, float]]:
+    """One row of test figures per weight on the U-Net."""
+    from tune_agb.engine.calibration import sigma_halfwidth
+
+    y = d["label_u"].to_numpy(np.float64)
+    mu, su, mf, sf = (d[c].to_numpy(np.float64) for c in ("mean_u", "std_u", "mean_f", "std_f"))
+    rho = float(np.corrcoef(mu - y, mf - y)[0, 1])
+    rows = []
+    for w in weights:
+        mean, sd = mixture(mu, su, mf, sf, w)
+        err = np.abs(mean - y)
+        row = {
+            "w": w,
+            "n": len(y),
+            "rmse": float(np.sqrt(np.mean(err**2))),
+            "bias": float(np.mean(mean - y)),
+            "r2": float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2)),
+            "error_correlation": rho,
+        }
+        for k in (1, 2):
+            row[f"within_{k}sigma"] = float(np.mean(err <= sigma_halfwidth(k, loss) * sd))
+        row["median_width_1sigma"] = float(np.median(2 * sigma_halfwidth(1, loss) * sd))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| direction | seed | forest | w (U-Net) | test RMSE (m) | bias (m) | R² | 1σ / 2σ coverage "
+        "| median 1σ width (m) | error correlation |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['direction']} | {r['seed']} | {r['forest']} | {r['w']:g} | {r['rmse']:.2f} | {r['bias']:+.2f} | "
+            f"{r['r2']:.3f} | {100 * r['within_1sigma']:.1f} / {100 * r['within_2sigma']:.1f} % | "
+            f"{r['median_width_1sigma']:.1f} | {r['error_correlation']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="region_transfer.py's --out folder")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--directions", default="pooledcv,ab,ba")
+    p.add_argument("--forests", default="rf,rf_texture")
+    p.add_argument("--unet", default="recipe_cv", help="the U-Net method's run name (without _s<seed>)")
+    p.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="weights on the U-Net, comma-separated, in [0, 1]")
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",")]
+    a.directions = a.directions.split(",")
+    a.forests = a.forests.split(",")
+    a.weights = [float(w) for w in a.weights.split(",")]
+    if bad := [w for w in a.weights if not 0 <= w <= 1]:
+        p.error(f"--weights: {bad} outside [0, 1]")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    out, rows = Path(a.out), []
+    for seed in a.seeds:
+        for direction in a.directions:
+            unet = runs_of(out, direction, a.unet, seed)
+            if not all((r / "predictions.parquet").exists() for r in unet):
+                print(f"skipped {direction} seed {seed}: no finished {a.unet} runs under {out}", file=sys.stderr)
+                continue
+            for forest in a.forests:
+                d, loss = paired(unet, runs_of(out, direction, forest, seed))
+                info = {"direction": direction, "seed": seed, "forest": forest}
+                rows += [info | r for r in blend_rows(d, a.weights, loss)]
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores; out: {out}\n")
+    print(markdown(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
