@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_selection import run_test  # same folder: a finished run's test rows, calibration and loss
+from region_transfer import interval_figures  # coverage and widths of the intervals, as region_transfer scores them
 
 KEY = ["tile", "row", "col"]
 
@@ -73,8 +74,6 @@ def mixture(mu: np.ndarray, su: np.ndarray, mf: np.ndarray, sf: np.ndarray, w: f
 
 def blend_rows(d: Any, weights: list[float], loss: str) -> list[dict[str, float]]:
     """One row of test figures per weight on the U-Net."""
-    from tune_agb.engine.calibration import sigma_halfwidth
-
     y = d["label_u"].to_numpy(np.float64)
     mu, su, mf, sf = (d[c].to_numpy(np.float64) for c in ("mean_u", "std_u", "mean_f", "std_f"))
     rho = float(np.corrcoef(mu - y, mf - y)[0, 1])
@@ -90,10 +89,7 @@ def blend_rows(d: Any, weights: list[float], loss: str) -> list[dict[str, float]
             "r2": float(1 - np.sum(err**2) / np.sum((y - y.mean()) ** 2)),
             "error_correlation": rho,
         }
-        for k in (1, 2):
-            row[f"within_{k}sigma"] = float(np.mean(err <= sigma_halfwidth(k, loss) * sd))
-        row["median_width_1sigma"] = float(np.median(2 * sigma_halfwidth(1, loss) * sd))
-        rows.append(row)
+        rows.append(row | interval_figures(err, sd, loss))
     return rows
 
 
