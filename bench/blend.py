@@ -4,19 +4,22 @@ runs. Nothing is trained.
     python bench/region_transfer.py --methods rf,rf_texture,recipe_cv --directions pooledcv ... --out DIR  # first
     python bench/blend.py --out DIR --seeds 0 [--directions pooledcv,ab,ba] [--weights 0,0.25,0.5,0.75,1] [--json F]
 
-For a transfer direction (``ab``: trained on region A, tested on every tile of B) the runs are
+The U-Net runs must be of the U-Nets alone: since ``search_spaces/real-cpu.yaml`` ships ``final: {forest: 0.5}``,
+its ``recipe_cv`` runs are already the mixture; run ``region_transfer.py`` with ``--cv-set final.forest=null`` to
+blend. For a transfer direction (``ab``: trained on region A, tested on every tile of B) the runs are
 ``DIR/ab/runs/{recipe_cv,rf,rf_texture}_s<seed>``; for ``pooledcv`` each outer fold's runs
 (``DIR/pooledcv/fold<j>/runs/...``), their test pixels pooled (each tile tested once). The test pixels of the recipe
 and of each forest are matched by tile, row and column, and every weight ``w`` on the U-Net scores the mixture of
-the two predictive distributions (calibrated sigmas as each run ships them):
+the two predictive distributions (calibrated sigmas as each run ships them; a U-Net run calibrated for Laplacian
+intervals has its sigma refitted for Gaussian ones, as ``final_train --forest`` does):
 
     mean = w m_u + (1 - w) m_f,    var = w (s_u^2 + (m_u - mean)^2) + (1 - w) (s_f^2 + (m_f - mean)^2)
 
 ``w = 1`` is the recipe as shipped, ``w = 0`` the forest (with the forest's own sigma). The weights are fixed before
 looking at any test pixel (no weight is fitted on test); ``0.5`` is the candidate. A row: direction, seed, forest,
-w, test RMSE, bias, R², 1σ / 2σ coverage (Gaussian intervals: both runs' losses are Gaussian in the shipped
-recipe; a Laplace run is read with its own half-widths) and median 1σ width, and the correlation of the two models'
-errors.
+w, test RMSE, bias, R², 1σ / 2σ coverage (Gaussian intervals, as ``final_train --forest`` reads the mixture) and
+median 1σ width, and the correlation of the two models' errors. ``w = 1`` is then the U-Net part as the mixture uses
+it (for a Laplacian run, not its own coverage). :func:`tune_agb.forest_mix.mixture` is the formula.
 """
 
 from __future__ import annotations
@@ -47,12 +50,21 @@ def runs_of(out: Path, direction: str, method: str, seed: int) -> list[Path]:
 
 
 def paired(unet_runs: list[Path], forest_runs: list[Path]) -> tuple[Any, str]:
-    """The test pixels of both models matched by tile, row and column (outer folds pooled), and the U-Net's loss."""
+    """The test pixels of both models matched by tile, row and column (outer folds pooled), and the loss the mixture
+    is read under: Gaussian, as ``final_train --forest`` reads it. A U-Net run calibrated for Laplacian intervals has
+    its sigma refitted for Gaussian ones as final_train does then (the same quantile over the Gaussian's half-width
+    1 instead of the Laplacian's 0.81: sigma x 0.81)."""
     import pandas as pd
 
-    frames, loss = [], "gaussian_nll"
+    from tune_agb.engine.calibration import SCALE_LEVEL, interval_halfwidth
+    from tune_agb.forest_mix import MIXTURE_LOSS
+
+    frames = []
     for u, f in zip(unet_runs, forest_runs, strict=True):
         du, _, loss = run_test(u)
+        du = du.assign(
+            std=du["std"] * interval_halfwidth(SCALE_LEVEL, loss) / interval_halfwidth(SCALE_LEVEL, MIXTURE_LOSS)
+        )
         df, _, _ = run_test(f)
         m = du[[*KEY, "label", "mean", "std"]].merge(
             df[[*KEY, "label", "mean", "std"]], on=KEY, suffixes=("_u", "_f"), validate="one_to_one"
@@ -62,13 +74,15 @@ def paired(unet_runs: list[Path], forest_runs: list[Path]) -> tuple[Any, str]:
         if not np.allclose(m["label_u"], m["label_f"]):
             raise SystemExit(f"{u} and {f}: the labels differ at matched pixels")
         frames.append(m)
-    return pd.concat(frames, ignore_index=True), loss
+    return pd.concat(frames, ignore_index=True), MIXTURE_LOSS
 
 
 def mixture(mu: np.ndarray, su: np.ndarray, mf: np.ndarray, sf: np.ndarray, w: float) -> tuple[np.ndarray, np.ndarray]:
-    """The mean and sigma of the two-component mixture with weight ``w`` on the first component."""
-    mean = w * mu + (1 - w) * mf
-    var = w * (su**2 + (mu - mean) ** 2) + (1 - w) * (sf**2 + (mf - mean) ** 2)
+    """The mean and sigma of the two-component mixture with weight ``w`` on the first component (the U-Net): the
+    final model's forest part (:func:`tune_agb.forest_mix.mixture`, weight ``1 - w`` on the forest)."""
+    from tune_agb.forest_mix import mixture as forest_mixture
+
+    mean, var = forest_mixture(mu, su**2, mf, sf**2, 1 - w)
     return mean, np.sqrt(var)
 
 

@@ -41,7 +41,8 @@ def printed(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
 @pytest.mark.parametrize(
     ("final", "cv", "message"),
     [
-        ({"members": 2}, None, "final.members: unknown key; allowed: ensemble_top, ensemble, cv_final, calibration"),
+        ({"members": 2}, None, "final.members: unknown key; allowed: ensemble_top, ensemble, cv_final, calibration, "
+                               "forest"),
         ({"ensemble_top": 0}, None, "final.ensemble_top: must be an integer >= 1 (the number of best distinct "
                                     "configurations) or null (the best configuration alone), got 0"),
         ({"ensemble_top": "3"}, None, "final.ensemble_top: must be an integer >= 1"),
@@ -120,7 +121,8 @@ def test_the_recipe_is_final_trains_default_and_every_flag_overrides_it(
         "configs", 2, 2, 1, "isotonic"
     )  # fmt: skip
     assert fin["from"] == {
-        "ensemble_top": "search space", "ensemble": "default", "cv_final": "default", "calibration": "search space"
+        "ensemble_top": "search space", "ensemble": "default", "cv_final": "default", "calibration": "search space",
+        "forest": "default",
     }  # fmt: skip
     # a flag wins over the section, key by key; the section's other keys still apply
     doc = printed(capsys, "--experiment", exp, *NO_DATA, "--ensemble-top", "1", "--ensemble", "2")

@@ -242,6 +242,7 @@ def printed_config(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     (["--seed", "4"], "config.seed=4"),
     (["--ensemble", "3"], "final.ensemble=3"),
     (["--calibration", "isotonic"], "final.calibration=isotonic"),
+    (["--forest", "0.25"], "final.forest=0.25"),
 ])  # fmt: skip
 def test_a_flag_is_the_set_item_of_its_key(
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: list[str], set_item: str

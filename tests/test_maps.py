@@ -324,3 +324,34 @@ def test_staging_keeps_blocks_of_the_same_plan_only_and_drops_partial_files(tmp_
     assert staging.finished(blocks) == set()
     staging.remove()
     assert not (tmp_path / STAGING_DIR).exists()
+
+
+@pytest.mark.slow
+def test_map_workers_mix_the_models_forest_part(cluster, model, tmp_path):
+    """A final run's folder with a forest part (``final_train --forest``): the Ray workers' map is the mixture, as
+    the single-process map is, and it differs from the U-Net's alone."""
+    from tune_agb.baseline import RandomForest
+    from tune_agb.engine.data import NormStats
+    from tune_agb.forest_mix import WINDOWS, ForestPart, save_forest_part
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model, run / "best.pt")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(600, C * (1 + len(WINDOWS))))
+    forest = RandomForest(trees=20, seed=0).fit(x, 20 + 5 * x[:, 0] + rng.normal(size=600))
+    norm = NormStats(mean=[0.0] * C, std=[1.0] * C)
+    save_forest_part(ForestPart(forest, norm, Calibration("scale", 1.5, split="val", n=100), 0.4), run)
+    src = write_tif(tmp_path / "f.tif", _image(120, 140, seed=9))
+    out = tmp_path / "maps"
+    done = map_scenes(
+        run, parse_scenes([str(src)]), out, tile_size=TILE, block_size=TILE, device="cpu", address=cluster.address,
+        progress=False,
+    )  # fmt: skip
+    assert done.computed == done.blocks > 1
+    mapped = _read(out / "f.tif")
+    single = _read(predict_map(run, [src], tmp_path / "single.tif", tile_size=TILE, device="cpu", progress=False).out)
+    ref = float(np.nanmean(single[0]))
+    _close(mapped, single, ref)
+    alone = _read(predict_map(model, [src], tmp_path / "alone.tif", tile_size=TILE, device="cpu", progress=False).out)
+    assert np.nanmax(np.abs(alone[0] - mapped[0])) > 0.05 * ref

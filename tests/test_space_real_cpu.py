@@ -45,7 +45,7 @@ def test_real_cpu_space_says_how_its_final_model_is_built() -> None:
     sigma scaled on the out-of-fold pixels and widened with the distance from the train pixels), so the header's
     final_train command needs no flags."""
     space = load_search_space(SPACE)
-    assert space.final == {"ensemble_top": 3, "ensemble": 1, "calibration": "distance"}
+    assert space.final == {"ensemble_top": 3, "ensemble": 1, "calibration": "distance", "forest": 0.5}
     assert space.final["ensemble_top"] <= space.settings["experiment"]["num_samples"]
     header = [ln for ln in SPACE.read_text().splitlines() if ln.startswith("#")]
     final_cmd = [ln for ln in header if "python -m tune_agb.final_train" in ln]

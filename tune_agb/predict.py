@@ -43,6 +43,7 @@ from tune_agb.bands import BAND_NAMES
 from tune_agb.engine.calibration import IDENTITY, Calibration
 from tune_agb.engine.inference import Predictor, load_predictor
 from tune_agb.errors import TuneAgbError, run_cli
+from tune_agb.forest_mix import ForestPart, load_forest_part
 from tune_agb.geo.raster import (
     RasterStack,
     StackOptions,
@@ -82,14 +83,18 @@ def window_plan(size: int, tile: int, overlap: int) -> list[tuple[int, int, int,
         start += stride
 
 
-def resolve_windows(tile: int, overlap: int | None, predictor: Predictor) -> tuple[int, int]:
+def resolve_windows(
+    tile: int, overlap: int | None, predictor: Predictor, forest: ForestPart | None = None
+) -> tuple[int, int]:
     """The window side and overlap actually used: the side rounded down and the overlap up to the model's grid step;
-    the overlap defaults to twice the model's seam margin.
+    the overlap defaults to twice the model's seam margin (or the forest part's texture margin, if larger).
 
     Raises:
         TuneAgbError: when the overlap leaves nothing of a window.
     """
     step, margin = predictor.step, predictor.margin
+    if forest is not None and margin is not None:
+        margin = max(margin, forest.margin)
     side = max(step, tile // step * step)
     if overlap is None:
         if margin is None:
@@ -143,6 +148,7 @@ def predict_row(
     s2_offset: float | None = None,
     calibration: Calibration = IDENTITY,
     done: Callable[[int], object] | None = None,
+    forest: ForestPart | None = None,
 ) -> np.ndarray:
     """The kept parts of one row of windows: float32 (2, keep rows, keep cols) of mean and calibrated std.
 
@@ -157,6 +163,7 @@ def predict_row(
         s2_offset: the digital-number offset (used when ``s2_pos`` is not empty).
         calibration: applied to the predicted std.
         done: called with the number of windows after each forward pass (a progress bar's ``update``).
+        forest: the model's forest part (:mod:`tune_agb.forest_mix`), mixed in after calibration; None: none.
     """
     r0, r1, kr0, kr1 = row
     x0 = cols[0][2]
@@ -172,8 +179,10 @@ def predict_row(
                     dn_to_reflectance(xi, s2_pos, s2_offset)  # type: ignore[arg-type]
             mean, std = predictor.predict(x)
             bands = np.moveaxis(x, 1, 0) if calibration.needs_bands else None  # (C, B, h, w): as the tiles read
-            std_cal = calibration.std(std.float().cpu().numpy(), bands)
-            out = np.stack([mean.float().cpu().numpy(), std_cal], axis=1)
+            mean_np, std_cal = mean.float().cpu().numpy(), calibration.std(std.float().cpu().numpy(), bands)
+            if forest is not None:
+                mean_np, std_cal = forest.mix(x, mean_np, std_cal)
+            out = np.stack([mean_np, std_cal], axis=1)
             out[np.broadcast_to(~np.isfinite(x).any(axis=1, keepdims=True), out.shape)] = np.nan
             for i, (c0, _, kc0, kc1) in enumerate(batch):
                 strip[:, :, kc0 - x0 : kc1 - x0] = out[i, :, kr0 - r0 : kr1 - r0, kc0 - c0 : kc1 - c0]
@@ -192,6 +201,7 @@ def predict_raster(
     s2_offset: float | None = None,
     progress: bool = True,
     calibration: Calibration = IDENTITY,
+    forest: ForestPart | None = None,
 ) -> int:
     """Predict every window of ``stack`` and write mean/std into ``dst`` (same grid). Returns the window count.
 
@@ -205,9 +215,10 @@ def predict_raster(
         s2_offset: when set, Sentinel-2 digital numbers are scaled to reflectance with this offset first.
         progress: show a progress bar.
         calibration: applied to the predicted std (default: none).
+        forest: the model's forest part, mixed in after calibration (None: none).
     """
     h, w = stack.grid.height, stack.grid.width
-    tile, overlap = resolve_windows(tile, overlap, predictor)
+    tile, overlap = resolve_windows(tile, overlap, predictor, forest)
     rows, cols = window_plan(h, tile, overlap), window_plan(w, tile, overlap)
     s2_pos = s2_band_positions(stack.band_names, stack.count) if s2_offset is not None else []
     pending: list[np.ndarray] = []  # (2, rows, w) strips of finished rows not yet written
@@ -227,7 +238,7 @@ def predict_raster(
 
     bar = tqdm(total=len(rows) * len(cols), desc="predict", unit="window", disable=not progress)
     for row in rows:
-        strip = predict_row(predictor, stack, row, cols, batch_size, s2_pos, s2_offset, calibration, bar.update)
+        strip = predict_row(predictor, stack, row, cols, batch_size, s2_pos, s2_offset, calibration, bar.update, forest)
         pending.append(strip)
         write(final=False)
     bar.close()
@@ -379,6 +390,7 @@ def predict_map(
     with gdal_env(), options.open(paths) as raster:
         predictor = load_predictor(model, device=device)
         check_band_count(raster, predictor, model, paths)
+        forest = load_forest_part(model)
         with staged_file(out, overwrite) as tmp:
             gtiff = tmp
             if cog:  # the COG driver only copies a finished dataset: write a plain GeoTIFF first
@@ -390,6 +402,8 @@ def predict_map(
                     for i, band in enumerate(OUTPUT_BANDS, start=1):
                         dst.set_band_description(i, band)
                     dst.update_tags(model=str(model), members=str(len(predictor.members)), calibration=cal.describe())
+                    if forest is not None:
+                        dst.update_tags(forest=f"texture forest, weight {forest.weight}")
                     n = predict_raster(
                         predictor,
                         raster,
@@ -400,6 +414,7 @@ def predict_map(
                         s2_offset=options.s2_offset,
                         progress=progress,
                         calibration=cal,
+                        forest=forest,
                     )
                 if cog:
                     rasterio.shutil.copy(gtiff, tmp, **COG_OPTIONS)

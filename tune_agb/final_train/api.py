@@ -43,9 +43,11 @@ from tune_agb.final_train.plan import (
 )
 from tune_agb.final_train.plan import resolved_config as _resolved
 from tune_agb.final_train.training import MemberOutput, keep_fold_model, train_member
+from tune_agb.forest_mix import FOREST_DIR, MIXTURE_LOSS, fit_forest_part, save_forest_part
 from tune_agb.overrides import parse_overrides
 from tune_agb.runs import (
     CALIBRATION_FILE,
+    Prediction,
     TileMaps,
     save_calibration,
     write_metrics,
@@ -153,6 +155,7 @@ def run(
     ensemble_top: int | None = None,
     cv_final: str | None = None,
     calibration: str | None = None,
+    forest: float | None = None,
     device: str = "auto",
     overwrite: bool = False,
     resume: bool = False,
@@ -165,8 +168,8 @@ def run(
     """Train the final model (or ensemble), evaluate it on val and test, recalibrate its variance, write the run.
 
     Precedence of the config: built-in defaults < the experiment's best config < the ``config`` file <
-    ``epochs``/``seed`` < ``overrides``. Precedence of ``ensemble``, ``ensemble_top``, ``cv_final`` and
-    ``calibration``: their defaults < the experiment's recipe (the ``final`` section of its search space) < these
+    ``epochs``/``seed`` < ``overrides``. Precedence of ``ensemble``, ``ensemble_top``, ``cv_final``, ``calibration``
+    and ``forest``: their defaults < the experiment's recipe (the ``final`` section of its search space) < these
     arguments (when not None) < ``final.KEY`` overrides. Everything is validated before anything is written.
 
     Args:
@@ -189,6 +192,10 @@ def run(
             experiment's recipe, else retrain.
         calibration: variance recalibration: ``scale`` (one factor on sigma, the default), ``isotonic`` or ``none``;
             None: the experiment's recipe, else scale.
+        forest: mix the final model with the texture forest at this weight in (0, 1) on the forest
+            (:mod:`tune_agb.forest_mix`: fitted on the train pixels, calibrated on val, written to ``OUT/forest/``;
+            metrics, predictions, ``predict`` and map workers give the mixture); None: the experiment's recipe, else
+            no forest (``overrides={"final.forest": None}`` drops a recipe's).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         overwrite: replace a run already in ``out_dir`` (its model files are removed first).
         resume: continue one model from ``resume_from`` (default ``out_dir/last.pt``) with its own config; only
@@ -196,7 +203,7 @@ def run(
         resume_from: the checkpoint to continue from (with ``resume``).
         overrides: ``{"SECTION.KEY": value}`` or ``"SECTION.KEY=VALUE"`` items (values read as YAML):
             ``config.KEY`` for any TrainConfig key, ``final.KEY`` for ensemble, ensemble_top, cv_final, calibration,
-            epochs, seed. Applied last, in order.
+            forest, epochs, seed. Applied last, in order.
         epoch_checkpoints: keep every epoch's checkpoint (``epoch_NNNN.pt``): True in each member's
             ``checkpoints/``, a folder: there (an ensemble's members in ``FOLDER/member_KK``); None: not kept.
         progress: show a progress bar.
@@ -246,6 +253,8 @@ def run(
             )
         )
     loss = ensemble_loss([mp.cfg for mp in plan.members])
+    if plan.forest is not None:  # the mixture with the forest is read as Gaussian: so is its U-Net part calibrated
+        loss = MIXTURE_LOSS
     uncalibrated = {split: combined([m.preds[split] for m in members]) for split in ("val", "test")}
     val = uncalibrated["val"]
     if fold_states is not None:  # val is training data here: the out-of-fold predictions are the honest sample
@@ -268,15 +277,20 @@ def run(
         fit_on = "val" + (" (in-sample: trained on)" if plan.cv is not None else "")
     save_calibration(cal, out / CALIBRATION_FILE)
     preds = {split: pr.calibrated(cal, tiles[split].inputs) for split, pr in uncalibrated.items()}
+    mixed = None
+    if plan.forest is not None:
+        preds, uncalibrated, mixed = _mix_forest(plan, data, preds, uncalibrated, loss)
     metrics: dict[str, Any] = {}
+    # before calibration: a single model's own metrics; an ensemble's or a mixture's (each part uncalibrated)
+    before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
     if plan.kind == "single":
         metrics["best_epoch"] = members[0].metrics["best_epoch"]
-        before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
+        if mixed is None:
+            before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
     else:
         if plan.kind == "seeds":
             save_config(plan.cfg, out / "config.yaml")
         write_ensemble_file(out, plan)
-        before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
     metrics |= {f"{split}_{k}": v for split, pr in preds.items() for k, v in pr.metrics(loss).items()}
     metrics |= {"uncalibrated": before, "calibration": cal.to_dict()}
     if plan.cv is not None:
@@ -290,6 +304,8 @@ def run(
             "val_in_sample": True,  # every val tile was a training tile (retrain: of the model; folds: of k-1)
             "calibration_fit_on": fit_on,
         }
+    if mixed is not None:
+        metrics["forest"] = mixed
     if plan.kind != "single":
         metrics["ensemble_of"] = plan.kind
         metrics["members"] = [member_record(mp, m) for mp, m in zip(plan.members, members, strict=True)]
@@ -309,6 +325,26 @@ def run(
 
     page = write_report_or_warn(out)
     return FinalOutcome(metrics, out, cal, plan.cfg, plan.kind, plan.source, plan, page)
+
+
+def _mix_forest(
+    plan: Plan, data: Any, preds: dict[str, Prediction], uncalibrated: dict[str, Prediction], loss: str
+) -> tuple[dict[str, Prediction], dict[str, Prediction], dict[str, Any]]:
+    """The run's predictions mixed with the texture forest (:mod:`tune_agb.forest_mix`), written to ``OUT/forest/``;
+    with what ``metrics.json`` records of it: the weight, the forest and its calibration, and each part's own
+    val/test metrics (calibrated)."""
+    tiles = data.tiles
+    print(f"forest part: the texture forest at weight {plan.forest} -> {plan.out / FOREST_DIR}", file=sys.stderr)
+    part, res = fit_forest_part(tiles, data.norm(standardize_target=False), plan.forest, plan.cfg.seed)
+    save_forest_part(part, plan.out)
+
+    def mix(prs: dict[str, Prediction], forest: dict[str, Prediction], calibrated: bool) -> dict[str, Prediction]:
+        return {s: part.mix_prediction(pr, forest[s], tiles[s].inputs, calibrated) for s, pr in prs.items()}
+
+    unet = {f"{s}_{k}": v for s, pr in preds.items() for k, v in pr.metrics(loss).items()}
+    record = part.about() | {"fit_on": f"train ({res.n_train} pixels), calibrated on val", "forest_alone": res.metrics}
+    record.pop("norm")
+    return mix(preds, res.preds, True), mix(uncalibrated, res.raw, False), record | {"unet_alone": unet}
 
 
 def _epoch_dir(where: bool | str | Path | None, member: Path, ensemble: bool) -> Path | None:

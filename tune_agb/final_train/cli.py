@@ -2,7 +2,8 @@
 
     python -m tune_agb.final_train [--config FILE | --experiment STORAGE/NAME] [--input-dir D --label-dir D]
         [--out-dir OUT] [--epochs N] [--device auto|cpu|cuda] [--seed S] [--ensemble N | --ensemble-top K]
-        [--overwrite] [--calibration scale|isotonic|none] [--set SECTION.KEY=VALUE ...] [--print-config]
+        [--overwrite] [--calibration scale|isotonic|distance|none] [--forest W] [--set SECTION.KEY=VALUE ...]
+        [--print-config]
 
 The flags of the original training script are accepted with their meanings (``--train_input_data_dir``,
 ``--nb_epoch``, ``--base_learning_rate``, ``--train_mode resume --model_weights_path P``, ...); see ``--help``.
@@ -10,7 +11,7 @@ Every hyperparameter flag is a ``--set config.KEY=VALUE`` (``--nb_epoch 5`` is `
 ensemble/calibration flag a ``--set final.KEY=VALUE``; flags are applied after the ``--set`` items.
 Precedence: built-in defaults < the experiment's best config < ``--config`` file < ``--set`` items and flags.
 With ``--experiment``, the ``final:`` section of the search's space (its recipe: ensemble_top, ensemble, cv_final,
-calibration) replaces the defaults of those flags; the flags and ``--set final.KEY`` override it.
+calibration, forest) replaces the defaults of those flags; the flags and ``--set final.KEY`` override it.
 ``--print-config`` prints the resolved configuration (YAML) and exits without training or writing anything.
 Exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted.
 """
@@ -49,7 +50,7 @@ LEGACY_FLAGS: dict[str, str] = {
     "--loss_key": "loss",
 }
 # The flags that set a run option (``--set final.KEY``), by argparse dest.
-FINAL_FLAGS = ("ensemble", "ensemble_top", "cv_final", "calibration")
+FINAL_FLAGS = ("ensemble", "ensemble_top", "cv_final", "calibration", "forest")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,9 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recalibrate the predicted variance on the validation split: one factor on sigma (scale, "
                    "default), a nondecreasing map of the variance (isotonic), one factor and a widening where a "
                    "pixel's bands lie far from the train pixels' (distance), or not at all (none)")  # fmt: skip
+    g.add_argument("--forest", type=float, metavar="W",
+                   help="mix the final model with the texture forest (fitted on the train pixels, calibrated on val) "
+                   "at weight W in (0, 1) on the forest; predict and the map workers use the mixture (needs "
+                   "scikit-learn)")  # fmt: skip
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="config.KEY (any TrainConfig key) or final.KEY (ensemble, ensemble_top, cv_final, "
-                   f"calibration, epochs, seed), value read as YAML; repeatable. {FORM.split(' ', 1)[1]}")  # fmt: skip
+                   "calibration, forest, epochs, seed), value read as YAML; repeatable. "
+                   f"{FORM.split(' ', 1)[1]}")  # fmt: skip
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (YAML; final.from: where each option came from) and exit "
                    "without training or writing")  # fmt: skip

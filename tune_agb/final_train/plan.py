@@ -4,7 +4,7 @@ from :func:`tune_agb.final_train.run`'s arguments and ``--set final.KEY`` overri
 
 Precedence of a member's config: built-in defaults < the experiment's best config (or, with ``ensemble_top``, the
 trial's) < the ``config`` file < ``config.KEY`` overrides (the command line's flags and ``--set config.KEY``).
-Precedence of the run's options (ensemble_top, ensemble, cv_final, calibration): final_train's defaults < the
+Precedence of the run's options (ensemble_top, ensemble, cv_final, calibration, forest): final_train's defaults < the
 experiment's recipe (the ``final`` section of its search space, :func:`read_recipe`) < run()'s arguments and
 ``final.KEY`` overrides (flags, ``--set final.KEY``).
 """
@@ -25,6 +25,7 @@ from tune_agb.engine.checkpoint import load_checkpoint
 from tune_agb.engine.config import TrainConfig, config_from_dict, read_config_values
 from tune_agb.engine.train import init_state
 from tune_agb.errors import TuneAgbError
+from tune_agb.forest_mix import FOREST_DIR, check_weight
 from tune_agb.location import resolve
 from tune_agb.overrides import parse_overrides
 from tune_agb.runs import (
@@ -52,7 +53,9 @@ RUN_MARKERS = ("config.yaml", METRICS_FILE, "best.pt", "last.pt", "members")
 # train+val, or keep the fold models. RECIPE_KEYS: the options a search space's final section may set.
 # A previous run's files that would otherwise be read with the new one's (predict loads every members/member_*):
 # removed from an out dir before a run replaces it (overwrite).
-REPLACED_ON_OVERWRITE = ("members", "best.pt", "last.pt", "config.yaml", METRICS_FILE, ENSEMBLE_FILE, CALIBRATION_FILE)
+REPLACED_ON_OVERWRITE = (
+    "members", "best.pt", "last.pt", "config.yaml", METRICS_FILE, ENSEMBLE_FILE, CALIBRATION_FILE, FOREST_DIR,
+)  # fmt: skip
 # The sections of ``--set SECTION.KEY=VALUE``.
 SECTIONS = ("config", "final")
 
@@ -71,6 +74,8 @@ class FinalOptions:
         ensemble_top: with ``experiment``: train its K best distinct configurations (None: its best one).
         cv_final: with a cross-validated ``experiment``: ``retrain`` (default) or ``folds``.
         calibration: variance recalibration method (:data:`tune_agb.engine.calibration.METHODS`).
+        forest: the texture forest's weight in the final model's mixture (:mod:`tune_agb.forest_mix`), in (0, 1);
+            None: no forest part.
         resume: continue a run from ``resume_from`` (default ``out_dir/last.pt``).
         resume_from: the checkpoint to continue from.
         overwrite: replace a run already in ``out_dir``.
@@ -88,6 +93,7 @@ class FinalOptions:
     ensemble_top: int | None = None
     cv_final: str | None = None
     calibration: str = DEFAULT_METHOD
+    forest: float | None = None
     resume: bool = False
     resume_from: str | None = None
     overwrite: bool = False
@@ -96,7 +102,7 @@ class FinalOptions:
 
 
 # The keys of ``--set final.KEY``: the run's options, and the two config keys a run is most often changed by.
-FINAL_KEYS = ("ensemble", "ensemble_top", "cv_final", "calibration", "epochs", "seed")
+FINAL_KEYS = ("ensemble", "ensemble_top", "cv_final", "calibration", "forest", "epochs", "seed")
 
 
 def apply_final_overrides(opts: FinalOptions, overrides: Mapping[str, Any] | Sequence[str]) -> FinalOptions:
@@ -134,6 +140,8 @@ def _final_value(path: str, key: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise TuneAgbError(f"--set {path}: must be an integer, got {value!r}")
         return value
+    if key == "forest":
+        return None if value is None else check_weight(value, f"--set {path}")
     allowed = CV_FINAL if key == "cv_final" else METHODS
     if value is None and key == "cv_final":
         return None
@@ -210,6 +218,7 @@ class Plan:
     calibration: str = DEFAULT_METHOD
     ensemble_top: int | None = None  # the options asked for: configurations (None: the best one) ...
     ensemble: int = 1  # ... and seeds per configuration
+    forest: float | None = None  # the texture forest's weight in the mixture (None: no forest part)
     origin: dict[str, str] = field(default_factory=dict)  # where each option came from (FinalOptions.origin)
 
     @property
@@ -329,7 +338,7 @@ def make_plan(opts: FinalOptions, check_out: bool = True) -> Plan:
             init_state(m.cfg)
     return Plan(
         cfg, input_dir, label_dir, out, resume, source, members, experiment, cv, cv_final, opts.calibration,
-        ensemble_top=opts.ensemble_top, ensemble=opts.ensemble, origin=dict(opts.origin),
+        ensemble_top=opts.ensemble_top, ensemble=opts.ensemble, forest=opts.forest, origin=dict(opts.origin),
     )  # fmt: skip
 
 
@@ -368,6 +377,16 @@ def check_options(opts: FinalOptions) -> None:
         raise TuneAgbError(f"--cv-final: must be one of {', '.join(CV_FINAL)}, got {opts.cv_final!r}")
     if opts.calibration not in METHODS:
         raise TuneAgbError(f"--calibration: must be one of {', '.join(METHODS)}, got {opts.calibration!r}")
+    if opts.forest is not None:
+        check_weight(opts.forest, "--forest")
+        try:  # before anything trains, not after
+            import sklearn.ensemble  # noqa: F401
+        except ImportError:
+            raise TuneAgbError("--forest: needs scikit-learn (pip install 'tune_agb[baselines]')") from None
+        if opts.cv_final == "folds":
+            raise TuneAgbError(
+                "--forest: the forest is fitted on train and calibrated on val; it cannot go with --cv-final folds"
+            )
     if opts.cv_final is not None and not opts.experiment:
         raise TuneAgbError("--cv-final: needs --experiment STORAGE/NAME, a search with a cv: section")
     if opts.cv_final is not None and opts.ensemble != 1:
@@ -471,6 +490,7 @@ def resolved_config(plan: Plan) -> dict[str, Any]:
             "ensemble": plan.ensemble,
             "cv_final": plan.cv_final,
             "calibration": plan.calibration,
+            "forest": plan.forest,
             "from": {k: plan.origin.get(k, "default") for k in RECIPE_KEYS},
         },
         "config": plan.cfg.to_dict(),

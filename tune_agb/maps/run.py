@@ -139,9 +139,10 @@ def map_scenes(
     options = stack or StackOptions()
     cal = resolve_calibration(str(model), calibration)
     from tune_agb.engine.inference import load_predictor
+    from tune_agb.forest_mix import load_forest_part
 
     predictor = load_predictor(model, device="cpu")  # checks the model before anything starts; gives the grid step
-    tile, ov = resolve_windows(tile_size, overlap, predictor)
+    tile, ov = resolve_windows(tile_size, overlap, predictor, load_forest_part(model))
     margin = predictor.margin if predictor.margin is not None else ov // 2
     model_path = Path(model).absolute()
     results, todo = _plan(scenes, out, dest, predictor, str(model), options, tile, ov, block_size, cal, overwrite)
@@ -254,9 +255,11 @@ def _plan(
 
 
 def _member_checkpoints(model: str) -> list[Any]:
+    """The model's files whose change makes a staged map stale: its members' checkpoints and its forest part's."""
     from tune_agb.engine.inference import member_checkpoints  # torch: imported only to map
+    from tune_agb.forest_mix import part_files
 
-    return member_checkpoints(model)
+    return [*member_checkpoints(model), *part_files(model)]
 
 
 def _stamp(path: str) -> list[Any]:

@@ -61,10 +61,12 @@ class BlockWorker:
         import torch
 
         from tune_agb.engine.inference import load_predictor
+        from tune_agb.forest_mix import load_forest_part
 
         torch.set_num_threads(max(1, settings.threads))
         self.settings = settings
         self.predictor = load_predictor(settings.model, device=settings.device)
+        self.forest = load_forest_part(settings.model)
         dev = self.predictor.device
         if dev.type == "cuda" and 0 < settings.gpu_fraction < 1:
             torch.cuda.set_per_process_memory_fraction(settings.gpu_fraction, dev)
@@ -93,7 +95,17 @@ class BlockWorker:
         stack = self._open(scene)
         s2_pos = s.stack.s2_positions(stack)
         parts = [
-            predict_row(self.predictor, stack, row, block.cols, s.batch_size, s2_pos, s.stack.s2_offset, s.calibration)
+            predict_row(
+                self.predictor,
+                stack,
+                row,
+                block.cols,
+                s.batch_size,
+                s2_pos,
+                s.stack.s2_offset,
+                s.calibration,
+                forest=self.forest,
+            )
             for row in block.rows
         ]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

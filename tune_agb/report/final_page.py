@@ -184,10 +184,16 @@ def final_page(folder: str, unit: str = "") -> str:
         if isinstance(before, dict):
             rows.append([f"{name}, before calibration", *(before.get(f"{s}_{k}", math.nan) for k in keys)])
         rows.append([name, *(metrics.get(f"{s}_{k}", math.nan) for k in keys)])
+    forest = metrics.get("forest") if isinstance(metrics.get("forest"), dict) else None
+    for part, key in (("U-Net part", "unet_alone"), ("forest part", "forest_alone")):  # final_train --forest
+        if forest and isinstance(forest.get(key), dict):
+            rows.append([f"test, {part} alone", *(forest[key].get(f"test_{k}", math.nan) for k in keys)])
     table = html_table(["split", *keys], rows)
     run = {k: metrics[k] for k in ("best_epoch", "epochs", "ensemble", "input_dir", "label_dir") if k in metrics}
     if cal is not None:
         run["calibration"] = cal.describe()
+    if forest:
+        run["forest part"] = f"texture forest at weight {forest.get('weight')} in the mixture (final_train --forest)"
     if cv:
         kept = "its k fold models kept as an ensemble" if cv.get("final") == "folds" else "retrained on train+val"
         run["cross-validated search"] = (

@@ -15,7 +15,7 @@ A space file has seven sections, and two optional ones (``cv``, ``final``); only
       optimizer: {type: categorical, choices: [adamw, sgd]}
       momentum: {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
     cv:         {k: 3, block_size: 2, block_m: null, seed: 0, positions: auto, manifest: null}
-    final:      {ensemble_top: 3, ensemble: 1, cv_final: null, calibration: scale}
+    final:      {ensemble_top: 3, ensemble: 1, cv_final: null, calibration: scale, forest: null}
 
 ``cv`` turns on spatial k-fold cross-validation (:mod:`tune_agb.cv`): every trial trains k models and reports the
 mean over folds (what ASHA and Optuna act on) and the spread.
@@ -104,7 +104,7 @@ PARAM_KEYS: dict[str, set[str]] = {
 # The ``final`` section (the final model's recipe), when given: each key is final_train's option of that name, and a
 # key left out keeps final_train's default (ensemble_top: null, the best configuration alone; ensemble: 1;
 # cv_final: null, retrain for a cv search; calibration: scale).
-FINAL_KEYS = ("ensemble_top", "ensemble", "cv_final", "calibration")
+FINAL_KEYS = ("ensemble_top", "ensemble", "cv_final", "calibration", "forest")
 CV_FINAL = ("retrain", "folds")  # a cv search's final model: retrained on train+val, or its k fold models kept
 SCHEDULERS = ("asha", "fifo")  # fifo: every trial runs to max_t (the baseline of bench/search_efficiency.py)
 SEARCHERS = ("optuna", "random")  # random: Optuna's RandomSampler, same define-by-run space
@@ -394,6 +394,11 @@ def _validate_final(source: str, raw: Any, settings: dict[str, Any], cv: dict[st
             null = " or null (retrain, for a cv search)" if key == "cv_final" else ""
             raise _fail(source, f"final.{key}", f"must be one of {', '.join(allowed)}{null}, got {v!r}")
         out[key] = v.lower()
+    if out.get("forest") is not None:
+        v = out["forest"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            what = "the forest's weight in the mixture"
+            raise _fail(source, "final.forest", f"must be {what}, in (0, 1), or null, got {v!r}")
     top, cv_final, n = out.get("ensemble_top"), out.get("cv_final"), settings["experiment"]["num_samples"]
     if top is not None and top > n:
         raise _fail(source, "final.ensemble_top", f"must be <= experiment.num_samples ({n}), got {top}")
