@@ -62,10 +62,12 @@ def mixture(mu: Any, vu: Any, mf: Any, vf: Any, weight: float) -> tuple[Any, Any
     return mean, (1 - weight) * (vu + (mu - mean) ** 2) + weight * (vf + (mf - mean) ** 2)
 
 
-def check_weight(weight: Any, source: str) -> float:
-    """``weight`` as a float in (0, 1), or one error line naming ``source``."""
+def check_weight(weight: Any, source: str, null: bool = False) -> float:
+    """``weight`` as a float in (0, 1), or one error line naming ``source`` (``null``: the line says that null, no
+    forest, is allowed too). The one check of the weight: options, a space's ``final.forest`` and ``forest.json``."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < 1:
-        raise TuneAgbError(f"{source}: the forest's weight in the mixture must be a number in (0, 1), got {weight!r}")
+        also = ", or null" if null else ""
+        raise TuneAgbError(f"{source}: must be the forest's weight in the mixture, in (0, 1){also}, got {weight!r}")
     return float(weight)
 
 
@@ -105,13 +107,10 @@ class ForestPart:
         """The U-Net part's split prediction ``pr`` mixed with the forest's ``forest`` at the same labelled pixels;
         the whole-tile maps of ``pr`` are mixed with the forest run on those tiles of ``inputs`` (N, C, H, W), its
         variance calibrated or not (``calibrated``, as ``forest``'s)."""
-        span = int(max(pr.flat.max(initial=0), forest.flat.max(initial=0))) + 1
-        ku, kf = pr.tile.astype(np.int64) * span + pr.flat, forest.tile.astype(np.int64) * span + forest.flat
-        order = np.argsort(kf)
-        at = order[np.searchsorted(kf, ku, sorter=order).clip(0, len(kf) - 1)] if len(kf) else np.zeros(0, int)
-        if len(ku) != len(kf) or not np.array_equal(kf[at], ku):
+        # both list a split's labelled pixels tile by tile, row-major (np.nonzero of its labels)
+        if not (np.array_equal(pr.tile, forest.tile) and np.array_equal(pr.flat, forest.flat)):
             raise TuneAgbError("the forest's and the U-Net's labelled pixels differ (a bug: same tiles expected)")
-        mean, var = mixture(pr.mean, pr.var, forest.mean[at], forest.var[at], self.weight)
+        mean, var = mixture(pr.mean, pr.var, forest.mean, forest.var, self.weight)
         maps = {}
         for k, (m, v) in pr.maps.items():
             mf, vf = self.predict(np.asarray(inputs[k : k + 1]), calibrated)

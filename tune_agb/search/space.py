@@ -50,6 +50,7 @@ from tune_agb.engine.config import (
 )
 from tune_agb.engine.metric_names import EPOCH_METRICS, fold_metric_names
 from tune_agb.errors import TuneAgbError
+from tune_agb.forest_mix import check_weight  # the final model's forest part owns its weight's rule
 
 # Figures every trial reports (see tune_agb.engine.train): the engine's validation metrics (the pixel count ``n``
 # is no figure to optimise) and the training loss and RMSE. The ones a search may optimise; with ``cv`` each is the
@@ -395,10 +396,7 @@ def _validate_final(source: str, raw: Any, settings: dict[str, Any], cv: dict[st
             raise _fail(source, f"final.{key}", f"must be one of {', '.join(allowed)}{null}, got {v!r}")
         out[key] = v.lower()
     if out.get("forest") is not None:
-        v = out["forest"]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-            what = "the forest's weight in the mixture"
-            raise _fail(source, "final.forest", f"must be {what}, in (0, 1), or null, got {v!r}")
+        check_weight(out["forest"], f"{source}: final.forest", null=True)
     top, cv_final, n = out.get("ensemble_top"), out.get("cv_final"), settings["experiment"]["num_samples"]
     if top is not None and top > n:
         raise _fail(source, "final.ensemble_top", f"must be <= experiment.num_samples ({n}), got {top}")
