@@ -282,11 +282,12 @@ def run(
         preds, uncalibrated, mixed = _mix_forest(plan, data, preds, uncalibrated, loss)
     metrics: dict[str, Any] = {}
     # before calibration: a single model's own metrics; an ensemble's or a mixture's (each part uncalibrated)
-    before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
+    if plan.kind == "single" and mixed is None:
+        before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
+    else:
+        before = {f"{split}_{k}": v for split, pr in uncalibrated.items() for k, v in pr.metrics(loss).items()}
     if plan.kind == "single":
         metrics["best_epoch"] = members[0].metrics["best_epoch"]
-        if mixed is None:
-            before = {k: v for k, v in members[0].metrics.items() if k != "best_epoch"}
     else:
         if plan.kind == "seeds":
             save_config(plan.cfg, out / "config.yaml")
