@@ -3,6 +3,7 @@ runs. Nothing is trained.
 
     python bench/region_transfer.py --methods rf,rf_texture,recipe_cv --directions pooledcv ... --out DIR  # first
     python bench/blend.py --out DIR --seeds 0 [--directions pooledcv,ab,ba] [--weights 0,0.25,0.5,0.75,1] [--json F]
+        [--forest-calibration scale|isotonic|distance|none]
 
 The U-Net runs must be of the U-Nets alone: since ``search_spaces/real-cpu.yaml`` ships ``final: {forest: 0.5}``,
 its ``recipe_cv`` runs are already the mixture; run ``region_transfer.py`` with ``--cv-set final.forest=null`` to
@@ -20,6 +21,11 @@ looking at any test pixel (no weight is fitted on test); ``0.5`` is the candidat
 w, test RMSE, bias, R², 1σ / 2σ coverage (Gaussian intervals, as ``final_train --forest`` reads the mixture) and
 median 1σ width, and the correlation of the two models' errors. ``w = 1`` is then the U-Net part as the mixture uses
 it (for a Laplacian run, not its own coverage). :func:`tune_agb.forest_mix.mixture` is the formula.
+
+``--forest-calibration METHOD`` calibrates each forest run's sigma anew by METHOD on its own val rows (their
+uncalibrated sigma; ``distance`` reads the bands of the direction's or fold's ``data/`` tiles), as ``final_train
+--forest`` calibrates its forest part with the run's ``--calibration`` (the recipe's: ``distance``); without it
+each forest keeps the sigma its run shipped.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_selection import run_test  # same folder: a finished run's test rows, calibration and loss
 from region_transfer import interval_figures  # coverage and widths of the intervals, as region_transfer scores them
 
+from tune_agb.engine.calibration import METHODS
+
 KEY = ["tile", "row", "col"]
 
 
@@ -49,11 +57,40 @@ def runs_of(out: Path, direction: str, method: str, seed: int) -> list[Path]:
     return [out / direction / "runs" / f"{method}_s{seed}"]
 
 
-def paired(unet_runs: list[Path], forest_runs: list[Path]) -> tuple[Any, str]:
+def forest_recalibrated(run: Path, method: str) -> Any:
+    """A forest run's test rows with sigma calibrated by ``method`` on its val rows, as final_train's forest part
+    (:func:`tune_agb.forest_mix.fit_forest_part`); the tiles are the run's ``../../data/{inputs,labels}``."""
+    import pandas as pd
+
+    from tune_agb.baseline import LOSS
+    from tune_agb.engine.calibration import fit_calibration, labelled_bands, pixel_bands
+    from tune_agb.store import DataSource
+
+    data = run.parent.parent / "data"
+    tiles = DataSource(str(data / "inputs"), str(data / "labels")).open().tiles
+    d = pd.read_parquet(run / "predictions.parquet")
+
+    def bands(split: str, rows: Any) -> np.ndarray:
+        ts, w = tiles[split], tiles[split].inputs.shape[-1]
+        index = rows["tile"].map({n: i for i, n in enumerate(ts.names)}).to_numpy()
+        return pixel_bands(ts.inputs, index, (rows["row"] * w + rows["col"]).to_numpy())
+
+    val, test = d[d["split"] == "val"], d[d["split"] == "test"]
+    y, mean, raw = (val[c].to_numpy(np.float64) for c in ("label", "mean", "std_uncalibrated"))
+    shift = {}
+    if method == "distance":
+        shift = {"bands": bands("val", val), "reference": labelled_bands(tiles["train"].inputs, tiles["train"].labels)}
+    cal = fit_calibration(method, y, mean, raw**2, LOSS, split="val", **shift)
+    var = cal.variance(test["std_uncalibrated"].to_numpy(np.float64) ** 2, bands("test", test) if shift else None)
+    return test.assign(std=np.sqrt(var))
+
+
+def paired(unet_runs: list[Path], forest_runs: list[Path], forest_calibration: str | None = None) -> tuple[Any, str]:
     """The test pixels of both models matched by tile, row and column (outer folds pooled), and the loss the mixture
     is read under: Gaussian, as ``final_train --forest`` reads it. A U-Net run calibrated for Laplacian intervals has
     its sigma refitted for Gaussian ones as final_train does then (the same quantile over the Gaussian's half-width
-    1 instead of the Laplacian's 0.81: sigma x 0.81)."""
+    1 instead of the Laplacian's 0.81: sigma x 0.81). ``forest_calibration``: calibrate each forest's sigma anew by
+    that method (:func:`forest_recalibrated`); None: as its run shipped."""
     import pandas as pd
 
     from tune_agb.engine.calibration import SCALE_LEVEL, interval_halfwidth
@@ -65,7 +102,7 @@ def paired(unet_runs: list[Path], forest_runs: list[Path]) -> tuple[Any, str]:
         du = du.assign(
             std=du["std"] * interval_halfwidth(SCALE_LEVEL, loss) / interval_halfwidth(SCALE_LEVEL, MIXTURE_LOSS)
         )
-        df, _, _ = run_test(f)
+        df = run_test(f)[0] if forest_calibration is None else forest_recalibrated(f, forest_calibration)
         m = du[[*KEY, "label", "mean", "std"]].merge(
             df[[*KEY, "label", "mean", "std"]], on=KEY, suffixes=("_u", "_f"), validate="one_to_one"
         )
@@ -130,6 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forests", default="rf,rf_texture")
     p.add_argument("--unet", default="recipe_cv", help="the U-Net method's run name (without _s<seed>)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="weights on the U-Net, comma-separated, in [0, 1]")
+    p.add_argument("--forest-calibration", choices=METHODS,
+                   help="calibrate the forests anew on val by this method, as final_train --forest")  # fmt: skip
     p.add_argument("--json")
     a = p.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",")]
@@ -151,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {direction} seed {seed}: no finished {a.unet} runs under {out}", file=sys.stderr)
                 continue
             for forest in a.forests:
-                d, loss = paired(unet, runs_of(out, direction, forest, seed))
+                d, loss = paired(unet, runs_of(out, direction, forest, seed), a.forest_calibration)
                 info = {"direction": direction, "seed": seed, "forest": forest}
+                if a.forest_calibration:
+                    info["forest_calibration"] = a.forest_calibration
                 rows += [info | r for r in blend_rows(d, a.weights, loss)]
     print(f"machine: {platform.node()}, {os.cpu_count()} cores; out: {out}\n")
     print(markdown(rows))

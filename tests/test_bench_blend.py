@@ -84,3 +84,29 @@ def test_main_writes_a_row_per_forest_and_weight_and_fails_on_a_weight_outside_0
     assert "skipped ab seed 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         blend.main(["--out", str(tmp_path), "--weights", "0.5,1.5"])
+
+
+def test_forests_calibrated_anew_are_the_baseline_run_with_that_calibration(tiny_data, tmp_path):
+    """``--forest-calibration distance``: a forest run shipped with ``scale`` gets the sigma of the same baseline
+    run made with ``--calibration distance`` (what final_train's forest part does under the recipe)."""
+    import tune_agb.baseline as baseline
+
+    root = tmp_path / "ba"
+    (root / "runs").mkdir(parents=True)
+    (root / "data").symlink_to(tiny_data, target_is_directory=True)
+    dirs = {"input_dir": tiny_data / "inputs", "label_dir": tiny_data / "labels", "seed": 3, "texture_windows": "3"}
+    baseline.run(["rf"], **dirs, out_dir=tmp_path / "scale")
+    baseline.run(["rf"], **dirs, calibration="distance", out_dir=tmp_path / "distance")
+    (tmp_path / "scale" / "rf").rename(root / "runs" / "rf_s0")
+    got = blend.forest_recalibrated(root / "runs" / "rf_s0", "distance").set_index(["tile", "row", "col"])
+    want = pd.read_parquet(tmp_path / "distance" / "rf" / "predictions.parquet")
+    want = want[want["split"] == "test"].set_index(["tile", "row", "col"]).loc[got.index]
+    shipped = pd.read_parquet(root / "runs" / "rf_s0" / "predictions.parquet").set_index(
+        ["split", "tile", "row", "col"]
+    )
+    np.testing.assert_allclose(got["std"], want["std"], rtol=1e-6)
+    assert np.abs(got["std"] - shipped.loc["test"].loc[got.index, "std"]).max() > 1e-3  # not the shipped sigma
+    same = blend.forest_recalibrated(root / "runs" / "rf_s0", "scale")
+    np.testing.assert_allclose(
+        same["std"], shipped.loc["test"].loc[same.set_index(["tile", "row", "col"]).index, "std"], rtol=1e-6
+    )

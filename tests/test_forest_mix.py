@@ -200,3 +200,43 @@ def test_the_forest_predicts_in_chunks_as_at_once(runs):
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_array_equal(a, b)
     assert whole[0].std() > 0 and (whole[1] > 0).all()
+
+
+def test_with_distance_calibration_the_forest_part_widens_as_the_unets_do(runs, tmp_path):
+    """``--calibration distance`` (the shipped recipe's) calibrates the forest part by ``distance`` too: its sigma is
+    the baseline forest's with ``--calibration distance``, widened by each pixel's raw bands, and predict gives the
+    run's predictions from a GeoTIFF's bands."""
+    dirs = {"input_dir": runs["data"] / "inputs", "label_dir": runs["data"] / "labels"}
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    common = {"config": config, **dirs, "device": "cpu", "progress": False, "calibration": "distance"}
+    final_train.run(out_dir=tmp_path / "unet", **common)
+    final_train.run(out_dir=tmp_path / "mixed", forest=WEIGHT, **common)
+    baseline.run(["rf"], **dirs, seed=SMALL["seed"], texture_windows="3,7,15", calibration="distance",
+                 out_dir=tmp_path / "forest")  # fmt: skip
+    part = load_forest_part(tmp_path / "mixed")
+    assert part.calibration.method == "distance" and part.calibration.needs_bands
+    forest = read_metrics(tmp_path / "forest" / "rf")
+    assert read_metrics(tmp_path / "mixed")["forest"]["calibration"]["scale"] == pytest.approx(
+        forest["calibration"]["scale"], rel=1e-9
+    )
+    key = ["split", "tile", "row", "col"]
+    u, m, f = (read_predictions(p).set_index(key).sort_index() for p in (tmp_path / "unet", tmp_path / "mixed",
+                                                                          tmp_path / "forest" / "rf"))  # fmt: skip
+    f = f.loc[m.index]
+    mean, var = two_component(u["mean"], u["std"] ** 2, f["mean"], f["std"] ** 2, WEIGHT)
+    np.testing.assert_allclose(m["mean"], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(m["std"], np.sqrt(var), rtol=1e-6, atol=1e-6)
+    # the widening is there: some pixel's forest sigma is more than its plain factor gives
+    ratio = f["std"] / (f["std_uncalibrated"] * forest["calibration"]["scale"])
+    assert ratio.min() == pytest.approx(1.0, rel=1e-6) and ratio.max() > 1.01
+    # predict on one test tile's GeoTIFF: the same mixture, widened from the raster's bands
+    test = DataSource(str(runs["data"] / "inputs"), str(runs["data"] / "labels")).open().tiles["test"]
+    rows = m.loc["test"].reset_index()
+    name = rows["tile"].value_counts().index[0]
+    src = write_tif(tmp_path / "tile.tif", np.asarray(test.inputs[list(test.names).index(name)], dtype=np.float32))
+    out = predict_map(tmp_path / "mixed", [src], tmp_path / "tile_map.tif", tile_size=64, progress=False)
+    with rasterio.open(out.out) as ds:
+        tile_map = ds.read()
+    rows = rows[rows.tile == name]
+    np.testing.assert_allclose(tile_map[1][rows.row, rows.col], rows["std"], rtol=1e-4, atol=1e-4)

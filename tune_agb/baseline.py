@@ -3,7 +3,7 @@ random forest.
 
     python -m tune_agb.baseline [--input-dir D --label-dir D] [--model ridge rf] [--alpha 1.0]
         [--trees 300] [--min-samples-leaf 5] [--max-features 0.33] [--seed 0] [--jobs 1]
-        [--texture-windows 3,7,15] [--calibration scale|isotonic|none] [--out-dir DIR] [--overwrite]
+        [--texture-windows 3,7,15] [--calibration scale|isotonic|distance|none] [--out-dir DIR] [--overwrite]
 
 Each model is fitted on the labelled train pixels (bands normalised with the train split's stats, NaN -> band mean)
 and scored on the labelled pixels of val and test with the U-Net's metrics. With ``--texture-windows`` each pixel
@@ -325,7 +325,7 @@ def run(
         seed: rf: random state.
         jobs: rf: parallel jobs (-1: every core).
         texture_windows: windows (odd px sizes, e.g. ``"3,7,15"``) of the local standard deviation features.
-        calibration: variance recalibration fitted on val (``scale``, ``isotonic`` or ``none``).
+        calibration: variance recalibration fitted on val (``scale``, ``isotonic``, ``distance`` or ``none``).
 
     Returns:
         One :class:`BaselineResult` per model, in the order given (RMSE etc. in the label's unit).

@@ -3,9 +3,10 @@
 ``final_train --forest W`` (or ``forest: W`` in a search space's ``final:`` section) fits the texture forest of
 :mod:`tune_agb.baseline` (300 trees, 5 pixels per leaf at least, a third of the features per split, each band's local
 standard deviation over 3, 7 and 15 px beside the bands) on the labelled train pixels, calibrates its variance on val
-(one factor on sigma), and writes it to ``OUT/forest/`` beside the U-Net members. The run's metrics and
-predictions, ``predict`` and the map workers then give at every pixel the two-component mixture with weight ``W`` on
-the forest::
+with the final model's calibration method (``--calibration``: with ``distance``, the shipped recipe's, the forest's
+sigma widens where a pixel's bands lie far from the train pixels' as the U-Nets' does), and writes it to
+``OUT/forest/`` beside the U-Net members. The run's metrics and predictions, ``predict`` and the map workers then
+give at every pixel the two-component mixture with weight ``W`` on the forest::
 
     mean = (1 - W) m_u + W m_f
     var  = (1 - W) (s_u^2 + (m_u - mean)^2) + W (s_f^2 + (m_f - mean)^2)
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from tune_agb.baseline import LOSS, BaselineResult, RandomForest, fit_baseline
-from tune_agb.engine.calibration import Calibration, calibration_from_dict
+from tune_agb.engine.calibration import DEFAULT_METHOD, Calibration, calibration_from_dict
 from tune_agb.engine.data import NormStats, TileSet
 from tune_agb.errors import TuneAgbError
 from tune_agb.runs import Prediction
@@ -50,7 +51,6 @@ FORMAT = "tune_agb.forest/1"
 # The texture forest of the baselines (bench/RESULTS.md, "Canopy texture"): its windows and settings.
 WINDOWS = (3, 7, 15)
 SETTINGS = {"trees": 300, "min_samples_leaf": 5, "max_features": 0.33}
-CALIBRATION = "scale"  # the forest's sigma factor, fitted on val as the baselines' is
 # The mixture is read as Gaussian (the forest's distribution): its U-Net part is calibrated and scored as one too.
 MIXTURE_LOSS = LOSS
 
@@ -90,11 +90,15 @@ class ForestPart:
         """The forest's mean and (calibrated) variance (B, H, W), float64, for raw inputs ``x`` (B, C, H, W)."""
         if not isinstance(x, torch.Tensor):  # a read-only memory map is copied (torch wants writable arrays)
             x = torch.from_numpy(np.require(x, np.float32, ["W"]))
-        feats = Texture(self.windows)(self.norm.normalize(x.float().cpu())).numpy()
+        x = x.float().cpu()
+        feats = Texture(self.windows)(self.norm.normalize(x)).numpy()
         b, f, h, w = feats.shape
         mean, var = self.forest.predict(feats.transpose(0, 2, 3, 1).reshape(-1, f).astype(np.float64))
-        var = self.calibration.variance(var) if calibrated else var
-        return mean.reshape(b, h, w), var.reshape(b, h, w)
+        mean, var = mean.reshape(b, h, w), var.reshape(b, h, w)
+        if calibrated:  # ``distance`` reads the raw bands (C, B, H, W), as the U-Net part's calibration does
+            bands = np.moveaxis(x.numpy(), 1, 0) if self.calibration.needs_bands else None
+            var = self.calibration.variance(var, bands)
+        return mean, var
 
     def mix(self, x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The mixture's mean and sigma (float32, B, H, W) from the U-Net part's ``mean`` and calibrated ``std`` on
@@ -130,13 +134,14 @@ class ForestPart:
 
 
 def fit_forest_part(
-    tiles: dict[str, TileSet], norm: NormStats, weight: float, seed: int
+    tiles: dict[str, TileSet], norm: NormStats, weight: float, seed: int, calibration: str = DEFAULT_METHOD
 ) -> tuple[ForestPart, BaselineResult]:
     """The texture forest fitted on the labelled train pixels of ``tiles`` (bands normalised by ``norm``, the train
-    split's), calibrated on val, with its predictions and metrics on the labelled val and test pixels: the baseline
-    ``python -m tune_agb.baseline --model rf --texture-windows 3,7,15 --seed SEED``."""
+    split's), its variance calibrated on val by ``calibration`` (a method of :mod:`tune_agb.engine.calibration`: the
+    final model's), with its predictions and metrics on the labelled val and test pixels: the baseline ``python -m
+    tune_agb.baseline --model rf --texture-windows 3,7,15 --seed SEED --calibration METHOD``."""
     rf = RandomForest(SETTINGS["trees"], SETTINGS["min_samples_leaf"], SETTINGS["max_features"], seed=seed)
-    res = fit_baseline(rf, tiles, norm, CALIBRATION, WINDOWS)
+    res = fit_baseline(rf, tiles, norm, calibration, WINDOWS)
     return ForestPart(rf, norm, res.calibration, weight, WINDOWS), res
 
 

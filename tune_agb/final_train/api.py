@@ -336,7 +336,8 @@ def _mix_forest(
     val/test metrics (calibrated)."""
     tiles = data.tiles
     print(f"forest part: the texture forest at weight {plan.forest} -> {plan.out / FOREST_DIR}", file=sys.stderr)
-    part, res = fit_forest_part(tiles, data.norm(standardize_target=False), plan.forest, plan.cfg.seed)
+    norm = data.norm(standardize_target=False)
+    part, res = fit_forest_part(tiles, norm, plan.forest, plan.cfg.seed, plan.calibration)
     save_forest_part(part, plan.out)
 
     def mix(prs: dict[str, Prediction], forest: dict[str, Prediction], calibrated: bool) -> dict[str, Prediction]:
