@@ -86,19 +86,17 @@ class ForestPart:
         """Pixels at a window's edge whose texture features depend on the window (reflect padding)."""
         return max(self.windows) // 2
 
-    def predict(self, x: np.ndarray | torch.Tensor, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """The forest's mean and (calibrated) variance (B, H, W), float64, for raw inputs ``x`` (B, C, H, W)."""
+    def predict(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The forest's mean and calibrated variance (B, H, W), float64, for raw inputs ``x`` (B, C, H, W)."""
         if not isinstance(x, torch.Tensor):  # a read-only memory map is copied (torch wants writable arrays)
             x = torch.from_numpy(np.require(x, np.float32, ["W"]))
         x = x.float().cpu()
         feats = Texture(self.windows)(self.norm.normalize(x)).numpy()
         b, f, h, w = feats.shape
         mean, var = self.forest.predict(feats.transpose(0, 2, 3, 1).reshape(-1, f).astype(np.float64))
-        mean, var = mean.reshape(b, h, w), var.reshape(b, h, w)
-        if calibrated:  # ``distance`` reads the raw bands (C, B, H, W), as the U-Net part's calibration does
-            bands = np.moveaxis(x.numpy(), 1, 0) if self.calibration.needs_bands else None
-            var = self.calibration.variance(var, bands)
-        return mean, var
+        # ``distance`` reads the raw bands (C, B, H, W), as the U-Net part's calibration does
+        bands = np.moveaxis(x.numpy(), 1, 0) if self.calibration.needs_bands else None
+        return mean.reshape(b, h, w), self.calibration.variance(var.reshape(b, h, w), bands)
 
     def mix(self, x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The mixture's mean and sigma (float32, B, H, W) from the U-Net part's ``mean`` and calibrated ``std`` on
@@ -107,17 +105,18 @@ class ForestPart:
         m, v = mixture(mean.astype(np.float64), np.square(std.astype(np.float64)), mf, vf, self.weight)
         return m.astype(np.float32), np.sqrt(v).astype(np.float32)
 
-    def mix_prediction(self, pr: Prediction, forest: Prediction, inputs: Any, calibrated: bool = True) -> Prediction:
+    def mix_prediction(self, pr: Prediction, forest: Prediction, inputs: Any = None) -> Prediction:
         """The U-Net part's split prediction ``pr`` mixed with the forest's ``forest`` at the same labelled pixels;
-        the whole-tile maps of ``pr`` are mixed with the forest run on those tiles of ``inputs`` (N, C, H, W), its
-        variance calibrated or not (``calibrated``, as ``forest``'s)."""
+        the whole-tile maps of ``pr`` (calibrated) are mixed with the forest run on those tiles of ``inputs`` (N, C,
+        H, W). ``inputs`` None: the result keeps no maps (an uncalibrated prediction's, which nothing reads once it
+        is calibrated)."""
         # both list a split's labelled pixels tile by tile, row-major (np.nonzero of its labels)
         if not (np.array_equal(pr.tile, forest.tile) and np.array_equal(pr.flat, forest.flat)):
             raise TuneAgbError("the forest's and the U-Net's labelled pixels differ (a bug: same tiles expected)")
         mean, var = mixture(pr.mean, pr.var, forest.mean, forest.var, self.weight)
         maps = {}
-        for k, (m, v) in pr.maps.items():
-            mf, vf = self.predict(np.asarray(inputs[k : k + 1]), calibrated)
+        for k, (m, v) in pr.maps.items() if inputs is not None else ():
+            mf, vf = self.predict(np.asarray(inputs[k : k + 1]))
             mm, mv = mixture(m.astype(np.float64), v.astype(np.float64), mf[0], vf[0], self.weight)
             maps[k] = (mm.astype(m.dtype), mv.astype(v.dtype))
         return Prediction(pr.tile, pr.flat, pr.y, mean, var, maps)

@@ -340,13 +340,12 @@ def _mix_forest(
     part, res = fit_forest_part(tiles, norm, plan.forest, plan.cfg.seed, plan.calibration)
     save_forest_part(part, plan.out)
 
-    def mix(prs: dict[str, Prediction], forest: dict[str, Prediction], calibrated: bool) -> dict[str, Prediction]:
-        return {s: part.mix_prediction(pr, forest[s], tiles[s].inputs, calibrated) for s, pr in prs.items()}
-
+    mixed = {s: part.mix_prediction(pr, res.preds[s], tiles[s].inputs) for s, pr in preds.items()}
+    raw = {s: part.mix_prediction(pr, res.raw[s]) for s, pr in uncalibrated.items()}  # their maps are not read
     unet = {f"{s}_{k}": v for s, pr in preds.items() for k, v in pr.metrics(loss).items()}
     record = part.about() | {"fit_on": f"train ({res.n_train} pixels), calibrated on val", "forest_alone": res.metrics}
     record.pop("norm")
-    return mix(preds, res.preds, True), mix(uncalibrated, res.raw, False), record | {"unet_alone": unet}
+    return mixed, raw, record | {"unet_alone": unet}
 
 
 def _epoch_dir(where: bool | str | Path | None, member: Path, ensemble: bool) -> Path | None:
